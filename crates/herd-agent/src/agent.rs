@@ -1,0 +1,526 @@
+//! The agent's life: join once, discover, configure, then hold one connection to the
+//! server's bus for as long as the process lives.
+//!
+//! Everything the agent must not forget across a kill -9 is in two small files in its
+//! data dir: its credentials (`agent.json`) and its sync state (`state.json`: epoch,
+//! last reported VM states, the newest command generation applied per VM). VMs live in
+//! their drivers and outlive the agent; on start it re-adopts them by listing them.
+
+use crate::converge::{next_step, Plan};
+use crate::driver::{Driver, DriverError};
+use crate::hostinfo::{self, CpuMeter};
+use crate::persist;
+use futures_util::{SinkExt, StreamExt};
+use herd_proto::join::{Discovery, JoinRequest, JoinResponse};
+use herd_proto::wire::{
+    self, AgentMsg, Capacity, Command, CommandId, HostId, HostUtil, ServerMsg, VmId, VmUsage,
+    PROTOCOL_VERSION,
+};
+use herd_proto::VmState;
+use herd_sync::{lifecycle_events, Reporter, ReporterState};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{debug, info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot join {url}: {reason}")]
+    Join { url: String, reason: String },
+    #[error("this host has no credentials yet: run with --join URL --token T")]
+    NotJoined,
+    #[error("no usable driver on this host (tried {tried})")]
+    NoDriver { tried: String },
+    #[error("agent state: {0}")]
+    State(String),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+}
+
+/// How the agent is told to run.
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// The server URL; needed on first join, remembered afterwards.
+    pub server_url: Option<String>,
+    pub join_token: Option<String>,
+    pub data_dir: PathBuf,
+    pub hostname: String,
+    /// Capacity to offer; `None` fields are read from /proc.
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Credentials {
+    server_url: String,
+    host_id: HostId,
+    agent_token: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct SavedState {
+    reporter: ReporterState,
+    /// The newest desired-state generation applied per VM: a command at or below it is
+    /// a replay and is acknowledged without acting again.
+    applied: BTreeMap<VmId, u64>,
+}
+
+/// Usage counters are sent when one moved at least this much since last sent.
+const USAGE_CPU_MS_STEP: u64 = 1_000;
+const USAGE_BYTES_STEP: u64 = 1 << 20;
+const USAGE_MEM_KIB_STEP: u64 = 16 * 1024;
+
+pub struct Agent {
+    config: AgentConfig,
+    drivers: Vec<Arc<dyn Driver>>,
+    http: reqwest::Client,
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig, drivers: Vec<Arc<dyn Driver>>) -> Agent {
+        Agent {
+            config,
+            drivers,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn credentials_path(&self) -> PathBuf {
+        self.config.data_dir.join("agent.json")
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.config.data_dir.join("state.json")
+    }
+
+    /// Joins with the one-time token if this host has no credentials yet.
+    async fn credentials(&self) -> Result<Credentials, AgentError> {
+        std::fs::create_dir_all(&self.config.data_dir)
+            .map_err(|e| AgentError::State(format!("creating data dir: {e}")))?;
+        if let Some(creds) = persist::load_json::<Credentials>(&self.credentials_path())
+            .map_err(AgentError::State)?
+        {
+            return Ok(creds);
+        }
+        let (Some(url), Some(token)) = (&self.config.server_url, &self.config.join_token) else {
+            return Err(AgentError::NotJoined);
+        };
+        let url = url.trim_end_matches('/').to_owned();
+        let join_err = |reason: String| AgentError::Join {
+            url: url.clone(),
+            reason,
+        };
+        let response = self
+            .http
+            .post(format!("{url}/v1/agent/join"))
+            .json(&JoinRequest {
+                join_token: token.clone(),
+                hostname: self.config.hostname.clone(),
+            })
+            .send()
+            .await
+            .map_err(|e| join_err(e.to_string()))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            return Err(join_err(format!("{status}: {body}")));
+        }
+        let joined: JoinResponse = response.json().await.map_err(|e| join_err(e.to_string()))?;
+        let creds = Credentials {
+            server_url: url,
+            host_id: joined.host_id,
+            agent_token: joined.agent_token,
+        };
+        let bytes = serde_json::to_vec_pretty(&creds).unwrap_or_default();
+        persist::write_atomic(&self.credentials_path(), &bytes)
+            .map_err(|e| AgentError::State(format!("saving credentials: {e}")))?;
+        info!(host = %creds.host_id, "joined");
+        Ok(creds)
+    }
+
+    async fn discover(&self, creds: &Credentials) -> Result<Discovery, String> {
+        let response = self
+            .http
+            .get(format!("{}/v1/agent/discovery", creds.server_url))
+            .bearer_auth(&creds.agent_token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("discovery answered {}", response.status()));
+        }
+        response.json().await.map_err(|e| e.to_string())
+    }
+
+    /// Probes every driver and keeps the usable ones.
+    async fn configure(&mut self) -> Result<Vec<wire::HypervisorInfo>, AgentError> {
+        let mut usable = Vec::new();
+        let mut infos = Vec::new();
+        let mut tried = Vec::new();
+        for driver in &self.drivers {
+            tried.push(driver.kind());
+            match driver.probe().await {
+                Ok(info) => {
+                    info!(kind = driver.kind(), detail = %info.detail, "driver ready");
+                    infos.push(info);
+                    usable.push(driver.clone());
+                }
+                Err(e) => warn!(kind = driver.kind(), "driver unusable: {e}"),
+            }
+        }
+        if usable.is_empty() {
+            return Err(AgentError::NoDriver {
+                tried: tried.join(", "),
+            });
+        }
+        self.drivers = usable;
+        Ok(infos)
+    }
+
+    fn capacity(&self) -> Capacity {
+        let probed = hostinfo::capacity();
+        Capacity {
+            cpus: self.config.cpus.unwrap_or(probed.cpus),
+            memory_mib: self.config.memory_mib.unwrap_or(probed.memory_mib),
+        }
+    }
+
+    /// Runs until `shutdown` resolves. Connection losses are retried forever.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        let creds = self.credentials().await?;
+        let hypervisors = self.configure().await?;
+        let saved: SavedState = persist::load_json(&self.state_path())
+            .map_err(AgentError::State)?
+            .unwrap_or_default();
+        let mut session = Session {
+            reporter: Reporter::start(saved.reporter),
+            applied: saved.applied,
+            drivers: self.drivers.clone(),
+            state_path: self.state_path(),
+            cpu: CpuMeter::default(),
+            usage_sent: HashMap::new(),
+            running: HashMap::new(),
+        };
+        let capacity = self.capacity();
+        let hello = AgentMsg::Hello {
+            protocol: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            hostname: self.config.hostname.clone(),
+            capacity,
+            hypervisors,
+        };
+        tokio::pin!(shutdown);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let attempt = async {
+                let discovery = self.discover(&creds).await?;
+                session.connect_and_serve(&creds, &discovery, &hello).await
+            };
+            tokio::select! {
+                _ = &mut shutdown => {
+                    session.abort_all();
+                    return Ok(());
+                }
+                result = attempt => {
+                    match result {
+                        Ok(()) => backoff = Duration::from_millis(200),
+                        Err(e) => warn!("connection to server lost: {e}; retrying in {backoff:?}"),
+                    }
+                }
+            }
+            tokio::select! {
+                _ = &mut shutdown => {
+                    session.abort_all();
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// What lives across reconnections within one agent process.
+struct Session {
+    reporter: Reporter,
+    applied: BTreeMap<VmId, u64>,
+    drivers: Vec<Arc<dyn Driver>>,
+    state_path: PathBuf,
+    cpu: CpuMeter,
+    usage_sent: HashMap<VmId, VmUsage>,
+    /// The converge task in progress per VM; a newer command replaces an older one.
+    running: HashMap<VmId, (u64, JoinHandle<()>)>,
+}
+
+impl Session {
+    fn abort_all(&mut self) {
+        for (_, (_, handle)) in self.running.drain() {
+            handle.abort();
+        }
+    }
+
+    fn save(&self) -> Result<(), String> {
+        let saved = SavedState {
+            reporter: self.reporter.state(),
+            applied: self.applied.clone(),
+        };
+        let bytes = serde_json::to_vec(&saved).map_err(|e| e.to_string())?;
+        persist::write_atomic(&self.state_path, &bytes).map_err(|e| e.to_string())
+    }
+
+    async fn observe(&self) -> Result<BTreeMap<VmId, VmState>, DriverError> {
+        let mut observed = BTreeMap::new();
+        for driver in &self.drivers {
+            for vm in driver.list().await? {
+                observed.insert(vm.id, vm.state);
+            }
+        }
+        Ok(observed)
+    }
+
+    /// Counters that moved past their threshold since they were last sent.
+    async fn usage_delta(&mut self) -> Vec<VmUsage> {
+        let mut moved = Vec::new();
+        for driver in &self.drivers {
+            let Ok(all) = driver.usage().await else {
+                continue;
+            };
+            for usage in all {
+                let send = match self.usage_sent.get(&usage.vm) {
+                    None => {
+                        usage
+                            != VmUsage {
+                                vm: usage.vm,
+                                ..VmUsage::default()
+                            }
+                    }
+                    Some(last) => {
+                        usage.cpu_ms.abs_diff(last.cpu_ms) >= USAGE_CPU_MS_STEP
+                            || usage.mem_kib.abs_diff(last.mem_kib) >= USAGE_MEM_KIB_STEP
+                            || usage.net_rx_bytes.abs_diff(last.net_rx_bytes) >= USAGE_BYTES_STEP
+                            || usage.net_tx_bytes.abs_diff(last.net_tx_bytes) >= USAGE_BYTES_STEP
+                            || usage.disk_read_bytes.abs_diff(last.disk_read_bytes)
+                                >= USAGE_BYTES_STEP
+                            || usage.disk_write_bytes.abs_diff(last.disk_write_bytes)
+                                >= USAGE_BYTES_STEP
+                    }
+                };
+                if send {
+                    self.usage_sent.insert(usage.vm, usage);
+                    moved.push(usage);
+                }
+            }
+        }
+        moved
+    }
+
+    fn driver_for(&self, kind: &str) -> Option<Arc<dyn Driver>> {
+        self.drivers.iter().find(|d| d.kind() == kind).cloned()
+    }
+
+    async fn connect_and_serve(
+        &mut self,
+        creds: &Credentials,
+        discovery: &Discovery,
+        hello: &AgentMsg,
+    ) -> Result<(), String> {
+        let mut request = discovery
+            .bus_url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| e.to_string())?;
+        let bearer = format!("Bearer {}", creds.agent_token)
+            .parse()
+            .map_err(|_| "agent token is not a valid header value".to_owned())?;
+        request.headers_mut().insert("authorization", bearer);
+        let (socket, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", discovery.bus_url))?;
+        let (mut tx, mut rx) = socket.split();
+        tx.send(Message::Binary(wire::encode(hello).into()))
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(bus = %discovery.bus_url, "connected");
+
+        // A new connection starts with a full report: the server may have restarted.
+        self.reporter.request_full();
+        let mut sync_interval =
+            tokio::time::interval(Duration::from_millis(discovery.sync_interval_ms.max(10)));
+        sync_interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut usage_interval =
+            tokio::time::interval(Duration::from_millis(discovery.usage_interval_ms.max(10)));
+        usage_interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(CommandId, Option<String>)>();
+
+        loop {
+            tokio::select! {
+                _ = sync_interval.tick() => {
+                    let observed = self.observe().await.map_err(|e| e.to_string())?;
+                    let events = lifecycle_events(self.reporter.last_reported(), &observed);
+                    for event in events.iter().filter(|e| e.event.is_none()) {
+                        warn!(vm = %event.vm, "{}", event.message.as_deref().unwrap_or("unexpected change"));
+                    }
+                    let util = HostUtil {
+                        cpu_permille: self.cpu.sample(),
+                        mem_used_mib: hostinfo::mem_used_mib(),
+                        n_vms: observed.len() as u32,
+                    };
+                    let report = self.reporter.tick(&observed, util, events);
+                    // Persist before sending: a crash after the send cannot leave the
+                    // disk behind what the server was told.
+                    self.save()?;
+                    tx.send(Message::Binary(wire::encode(&AgentMsg::Report(report)).into()))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                _ = usage_interval.tick() => {
+                    let usage = self.usage_delta().await;
+                    if !usage.is_empty() {
+                        tx.send(Message::Binary(wire::encode(&AgentMsg::Usage(usage)).into()))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                Some((id, error)) = done_rx.recv() => {
+                    if let Some((generation, _)) = self.running.get(&id.vm) {
+                        if *generation == id.generation {
+                            self.running.remove(&id.vm);
+                        }
+                    }
+                    if error.is_none() {
+                        let newest = self.applied.entry(id.vm).or_insert(0);
+                        *newest = (*newest).max(id.generation);
+                        self.save()?;
+                    }
+                    tx.send(Message::Binary(wire::encode(&AgentMsg::CommandDone { id, error }).into()))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                frame = rx.next() => {
+                    let frame = match frame {
+                        None => return Err("server closed the connection".into()),
+                        Some(Err(e)) => return Err(e.to_string()),
+                        Some(Ok(frame)) => frame,
+                    };
+                    let bytes = match frame {
+                        Message::Binary(bytes) => bytes,
+                        Message::Close(_) => return Err("server closed the connection".into()),
+                        _ => continue,
+                    };
+                    match wire::decode::<ServerMsg>(&bytes) {
+                        Err(e) => warn!("undecodable message from server: {e}"),
+                        Ok(ServerMsg::Welcome { .. }) => {}
+                        Ok(ServerMsg::Ack { epoch, seq }) => self.reporter.on_ack(epoch, seq),
+                        Ok(ServerMsg::NeedFull { reason }) => {
+                            debug!("server asks for a full report: {reason}");
+                            self.reporter.request_full();
+                        }
+                        Ok(ServerMsg::Refused { reason }) => {
+                            return Err(format!("server refused this agent: {reason}"));
+                        }
+                        Ok(ServerMsg::Command(command)) => self.accept(command, &done_tx),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts converging a VM for a command, unless the command is a replay.
+    fn accept(
+        &mut self,
+        command: Command,
+        done: &mpsc::UnboundedSender<(CommandId, Option<String>)>,
+    ) {
+        let id = command.id;
+        let applied = self.applied.get(&id.vm).copied().unwrap_or(0);
+        if id.generation <= applied {
+            debug!(command = %id, "replayed command, already applied");
+            let _ = done.send((id, None));
+            return;
+        }
+        if let Some((generation, handle)) = self.running.get(&id.vm) {
+            if *generation >= id.generation {
+                return;
+            }
+            handle.abort();
+        }
+        let Some(driver) = self.driver_for(&command.spec.hypervisor) else {
+            let _ = done.send((
+                id,
+                Some(format!(
+                    "hypervisor type {:?} is not available on this host",
+                    command.spec.hypervisor
+                )),
+            ));
+            return;
+        };
+        let done = done.clone();
+        let handle = tokio::spawn(async move {
+            let result = converge(driver.as_ref(), &command).await;
+            if let Err(e) = &result {
+                warn!(command = %command.id, "command failed: {e}");
+            }
+            let _ = done.send((command.id, result.err()));
+        });
+        self.running.insert(id.vm, (id.generation, handle));
+    }
+}
+
+/// Drives one VM to the command's target, one driver operation at a time.
+async fn converge(driver: &dyn Driver, command: &Command) -> Result<(), String> {
+    let vm = command.id.vm;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    let mut n_conflicts = 0;
+    loop {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("VM did not reach {} in time", command.target));
+        }
+        let current = driver
+            .list()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|observed| observed.id == vm)
+            .map(|observed| observed.state);
+        let plan = next_step(current, command.target);
+        let result = match plan {
+            Plan::Done => return Ok(()),
+            Plan::Impossible => {
+                return Err(format!(
+                    "no way from {} to {}",
+                    current.map(|s| s.as_str()).unwrap_or("absent"),
+                    command.target
+                ))
+            }
+            Plan::Wait => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Plan::Create => driver.create(vm, &command.spec).await,
+            Plan::Start => driver.start(vm).await,
+            Plan::Pause => driver.pause(vm).await,
+            Plan::Resume => driver.resume(vm).await,
+            Plan::Suspend => driver.suspend(vm).await,
+            Plan::Stop => driver.stop(vm).await,
+            Plan::Terminate => driver.terminate(vm).await,
+        };
+        match result {
+            Ok(()) => {}
+            // The VM moved between our look and our action; look again.
+            Err(DriverError::WrongState { .. }) if n_conflicts < 20 => {
+                n_conflicts += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}

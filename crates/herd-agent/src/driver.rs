@@ -1,0 +1,78 @@
+//! The one interface between the agent and a hypervisor type.
+//!
+//! The agent never branches on the kind of driver: it observes states through `list`,
+//! reads counters through `usage`, and converges a VM toward a target with the
+//! operations below. Operations are idempotent where they can be (terminating a VM that
+//! is gone succeeds), because commands may be replayed after an agent restart.
+
+use async_trait::async_trait;
+use herd_proto::wire::{HypervisorInfo, VmId, VmSpec, VmUsage};
+use herd_proto::VmState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{kind} driver is not usable on this host: {reason}")]
+    Unavailable { kind: &'static str, reason: String },
+    #[error("VM {0} is not on this host")]
+    NoSuchVm(VmId),
+    #[error("cannot {op} a VM that is {state}")]
+    WrongState { op: &'static str, state: VmState },
+    #[error("{0}")]
+    Failed(String),
+    #[error("I/O error while {context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DriverError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
+        let context = context.into();
+        move |source| DriverError::Io { context, source }
+    }
+}
+
+/// A VM as the driver sees it now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObservedVm {
+    pub id: VmId,
+    pub state: VmState,
+}
+
+#[async_trait]
+pub trait Driver: Send + Sync {
+    /// The hypervisor type this driver serves, as used in VM specs (`qemu`, `sim`).
+    fn kind(&self) -> &'static str;
+
+    /// Checks that the driver can run VMs here and says how it is configured.
+    async fn probe(&self) -> Result<HypervisorInfo, DriverError>;
+
+    /// Every VM the driver holds, including ones that survived an agent restart.
+    async fn list(&self) -> Result<Vec<ObservedVm>, DriverError>;
+
+    /// Resource counters of every VM that has any.
+    async fn usage(&self) -> Result<Vec<VmUsage>, DriverError>;
+
+    /// Builds and boots a new VM. Returns once it is booting; it reaches `running` on
+    /// its own, which `list` shows.
+    async fn create(&self, id: VmId, spec: &VmSpec) -> Result<(), DriverError>;
+
+    /// Boots a stopped VM again.
+    async fn start(&self, id: VmId) -> Result<(), DriverError>;
+
+    async fn pause(&self, id: VmId) -> Result<(), DriverError>;
+
+    /// Resumes a paused VM, or restores a suspended one from its image.
+    async fn resume(&self, id: VmId) -> Result<(), DriverError>;
+
+    /// Saves the VM's memory to disk and ends its process.
+    async fn suspend(&self, id: VmId) -> Result<(), DriverError>;
+
+    /// Asks the guest to power off, and forces it after a timeout.
+    async fn stop(&self, id: VmId) -> Result<(), DriverError>;
+
+    /// Ends the VM and removes every file it had. Succeeds if it is already gone.
+    async fn terminate(&self, id: VmId) -> Result<(), DriverError>;
+}

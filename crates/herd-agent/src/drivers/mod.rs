@@ -1,0 +1,3 @@
+//! Driver implementations, one module per hypervisor type.
+
+pub mod sim;

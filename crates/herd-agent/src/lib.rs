@@ -1,0 +1,18 @@
+//! The herd agent: one per host.
+//!
+//! It joins the cloud once with a one-time token, discovers from that one URL where its
+//! bus is and how often to sync, configures itself from the drivers that work here and
+//! the host's /proc, then holds one connection to the server: state reports go up (delta
+//! sync, seed 000), commands come down from its durable per-host queue.
+//!
+//! Drivers sit behind [`driver::Driver`]; the agent never branches on the hypervisor type.
+
+pub mod agent;
+pub mod converge;
+pub mod driver;
+pub mod drivers;
+pub mod hostinfo;
+pub mod persist;
+
+pub use agent::{Agent, AgentConfig, AgentError};
+pub use driver::{Driver, DriverError, ObservedVm};

@@ -1,0 +1,57 @@
+//! The bus carries commands from the server to each host's agent through a durable
+//! listener queue per host (seed 002's "listener queue on the new server").
+//!
+//! Callers see only [`Bus`]. The embedded implementation keeps the queues in SQLite next
+//! to the server's store and wakes the host's connection when something is queued; a
+//! NATS JetStream implementation (one durable consumer per host) can replace it without
+//! touching a caller.
+//!
+//! Delivery is at least once; the effect is exactly once because commands are
+//! level-triggered and carry `(vm, generation)`: a queued command supersedes older ones
+//! for the same VM, and the agent ignores a generation it has already applied.
+
+mod embedded;
+
+pub use embedded::EmbeddedBus;
+
+use async_trait::async_trait;
+use herd_proto::wire::{Command, CommandId, HostId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus storage failed")]
+    Storage(#[from] rusqlite::Error),
+    #[error("queued command {0} is corrupt")]
+    Corrupt(String),
+}
+
+/// A queued command and its position in the host's queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub seq: u64,
+    pub command: Command,
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync {
+    /// Queues a command for a host durably. Queuing the same id twice keeps one copy;
+    /// older generations for the same VM are dropped, since this one supersedes them.
+    async fn publish(&self, host: HostId, command: Command) -> Result<(), BusError>;
+
+    /// Unacknowledged commands with a position after `after`, oldest first.
+    async fn pending(
+        &self,
+        host: HostId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Queued>, BusError>;
+
+    /// The agent applied the command (or a newer one): drop it from the queue.
+    async fn ack(&self, host: HostId, id: CommandId) -> Result<(), BusError>;
+
+    /// Number of unacknowledged commands for the host.
+    async fn depth(&self, host: HostId) -> Result<u64, BusError>;
+
+    /// A handle that is notified whenever a command is queued for the host.
+    fn waker(&self, host: HostId) -> std::sync::Arc<tokio::sync::Notify>;
+}

@@ -1,0 +1,37 @@
+//! JSON messages of an agent's join and discovery, the only HTTP calls an agent makes
+//! before it opens its bus connection.
+
+use crate::wire::HostId;
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/agent/join`: a new host presents a one-time join token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub join_token: String,
+    pub hostname: String,
+}
+
+/// The host's identity and its long-lived credential.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct JoinResponse {
+    pub host_id: HostId,
+    pub agent_token: String,
+    pub discovery: Discovery,
+}
+
+/// `GET /v1/agent/discovery`: everything an agent needs to configure itself, from the
+/// one URL it was given.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Discovery {
+    pub server_version: String,
+    /// Where the agent's command queue and state reports go (a WebSocket URL).
+    pub bus_url: String,
+    /// Where guest images are served from.
+    pub image_store_url: String,
+    pub sync_interval_ms: u64,
+    pub usage_interval_ms: u64,
+}

@@ -1,0 +1,285 @@
+//! The agent <-> server protocol: messages on the agent's one connection.
+//!
+//! Messages are encoded with postcard (compact, varint integers, 16-byte UUIDs) and sent
+//! as binary WebSocket frames. Compactness matters because the delta sync of seed 000
+//! exists to save bytes: with JSON, per-message overhead would dominate a one-VM delta.
+//! Decoding is strict: a trailing byte or an oversized frame is an error, never a guess.
+
+use crate::lifecycle::{Event, VmState};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub type VmId = Uuid;
+pub type HostId = Uuid;
+
+/// Largest frame either side accepts. A full sync of 10,000 VMs is ~200 KB.
+pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
+
+/// Protocol version; a mismatch is refused at hello.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What the agent knows of one VM's operating state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub vm: VmId,
+    pub state: VmState,
+}
+
+/// A lifecycle event the agent derived from an observed change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmEvent {
+    pub vm: VmId,
+    pub from: VmState,
+    pub to: VmState,
+    /// The flow's event for this step; `None` when the change did not fit the flow.
+    pub event: Option<Event>,
+    /// True for states the agent did not see but filled in from the flow.
+    pub inferred: bool,
+    pub message: Option<String>,
+}
+
+/// Host utilization carried by every report, so a heartbeat is useful on its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostUtil {
+    /// Host CPU busy, in thousandths.
+    pub cpu_permille: u16,
+    pub mem_used_mib: u64,
+    pub n_vms: u32,
+}
+
+/// Capacity the agent found on its host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+/// A hypervisor type usable on the host, and how it was configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HypervisorInfo {
+    /// Driver name: `qemu`, `oci`, `sim`.
+    pub kind: String,
+    /// One line for operators, e.g. which accelerator and why.
+    pub detail: String,
+}
+
+/// The body of a state report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReportBody {
+    /// Only the VMs whose state changed since the last report, and the VMs that are
+    /// gone. Empty lists make it a heartbeat.
+    Delta {
+        changed: Vec<VmStatus>,
+        removed: Vec<VmId>,
+    },
+    /// Every VM on the host; replaces the server's view of the host.
+    Full { vms: Vec<VmStatus> },
+}
+
+/// One state report. `seq` counts reports within `epoch`; an agent picks a new epoch
+/// each time it starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub epoch: u64,
+    pub seq: u64,
+    pub util: HostUtil,
+    pub body: ReportBody,
+    pub events: Vec<VmEvent>,
+}
+
+impl Report {
+    pub fn is_full(&self) -> bool {
+        matches!(self.body, ReportBody::Full { .. })
+    }
+}
+
+/// Resource counters of one VM since it started. Sent on their own slower cadence so
+/// that a running VM's ever-moving counters do not make every state report a change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmUsage {
+    pub vm: VmId,
+    pub cpu_ms: u64,
+    pub mem_kib: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+}
+
+/// Identifies a command; the agent applies each id at most once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CommandId {
+    pub vm: VmId,
+    /// The VM's desired-state generation this command carries out.
+    pub generation: u64,
+}
+
+impl std::fmt::Display for CommandId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.vm, self.generation)
+    }
+}
+
+/// What a VM should be, as the agent needs it to build one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: String,
+    pub hypervisor: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub image: String,
+    /// The workload command run inside the guest; empty runs the image's default.
+    pub command: Vec<String>,
+}
+
+/// Converge one VM to `target`, creating it from `spec` if the host lacks it.
+///
+/// Commands are level-triggered ("be in this state"), not edge-triggered ("pause"),
+/// so a replayed command is harmless and a lost one is re-sent by the reconciler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub id: CommandId,
+    pub spec: VmSpec,
+    pub target: VmState,
+}
+
+/// Agent to server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMsg {
+    /// Presence: first message on every connection.
+    Hello {
+        protocol: u32,
+        agent_version: String,
+        hostname: String,
+        capacity: Capacity,
+        hypervisors: Vec<HypervisorInfo>,
+    },
+    Report(Report),
+    Usage(Vec<VmUsage>),
+    CommandDone {
+        id: CommandId,
+        error: Option<String>,
+    },
+}
+
+/// Server to agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    Welcome {
+        sync_interval_ms: u64,
+        usage_interval_ms: u64,
+    },
+    Ack {
+        epoch: u64,
+        seq: u64,
+    },
+    NeedFull {
+        reason: String,
+    },
+    Command(Command),
+    /// The server refuses the connection; the agent should not retry blindly.
+    Refused {
+        reason: String,
+    },
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES}")]
+    TooLarge(usize),
+    #[error("{0} trailing bytes after the message")]
+    Trailing(usize),
+    #[error("malformed message")]
+    Malformed(#[source] postcard::Error),
+}
+
+/// Encodes a message for the wire.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing these plain types into a Vec cannot fail: no maps with non-string
+    // keys, no unsupported types. Fall back to an empty frame rather than panic; the
+    // receiver rejects it as malformed.
+    postcard::to_stdvec(msg).unwrap_or_default()
+}
+
+/// Decodes one whole frame: the message must use every byte.
+pub fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8]) -> Result<T, DecodeError> {
+    if frame.len() > MAX_FRAME_BYTES {
+        return Err(DecodeError::TooLarge(frame.len()));
+    }
+    let (msg, rest) = postcard::take_from_bytes(frame).map_err(DecodeError::Malformed)?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing(rest.len()));
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn status(n: u128, state: VmState) -> VmStatus {
+        VmStatus {
+            vm: Uuid::from_u128(n),
+            state,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let msg = AgentMsg::Report(Report {
+            epoch: 7,
+            seq: 42,
+            util: HostUtil {
+                cpu_permille: 250,
+                mem_used_mib: 1024,
+                n_vms: 2,
+            },
+            body: ReportBody::Delta {
+                changed: vec![status(1, VmState::Running)],
+                removed: vec![Uuid::from_u128(2)],
+            },
+            events: vec![],
+        });
+        let bytes = encode(&msg);
+        assert_eq!(decode::<AgentMsg>(&bytes).ok(), Some(msg));
+    }
+
+    #[test]
+    fn heartbeat_is_small() {
+        let msg = AgentMsg::Report(Report {
+            epoch: u64::MAX,
+            seq: 1_000_000,
+            util: HostUtil {
+                cpu_permille: 999,
+                mem_used_mib: 200_000,
+                n_vms: 100,
+            },
+            body: ReportBody::Delta {
+                changed: vec![],
+                removed: vec![],
+            },
+            events: vec![],
+        });
+        assert!(encode(&msg).len() <= 24, "{}", encode(&msg).len());
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected() {
+        let mut bytes = encode(&ServerMsg::Ack { epoch: 1, seq: 2 });
+        bytes.push(0);
+        assert!(matches!(
+            decode::<ServerMsg>(&bytes),
+            Err(DecodeError::Trailing(1))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<AgentMsg>(&bytes);
+            let _ = decode::<ServerMsg>(&bytes);
+        }
+    }
+}
