@@ -1,7 +1,7 @@
 //! JSON messages of an agent's join and discovery, the only HTTP calls an agent makes
 //! before it opens its bus connection.
 
-use crate::wire::HostId;
+use uuid::Uuid;
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/agent/join`: a new host presents a one-time join token.
@@ -17,7 +17,7 @@ pub struct JoinRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JoinResponse {
-    pub host_id: HostId,
+    pub host_id: Uuid,
     pub agent_token: String,
     pub discovery: Discovery,
 }

@@ -6,6 +6,7 @@
 //! tested exhaustively on its own. It is the only place the state flow is written down;
 //! everything else (API validation, agent transition checks, docs) is derived from it.
 
+pub mod guest;
 pub mod join;
 pub mod lifecycle;
 pub mod wire;

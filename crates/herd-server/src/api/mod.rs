@@ -1,0 +1,515 @@
+//! The REST API under `/v1`, JSON in and out.
+//!
+//! **API Boundary:** handlers only authenticate, parse into plain values and call one
+//! [`Cloud`] method; the core never sees HTTP or JSON. The request and response types
+//! here are the API schema, and `/openapi.json` is generated from them, so the
+//! published schema cannot drift from the code.
+
+mod error;
+mod types;
+
+pub use error::{ApiError, ErrorBody};
+pub use types::*;
+
+use crate::auth::{self, Identity};
+use crate::cloud::{Cloud, CloudError, LaunchSpec, Metrics};
+use crate::store::VmFilter;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use herd_proto::join::{Discovery, JoinRequest, JoinResponse};
+use herd_proto::lifecycle::Action;
+use herd_proto::wire::{HostId, MAX_FRAME_BYTES};
+use herd_proto::VmState;
+use serde::de::DeserializeOwned;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use utoipa::OpenApi;
+
+type AppState = Arc<Cloud>;
+
+/// Largest request body the API accepts.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+const MAX_PAGE: usize = 1000;
+const DEFAULT_PAGE: usize = 100;
+
+// ---- extractors -------------------------------------------------------------------
+
+/// A JSON body whose rejections become [`ApiError`]s with stable codes.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|Json(value)| ApiJson(value))
+            .map_err(ApiError::from)
+    }
+}
+
+/// A query string whose rejections become [`ApiError`]s.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(value)| ApiQuery(value))
+            .map_err(ApiError::from)
+    }
+}
+
+fn identity(parts: &Parts, cloud: &Cloud) -> Result<Identity, ApiError> {
+    Metrics::inc(&cloud.metrics.api_requests);
+    let header = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    Ok(cloud.authenticate(auth::bearer(header))?)
+}
+
+/// A caller with an operator token.
+pub struct Operator(#[allow(dead_code)] pub String);
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, cloud: &AppState) -> Result<Self, ApiError> {
+        match identity(parts, cloud)? {
+            Identity::Admin { name } => Ok(Operator(name)),
+            Identity::Agent { .. } => Err(CloudError::Forbidden.into()),
+        }
+    }
+}
+
+/// A caller with an agent credential, speaking for its host.
+pub struct AgentHost(pub HostId);
+
+impl FromRequestParts<AppState> for AgentHost {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, cloud: &AppState) -> Result<Self, ApiError> {
+        match identity(parts, cloud)? {
+            Identity::Agent { host } => Ok(AgentHost(host)),
+            Identity::Admin { .. } => Err(CloudError::Forbidden.into()),
+        }
+    }
+}
+
+// ---- router -----------------------------------------------------------------------
+
+pub fn router(cloud: Arc<Cloud>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
+        .route("/v1/vms", post(launch_vm).get(list_vms))
+        .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
+        .route("/v1/vms/{id}/actions/{action}", post(vm_action))
+        .route("/v1/vms/{id}/events", get(vm_events))
+        .route("/v1/events", get(list_events))
+        .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/{id}", get(get_host))
+        .route("/v1/join-tokens", post(create_join_token))
+        .route("/v1/agent/join", post(agent_join))
+        .route("/v1/agent/discovery", get(agent_discovery))
+        .route("/v1/agent/bus", get(agent_bus))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(cloud)
+}
+
+async fn no_route() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no_route",
+        "no such route; see /openapi.json",
+    )
+}
+
+async fn wrong_method() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method; see /openapi.json",
+    )
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "herd", description = "A self-hosted cloud for virtual machines and system containers."),
+    paths(
+        healthz, metrics, launch_vm, list_vms, get_vm, delete_vm, vm_action, vm_events,
+        list_events, list_hosts, get_host, create_join_token, agent_join, agent_discovery,
+        agent_bus
+    ),
+    components(schemas(ErrorBody, VmState, Action, JoinRequest, JoinResponse, Discovery)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        openapi.security = Some(vec![SecurityRequirement::new(
+            "bearer",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+// ---- meta -------------------------------------------------------------------------
+
+/// Liveness; the only route without a token.
+#[utoipa::path(get, path = "/healthz", security(()), responses((status = 200, body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+async fn openapi_json(_: Operator) -> Json<utoipa::openapi::OpenApi> {
+    let mut doc = ApiDoc::openapi();
+    // Describe this route too, so the schema lists every route the server serves.
+    doc.paths.paths.insert(
+        "/openapi.json".into(),
+        utoipa::openapi::path::PathItem::new(
+            utoipa::openapi::HttpMethod::Get,
+            utoipa::openapi::path::OperationBuilder::new()
+                .summary(Some("This document"))
+                .response(
+                    "200",
+                    utoipa::openapi::Response::new("The OpenAPI document"),
+                )
+                .build(),
+        ),
+    );
+    Json(doc)
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
+async fn metrics(_: Operator, State(cloud): State<AppState>) -> Result<Response, ApiError> {
+    let m = &cloud.metrics;
+    let mut out = String::new();
+    let counters = [
+        ("herd_sync_reports_total{kind=\"delta\"}", &m.reports_delta),
+        ("herd_sync_reports_total{kind=\"full\"}", &m.reports_full),
+        ("herd_sync_bytes_received_total", &m.report_bytes),
+        ("herd_sync_full_requests_total", &m.full_requests),
+        ("herd_vm_state_changes_total", &m.vm_state_changes),
+        ("herd_commands_published_total", &m.commands_published),
+        ("herd_command_errors_total", &m.command_errors),
+        ("herd_agent_messages_rejected_total", &m.rejected_reports),
+        ("herd_api_requests_total", &m.api_requests),
+        ("herd_hosts_marked_down_total", &m.hosts_marked_down),
+    ];
+    for (name, counter) in counters {
+        let base = name.split('{').next().unwrap_or(name);
+        if !out.contains(&format!("# TYPE {base} ")) {
+            out.push_str(&format!("# TYPE {base} counter\n"));
+        }
+        out.push_str(&format!("{name} {}\n", counter.load(Ordering::Relaxed)));
+    }
+    out.push_str("# TYPE herd_vms gauge\n");
+    for (state, n) in cloud.store.vm_state_counts().map_err(CloudError::from)? {
+        out.push_str(&format!("herd_vms{{state=\"{state}\"}} {n}\n"));
+    }
+    let hosts = cloud.hosts()?;
+    let n_up = hosts.iter().filter(|(host, _, _)| host.up).count();
+    out.push_str("# TYPE herd_hosts gauge\n");
+    out.push_str(&format!("herd_hosts{{state=\"up\"}} {n_up}\n"));
+    out.push_str(&format!(
+        "herd_hosts{{state=\"down\"}} {}\n",
+        hosts.len() - n_up
+    ));
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+// ---- VMs --------------------------------------------------------------------------
+
+/// Launch a VM. It is placed at once if a host fits, else it waits as `pending`.
+#[utoipa::path(post, path = "/v1/vms", request_body = LaunchRequest,
+    responses((status = 201, body = VmView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn launch_vm(
+    _: Operator,
+    State(cloud): State<AppState>,
+    ApiJson(request): ApiJson<LaunchRequest>,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    let record = cloud.launch(LaunchSpec {
+        name: request.name,
+        project: request.project,
+        hypervisor: request.hypervisor,
+        vcpus: request.vcpus,
+        memory_mib: request.memory_mib,
+        image: request.image,
+        command: request.command.unwrap_or_default(),
+    })?;
+    Ok((StatusCode::CREATED, Json(VmView::of(&record, None))))
+}
+
+/// List VMs, filtered, in pages ordered by id.
+#[utoipa::path(get, path = "/v1/vms", params(VmQuery),
+    responses((status = 200, body = VmList), (status = 400, body = ErrorBody)))]
+async fn list_vms(
+    _: Operator,
+    State(cloud): State<AppState>,
+    ApiQuery(query): ApiQuery<VmQuery>,
+) -> Result<Json<VmList>, ApiError> {
+    let limit = page_size(query.limit)?;
+    let state = query
+        .state
+        .as_deref()
+        .map(|s| {
+            s.parse::<VmState>()
+                .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))
+        })
+        .transpose()?;
+    let host = query
+        .host
+        .as_deref()
+        .map(|h| {
+            h.parse::<HostId>()
+                .map_err(|_| ApiError::bad_request("invalid_query", "host: not a host id"))
+        })
+        .transpose()?;
+    let after = query
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<uuid::Uuid>().map_err(|_| {
+                ApiError::bad_request("invalid_query", "cursor: not a cursor from a previous page")
+            })
+        })
+        .transpose()?;
+    let records = cloud.list_vms(&VmFilter {
+        project: query.project,
+        state,
+        host,
+        name: query.name,
+        after,
+        limit: limit + 1,
+    })?;
+    let has_more = records.len() > limit;
+    let items: Vec<VmView> = records
+        .iter()
+        .take(limit)
+        .map(|r| VmView::of(r, None))
+        .collect();
+    let next_cursor = if has_more {
+        items.last().map(|v| v.id.to_string())
+    } else {
+        None
+    };
+    Ok(Json(VmList { items, next_cursor }))
+}
+
+fn page_size(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit must be between 1 and {MAX_PAGE}"),
+        )),
+    }
+}
+
+/// One VM, with its latest usage counters.
+#[utoipa::path(get, path = "/v1/vms/{id}", params(("id" = String, Path, description = "VM id")),
+    responses((status = 200, body = VmView), (status = 404, body = ErrorBody)))]
+async fn get_vm(
+    _: Operator,
+    State(cloud): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    let record = cloud.vm(&id)?;
+    let usage = cloud.vm_usage(record.id);
+    Ok(Json(VmView::of(&record, usage)))
+}
+
+/// Delete a VM: terminate it on its host, then drop the record.
+#[utoipa::path(delete, path = "/v1/vms/{id}", params(("id" = String, Path, description = "VM id")),
+    responses((status = 202, body = VmView, description = "terminating; the record goes when the host confirms"),
+              (status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
+async fn delete_vm(
+    _: Operator,
+    State(cloud): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(match cloud.delete(&id)? {
+        Some(record) => (StatusCode::ACCEPTED, Json(VmView::of(&record, None))).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
+}
+
+/// Ask for a new desired state: start, stop, pause, resume, suspend or terminate.
+#[utoipa::path(post, path = "/v1/vms/{id}/actions/{action}",
+    params(("id" = String, Path, description = "VM id"),
+           ("action" = String, Path, description = "start, stop, pause, resume, suspend or terminate")),
+    responses((status = 202, body = VmView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn vm_action(
+    _: Operator,
+    State(cloud): State<AppState>,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    let Some(action) = Action::parse(&action) else {
+        return Err(ApiError::not_found(format!(
+            "no action {action:?}; actions are start, stop, pause, resume, suspend, terminate"
+        )));
+    };
+    let record = cloud.act(&id, action)?;
+    Ok((StatusCode::ACCEPTED, Json(VmView::of(&record, None))))
+}
+
+/// A VM's events, oldest first.
+#[utoipa::path(get, path = "/v1/vms/{id}/events", params(("id" = String, Path, description = "VM id"), EventQuery),
+    responses((status = 200, body = EventList), (status = 404, body = ErrorBody)))]
+async fn vm_events(
+    _: Operator,
+    State(cloud): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<EventQuery>,
+) -> Result<Json<EventList>, ApiError> {
+    let record = cloud.vm(&id)?;
+    events_page(&cloud, Some(record.id), query)
+}
+
+/// Every event, oldest first.
+#[utoipa::path(get, path = "/v1/events", params(EventQuery),
+    responses((status = 200, body = EventList)))]
+async fn list_events(
+    _: Operator,
+    State(cloud): State<AppState>,
+    ApiQuery(query): ApiQuery<EventQuery>,
+) -> Result<Json<EventList>, ApiError> {
+    events_page(&cloud, None, query)
+}
+
+fn events_page(
+    cloud: &Cloud,
+    vm: Option<uuid::Uuid>,
+    query: EventQuery,
+) -> Result<Json<EventList>, ApiError> {
+    let limit = page_size(query.limit)?;
+    let records = cloud
+        .store
+        .events(vm, query.after.unwrap_or(0), limit)
+        .map_err(CloudError::from)?;
+    let next_after = records.last().map(|e| e.id);
+    Ok(Json(EventList {
+        items: records.iter().map(EventView::of).collect(),
+        next_after,
+    }))
+}
+
+// ---- hosts ------------------------------------------------------------------------
+
+/// Every host, with capacity, allocation and live utilization.
+#[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = Vec<HostInfo>)))]
+async fn list_hosts(
+    _: Operator,
+    State(cloud): State<AppState>,
+) -> Result<Json<Vec<HostInfo>>, ApiError> {
+    let grace = cloud.config.host_grace;
+    Ok(Json(
+        cloud
+            .hosts()?
+            .iter()
+            .map(|(host, live, used)| HostInfo::of(host, live.as_ref(), *used, grace))
+            .collect(),
+    ))
+}
+
+/// One host.
+#[utoipa::path(get, path = "/v1/hosts/{id}", params(("id" = String, Path, description = "host id")),
+    responses((status = 200, body = HostInfo), (status = 404, body = ErrorBody)))]
+async fn get_host(
+    _: Operator,
+    State(cloud): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<HostInfo>, ApiError> {
+    let (host, live, used) = cloud.host(&id)?;
+    Ok(Json(HostInfo::of(
+        &host,
+        live.as_ref(),
+        used,
+        cloud.config.host_grace,
+    )))
+}
+
+/// Create a one-time join token for a new host.
+#[utoipa::path(post, path = "/v1/join-tokens", request_body = JoinTokenRequest,
+    responses((status = 201, body = JoinTokenView), (status = 400, body = ErrorBody)))]
+async fn create_join_token(
+    _: Operator,
+    State(cloud): State<AppState>,
+    ApiJson(request): ApiJson<JoinTokenRequest>,
+) -> Result<(StatusCode, Json<JoinTokenView>), ApiError> {
+    let ttl_s = request.ttl_seconds.unwrap_or(3600);
+    if !(1..=7 * 24 * 3600).contains(&ttl_s) {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "ttl_seconds: must be between 1 and 604800 (7 days)",
+        ));
+    }
+    let (token, expires_ms) = cloud.create_join_token(Duration::from_secs(ttl_s))?;
+    let command = format!(
+        "herd agent --join {} --token {token}",
+        cloud.config.public_url
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(JoinTokenView {
+            token,
+            expires_at: types::rfc3339(expires_ms),
+            command,
+        }),
+    ))
+}
+
+// ---- agents -----------------------------------------------------------------------
+
+/// A new host joins with a one-time join token and receives its credential.
+#[utoipa::path(post, path = "/v1/agent/join", request_body = JoinRequest, security(()),
+    responses((status = 201, body = JoinResponse), (status = 401, body = ErrorBody)))]
+async fn agent_join(
+    State(cloud): State<AppState>,
+    ApiJson(request): ApiJson<JoinRequest>,
+) -> Result<(StatusCode, Json<JoinResponse>), ApiError> {
+    Ok((StatusCode::CREATED, Json(cloud.join(&request)?)))
+}
+
+/// What an agent needs to configure itself.
+#[utoipa::path(get, path = "/v1/agent/discovery", responses((status = 200, body = Discovery)))]
+async fn agent_discovery(_agent: AgentHost, State(cloud): State<AppState>) -> Json<Discovery> {
+    Json(cloud.discovery())
+}
+
+/// The agent's bus connection (WebSocket, binary frames).
+#[utoipa::path(get, path = "/v1/agent/bus", responses((status = 101, description = "switching to WebSocket")))]
+async fn agent_bus(
+    agent: AgentHost,
+    State(cloud): State<AppState>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    upgrade
+        .max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| crate::ingest::serve_agent(cloud, agent.0, socket))
+}

@@ -1,0 +1,255 @@
+//! Request and response bodies of the REST API; `/openapi.json` is derived from these.
+
+use crate::cloud::HostLive;
+use crate::store::{EventRecord, HostRecord, VmRecord};
+use herd_proto::wire::VmUsage;
+use herd_proto::VmState;
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, UNIX_EPOCH};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+pub fn rfc3339(ms: i64) -> String {
+    let time = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchRequest {
+    /// 1 to 63 characters of a-z, 0-9 and '-'; unique within the project.
+    pub name: String,
+    /// Defaults to `default`.
+    pub project: Option<String>,
+    /// `qemu`, `oci` or `sim`; defaults to the server's default.
+    pub hypervisor: Option<String>,
+    /// 1 to 256; defaults to 1.
+    pub vcpus: Option<u32>,
+    /// 16 to 1048576; defaults to 256.
+    pub memory_mib: Option<u64>,
+    /// Defaults to `default`.
+    pub image: Option<String>,
+    /// The workload run inside the guest.
+    pub command: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageView {
+    pub cpu_ms: u64,
+    pub mem_kib: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+    pub sampled_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VmView {
+    pub id: Uuid,
+    pub name: String,
+    pub project: String,
+    pub hypervisor: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub image: String,
+    pub command: Vec<String>,
+    /// The host it is placed on; absent while pending.
+    pub host: Option<Uuid>,
+    /// What the user asked for.
+    pub desired_state: VmState,
+    /// What the host last reported.
+    pub state: VmState,
+    /// Bumps on every change of desired state.
+    pub generation: u64,
+    pub state_since: String,
+    pub last_error: Option<String>,
+    pub deleting: bool,
+    pub created_at: String,
+    pub updated_at: String,
+    pub usage: Option<UsageView>,
+}
+
+impl VmView {
+    pub fn of(vm: &VmRecord, usage: Option<(VmUsage, i64)>) -> VmView {
+        VmView {
+            id: vm.id,
+            name: vm.name.clone(),
+            project: vm.project.clone(),
+            hypervisor: vm.hypervisor.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            image: vm.image.clone(),
+            command: vm.command.clone(),
+            host: vm.host,
+            desired_state: vm.desired,
+            state: vm.observed,
+            generation: vm.generation,
+            state_since: rfc3339(vm.observed_at_ms),
+            last_error: vm.last_error.clone(),
+            deleting: vm.deleting,
+            created_at: rfc3339(vm.created_at_ms),
+            updated_at: rfc3339(vm.updated_at_ms),
+            usage: usage.map(|(u, at)| UsageView {
+                cpu_ms: u.cpu_ms,
+                mem_kib: u.mem_kib,
+                net_rx_bytes: u.net_rx_bytes,
+                net_tx_bytes: u.net_tx_bytes,
+                disk_read_bytes: u.disk_read_bytes,
+                disk_write_bytes: u.disk_write_bytes,
+                sampled_at: rfc3339(at),
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VmList {
+    pub items: Vec<VmView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct VmQuery {
+    pub project: Option<String>,
+    /// Observed state, e.g. `running`.
+    pub state: Option<String>,
+    /// Host id.
+    pub host: Option<String>,
+    pub name: Option<String>,
+    /// 1 to 1000; defaults to 100.
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventQuery {
+    /// Only events after this event id.
+    pub after: Option<i64>,
+    /// 1 to 1000; defaults to 100.
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EventView {
+    pub id: i64,
+    pub time: String,
+    pub vm: Option<Uuid>,
+    pub host: Option<Uuid>,
+    /// e.g. `vm.state`, `vm.action`, `host.down`.
+    pub kind: String,
+    pub from: Option<VmState>,
+    pub to: Option<VmState>,
+    pub message: String,
+}
+
+impl EventView {
+    pub fn of(event: &EventRecord) -> EventView {
+        EventView {
+            id: event.id,
+            time: rfc3339(event.time_ms),
+            vm: event.vm,
+            host: event.host,
+            kind: event.kind.clone(),
+            from: event.from,
+            to: event.to,
+            message: event.message.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EventList {
+    pub items: Vec<EventView>,
+    /// Pass as `after` for the next page.
+    pub next_after: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HypervisorView {
+    pub kind: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostInfo {
+    pub id: Uuid,
+    pub hostname: String,
+    /// `up` or `down`.
+    pub state: String,
+    pub connected: bool,
+    pub hypervisors: Vec<HypervisorView>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// vCPUs and memory promised to VMs placed here.
+    pub allocated_vcpus: u64,
+    pub allocated_memory_mib: u64,
+    /// Live utilization from the last report.
+    pub cpu_permille: u16,
+    pub mem_used_mib: u64,
+    pub n_vms: u32,
+    /// Milliseconds since the host was last heard from.
+    pub last_seen_ms_ago: Option<u64>,
+    pub agent_version: Option<String>,
+    pub joined_at: String,
+}
+
+impl HostInfo {
+    pub fn of(
+        host: &HostRecord,
+        live: Option<&HostLive>,
+        used: (u64, u64),
+        _grace: Duration,
+    ) -> HostInfo {
+        HostInfo {
+            id: host.id,
+            hostname: host.hostname.clone(),
+            state: if host.up { "up".into() } else { "down".into() },
+            connected: live.is_some_and(|l| l.connected),
+            hypervisors: host
+                .hypervisors
+                .iter()
+                .map(|h| HypervisorView {
+                    kind: h.kind.clone(),
+                    detail: h.detail.clone(),
+                })
+                .collect(),
+            cpus: host.cpus,
+            memory_mib: host.memory_mib,
+            allocated_vcpus: used.0,
+            allocated_memory_mib: used.1,
+            cpu_permille: live.map(|l| l.util.cpu_permille).unwrap_or(0),
+            mem_used_mib: live.map(|l| l.util.mem_used_mib).unwrap_or(0),
+            n_vms: live.map(|l| l.util.n_vms).unwrap_or(0),
+            last_seen_ms_ago: live.map(|l| l.last_seen.elapsed().as_millis() as u64),
+            agent_version: host.agent_version.clone(),
+            joined_at: rfc3339(host.joined_at_ms),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenRequest {
+    /// Lifetime in seconds, 1 to 604800; defaults to 3600.
+    pub ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinTokenView {
+    /// Shown once; the server keeps only its hash.
+    pub token: String,
+    pub expires_at: String,
+    /// The command to run on the new host.
+    pub command: String,
+}

@@ -1,0 +1,900 @@
+//! The server's core: every operation the API offers, as plain methods that never see
+//! HTTP or JSON, plus the in-memory state that must not be recomputed per request
+//! (capacity accounting for the scheduler, host liveness).
+//!
+//! **Architecture Invariant:** a VM is placed and its capacity counted under one lock,
+//! and the row is durable before the lock is released, so concurrent launches cannot
+//! over-commit a host and an acknowledged launch survives a crash.
+
+use crate::auth::{self, Identity};
+use crate::store::{
+    now_ms, HostRecord, NewEvent, Observation, Store, StoreError, VmFilter, VmRecord,
+};
+use herd_bus::{Bus, BusError};
+use herd_proto::join::{Discovery, JoinRequest, JoinResponse};
+use herd_proto::lifecycle::Action;
+use herd_proto::wire::{
+    Command, CommandId, HostId, HostUtil, HypervisorInfo, VmId, VmSpec, VmUsage,
+};
+use herd_proto::VmState;
+use herd_sched::{place, Demand, HostSlot, NoFit, SchedPolicy};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+/// Hypervisor types a VM spec may name.
+pub const HYPERVISORS: [&str; 3] = ["qemu", "oci", "sim"];
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// The URL agents and clients reach this server at, for discovery.
+    pub public_url: String,
+    pub sync_interval: Duration,
+    pub usage_interval: Duration,
+    /// A host that sends nothing for this long is marked down.
+    pub host_grace: Duration,
+    pub sched: SchedPolicy,
+    /// Hypervisor type for a launch that names none.
+    pub default_hypervisor: String,
+    pub default_image: String,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: PathBuf, public_url: String) -> ServerConfig {
+        ServerConfig {
+            data_dir,
+            public_url,
+            sync_interval: Duration::from_secs(1),
+            usage_interval: Duration::from_secs(10),
+            host_grace: Duration::from_secs(10),
+            sched: SchedPolicy::default(),
+            default_hypervisor: "qemu".into(),
+            default_image: "default".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    #[error("no {kind} with id {id:?}")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("missing or invalid credentials")]
+    Unauthorized,
+    #[error("this credential may not do that")]
+    Forbidden,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> CloudError {
+    CloudError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// A launch request after parsing, before validation.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub name: String,
+    pub project: Option<String>,
+    pub hypervisor: Option<String>,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub image: Option<String>,
+    pub command: Vec<String>,
+}
+
+/// Live facts about a host that change every interval and are not worth a disk write.
+#[derive(Debug, Clone)]
+pub struct HostLive {
+    pub last_seen: Instant,
+    pub util: HostUtil,
+    pub down: bool,
+    /// The host was marked down while its connection stayed open: its next report
+    /// must be a full one.
+    pub needs_resync: bool,
+    /// Bumped by each new connection; an older connection that sees a newer number
+    /// ends itself.
+    pub session: u64,
+    pub connected: bool,
+}
+
+/// Capacity accounting, under one lock.
+#[derive(Debug, Default)]
+struct Placement {
+    hosts: BTreeMap<HostId, HostSlot>,
+    vms: HashMap<VmId, (HostId, u32, u64)>,
+}
+
+impl Placement {
+    fn add(&mut self, vm: VmId, host: HostId, vcpus: u32, memory_mib: u64) {
+        if self.vms.insert(vm, (host, vcpus, memory_mib)).is_none() {
+            if let Some(slot) = self.hosts.get_mut(&host) {
+                slot.used_vcpus += u64::from(vcpus);
+                slot.used_memory_mib += memory_mib;
+            }
+        }
+    }
+
+    fn release(&mut self, vm: VmId) {
+        if let Some((host, vcpus, memory_mib)) = self.vms.remove(&vm) {
+            if let Some(slot) = self.hosts.get_mut(&host) {
+                slot.used_vcpus = slot.used_vcpus.saturating_sub(u64::from(vcpus));
+                slot.used_memory_mib = slot.used_memory_mib.saturating_sub(memory_mib);
+            }
+        }
+    }
+}
+
+/// Counters exported at /metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub reports_delta: AtomicU64,
+    pub reports_full: AtomicU64,
+    pub report_bytes: AtomicU64,
+    pub full_requests: AtomicU64,
+    pub vm_state_changes: AtomicU64,
+    pub commands_published: AtomicU64,
+    pub command_errors: AtomicU64,
+    pub rejected_reports: AtomicU64,
+    pub api_requests: AtomicU64,
+    pub hosts_marked_down: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub struct Cloud {
+    pub config: ServerConfig,
+    pub store: Store,
+    pub bus: Box<dyn Bus>,
+    placement: Mutex<Placement>,
+    live: Mutex<HashMap<HostId, HostLive>>,
+    usage: Mutex<HashMap<VmId, (VmUsage, i64)>>,
+    /// Why each pending VM could not be placed, so the event is written once.
+    pending_reasons: Mutex<HashMap<VmId, String>>,
+    pub reconcile_now: Notify,
+    pub metrics: Metrics,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded maps are rebuilt from the store on restart and every writer leaves
+    // them consistent between statements, so a poisoned lock is safe to keep using.
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+fn valid_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 63
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !text.starts_with('-')
+}
+
+impl Cloud {
+    pub fn open(config: ServerConfig, bus: Box<dyn Bus>) -> Result<Cloud, CloudError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            invalid(
+                "data_dir",
+                format!("cannot create {}: {e}", config.data_dir.display()),
+            )
+        })?;
+        let store = Store::open(&config.data_dir.join("herd.db"))?;
+        let cloud = Cloud {
+            config,
+            store,
+            bus,
+            placement: Mutex::new(Placement::default()),
+            live: Mutex::new(HashMap::new()),
+            usage: Mutex::new(HashMap::new()),
+            pending_reasons: Mutex::new(HashMap::new()),
+            reconcile_now: Notify::new(),
+            metrics: Metrics::default(),
+        };
+        cloud.rebuild()?;
+        Ok(cloud)
+    }
+
+    /// Rebuilds capacity accounting and liveness from the store after a start.
+    fn rebuild(&self) -> Result<(), CloudError> {
+        let hosts = self.store.hosts()?;
+        let placed = self.store.placed_vms()?;
+        let mut placement = lock(&self.placement);
+        let mut live = lock(&self.live);
+        let now = Instant::now();
+        for host in hosts {
+            placement.hosts.insert(host.id, slot_of(&host));
+            // Hosts get a full grace period after a server restart to reconnect.
+            live.insert(
+                host.id,
+                HostLive {
+                    last_seen: now,
+                    util: HostUtil::default(),
+                    down: !host.up,
+                    needs_resync: false,
+                    session: 0,
+                    connected: false,
+                },
+            );
+        }
+        for vm in placed {
+            if let Some(host) = vm.host {
+                placement.add(vm.id, host, vm.vcpus, vm.memory_mib);
+            }
+        }
+        Ok(())
+    }
+
+    // ---- identity -------------------------------------------------------------------
+
+    pub fn authenticate(&self, bearer: Option<&str>) -> Result<Identity, CloudError> {
+        let token = bearer.ok_or(CloudError::Unauthorized)?;
+        let hash = auth::hash_token(token);
+        if let Some((name, kind)) = self.store.find_token(&hash)? {
+            if kind == "admin" {
+                return Ok(Identity::Admin { name });
+            }
+            return Err(CloudError::Unauthorized);
+        }
+        if let Some(host) = self.store.host_by_token(&hash)? {
+            return Ok(Identity::Agent { host });
+        }
+        Err(CloudError::Unauthorized)
+    }
+
+    /// Creates the first admin token if there is none; returns it (shown once).
+    pub fn ensure_admin_token(&self) -> Result<Option<String>, CloudError> {
+        if self.store.count_tokens("admin")? > 0 {
+            return Ok(None);
+        }
+        let token = auth::new_token("adm");
+        self.store
+            .insert_token(&auth::hash_token(&token), "admin", "admin", None)?;
+        Ok(Some(token))
+    }
+
+    pub fn create_join_token(&self, ttl: Duration) -> Result<(String, i64), CloudError> {
+        let token = auth::new_token("join");
+        let expires = now_ms() + ttl.as_millis() as i64;
+        self.store
+            .insert_token(&auth::hash_token(&token), "join", "join", Some(expires))?;
+        Ok((token, expires))
+    }
+
+    pub fn discovery(&self) -> Discovery {
+        let base = self.config.public_url.trim_end_matches('/');
+        let ws = if let Some(rest) = base.strip_prefix("https://") {
+            format!("wss://{rest}")
+        } else if let Some(rest) = base.strip_prefix("http://") {
+            format!("ws://{rest}")
+        } else {
+            base.to_owned()
+        };
+        Discovery {
+            server_version: env!("CARGO_PKG_VERSION").to_owned(),
+            bus_url: format!("{ws}/v1/agent/bus"),
+            image_store_url: format!("{base}/v1/images"),
+            sync_interval_ms: self.config.sync_interval.as_millis() as u64,
+            usage_interval_ms: self.config.usage_interval.as_millis() as u64,
+        }
+    }
+
+    pub fn join(&self, request: &JoinRequest) -> Result<JoinResponse, CloudError> {
+        let hostname = request.hostname.trim();
+        if hostname.is_empty() || hostname.len() > 253 {
+            return Err(invalid("hostname", "must be 1 to 253 characters"));
+        }
+        let host = Uuid::new_v4();
+        let agent_token = auth::new_token("agt");
+        let joined = self.store.join_host(
+            &auth::hash_token(&request.join_token),
+            host,
+            hostname,
+            &auth::hash_token(&agent_token),
+        )?;
+        if !joined {
+            warn!(
+                hostname,
+                "join refused: unknown, used or expired join token"
+            );
+            return Err(CloudError::Unauthorized);
+        }
+        info!(%host, hostname, "host joined");
+        Ok(JoinResponse {
+            host_id: host,
+            agent_token,
+            discovery: self.discovery(),
+        })
+    }
+
+    // ---- VMs ------------------------------------------------------------------------
+
+    fn validate_launch(&self, spec: LaunchSpec) -> Result<(String, VmSpec), CloudError> {
+        if !valid_name(&spec.name) {
+            return Err(invalid(
+                "name",
+                "must be 1 to 63 characters of a-z, 0-9 and '-', not starting with '-'",
+            ));
+        }
+        let project = spec.project.unwrap_or_else(|| "default".into());
+        if !valid_name(&project) {
+            return Err(invalid(
+                "project",
+                "must be 1 to 63 characters of a-z, 0-9 and '-'",
+            ));
+        }
+        let hypervisor = spec
+            .hypervisor
+            .unwrap_or_else(|| self.config.default_hypervisor.clone());
+        if !HYPERVISORS.contains(&hypervisor.as_str()) {
+            return Err(invalid(
+                "hypervisor",
+                format!("must be one of {}", HYPERVISORS.join(", ")),
+            ));
+        }
+        let vcpus = spec.vcpus.unwrap_or(1);
+        if !(1..=256).contains(&vcpus) {
+            return Err(invalid("vcpus", "must be between 1 and 256"));
+        }
+        let memory_mib = spec.memory_mib.unwrap_or(256);
+        if !(16..=1 << 20).contains(&memory_mib) {
+            return Err(invalid(
+                "memory_mib",
+                "must be between 16 and 1048576 (1 TiB)",
+            ));
+        }
+        let image = spec
+            .image
+            .unwrap_or_else(|| self.config.default_image.clone());
+        if image.is_empty()
+            || image.len() > 128
+            || !image
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(invalid(
+                "image",
+                "must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-'",
+            ));
+        }
+        if spec.command.len() > 64
+            || spec.command.iter().map(|arg| arg.len()).sum::<usize>() > 16 * 1024
+        {
+            return Err(invalid(
+                "command",
+                "at most 64 arguments and 16 KiB in total",
+            ));
+        }
+        Ok((
+            project,
+            VmSpec {
+                name: spec.name,
+                hypervisor,
+                vcpus,
+                memory_mib,
+                image,
+                command: spec.command,
+            },
+        ))
+    }
+
+    /// Tries to place a VM; on success the capacity is already counted.
+    fn try_place(&self, vm: VmId, spec: &VmSpec) -> Result<HostId, String> {
+        let mut placement = lock(&self.placement);
+        let host = choose_host(&placement, spec, &self.config.sched).map_err(|e| e.to_string())?;
+        placement.add(vm, host, spec.vcpus, spec.memory_mib);
+        Ok(host)
+    }
+
+    pub fn launch(&self, spec: LaunchSpec) -> Result<VmRecord, CloudError> {
+        let (project, spec) = self.validate_launch(spec)?;
+        let id = Uuid::new_v4();
+        let now = now_ms();
+        // Hold the placement lock across the insert, so that the capacity counted here
+        // and the durable row appear together.
+        let mut placement = lock(&self.placement);
+        let (host, observed, message) = match choose_host(&placement, &spec, &self.config.sched) {
+            Ok(host) => (
+                Some(host),
+                VmState::Scheduled,
+                format!("launched; scheduled on host {host}"),
+            ),
+            Err(no_fit) => (
+                None,
+                VmState::Pending,
+                format!("launched; waiting for capacity: {no_fit}"),
+            ),
+        };
+        let record = VmRecord {
+            id,
+            name: spec.name.clone(),
+            project,
+            hypervisor: spec.hypervisor.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            image: spec.image.clone(),
+            command: spec.command.clone(),
+            host,
+            desired: VmState::Running,
+            generation: 1,
+            issued_generation: 0,
+            observed,
+            observed_at_ms: now,
+            last_error: None,
+            deleting: false,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        self.store.insert_vm(
+            &record,
+            &NewEvent {
+                vm: Some(id),
+                host,
+                kind: "vm.launched",
+                from: None,
+                to: Some(observed),
+                message,
+            },
+        )?;
+        if let Some(host) = host {
+            placement.add(id, host, spec.vcpus, spec.memory_mib);
+        }
+        drop(placement);
+        self.reconcile_now.notify_one();
+        Ok(record)
+    }
+
+    pub fn vm(&self, id: &str) -> Result<VmRecord, CloudError> {
+        let not_found = || CloudError::NotFound {
+            kind: "VM",
+            id: id.to_owned(),
+        };
+        let uuid: Uuid = id.parse().map_err(|_| not_found())?;
+        self.store.vm(uuid)?.ok_or_else(not_found)
+    }
+
+    pub fn list_vms(&self, filter: &VmFilter) -> Result<Vec<VmRecord>, CloudError> {
+        Ok(self.store.list_vms(filter)?)
+    }
+
+    pub fn act(&self, id: &str, action: Action) -> Result<VmRecord, CloudError> {
+        let vm = self.vm(id)?;
+        if vm.deleting {
+            return Err(CloudError::Conflict {
+                code: "vm_deleting",
+                message: format!("VM {} is being deleted", vm.name),
+            });
+        }
+        let target = action.target();
+        if vm.desired == target {
+            return Ok(vm);
+        }
+        if !action.allowed_in(vm.observed) {
+            return Err(CloudError::Conflict {
+                code: "invalid_transition",
+                message: format!(
+                    "cannot {action} VM {}: it is {} (see the lifecycle state flow)",
+                    vm.name, vm.observed
+                ),
+            });
+        }
+        self.store.set_desired(
+            vm.id,
+            target,
+            false,
+            &NewEvent {
+                vm: Some(vm.id),
+                host: vm.host,
+                kind: "vm.action",
+                message: format!("{action} requested: desired state {target}"),
+                ..NewEvent::default()
+            },
+        )?;
+        self.reconcile_now.notify_one();
+        self.vm(id)
+    }
+
+    /// Deletes a VM: terminates it on its host, then drops the record. Returns `None`
+    /// when the record is gone already (the VM was never on a host).
+    pub fn delete(&self, id: &str) -> Result<Option<VmRecord>, CloudError> {
+        let vm = self.vm(id)?;
+        if vm.host.is_none() || vm.observed.is_final() {
+            self.store.observe(&[Observation {
+                vm: vm.id,
+                state: VmState::Purged,
+                purge: true,
+                events: vec![NewEvent {
+                    vm: Some(vm.id),
+                    host: vm.host,
+                    kind: "vm.purged",
+                    from: Some(vm.observed),
+                    to: Some(VmState::Purged),
+                    message: "deleted".into(),
+                }],
+            }])?;
+            lock(&self.placement).release(vm.id);
+            return Ok(None);
+        }
+        self.store.set_desired(
+            vm.id,
+            VmState::Terminated,
+            true,
+            &NewEvent {
+                vm: Some(vm.id),
+                host: vm.host,
+                kind: "vm.action",
+                message: "delete requested: terminate, then purge".into(),
+                ..NewEvent::default()
+            },
+        )?;
+        self.reconcile_now.notify_one();
+        Ok(Some(self.vm(id)?))
+    }
+
+    pub fn vm_usage(&self, id: VmId) -> Option<(VmUsage, i64)> {
+        lock(&self.usage).get(&id).copied()
+    }
+
+    // ---- hosts ----------------------------------------------------------------------
+
+    pub fn hosts(&self) -> Result<Vec<(HostRecord, Option<HostLive>, (u64, u64))>, CloudError> {
+        let hosts = self.store.hosts()?;
+        let live = lock(&self.live);
+        let placement = lock(&self.placement);
+        Ok(hosts
+            .into_iter()
+            .map(|host| {
+                let used = placement
+                    .hosts
+                    .get(&host.id)
+                    .map(|slot| (slot.used_vcpus, slot.used_memory_mib))
+                    .unwrap_or((0, 0));
+                let live = live.get(&host.id).cloned();
+                (host, live, used)
+            })
+            .collect())
+    }
+
+    pub fn host(&self, id: &str) -> Result<(HostRecord, Option<HostLive>, (u64, u64)), CloudError> {
+        let not_found = || CloudError::NotFound {
+            kind: "host",
+            id: id.to_owned(),
+        };
+        let uuid: Uuid = id.parse().map_err(|_| not_found())?;
+        self.hosts()?
+            .into_iter()
+            .find(|(host, _, _)| host.id == uuid)
+            .ok_or_else(not_found)
+    }
+
+    // ---- agent side: called by the bus session ---------------------------------------
+
+    /// A host said hello: record it, mark it up, open a new session. Returns the
+    /// session number.
+    pub fn host_hello(
+        &self,
+        host: HostId,
+        hostname: &str,
+        hypervisors: &[HypervisorInfo],
+        cpus: u32,
+        memory_mib: u64,
+        agent_version: &str,
+    ) -> Result<u64, CloudError> {
+        let came_back =
+            self.store
+                .host_hello(host, hostname, hypervisors, cpus, memory_mib, agent_version)?;
+        {
+            let mut placement = lock(&self.placement);
+            let slot = placement.hosts.entry(host).or_insert_with(|| HostSlot {
+                id: host,
+                up: true,
+                hypervisors: vec![],
+                cpus: 0,
+                memory_mib: 0,
+                used_vcpus: 0,
+                used_memory_mib: 0,
+            });
+            slot.up = true;
+            slot.cpus = cpus;
+            slot.memory_mib = memory_mib;
+            slot.hypervisors = hypervisors.iter().map(|h| h.kind.clone()).collect();
+        }
+        let session = {
+            let mut live = lock(&self.live);
+            let entry = live.entry(host).or_insert_with(|| HostLive {
+                last_seen: Instant::now(),
+                util: HostUtil::default(),
+                down: false,
+                needs_resync: false,
+                session: 0,
+                connected: false,
+            });
+            entry.last_seen = Instant::now();
+            entry.down = false;
+            entry.needs_resync = false;
+            entry.connected = true;
+            entry.session += 1;
+            entry.session
+        };
+        if came_back {
+            info!(%host, hostname, "host is up");
+        }
+        // Pending VMs may fit now.
+        self.reconcile_now.notify_one();
+        Ok(session)
+    }
+
+    /// Records that a host was heard from. Returns false if `session` was replaced by
+    /// a newer connection, and whether the host must resync (it had been marked down).
+    pub fn host_seen(&self, host: HostId, session: u64, util: Option<HostUtil>) -> (bool, bool) {
+        let mut live = lock(&self.live);
+        let Some(entry) = live.get_mut(&host) else {
+            return (false, false);
+        };
+        if entry.session != session {
+            return (false, false);
+        }
+        entry.last_seen = Instant::now();
+        if let Some(util) = util {
+            entry.util = util;
+        }
+        let resync = std::mem::take(&mut entry.needs_resync);
+        (true, resync)
+    }
+
+    /// Whether `session` is still the host's newest connection.
+    pub fn session_current(&self, host: HostId, session: u64) -> bool {
+        lock(&self.live)
+            .get(&host)
+            .is_some_and(|entry| entry.session == session)
+    }
+
+    pub fn host_disconnected(&self, host: HostId, session: u64) {
+        if let Some(entry) = lock(&self.live).get_mut(&host) {
+            if entry.session == session {
+                entry.connected = false;
+            }
+        }
+    }
+
+    /// Marks the host up again after it had been marked down with its connection open.
+    pub fn host_back(&self, host: HostId) -> Result<(), CloudError> {
+        let Some(record) = self.store.host(host)? else {
+            return Ok(());
+        };
+        self.store.host_hello(
+            host,
+            &record.hostname,
+            &record.hypervisors,
+            record.cpus,
+            record.memory_mib,
+            record.agent_version.as_deref().unwrap_or(""),
+        )?;
+        if let Some(slot) = lock(&self.placement).hosts.get_mut(&host) {
+            slot.up = true;
+        }
+        if let Some(entry) = lock(&self.live).get_mut(&host) {
+            entry.down = false;
+        }
+        Ok(())
+    }
+
+    /// Whether the VM is currently placed on this host (node restriction).
+    pub fn vm_on_host(&self, vm: VmId, host: HostId) -> bool {
+        lock(&self.placement)
+            .vms
+            .get(&vm)
+            .is_some_and(|(placed, _, _)| *placed == host)
+    }
+
+    pub fn release(&self, vm: VmId) {
+        lock(&self.placement).release(vm);
+        lock(&self.usage).remove(&vm);
+    }
+
+    pub fn record_usage(&self, host: HostId, usage: &[VmUsage]) -> usize {
+        let now = now_ms();
+        let mut n_rejected = 0;
+        let placement = lock(&self.placement);
+        let mut table = lock(&self.usage);
+        for entry in usage {
+            if placement
+                .vms
+                .get(&entry.vm)
+                .is_some_and(|(placed, _, _)| *placed == host)
+            {
+                table.insert(entry.vm, (*entry, now));
+            } else {
+                n_rejected += 1;
+            }
+        }
+        n_rejected
+    }
+
+    // ---- background work ------------------------------------------------------------
+
+    /// One pass of the reconciler: place pending VMs, send commands for desired states
+    /// not yet sent.
+    pub async fn reconcile_once(&self) -> Result<(), CloudError> {
+        for vm in self.store.vms_needing_work()? {
+            match vm.host {
+                None if vm.desired == VmState::Terminated => {
+                    self.store.observe(&[Observation {
+                        vm: vm.id,
+                        state: VmState::Terminated,
+                        purge: vm.deleting,
+                        events: vec![NewEvent {
+                            vm: Some(vm.id),
+                            kind: "vm.state",
+                            from: Some(vm.observed),
+                            to: Some(VmState::Terminated),
+                            message: "terminated before it was placed".into(),
+                            ..NewEvent::default()
+                        }],
+                    }])?;
+                    lock(&self.pending_reasons).remove(&vm.id);
+                }
+                None => {
+                    let spec = spec_of(&vm);
+                    match self.try_place(vm.id, &spec) {
+                        Ok(host) => {
+                            if let Err(e) = self.store.assign_host(
+                                vm.id,
+                                host,
+                                &NewEvent {
+                                    vm: Some(vm.id),
+                                    host: Some(host),
+                                    kind: "vm.state",
+                                    from: Some(VmState::Pending),
+                                    to: Some(VmState::Scheduled),
+                                    message: format!("scheduled on host {host}"),
+                                },
+                            ) {
+                                self.release(vm.id);
+                                return Err(e.into());
+                            }
+                            lock(&self.pending_reasons).remove(&vm.id);
+                            self.publish(&vm, host).await?;
+                        }
+                        Err(reason) => {
+                            let mut reasons = lock(&self.pending_reasons);
+                            if reasons.get(&vm.id) != Some(&reason) {
+                                reasons.insert(vm.id, reason.clone());
+                                drop(reasons);
+                                self.store.append_event(&NewEvent {
+                                    vm: Some(vm.id),
+                                    kind: "vm.pending",
+                                    message: format!("waiting for capacity: {reason}"),
+                                    ..NewEvent::default()
+                                })?;
+                            }
+                        }
+                    }
+                }
+                Some(host) => self.publish(&vm, host).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, vm: &VmRecord, host: HostId) -> Result<(), CloudError> {
+        let command = Command {
+            id: CommandId {
+                vm: vm.id,
+                generation: vm.generation,
+            },
+            spec: spec_of(vm),
+            target: vm.desired,
+        };
+        // Queue first, then record; a crash in between re-queues the same id, which the
+        // bus keeps once.
+        self.bus.publish(host, command).await?;
+        self.store.mark_issued(vm.id, vm.generation)?;
+        Metrics::inc(&self.metrics.commands_published);
+        Ok(())
+    }
+
+    /// Marks hosts down whose last word is older than the grace period.
+    pub fn check_liveness(&self) -> Result<(), CloudError> {
+        let grace = self.config.host_grace;
+        let overdue: Vec<HostId> = lock(&self.live)
+            .iter()
+            .filter(|(_, live)| !live.down && live.last_seen.elapsed() > grace)
+            .map(|(id, _)| *id)
+            .collect();
+        for host in overdue {
+            let why = format!("no report for {} s", grace.as_secs_f64());
+            let marked = self.store.host_down(host, &why)?;
+            warn!(%host, n_vms = marked.len(), "host marked down: {why}");
+            if let Some(slot) = lock(&self.placement).hosts.get_mut(&host) {
+                slot.up = false;
+            }
+            if let Some(live) = lock(&self.live).get_mut(&host) {
+                live.down = true;
+                live.needs_resync = true;
+            }
+            Metrics::inc(&self.metrics.hosts_marked_down);
+        }
+        Ok(())
+    }
+
+    /// Runs the reconciler and the liveness check until the process ends.
+    pub async fn run_background(self: std::sync::Arc<Self>) {
+        let cloud = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                if let Err(e) = cloud.check_liveness() {
+                    warn!("liveness check failed: {e}");
+                }
+                tick.tick().await;
+            }
+        });
+        loop {
+            if let Err(e) = self.reconcile_once().await {
+                warn!("reconcile failed: {e}");
+            }
+            tokio::select! {
+                _ = self.reconcile_now.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+            }
+        }
+    }
+}
+
+fn choose_host(
+    placement: &Placement,
+    spec: &VmSpec,
+    policy: &SchedPolicy,
+) -> Result<HostId, NoFit> {
+    let slots: Vec<HostSlot> = placement.hosts.values().cloned().collect();
+    let demand = Demand {
+        hypervisor: spec.hypervisor.clone(),
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+    };
+    place(&slots, &demand, policy).map(|idx| slots[idx].id)
+}
+
+pub fn spec_of(vm: &VmRecord) -> VmSpec {
+    VmSpec {
+        name: vm.name.clone(),
+        hypervisor: vm.hypervisor.clone(),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        image: vm.image.clone(),
+        command: vm.command.clone(),
+    }
+}
+
+fn slot_of(host: &HostRecord) -> HostSlot {
+    HostSlot {
+        id: host.id,
+        up: host.up,
+        hypervisors: host.hypervisors.iter().map(|h| h.kind.clone()).collect(),
+        cpus: host.cpus,
+        memory_mib: host.memory_mib,
+        used_vcpus: 0,
+        used_memory_mib: 0,
+    }
+}

@@ -1,0 +1,380 @@
+//! One agent connection: state reports in, commands out.
+//!
+//! The connection is the embedded bus's transport (design §8): the host's durable
+//! queue is drained down the same socket its reports come up. Reports are applied
+//! through the host's [`HostView`], so only real changes touch the store, in one
+//! transaction per report.
+//!
+//! **Architecture Invariant:** an agent speaks only for its own host. Every VM named
+//! in a report, a usage batch or a command result is checked against the placement
+//! map; anything about another host's VM is dropped and counted.
+
+use crate::cloud::{Cloud, CloudError, Metrics};
+use crate::store::{NewEvent, Observation};
+use axum::extract::ws::{Message, WebSocket};
+use herd_proto::lifecycle::{explain, Transition};
+use herd_proto::wire::{self, AgentMsg, HostId, Report, ServerMsg, VmEvent, PROTOCOL_VERSION};
+use herd_proto::VmState;
+use herd_sync::{Applied, HostView, ViewChange};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{debug, info, warn};
+
+/// How long a new connection may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one agent connection until it closes or is replaced.
+pub async fn serve_agent(cloud: Arc<Cloud>, host: HostId, mut socket: WebSocket) {
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, socket.recv()).await;
+    let Ok(Some(Ok(Message::Binary(frame)))) = hello else {
+        warn!(%host, "agent connection closed before hello");
+        return;
+    };
+    let session = match wire::decode::<AgentMsg>(&frame) {
+        Ok(AgentMsg::Hello {
+            protocol,
+            agent_version,
+            hostname,
+            capacity,
+            hypervisors,
+        }) => {
+            if protocol != PROTOCOL_VERSION {
+                let reason = format!(
+                    "agent speaks protocol {protocol}, this server speaks {PROTOCOL_VERSION}"
+                );
+                let _ = send(&mut socket, &ServerMsg::Refused { reason }).await;
+                return;
+            }
+            match cloud.host_hello(
+                host,
+                &hostname,
+                &hypervisors,
+                capacity.cpus,
+                capacity.memory_mib,
+                &agent_version,
+            ) {
+                Ok(session) => session,
+                Err(e) => {
+                    warn!(%host, "hello failed: {e}");
+                    return;
+                }
+            }
+        }
+        Ok(_) => {
+            let reason = "the first message must be hello".to_owned();
+            let _ = send(&mut socket, &ServerMsg::Refused { reason }).await;
+            return;
+        }
+        Err(e) => {
+            warn!(%host, "undecodable hello: {e}");
+            return;
+        }
+    };
+    info!(%host, session, "agent connected");
+    let result = session_loop(&cloud, host, session, &mut socket).await;
+    cloud.host_disconnected(host, session);
+    match result {
+        Ok(()) => info!(%host, session, "agent connection ended"),
+        Err(e) => warn!(%host, session, "agent connection ended: {e}"),
+    }
+}
+
+async fn send(socket: &mut WebSocket, msg: &ServerMsg) -> Result<(), String> {
+    socket
+        .send(Message::Binary(wire::encode(msg).into()))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn seed_view(cloud: &Cloud, host: HostId) -> Result<HostView, CloudError> {
+    let seeded: BTreeMap<_, _> = cloud.store.reported_vms_on(host)?.into_iter().collect();
+    Ok(HostView::from_store(seeded))
+}
+
+async fn session_loop(
+    cloud: &Arc<Cloud>,
+    host: HostId,
+    session: u64,
+    socket: &mut WebSocket,
+) -> Result<(), String> {
+    let mut view = seed_view(cloud, host).map_err(|e| e.to_string())?;
+    send(
+        socket,
+        &ServerMsg::Welcome {
+            sync_interval_ms: cloud.config.sync_interval.as_millis() as u64,
+            usage_interval_ms: cloud.config.usage_interval.as_millis() as u64,
+        },
+    )
+    .await?;
+    let waker = cloud.bus.waker(host);
+    let mut sent_up_to = 0u64;
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        // Drain whatever is queued for this host.
+        loop {
+            let queued = cloud
+                .bus
+                .pending(host, sent_up_to, 256)
+                .await
+                .map_err(|e| e.to_string())?;
+            if queued.is_empty() {
+                break;
+            }
+            for item in queued {
+                sent_up_to = item.seq;
+                send(socket, &ServerMsg::Command(item.command)).await?;
+            }
+        }
+        tokio::select! {
+            _ = waker.notified() => {}
+            _ = check.tick() => {
+                if !cloud.session_current(host, session) {
+                    return Err("replaced by a newer connection".into());
+                }
+            }
+            frame = socket.recv() => {
+                let frame = match frame {
+                    None => return Ok(()),
+                    Some(Err(e)) => return Err(e.to_string()),
+                    Some(Ok(Message::Binary(frame))) => frame,
+                    Some(Ok(Message::Close(_))) => return Ok(()),
+                    Some(Ok(_)) => continue,
+                };
+                cloud.metrics.report_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                let msg = match wire::decode::<AgentMsg>(&frame) {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        Metrics::inc(&cloud.metrics.rejected_reports);
+                        return Err(format!("undecodable message: {e}"));
+                    }
+                };
+                handle(cloud, host, session, &mut view, socket, msg).await?;
+            }
+        }
+    }
+}
+
+async fn handle(
+    cloud: &Arc<Cloud>,
+    host: HostId,
+    session: u64,
+    view: &mut HostView,
+    socket: &mut WebSocket,
+    msg: AgentMsg,
+) -> Result<(), String> {
+    match msg {
+        AgentMsg::Hello { .. } => Err("hello sent twice".into()),
+        AgentMsg::Report(report) => {
+            let (current, resync) = cloud.host_seen(host, session, Some(report.util));
+            if !current {
+                return Err("replaced by a newer connection".into());
+            }
+            if resync {
+                // The host was marked down while this connection stayed open: the store
+                // says `unknown` for its VMs, so start over from the store and a full
+                // report.
+                cloud.host_back(host).map_err(|e| e.to_string())?;
+                *view = seed_view(cloud, host).map_err(|e| e.to_string())?;
+            }
+            if report.is_full() {
+                Metrics::inc(&cloud.metrics.reports_full);
+            } else {
+                Metrics::inc(&cloud.metrics.reports_delta);
+            }
+            match view.apply(&report) {
+                Applied::InOrder {
+                    epoch,
+                    seq,
+                    changes,
+                } => {
+                    apply_changes(cloud, host, &report, changes).map_err(|e| e.to_string())?;
+                    send(socket, &ServerMsg::Ack { epoch, seq }).await
+                }
+                Applied::Stale => Ok(()),
+                Applied::NeedFull { reason } => {
+                    debug!(%host, "asking for a full report: {reason}");
+                    Metrics::inc(&cloud.metrics.full_requests);
+                    send(socket, &ServerMsg::NeedFull { reason }).await
+                }
+            }
+        }
+        AgentMsg::Usage(usage) => {
+            cloud.host_seen(host, session, None);
+            let n_rejected = cloud.record_usage(host, &usage);
+            if n_rejected > 0 {
+                warn!(%host, n_rejected, "usage for VMs not on this host dropped");
+                Metrics::inc(&cloud.metrics.rejected_reports);
+            }
+            Ok(())
+        }
+        AgentMsg::CommandDone { id, error } => {
+            cloud.host_seen(host, session, None);
+            let Some(vm) = cloud.store.vm(id.vm).map_err(|e| e.to_string())? else {
+                return Ok(());
+            };
+            if vm.host != Some(host) {
+                warn!(%host, command = %id, "result for a VM not on this host dropped");
+                Metrics::inc(&cloud.metrics.rejected_reports);
+                return Ok(());
+            }
+            cloud.bus.ack(host, id).await.map_err(|e| e.to_string())?;
+            if let Some(error) = error {
+                Metrics::inc(&cloud.metrics.command_errors);
+                cloud
+                    .store
+                    .set_error(
+                        vm.id,
+                        &error,
+                        &NewEvent {
+                            vm: Some(vm.id),
+                            host: Some(host),
+                            kind: "vm.error",
+                            message: format!("could not reach {}: {error}", vm.desired),
+                            ..NewEvent::default()
+                        },
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn event_of(host: HostId, event: &VmEvent) -> NewEvent {
+    let message = match (&event.message, event.event) {
+        (Some(message), _) => message.clone(),
+        (None, Some(flow_event)) if event.inferred => {
+            format!("{flow_event} (inferred: the state between was not observed)")
+        }
+        (None, Some(flow_event)) => flow_event.to_string(),
+        (None, None) => "changed".into(),
+    };
+    NewEvent {
+        vm: Some(event.vm),
+        host: Some(host),
+        kind: if event.event.is_some() {
+            "vm.state"
+        } else {
+            "vm.state_error"
+        },
+        from: Some(event.from),
+        to: Some(event.to),
+        message,
+    }
+}
+
+/// Writes the view's changes to the store, with the events that explain them.
+fn apply_changes(
+    cloud: &Cloud,
+    host: HostId,
+    report: &Report,
+    changes: Vec<ViewChange>,
+) -> Result<(), CloudError> {
+    let mut observations = Vec::new();
+    let mut released = Vec::new();
+    for change in changes {
+        let vm_id = match &change {
+            ViewChange::Upsert { vm, .. } | ViewChange::Removed { vm, .. } => *vm,
+        };
+        let Some(record) = cloud.store.vm(vm_id)? else {
+            warn!(%host, vm = %vm_id, "report about a VM the server does not know; ignored");
+            Metrics::inc(&cloud.metrics.rejected_reports);
+            continue;
+        };
+        if record.host != Some(host) {
+            warn!(%host, vm = %vm_id, "report about another host's VM; ignored");
+            Metrics::inc(&cloud.metrics.rejected_reports);
+            continue;
+        }
+        Metrics::inc(&cloud.metrics.vm_state_changes);
+        match change {
+            ViewChange::Upsert { state, .. } => {
+                let mut events: Vec<NewEvent> = report
+                    .events
+                    .iter()
+                    .filter(|e| e.vm == vm_id)
+                    .map(|e| event_of(host, e))
+                    .collect();
+                if events.is_empty() {
+                    // A full report carries no history; explain the change from what
+                    // the store held.
+                    let (kind, message) = match explain(record.observed, state) {
+                        Transition::Invalid if record.observed != VmState::Unknown => (
+                            "vm.state_error",
+                            format!(
+                                "now {state}, which the flow does not allow from {}",
+                                record.observed
+                            ),
+                        ),
+                        _ => ("vm.state", format!("observed {state}")),
+                    };
+                    events.push(NewEvent {
+                        vm: Some(vm_id),
+                        host: Some(host),
+                        kind,
+                        from: Some(record.observed),
+                        to: Some(state),
+                        message,
+                    });
+                }
+                observations.push(Observation {
+                    vm: vm_id,
+                    state,
+                    purge: false,
+                    events,
+                });
+            }
+            ViewChange::Removed { before, .. } => {
+                if record.desired == VmState::Terminated {
+                    released.push(vm_id);
+                    observations.push(Observation {
+                        vm: vm_id,
+                        state: VmState::Terminated,
+                        purge: record.deleting,
+                        events: vec![NewEvent {
+                            vm: Some(vm_id),
+                            host: Some(host),
+                            kind: if record.deleting {
+                                "vm.purged"
+                            } else {
+                                "vm.state"
+                            },
+                            from: Some(before),
+                            to: Some(if record.deleting {
+                                VmState::Purged
+                            } else {
+                                VmState::Terminated
+                            }),
+                            message: if record.deleting {
+                                "terminated and deleted".into()
+                            } else {
+                                "terminated".into()
+                            },
+                        }],
+                    });
+                } else {
+                    observations.push(Observation {
+                        vm: vm_id,
+                        state: VmState::Error,
+                        purge: false,
+                        events: vec![NewEvent {
+                            vm: Some(vm_id),
+                            host: Some(host),
+                            kind: "vm.state_error",
+                            from: Some(before),
+                            to: Some(VmState::Error),
+                            message: "vanished from its host without being terminated".into(),
+                        }],
+                    });
+                }
+            }
+        }
+    }
+    cloud.store.observe(&observations)?;
+    for vm in released {
+        cloud.release(vm);
+    }
+    Ok(())
+}

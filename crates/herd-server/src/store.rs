@@ -1,0 +1,834 @@
+//! The server's durable state in SQLite.
+//!
+//! WAL mode with `synchronous=FULL`: a write the API acknowledged survives a kill -9 of
+//! the server or a power loss. Desired state (what users asked for, with a generation
+//! that bumps on every change) and observed state (what agents report) are separate
+//! columns, as Kubernetes separates spec and status; the reconciler drives one toward
+//! the other. Only this module writes SQL.
+
+use herd_proto::wire::{HostId, HypervisorInfo, VmId};
+use herd_proto::VmState;
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("a VM named {name:?} already exists in project {project:?}")]
+    NameTaken { project: String, name: String },
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// One VM row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRecord {
+    pub id: VmId,
+    pub name: String,
+    pub project: String,
+    pub hypervisor: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub image: String,
+    pub command: Vec<String>,
+    pub host: Option<HostId>,
+    pub desired: VmState,
+    pub generation: u64,
+    pub issued_generation: u64,
+    pub observed: VmState,
+    pub observed_at_ms: i64,
+    pub last_error: Option<String>,
+    pub deleting: bool,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// One host row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRecord {
+    pub id: HostId,
+    pub hostname: String,
+    pub hypervisors: Vec<HypervisorInfo>,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub up: bool,
+    pub joined_at_ms: i64,
+    pub agent_version: Option<String>,
+}
+
+/// One event row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub id: i64,
+    pub time_ms: i64,
+    pub vm: Option<VmId>,
+    pub host: Option<HostId>,
+    pub kind: String,
+    pub from: Option<VmState>,
+    pub to: Option<VmState>,
+    pub message: String,
+}
+
+/// An event to append.
+#[derive(Debug, Clone, Default)]
+pub struct NewEvent {
+    pub vm: Option<VmId>,
+    pub host: Option<HostId>,
+    pub kind: &'static str,
+    pub from: Option<VmState>,
+    pub to: Option<VmState>,
+    pub message: String,
+}
+
+/// Filters for listing VMs; `after` is the pagination cursor (an id).
+#[derive(Debug, Clone, Default)]
+pub struct VmFilter {
+    pub project: Option<String>,
+    pub state: Option<VmState>,
+    pub host: Option<HostId>,
+    pub name: Option<String>,
+    pub after: Option<VmId>,
+    pub limit: usize,
+}
+
+pub struct Store {
+    db: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS vms (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    project TEXT NOT NULL,
+    hypervisor TEXT NOT NULL,
+    vcpus INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    command TEXT NOT NULL,
+    host TEXT,
+    desired_state TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    issued_generation INTEGER NOT NULL DEFAULT 0,
+    observed_state TEXT NOT NULL,
+    observed_at INTEGER NOT NULL,
+    last_error TEXT,
+    deleting INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS vms_by_name ON vms (project, name);
+CREATE INDEX IF NOT EXISTS vms_by_host ON vms (host);
+CREATE TABLE IF NOT EXISTS hosts (
+    id TEXT PRIMARY KEY,
+    hostname TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    hypervisors TEXT NOT NULL DEFAULT '[]',
+    cpus INTEGER NOT NULL DEFAULT 0,
+    memory_mib INTEGER NOT NULL DEFAULT 0,
+    up INTEGER NOT NULL DEFAULT 0,
+    joined_at INTEGER NOT NULL,
+    agent_version TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time INTEGER NOT NULL,
+    vm TEXT,
+    host TEXT,
+    kind TEXT NOT NULL,
+    from_state TEXT,
+    to_state TEXT,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_vm ON events (vm, id);
+CREATE TABLE IF NOT EXISTS tokens (
+    hash TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    used_at INTEGER
+);
+";
+
+const VM_COLUMNS: &str = "id, name, project, hypervisor, vcpus, memory_mib, image, command, host, \
+     desired_state, generation, issued_generation, observed_state, observed_at, last_error, \
+     deleting, created_at, updated_at";
+
+fn parse_uuid(text: &str) -> Result<uuid::Uuid, StoreError> {
+    text.parse()
+        .map_err(|_| StoreError::Corrupt(format!("bad id {text:?}")))
+}
+
+fn parse_state(text: &str) -> Result<VmState, StoreError> {
+    text.parse()
+        .map_err(|_| StoreError::Corrupt(format!("bad state {text:?}")))
+}
+
+fn vm_from_row(row: &Row<'_>) -> Result<Result<VmRecord, StoreError>, rusqlite::Error> {
+    let id: String = row.get(0)?;
+    let command: String = row.get(7)?;
+    let host: Option<String> = row.get(8)?;
+    let desired: String = row.get(9)?;
+    let observed: String = row.get(12)?;
+    let rest = (
+        row.get::<_, String>(1)?,
+        row.get::<_, String>(2)?,
+        row.get::<_, String>(3)?,
+        row.get::<_, i64>(4)?,
+        row.get::<_, i64>(5)?,
+        row.get::<_, String>(6)?,
+        row.get::<_, i64>(10)?,
+        row.get::<_, i64>(11)?,
+        row.get::<_, i64>(13)?,
+        row.get::<_, Option<String>>(14)?,
+        row.get::<_, i64>(15)?,
+        row.get::<_, i64>(16)?,
+        row.get::<_, i64>(17)?,
+    );
+    Ok((|| {
+        let (
+            name,
+            project,
+            hypervisor,
+            vcpus,
+            memory_mib,
+            image,
+            generation,
+            issued,
+            observed_at,
+            last_error,
+            deleting,
+            created,
+            updated,
+        ) = rest;
+        Ok(VmRecord {
+            id: parse_uuid(&id)?,
+            name,
+            project,
+            hypervisor,
+            vcpus: vcpus as u32,
+            memory_mib: memory_mib as u64,
+            image,
+            command: serde_json::from_str(&command)
+                .map_err(|e| StoreError::Corrupt(format!("command of VM {id}: {e}")))?,
+            host: host.as_deref().map(parse_uuid).transpose()?,
+            desired: parse_state(&desired)?,
+            generation: generation as u64,
+            issued_generation: issued as u64,
+            observed: parse_state(&observed)?,
+            observed_at_ms: observed_at,
+            last_error,
+            deleting: deleting != 0,
+            created_at_ms: created,
+            updated_at_ms: updated,
+        })
+    })())
+}
+
+fn collect_vms(
+    rows: impl Iterator<Item = Result<Result<VmRecord, StoreError>, rusqlite::Error>>,
+) -> Result<Vec<VmRecord>, StoreError> {
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(row??);
+    }
+    Ok(out)
+}
+
+fn host_from_row(row: &Row<'_>) -> Result<Result<HostRecord, StoreError>, rusqlite::Error> {
+    let id: String = row.get(0)?;
+    let hostname: String = row.get(1)?;
+    let hypervisors: String = row.get(2)?;
+    let cpus: i64 = row.get(3)?;
+    let memory_mib: i64 = row.get(4)?;
+    let up: i64 = row.get(5)?;
+    let joined_at_ms: i64 = row.get(6)?;
+    let agent_version: Option<String> = row.get(7)?;
+    Ok((|| {
+        Ok(HostRecord {
+            id: parse_uuid(&id)?,
+            hostname,
+            hypervisors: serde_json::from_str::<Vec<(String, String)>>(&hypervisors)
+                .map_err(|e| StoreError::Corrupt(format!("hypervisors of host {id}: {e}")))?
+                .into_iter()
+                .map(|(kind, detail)| HypervisorInfo { kind, detail })
+                .collect(),
+            cpus: cpus as u32,
+            memory_mib: memory_mib as u64,
+            up: up != 0,
+            joined_at_ms,
+            agent_version,
+        })
+    })())
+}
+
+fn event_from_row(row: &Row<'_>) -> Result<Result<EventRecord, StoreError>, rusqlite::Error> {
+    let id: i64 = row.get(0)?;
+    let time_ms: i64 = row.get(1)?;
+    let vm: Option<String> = row.get(2)?;
+    let host: Option<String> = row.get(3)?;
+    let kind: String = row.get(4)?;
+    let from: Option<String> = row.get(5)?;
+    let to: Option<String> = row.get(6)?;
+    let message: String = row.get(7)?;
+    Ok((|| {
+        Ok(EventRecord {
+            id,
+            time_ms,
+            vm: vm.as_deref().map(parse_uuid).transpose()?,
+            host: host.as_deref().map(parse_uuid).transpose()?,
+            kind,
+            from: from.as_deref().map(parse_state).transpose()?,
+            to: to.as_deref().map(parse_state).transpose()?,
+            message,
+        })
+    })())
+}
+
+fn insert_event(db: &Connection, event: &NewEvent, time_ms: i64) -> Result<(), StoreError> {
+    db.prepare_cached(
+        "INSERT INTO events (time, vm, host, kind, from_state, to_state, message) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        time_ms,
+        event.vm.map(|v| v.to_string()),
+        event.host.map(|h| h.to_string()),
+        event.kind,
+        event.from.map(|s| s.as_str()),
+        event.to.map(|s| s.as_str()),
+        event.message,
+    ])?;
+    Ok(())
+}
+
+/// A change of observed state to write, with the events that explain it.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub vm: VmId,
+    pub state: VmState,
+    /// Remove the row (the VM was deleted and is now gone from its host).
+    pub purge: bool,
+    pub events: Vec<NewEvent>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Connection::open(path)?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "FULL")?;
+        db.pragma_update(None, "foreign_keys", "ON")?;
+        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        db.execute_batch(SCHEMA)?;
+        Ok(Store { db: Mutex::new(db) })
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written: transactions
+        // roll back. Keep serving.
+        self.db.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    // ---- tokens -------------------------------------------------------------------
+
+    pub fn insert_token(
+        &self,
+        hash: &str,
+        name: &str,
+        kind: &str,
+        expires_at_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.db().execute(
+            "INSERT INTO tokens (hash, name, kind, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![hash, name, kind, now_ms(), expires_at_ms],
+        )?;
+        Ok(())
+    }
+
+    /// The token's name and kind if it exists, has not expired and (for one-time
+    /// tokens) has not been used.
+    pub fn find_token(&self, hash: &str) -> Result<Option<(String, String)>, StoreError> {
+        Ok(self
+            .db()
+            .prepare_cached(
+                "SELECT name, kind FROM tokens WHERE hash = ?1 \
+                 AND (expires_at IS NULL OR expires_at > ?2) AND used_at IS NULL",
+            )?
+            .query_row(params![hash, now_ms()], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()?)
+    }
+
+    pub fn count_tokens(&self, kind: &str) -> Result<u64, StoreError> {
+        let n: i64 = self.db().query_row(
+            "SELECT COUNT(*) FROM tokens WHERE kind = ?1",
+            params![kind],
+            |row| row.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
+    /// Consumes a one-time join token and registers the new host, atomically: two
+    /// agents racing with one token cannot both join.
+    pub fn join_host(
+        &self,
+        join_hash: &str,
+        host: HostId,
+        hostname: &str,
+        agent_token_hash: &str,
+    ) -> Result<bool, StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let now = now_ms();
+        let used = tx.execute(
+            "UPDATE tokens SET used_at = ?2 WHERE hash = ?1 AND kind = 'join' \
+             AND used_at IS NULL AND (expires_at IS NULL OR expires_at > ?2)",
+            params![join_hash, now],
+        )?;
+        if used != 1 {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT INTO hosts (id, hostname, token_hash, joined_at) VALUES (?1, ?2, ?3, ?4)",
+            params![host.to_string(), hostname, agent_token_hash, now],
+        )?;
+        insert_event(
+            &tx,
+            &NewEvent {
+                host: Some(host),
+                kind: "host.joined",
+                message: format!("host {hostname} joined"),
+                ..NewEvent::default()
+            },
+            now,
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    pub fn host_by_token(&self, hash: &str) -> Result<Option<HostId>, StoreError> {
+        let id: Option<String> = self
+            .db()
+            .prepare_cached("SELECT id FROM hosts WHERE token_hash = ?1")?
+            .query_row(params![hash], |row| row.get(0))
+            .optional()?;
+        id.as_deref().map(parse_uuid).transpose()
+    }
+
+    // ---- hosts --------------------------------------------------------------------
+
+    pub fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        let db = self.db();
+        let mut stmt = db.prepare_cached(
+            "SELECT id, hostname, hypervisors, cpus, memory_mib, up, joined_at, agent_version \
+             FROM hosts ORDER BY hostname, id",
+        )?;
+        let rows = stmt.query_map([], host_from_row)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row??);
+        }
+        Ok(out)
+    }
+
+    pub fn host(&self, id: HostId) -> Result<Option<HostRecord>, StoreError> {
+        let db = self.db();
+        let row = db
+            .prepare_cached(
+                "SELECT id, hostname, hypervisors, cpus, memory_mib, up, joined_at, agent_version \
+                 FROM hosts WHERE id = ?1",
+            )?
+            .query_row(params![id.to_string()], host_from_row)
+            .optional()?;
+        row.transpose()
+    }
+
+    /// Records what a host said in its hello and marks it up.
+    pub fn host_hello(
+        &self,
+        id: HostId,
+        hostname: &str,
+        hypervisors: &[HypervisorInfo],
+        cpus: u32,
+        memory_mib: u64,
+        agent_version: &str,
+    ) -> Result<bool, StoreError> {
+        let pairs: Vec<(&str, &str)> = hypervisors
+            .iter()
+            .map(|h| (h.kind.as_str(), h.detail.as_str()))
+            .collect();
+        let hypervisors = serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into());
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let was_up: i64 = tx.query_row(
+            "SELECT up FROM hosts WHERE id = ?1",
+            params![id.to_string()],
+            |row| row.get(0),
+        )?;
+        tx.execute(
+            "UPDATE hosts SET hostname = ?2, hypervisors = ?3, cpus = ?4, memory_mib = ?5, \
+             up = 1, agent_version = ?6 WHERE id = ?1",
+            params![
+                id.to_string(),
+                hostname,
+                hypervisors,
+                cpus,
+                memory_mib as i64,
+                agent_version
+            ],
+        )?;
+        if was_up == 0 {
+            insert_event(
+                &tx,
+                &NewEvent {
+                    host: Some(id),
+                    kind: "host.up",
+                    message: format!("host {hostname} is up"),
+                    ..NewEvent::default()
+                },
+                now_ms(),
+            )?;
+        }
+        tx.commit()?;
+        Ok(was_up == 0)
+    }
+
+    /// Marks a host down and every VM on it that an agent had reported as `unknown`.
+    /// Returns the VMs marked.
+    pub fn host_down(&self, id: HostId, why: &str) -> Result<Vec<VmId>, StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let now = now_ms();
+        tx.execute(
+            "UPDATE hosts SET up = 0 WHERE id = ?1",
+            params![id.to_string()],
+        )?;
+        insert_event(
+            &tx,
+            &NewEvent {
+                host: Some(id),
+                kind: "host.down",
+                message: why.to_owned(),
+                ..NewEvent::default()
+            },
+            now,
+        )?;
+        let mut marked = Vec::new();
+        {
+            let mut stmt = tx.prepare(
+                "SELECT id, observed_state FROM vms WHERE host = ?1 \
+                 AND observed_state NOT IN ('pending', 'scheduled', 'terminated', 'purged', 'unknown')",
+            )?;
+            let rows = stmt.query_map(params![id.to_string()], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+            })?;
+            for row in rows {
+                let (vm, state) = row?;
+                marked.push((parse_uuid(&vm)?, parse_state(&state)?));
+            }
+        }
+        for (vm, before) in &marked {
+            tx.execute(
+                "UPDATE vms SET observed_state = 'unknown', observed_at = ?2, updated_at = ?2 WHERE id = ?1",
+                params![vm.to_string(), now],
+            )?;
+            insert_event(
+                &tx,
+                &NewEvent {
+                    vm: Some(*vm),
+                    host: Some(id),
+                    kind: "vm.state",
+                    from: Some(*before),
+                    to: Some(VmState::Unknown),
+                    message: "host stopped reporting".into(),
+                },
+                now,
+            )?;
+        }
+        tx.commit()?;
+        Ok(marked.into_iter().map(|(vm, _)| vm).collect())
+    }
+
+    // ---- VMs ----------------------------------------------------------------------
+
+    pub fn insert_vm(&self, vm: &VmRecord, event: &NewEvent) -> Result<(), StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let result = tx.execute(
+            &format!(
+                "INSERT INTO vms ({VM_COLUMNS}) VALUES \
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+            ),
+            params![
+                vm.id.to_string(),
+                vm.name,
+                vm.project,
+                vm.hypervisor,
+                vm.vcpus,
+                vm.memory_mib as i64,
+                vm.image,
+                serde_json::to_string(&vm.command).unwrap_or_else(|_| "[]".into()),
+                vm.host.map(|h| h.to_string()),
+                vm.desired.as_str(),
+                vm.generation as i64,
+                vm.issued_generation as i64,
+                vm.observed.as_str(),
+                vm.observed_at_ms,
+                vm.last_error,
+                vm.deleting as i64,
+                vm.created_at_ms,
+                vm.updated_at_ms,
+            ],
+        );
+        match result {
+            Err(rusqlite::Error::SqliteFailure(err, _))
+                if err.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(StoreError::NameTaken {
+                    project: vm.project.clone(),
+                    name: vm.name.clone(),
+                });
+            }
+            other => {
+                other?;
+            }
+        }
+        insert_event(&tx, event, vm.created_at_ms)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn vm(&self, id: VmId) -> Result<Option<VmRecord>, StoreError> {
+        let db = self.db();
+        let row = db
+            .prepare_cached(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = ?1"))?
+            .query_row(params![id.to_string()], vm_from_row)
+            .optional()?;
+        row.transpose()
+    }
+
+    pub fn list_vms(&self, filter: &VmFilter) -> Result<Vec<VmRecord>, StoreError> {
+        let mut sql = format!("SELECT {VM_COLUMNS} FROM vms WHERE 1=1");
+        let mut args: Vec<String> = Vec::new();
+        let mut push = |clause: &str, value: String, sql: &mut String| {
+            args.push(value);
+            sql.push_str(&format!(" AND {clause} ?{}", args.len()));
+        };
+        if let Some(project) = &filter.project {
+            push("project =", project.clone(), &mut sql);
+        }
+        if let Some(state) = filter.state {
+            push("observed_state =", state.as_str().to_owned(), &mut sql);
+        }
+        if let Some(host) = filter.host {
+            push("host =", host.to_string(), &mut sql);
+        }
+        if let Some(name) = &filter.name {
+            push("name =", name.clone(), &mut sql);
+        }
+        if let Some(after) = filter.after {
+            push("id >", after.to_string(), &mut sql);
+        }
+        sql.push_str(&format!(" ORDER BY id LIMIT {}", filter.limit));
+        let db = self.db();
+        let mut stmt = db.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), vm_from_row)?;
+        collect_vms(rows)
+    }
+
+    /// VMs that hold capacity on some host, for rebuilding the scheduler's accounting.
+    pub fn placed_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let db = self.db();
+        let mut stmt = db.prepare(&format!(
+            "SELECT {VM_COLUMNS} FROM vms WHERE host IS NOT NULL \
+             AND observed_state NOT IN ('terminated', 'purged')"
+        ))?;
+        let rows = stmt.query_map([], vm_from_row)?;
+        collect_vms(rows)
+    }
+
+    /// VMs the reconciler has work for: a desired generation not yet sent to the host,
+    /// or no host yet.
+    pub fn vms_needing_work(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let db = self.db();
+        let mut stmt = db.prepare_cached(&format!(
+            "SELECT {VM_COLUMNS} FROM vms WHERE \
+             (host IS NOT NULL AND issued_generation < generation) \
+             OR (host IS NULL AND observed_state = 'pending')"
+        ))?;
+        let rows = stmt.query_map([], vm_from_row)?;
+        collect_vms(rows)
+    }
+
+    /// The VMs on a host with the state its agent last reported, for seeding the
+    /// server's view of the host on a new connection.
+    pub fn reported_vms_on(&self, host: HostId) -> Result<Vec<(VmId, VmState)>, StoreError> {
+        let db = self.db();
+        let mut stmt = db.prepare_cached(
+            "SELECT id, observed_state FROM vms WHERE host = ?1 \
+             AND observed_state NOT IN ('pending', 'scheduled', 'terminated', 'purged')",
+        )?;
+        let rows = stmt.query_map(params![host.to_string()], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, state) = row?;
+            out.push((parse_uuid(&id)?, parse_state(&state)?));
+        }
+        Ok(out)
+    }
+
+    /// Sets a new desired state, bumping the generation. Returns the new generation.
+    pub fn set_desired(
+        &self,
+        id: VmId,
+        desired: VmState,
+        deleting: bool,
+        event: &NewEvent,
+    ) -> Result<u64, StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let now = now_ms();
+        tx.execute(
+            "UPDATE vms SET desired_state = ?2, generation = generation + 1, \
+             deleting = MAX(deleting, ?3), last_error = NULL, updated_at = ?4 WHERE id = ?1",
+            params![id.to_string(), desired.as_str(), deleting as i64, now],
+        )?;
+        let generation: i64 = tx.query_row(
+            "SELECT generation FROM vms WHERE id = ?1",
+            params![id.to_string()],
+            |row| row.get(0),
+        )?;
+        insert_event(&tx, event, now)?;
+        tx.commit()?;
+        Ok(generation as u64)
+    }
+
+    pub fn assign_host(&self, id: VmId, host: HostId, event: &NewEvent) -> Result<(), StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let now = now_ms();
+        tx.execute(
+            "UPDATE vms SET host = ?2, observed_state = 'scheduled', observed_at = ?3, \
+             updated_at = ?3 WHERE id = ?1 AND host IS NULL",
+            params![id.to_string(), host.to_string(), now],
+        )?;
+        insert_event(&tx, event, now)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn mark_issued(&self, id: VmId, generation: u64) -> Result<(), StoreError> {
+        self.db()
+            .prepare_cached(
+                "UPDATE vms SET issued_generation = MAX(issued_generation, ?2) WHERE id = ?1",
+            )?
+            .execute(params![id.to_string(), generation as i64])?;
+        Ok(())
+    }
+
+    pub fn set_error(&self, id: VmId, error: &str, event: &NewEvent) -> Result<(), StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let now = now_ms();
+        tx.execute(
+            "UPDATE vms SET last_error = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id.to_string(), error, now],
+        )?;
+        insert_event(&tx, event, now)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Applies observed states from one report in one transaction (one fsync).
+    pub fn observe(&self, observations: &[Observation]) -> Result<(), StoreError> {
+        if observations.is_empty() {
+            return Ok(());
+        }
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let now = now_ms();
+        for obs in observations {
+            if obs.purge {
+                tx.prepare_cached("DELETE FROM vms WHERE id = ?1")?
+                    .execute(params![obs.vm.to_string()])?;
+            } else {
+                tx.prepare_cached(
+                    "UPDATE vms SET observed_state = ?2, observed_at = ?3, updated_at = ?3 WHERE id = ?1",
+                )?
+                .execute(params![obs.vm.to_string(), obs.state.as_str(), now])?;
+            }
+            for event in &obs.events {
+                insert_event(&tx, event, now)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn append_event(&self, event: &NewEvent) -> Result<(), StoreError> {
+        insert_event(&self.db(), event, now_ms())
+    }
+
+    // ---- events -------------------------------------------------------------------
+
+    pub fn events(
+        &self,
+        vm: Option<VmId>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let db = self.db();
+        let mut out = Vec::new();
+        let sql_vm = "SELECT id, time, vm, host, kind, from_state, to_state, message FROM events \
+                      WHERE vm = ?1 AND id > ?2 ORDER BY id LIMIT ?3";
+        let sql_all = "SELECT id, time, vm, host, kind, from_state, to_state, message FROM events \
+                       WHERE id > ?1 ORDER BY id LIMIT ?2";
+        match vm {
+            Some(vm) => {
+                let mut stmt = db.prepare_cached(sql_vm)?;
+                for row in
+                    stmt.query_map(params![vm.to_string(), after, limit as i64], event_from_row)?
+                {
+                    out.push(row??);
+                }
+            }
+            None => {
+                let mut stmt = db.prepare_cached(sql_all)?;
+                for row in stmt.query_map(params![after, limit as i64], event_from_row)? {
+                    out.push(row??);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counts of VMs per observed state, for /metrics.
+    pub fn vm_state_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let db = self.db();
+        let mut stmt = db.prepare_cached(
+            "SELECT observed_state, COUNT(*) FROM vms GROUP BY observed_state ORDER BY 1",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (state, n) = row?;
+            out.push((state, n as u64));
+        }
+        Ok(out)
+    }
+}

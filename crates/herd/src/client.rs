@@ -1,0 +1,136 @@
+//! A thin REST client for the CLI: one request, one clear error line on failure.
+
+use anyhow::{anyhow, bail, Result};
+use herd_server::api::{ErrorBody, VmList, VmView};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub struct Client {
+    url: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+#[derive(serde::Deserialize)]
+struct ErrorEnvelope {
+    error: ErrorDetailOwned,
+}
+
+#[derive(serde::Deserialize)]
+struct ErrorDetailOwned {
+    code: String,
+    message: String,
+}
+
+impl Client {
+    pub fn new(url: String, token: String) -> Client {
+        Client {
+            url,
+            token,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn from_config() -> Result<Client> {
+        let (url, token) = crate::config::resolve()?;
+        Ok(Client::new(url, token))
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<(StatusCode, Vec<u8>)> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| {
+            anyhow!(
+                "cannot reach the herd server at {}: {}",
+                self.url,
+                root_cause(&e)
+            )
+        })?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| anyhow!("reading the server's answer: {e}"))?;
+        if !status.is_success() {
+            if let Ok(envelope) = serde_json::from_slice::<ErrorEnvelope>(&bytes) {
+                bail!("{} ({})", envelope.error.message, envelope.error.code);
+            }
+            bail!("server answered {status}");
+        }
+        Ok((status, bytes.to_vec()))
+    }
+
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T> {
+        let (_, bytes) = self.send(method, path, body).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| anyhow!("unexpected answer from the server: {e}"))
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    /// Sends and returns the status; for routes that may answer without a body.
+    pub async fn call_status(&self, method: Method, path: &str) -> Result<(StatusCode, Vec<u8>)> {
+        self.send(method, path, None::<&()>).await
+    }
+
+    /// Finds a VM by id or, failing that, by name (in any project).
+    pub async fn resolve_vm(&self, id_or_name: &str) -> Result<VmView> {
+        if id_or_name.parse::<uuid::Uuid>().is_ok() {
+            return self.get(&format!("/v1/vms/{id_or_name}")).await;
+        }
+        let list: VmList = self
+            .get(&format!("/v1/vms?name={}&limit=2", urlencode(id_or_name)))
+            .await?;
+        match list.items.len() {
+            0 => bail!("no VM named {id_or_name:?}"),
+            1 => Ok(list
+                .items
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow!("no VM"))?),
+            _ => bail!("more than one VM is named {id_or_name:?}: use its id"),
+        }
+    }
+}
+
+// Keep ErrorBody referenced so the CLI fails to build if the error schema moves.
+#[allow(dead_code)]
+fn _schema_check(_: ErrorBody) {}
+
+fn root_cause(error: &dyn std::error::Error) -> String {
+    let mut cause = error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+pub fn urlencode(text: &str) -> String {
+    let mut out = String::new();
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}

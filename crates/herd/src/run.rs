@@ -1,0 +1,254 @@
+//! The long-running subcommands: `up`, `server`, `agent`.
+
+use crate::config::{self, ClientConfig};
+use crate::{AgentArgs, ServerArgs, StrategyArg, UpArgs};
+use anyhow::{anyhow, bail, Context, Result};
+use herd_agent::drivers::sim::{SimConfig, SimDriver};
+use herd_agent::{Agent, AgentConfig, Driver};
+use herd_sched::{SchedPolicy, Strategy};
+use herd_server::ServerConfig;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HERD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// A shutdown signal (Ctrl-C or SIGTERM) that any number of tasks can wait for.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let terminated = async {
+            match term.as_mut() {
+                Some(term) => {
+                    term.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminated => {}
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+fn on_shutdown(
+    rx: &watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut rx = rx.clone();
+    async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The drivers named, or every driver that can work on this host.
+fn build_drivers(
+    names: &[String],
+    data_dir: &Path,
+    sim_boot_ms: u64,
+) -> Result<Vec<Arc<dyn Driver>>> {
+    // Until the qemu driver lands, `sim` is the only driver; it is chosen by default
+    // only because nothing real exists yet.
+    let names: Vec<String> = if names.is_empty() {
+        vec!["sim".into()]
+    } else {
+        names.to_vec()
+    };
+    let mut drivers: Vec<Arc<dyn Driver>> = Vec::new();
+    for name in names {
+        match name.as_str() {
+            "sim" => drivers.push(Arc::new(SimDriver::open(
+                data_dir.join("sim"),
+                SimConfig {
+                    boot_ms: sim_boot_ms,
+                    ..SimConfig::default()
+                },
+            )?)),
+            other => bail!("unknown driver {other:?}; drivers are: sim"),
+        }
+    }
+    Ok(drivers)
+}
+
+fn server_config(args: &ServerArgs, data_dir: PathBuf) -> Result<ServerConfig> {
+    let public_url = args
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", args.listen));
+    if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
+        bail!("--public-url must start with http:// or https://");
+    }
+    if !(args.host_grace_s > 0.0 && args.host_grace_s.is_finite()) {
+        bail!("--host-grace-s must be a positive number of seconds");
+    }
+    if args.sync_interval_ms == 0 || args.usage_interval_ms == 0 {
+        bail!("intervals must be at least 1 ms");
+    }
+    if !(args.cpu_overcommit > 0.0 && args.memory_overcommit > 0.0) {
+        bail!("over-commit ratios must be positive");
+    }
+    let mut config = ServerConfig::new(data_dir, public_url);
+    config.sync_interval = Duration::from_millis(args.sync_interval_ms);
+    config.usage_interval = Duration::from_millis(args.usage_interval_ms);
+    config.host_grace = Duration::from_secs_f64(args.host_grace_s);
+    config.sched = SchedPolicy {
+        cpu_overcommit: args.cpu_overcommit,
+        memory_overcommit: args.memory_overcommit,
+        strategy: match args.strategy {
+            StrategyArg::Spread => Strategy::Spread,
+            StrategyArg::Binpack => Strategy::Binpack,
+        },
+    };
+    config.default_hypervisor = args.default_hypervisor.clone();
+    Ok(config)
+}
+
+/// Returns the admin token, creating it on first start and keeping it (owner-only) in
+/// the data dir so that `herd up` can always rewrite the client config.
+fn admin_token(cloud: &herd_server::Cloud, data_dir: &Path) -> Result<(String, bool)> {
+    let path = data_dir.join("admin.token");
+    if let Some(token) = cloud.ensure_admin_token()? {
+        config::write_private(&path, token.as_bytes())?;
+        return Ok((token, true));
+    }
+    let token = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "an admin token exists but {} is missing; create a new one",
+            path.display()
+        )
+    })?;
+    Ok((token.trim().to_owned(), false))
+}
+
+pub async fn up(args: UpArgs) -> Result<()> {
+    init_logging();
+    let data_dir = args.data_dir.unwrap_or_else(config::default_data_dir);
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let agent_dir = data_dir.join("agent");
+    let drivers = build_drivers(&args.drivers, &agent_dir, 300)?;
+    let server_args = ServerArgs {
+        data_dir: None,
+        listen: args.listen,
+        public_url: None,
+        sync_interval_ms: 1000,
+        usage_interval_ms: 10_000,
+        host_grace_s: 10.0,
+        cpu_overcommit: 4.0,
+        memory_overcommit: 1.0,
+        strategy: StrategyArg::Spread,
+        default_hypervisor: drivers
+            .first()
+            .map(|d| d.kind().to_owned())
+            .unwrap_or_else(|| "qemu".into()),
+    };
+    let server_config = server_config(&server_args, data_dir.join("server"))?;
+    let public_url = server_config.public_url.clone();
+    let cloud = herd_server::open(server_config)?;
+    let (token, _) = admin_token(&cloud, &data_dir)?;
+    let bound = herd_server::bind(cloud.clone(), args.listen)
+        .await
+        .map_err(|e| anyhow!("{e}: is herd already up? (use --listen to pick another address)"))?;
+    let config_path = config::save(&ClientConfig {
+        url: Some(public_url.clone()),
+        token: Some(token),
+    })?;
+
+    let join_token = if agent_dir.join("agent.json").exists() {
+        None
+    } else {
+        Some(cloud.create_join_token(Duration::from_secs(600))?.0)
+    };
+    let agent = Agent::new(
+        AgentConfig {
+            server_url: Some(public_url.clone()),
+            join_token,
+            data_dir: agent_dir,
+            hostname: hostname(),
+            cpus: None,
+            memory_mib: None,
+        },
+        drivers,
+    );
+    let stop = shutdown_signal();
+    let agent_task = tokio::spawn(agent.run(on_shutdown(&stop)));
+    eprintln!("herd is up at {public_url}");
+    eprintln!("  data:          {}", data_dir.display());
+    eprintln!("  client config: {}", config_path.display());
+    eprintln!("  try:           herd vm launch web && herd vm ls");
+    bound.serve(on_shutdown(&stop)).await?;
+    match agent_task.await {
+        Ok(result) => result?,
+        Err(e) => bail!("agent task failed: {e}"),
+    }
+    Ok(())
+}
+
+pub async fn server(args: ServerArgs) -> Result<()> {
+    init_logging();
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| config::default_data_dir().join("server"));
+    let config = server_config(&args, data_dir.clone())?;
+    let public_url = config.public_url.clone();
+    let cloud = herd_server::open(config)?;
+    let (token, created) = admin_token(&cloud, &data_dir)?;
+    if created {
+        eprintln!(
+            "admin token (also in {}): {token}",
+            data_dir.join("admin.token").display()
+        );
+    }
+    let bound = herd_server::bind(cloud, args.listen).await?;
+    eprintln!(
+        "herd server listening on {} (public URL {public_url})",
+        bound.addr
+    );
+    let stop = shutdown_signal();
+    bound.serve(on_shutdown(&stop)).await?;
+    Ok(())
+}
+
+pub async fn agent(args: AgentArgs) -> Result<()> {
+    init_logging();
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| config::default_data_dir().join("agent"));
+    let drivers = build_drivers(&args.drivers, &data_dir, args.sim_boot_ms)?;
+    let agent = Agent::new(
+        AgentConfig {
+            server_url: args.join.clone(),
+            join_token: args.token.clone(),
+            data_dir,
+            hostname: args.hostname.clone().unwrap_or_else(hostname),
+            cpus: args.cpus,
+            memory_mib: args.memory_mib,
+        },
+        drivers,
+    );
+    let stop = shutdown_signal();
+    agent.run(on_shutdown(&stop)).await?;
+    Ok(())
+}

@@ -1,0 +1,332 @@
+//! Client subcommands: `herd vm ...` and `herd host ...`.
+
+use crate::client::{urlencode, Client};
+use crate::table::Table;
+use crate::{HostCommand, LaunchArgs, ListArgs, Output, VmCommand};
+use anyhow::{bail, Result};
+use herd_proto::VmState;
+use herd_server::api::{EventList, HostInfo, JoinTokenView, LaunchRequest, VmList, VmView};
+use reqwest::{Method, StatusCode};
+use std::time::{Duration, Instant};
+
+fn short(id: &uuid::Uuid) -> String {
+    id.to_string()[..8].to_owned()
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub async fn vm(command: VmCommand) -> Result<()> {
+    let client = Client::from_config()?;
+    match command {
+        VmCommand::Launch(args) => launch(&client, args).await,
+        VmCommand::Ls(args) => list(&client, args).await,
+        VmCommand::Show { vm, output } => {
+            let view = client.resolve_vm(&vm).await?;
+            match output {
+                Output::Json => print_json(&view),
+                Output::Table => {
+                    print!("{}", describe(&view));
+                    Ok(())
+                }
+            }
+        }
+        VmCommand::Start { vm } => action(&client, &vm, "start").await,
+        VmCommand::Stop { vm } => action(&client, &vm, "stop").await,
+        VmCommand::Pause { vm } => action(&client, &vm, "pause").await,
+        VmCommand::Resume { vm } => action(&client, &vm, "resume").await,
+        VmCommand::Suspend { vm } => action(&client, &vm, "suspend").await,
+        VmCommand::Terminate { vm } => action(&client, &vm, "terminate").await,
+        VmCommand::Rm { vm } => {
+            let view = client.resolve_vm(&vm).await?;
+            let (status, _) = client
+                .call_status(Method::DELETE, &format!("/v1/vms/{}", view.id))
+                .await?;
+            if status == StatusCode::NO_CONTENT {
+                println!("{}: deleted", view.name);
+            } else {
+                println!(
+                    "{}: terminating; its record goes once its host confirms",
+                    view.name
+                );
+            }
+            Ok(())
+        }
+        VmCommand::Events { vm, output } => events(&client, &vm, output).await,
+    }
+}
+
+async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
+    let request = LaunchRequest {
+        name: args.name,
+        project: args.project,
+        hypervisor: args.hypervisor,
+        vcpus: args.vcpus,
+        memory_mib: args.memory,
+        image: args.image,
+        command: (!args.command.is_empty()).then_some(args.command),
+    };
+    let started = Instant::now();
+    let mut view: VmView = client.call(Method::POST, "/v1/vms", Some(&request)).await?;
+    if !args.no_wait {
+        let mut last = view.state;
+        eprint!("{}: {}", view.name, last);
+        let deadline = started + Duration::from_secs(300);
+        while view.state != VmState::Running {
+            if Instant::now() > deadline {
+                eprintln!();
+                bail!(
+                    "{} did not reach running in 300 s; see `herd vm events {}`",
+                    view.name,
+                    view.name
+                );
+            }
+            if view.state == VmState::Error || view.last_error.is_some() {
+                eprintln!();
+                bail!(
+                    "{} failed: {}; see `herd vm events {}`",
+                    view.name,
+                    view.last_error
+                        .clone()
+                        .unwrap_or_else(|| "error state".into()),
+                    view.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            view = client.get(&format!("/v1/vms/{}", view.id)).await?;
+            if view.state != last {
+                last = view.state;
+                eprint!(" -> {last}");
+            }
+        }
+        eprintln!(" ({:.1} s)", started.elapsed().as_secs_f64());
+    }
+    match args.output {
+        Output::Json => print_json(&view),
+        Output::Table => {
+            println!("{}", view.id);
+            Ok(())
+        }
+    }
+}
+
+async fn list(client: &Client, args: ListArgs) -> Result<()> {
+    let mut query = vec!["limit=1000".to_owned()];
+    if let Some(project) = &args.project {
+        query.push(format!("project={}", urlencode(project)));
+    }
+    if let Some(state) = &args.state {
+        query.push(format!("state={}", urlencode(state)));
+    }
+    if let Some(host) = &args.host {
+        query.push(format!("host={}", urlencode(host)));
+    }
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut page_query = query.clone();
+        if let Some(cursor) = &cursor {
+            page_query.push(format!("cursor={cursor}"));
+        }
+        let page: VmList = client
+            .get(&format!("/v1/vms?{}", page_query.join("&")))
+            .await?;
+        all.extend(page.items);
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    match args.output {
+        Output::Json => print_json(&all),
+        Output::Table => {
+            let mut table = Table::new(vec![
+                "NAME", "ID", "PROJECT", "STATE", "DESIRED", "HOST", "TYPE", "VCPUS", "MEMORY",
+            ]);
+            for vm in &all {
+                table.row(vec![
+                    vm.name.clone(),
+                    short(&vm.id),
+                    vm.project.clone(),
+                    vm.state.to_string(),
+                    if vm.desired_state == vm.state {
+                        "-".into()
+                    } else {
+                        vm.desired_state.to_string()
+                    },
+                    vm.host.as_ref().map(short).unwrap_or_else(|| "-".into()),
+                    vm.hypervisor.clone(),
+                    vm.vcpus.to_string(),
+                    format!("{} MiB", vm.memory_mib),
+                ]);
+            }
+            print!("{}", table.render());
+            if all.is_empty() {
+                eprintln!("no VMs; launch one with `herd vm launch NAME`");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn describe(vm: &VmView) -> String {
+    let mut out = String::new();
+    let mut field = |key: &str, value: String| out.push_str(&format!("{key:<14}{value}\n"));
+    field("name", vm.name.clone());
+    field("id", vm.id.to_string());
+    field("project", vm.project.clone());
+    field("state", format!("{} since {}", vm.state, vm.state_since));
+    field(
+        "desired",
+        format!("{} (generation {})", vm.desired_state, vm.generation),
+    );
+    field(
+        "host",
+        vm.host
+            .map(|h| h.to_string())
+            .unwrap_or_else(|| "- (not placed)".into()),
+    );
+    field("hypervisor", vm.hypervisor.clone());
+    field("size", format!("{} vCPU, {} MiB", vm.vcpus, vm.memory_mib));
+    field("image", vm.image.clone());
+    if !vm.command.is_empty() {
+        field("command", vm.command.join(" "));
+    }
+    field("created", vm.created_at.clone());
+    if let Some(error) = &vm.last_error {
+        field("last error", error.clone());
+    }
+    if vm.deleting {
+        field("deleting", "yes".into());
+    }
+    if let Some(usage) = &vm.usage {
+        field(
+            "usage",
+            format!(
+                "cpu {:.1} s, mem {} MiB, net rx {} B tx {} B (at {})",
+                usage.cpu_ms as f64 / 1000.0,
+                usage.mem_kib / 1024,
+                usage.net_rx_bytes,
+                usage.net_tx_bytes,
+                usage.sampled_at
+            ),
+        );
+    }
+    out
+}
+
+async fn action(client: &Client, vm: &str, action: &str) -> Result<()> {
+    let view = client.resolve_vm(vm).await?;
+    let after: VmView = client
+        .call(
+            Method::POST,
+            &format!("/v1/vms/{}/actions/{action}", view.id),
+            None::<&()>,
+        )
+        .await?;
+    println!(
+        "{}: {action} requested (desired {}, now {})",
+        after.name, after.desired_state, after.state
+    );
+    Ok(())
+}
+
+async fn events(client: &Client, vm: &str, output: Output) -> Result<()> {
+    let view = client.resolve_vm(vm).await?;
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let page: EventList = client
+            .get(&format!(
+                "/v1/vms/{}/events?after={after}&limit=1000",
+                view.id
+            ))
+            .await?;
+        let done = page.items.len() < 1000;
+        all.extend(page.items);
+        match page.next_after {
+            Some(next) if !done => after = next,
+            _ => break,
+        }
+    }
+    match output {
+        Output::Json => print_json(&all),
+        Output::Table => {
+            let mut table = Table::new(vec!["TIME", "KIND", "CHANGE", "MESSAGE"]);
+            for event in &all {
+                let change = match (event.from, event.to) {
+                    (Some(from), Some(to)) => format!("{from} -> {to}"),
+                    (None, Some(to)) => format!("-> {to}"),
+                    _ => "-".into(),
+                };
+                table.row(vec![
+                    event.time.clone(),
+                    event.kind.clone(),
+                    change,
+                    event.message.clone(),
+                ]);
+            }
+            print!("{}", table.render());
+            Ok(())
+        }
+    }
+}
+
+pub async fn host(command: HostCommand) -> Result<()> {
+    let client = Client::from_config()?;
+    match command {
+        HostCommand::Ls { output } => {
+            let hosts: Vec<HostInfo> = client.get("/v1/hosts").await?;
+            match output {
+                Output::Json => print_json(&hosts),
+                Output::Table => {
+                    let mut table = Table::new(vec![
+                        "HOSTNAME",
+                        "ID",
+                        "STATE",
+                        "VMS",
+                        "VCPUS",
+                        "MEMORY",
+                        "CPU",
+                        "HYPERVISORS",
+                    ]);
+                    for host in &hosts {
+                        table.row(vec![
+                            host.hostname.clone(),
+                            short(&host.id),
+                            host.state.clone(),
+                            host.n_vms.to_string(),
+                            format!("{}/{}", host.allocated_vcpus, host.cpus),
+                            format!("{}/{} MiB", host.allocated_memory_mib, host.memory_mib),
+                            format!("{:.0}%", f64::from(host.cpu_permille) / 10.0),
+                            host.hypervisors
+                                .iter()
+                                .map(|h| format!("{} ({})", h.kind, h.detail))
+                                .collect::<Vec<_>>()
+                                .join("; "),
+                        ]);
+                    }
+                    print!("{}", table.render());
+                    Ok(())
+                }
+            }
+        }
+        HostCommand::JoinToken { ttl } => {
+            let view: JoinTokenView = client
+                .call(
+                    Method::POST,
+                    "/v1/join-tokens",
+                    Some(&serde_json::json!({ "ttl_seconds": ttl })),
+                )
+                .await?;
+            println!(
+                "run this on the new host (the token works once, until {}):",
+                view.expires_at
+            );
+            println!("  {}", view.command);
+            Ok(())
+        }
+    }
+}
