@@ -365,8 +365,13 @@ impl Session {
             tokio::select! {
                 _ = sync_interval.tick() => {
                     let observed = self.observe().await.map_err(|e| e.to_string())?;
-                    let events = lifecycle_events(self.reporter.last_reported(), &observed);
-                    for event in events.iter().filter(|e| e.event.is_none()) {
+                    // Every change is checked against the flow; the server derives the
+                    // normal events from the same table, so only anomalies are sent.
+                    let events: Vec<_> = lifecycle_events(self.reporter.last_reported(), &observed)
+                        .into_iter()
+                        .filter(|e| e.event.is_none())
+                        .collect();
+                    for event in &events {
                         warn!(vm = %event.vm, "{}", event.message.as_deref().unwrap_or("unexpected change"));
                     }
                     let util = HostUtil {

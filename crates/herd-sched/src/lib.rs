@@ -114,7 +114,7 @@ pub fn place(hosts: &[HostSlot], demand: &Demand, policy: &SchedPolicy) -> Resul
             no_fit.n_down += 1;
             continue;
         }
-        if !host.hypervisors.iter().any(|h| *h == demand.hypervisor) {
+        if !host.hypervisors.contains(&demand.hypervisor) {
             no_fit.n_wrong_hypervisor += 1;
             continue;
         }

@@ -115,6 +115,15 @@ pub struct HostLive {
     pub connected: bool,
 }
 
+/// A host as the API shows it: its record, live facts and what is promised on it.
+#[derive(Debug, Clone)]
+pub struct HostStatus {
+    pub record: HostRecord,
+    pub live: Option<HostLive>,
+    pub allocated_vcpus: u64,
+    pub allocated_memory_mib: u64,
+}
+
 /// Capacity accounting, under one lock.
 #[derive(Debug, Default)]
 struct Placement {
@@ -557,7 +566,7 @@ impl Cloud {
 
     // ---- hosts ----------------------------------------------------------------------
 
-    pub fn hosts(&self) -> Result<Vec<(HostRecord, Option<HostLive>, (u64, u64))>, CloudError> {
+    pub fn hosts(&self) -> Result<Vec<HostStatus>, CloudError> {
         let hosts = self.store.hosts()?;
         let live = lock(&self.live);
         let placement = lock(&self.placement);
@@ -570,12 +579,17 @@ impl Cloud {
                     .map(|slot| (slot.used_vcpus, slot.used_memory_mib))
                     .unwrap_or((0, 0));
                 let live = live.get(&host.id).cloned();
-                (host, live, used)
+                HostStatus {
+                    record: host,
+                    live,
+                    allocated_vcpus: used.0,
+                    allocated_memory_mib: used.1,
+                }
             })
             .collect())
     }
 
-    pub fn host(&self, id: &str) -> Result<(HostRecord, Option<HostLive>, (u64, u64)), CloudError> {
+    pub fn host(&self, id: &str) -> Result<HostStatus, CloudError> {
         let not_found = || CloudError::NotFound {
             kind: "host",
             id: id.to_owned(),
@@ -583,7 +597,7 @@ impl Cloud {
         let uuid: Uuid = id.parse().map_err(|_| not_found())?;
         self.hosts()?
             .into_iter()
-            .find(|(host, _, _)| host.id == uuid)
+            .find(|host| host.record.id == uuid)
             .ok_or_else(not_found)
     }
 
@@ -842,7 +856,7 @@ impl Cloud {
     pub async fn run_background(self: std::sync::Arc<Self>) {
         let cloud = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 if let Err(e) = cloud.check_liveness() {
                     warn!("liveness check failed: {e}");

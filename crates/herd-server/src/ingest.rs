@@ -12,8 +12,10 @@
 use crate::cloud::{Cloud, CloudError, Metrics};
 use crate::store::{NewEvent, Observation};
 use axum::extract::ws::{Message, WebSocket};
-use herd_proto::lifecycle::{explain, Transition};
-use herd_proto::wire::{self, AgentMsg, HostId, Report, ServerMsg, VmEvent, PROTOCOL_VERSION};
+use herd_proto::lifecycle::{explain, Step, Transition};
+use herd_proto::wire::{
+    self, AgentMsg, HostId, Report, ServerMsg, VmEvent, VmId, PROTOCOL_VERSION,
+};
 use herd_proto::VmState;
 use herd_sync::{Applied, HostView, ViewChange};
 use std::collections::BTreeMap;
@@ -21,6 +23,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info, warn};
+
+/// An unchanged heartbeat is acknowledged only every this many reports.
+const ACK_EVERY: u64 = 10;
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -178,26 +183,9 @@ async fn handle(
                 cloud.host_back(host).map_err(|e| e.to_string())?;
                 *view = seed_view(cloud, host).map_err(|e| e.to_string())?;
             }
-            if report.is_full() {
-                Metrics::inc(&cloud.metrics.reports_full);
-            } else {
-                Metrics::inc(&cloud.metrics.reports_delta);
-            }
-            match view.apply(&report) {
-                Applied::InOrder {
-                    epoch,
-                    seq,
-                    changes,
-                } => {
-                    apply_changes(cloud, host, &report, changes).map_err(|e| e.to_string())?;
-                    send(socket, &ServerMsg::Ack { epoch, seq }).await
-                }
-                Applied::Stale => Ok(()),
-                Applied::NeedFull { reason } => {
-                    debug!(%host, "asking for a full report: {reason}");
-                    Metrics::inc(&cloud.metrics.full_requests);
-                    send(socket, &ServerMsg::NeedFull { reason }).await
-                }
+            match apply_report(cloud, host, view, &report).map_err(|e| e.to_string())? {
+                Some(reply) => send(socket, &reply).await,
+                None => Ok(()),
             }
         }
         AgentMsg::Usage(usage) => {
@@ -265,6 +253,83 @@ fn event_of(host: HostId, event: &VmEvent) -> NewEvent {
     }
 }
 
+/// Applies one state report to the host's view and the store; returns the answer for
+/// the agent (an ack, a request for a full report, or nothing for a stale report).
+pub fn apply_report(
+    cloud: &Cloud,
+    host: HostId,
+    view: &mut HostView,
+    report: &Report,
+) -> Result<Option<ServerMsg>, CloudError> {
+    if report.is_full() {
+        Metrics::inc(&cloud.metrics.reports_full);
+    } else {
+        Metrics::inc(&cloud.metrics.reports_delta);
+    }
+    Ok(match view.apply(report) {
+        Applied::InOrder {
+            epoch,
+            seq,
+            changes,
+        } => {
+            // Acks are cumulative: a heartbeat that changed nothing is acknowledged by
+            // the next ack, or every tenth report, which keeps heartbeats one-way.
+            let ack = !changes.is_empty() || report.is_full() || seq % ACK_EVERY == 0;
+            apply_changes(cloud, host, report, changes)?;
+            ack.then_some(ServerMsg::Ack { epoch, seq })
+        }
+        Applied::Stale => None,
+        Applied::NeedFull { reason } => {
+            debug!(%host, "asking for a full report: {reason}");
+            Metrics::inc(&cloud.metrics.full_requests);
+            Some(ServerMsg::NeedFull { reason })
+        }
+    })
+}
+
+/// The lifecycle events explaining a change the store saw: one per edge of the flow,
+/// with missed states filled in on a unique path. The agent derives the same from the
+/// same table and sends only what does not fit, so normal events cost no bytes.
+fn derived_events(host: HostId, vm: VmId, from: VmState, to: VmState) -> Vec<NewEvent> {
+    let event = |step: Step, inferred: bool| NewEvent {
+        vm: Some(vm),
+        host: Some(host),
+        kind: "vm.state",
+        from: Some(step.from),
+        to: Some(step.to),
+        message: if inferred {
+            format!(
+                "{} (inferred: the state between was not observed)",
+                step.event
+            )
+        } else {
+            step.event.to_string()
+        },
+    };
+    match explain(from, to) {
+        Transition::Same => vec![],
+        Transition::Direct(step) => vec![event(step, false)],
+        Transition::Filled(steps) => {
+            let last = steps.len().saturating_sub(1);
+            steps
+                .into_iter()
+                .enumerate()
+                .map(|(idx, step)| event(step, idx != last))
+                .collect()
+        }
+        // Back from an unreachable host: whatever it reports now is the truth.
+        Transition::Ambiguous | Transition::Invalid if from == VmState::Unknown => vec![NewEvent {
+            vm: Some(vm),
+            host: Some(host),
+            kind: "vm.state",
+            from: Some(from),
+            to: Some(to),
+            message: "host reachable again".into(),
+        }],
+        Transition::Ambiguous | Transition::Invalid => vec![],
+    }
+}
+
 /// Writes the view's changes to the store, with the events that explain them.
 fn apply_changes(
     cloud: &Cloud,
@@ -291,32 +356,27 @@ fn apply_changes(
         Metrics::inc(&cloud.metrics.vm_state_changes);
         match change {
             ViewChange::Upsert { state, .. } => {
-                let mut events: Vec<NewEvent> = report
-                    .events
-                    .iter()
-                    .filter(|e| e.vm == vm_id)
-                    .map(|e| event_of(host, e))
-                    .collect();
+                let mut events = derived_events(host, vm_id, record.observed, state);
+                // What the agent found anomalous (and the server cannot derive if the
+                // agent saw states the server never did) comes with the report.
+                events.extend(
+                    report
+                        .events
+                        .iter()
+                        .filter(|e| e.vm == vm_id)
+                        .map(|e| event_of(host, e)),
+                );
                 if events.is_empty() {
-                    // A full report carries no history; explain the change from what
-                    // the store held.
-                    let (kind, message) = match explain(record.observed, state) {
-                        Transition::Invalid if record.observed != VmState::Unknown => (
-                            "vm.state_error",
-                            format!(
-                                "now {state}, which the flow does not allow from {}",
-                                record.observed
-                            ),
-                        ),
-                        _ => ("vm.state", format!("observed {state}")),
-                    };
                     events.push(NewEvent {
                         vm: Some(vm_id),
                         host: Some(host),
-                        kind,
+                        kind: "vm.state_error",
                         from: Some(record.observed),
                         to: Some(state),
-                        message,
+                        message: format!(
+                            "now {state}, which the flow does not lead to from {} in a unique way",
+                            record.observed
+                        ),
                     });
                 }
                 observations.push(Observation {

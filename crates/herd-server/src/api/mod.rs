@@ -53,6 +53,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// Path parameters whose rejections (e.g. bytes that are not UTF-8) become
+/// [`ApiError`]s.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(value)| ApiPath(value))
+            .map_err(|rejection| ApiError::bad_request("invalid_path", rejection.body_text()))
+    }
+}
+
 /// A query string whose rejections become [`ApiError`]s.
 pub struct ApiQuery<T>(pub T);
 
@@ -231,7 +245,7 @@ async fn metrics(_: Operator, State(cloud): State<AppState>) -> Result<Response,
         out.push_str(&format!("herd_vms{{state=\"{state}\"}} {n}\n"));
     }
     let hosts = cloud.hosts()?;
-    let n_up = hosts.iter().filter(|(host, _, _)| host.up).count();
+    let n_up = hosts.iter().filter(|host| host.record.up).count();
     out.push_str("# TYPE herd_hosts gauge\n");
     out.push_str(&format!("herd_hosts{{state=\"up\"}} {n_up}\n"));
     out.push_str(&format!(
@@ -336,7 +350,7 @@ fn page_size(limit: Option<usize>) -> Result<usize, ApiError> {
 async fn get_vm(
     _: Operator,
     State(cloud): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<VmView>, ApiError> {
     let record = cloud.vm(&id)?;
     let usage = cloud.vm_usage(record.id);
@@ -350,7 +364,7 @@ async fn get_vm(
 async fn delete_vm(
     _: Operator,
     State(cloud): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     Ok(match cloud.delete(&id)? {
         Some(record) => (StatusCode::ACCEPTED, Json(VmView::of(&record, None))).into_response(),
@@ -366,7 +380,7 @@ async fn delete_vm(
 async fn vm_action(
     _: Operator,
     State(cloud): State<AppState>,
-    Path((id, action)): Path<(String, String)>,
+    ApiPath((id, action)): ApiPath<(String, String)>,
 ) -> Result<(StatusCode, Json<VmView>), ApiError> {
     let Some(action) = Action::parse(&action) else {
         return Err(ApiError::not_found(format!(
@@ -383,7 +397,7 @@ async fn vm_action(
 async fn vm_events(
     _: Operator,
     State(cloud): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<EventQuery>,
 ) -> Result<Json<EventList>, ApiError> {
     let record = cloud.vm(&id)?;
@@ -426,14 +440,7 @@ async fn list_hosts(
     _: Operator,
     State(cloud): State<AppState>,
 ) -> Result<Json<Vec<HostInfo>>, ApiError> {
-    let grace = cloud.config.host_grace;
-    Ok(Json(
-        cloud
-            .hosts()?
-            .iter()
-            .map(|(host, live, used)| HostInfo::of(host, live.as_ref(), *used, grace))
-            .collect(),
-    ))
+    Ok(Json(cloud.hosts()?.iter().map(HostInfo::of).collect()))
 }
 
 /// One host.
@@ -442,15 +449,9 @@ async fn list_hosts(
 async fn get_host(
     _: Operator,
     State(cloud): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<HostInfo>, ApiError> {
-    let (host, live, used) = cloud.host(&id)?;
-    Ok(Json(HostInfo::of(
-        &host,
-        live.as_ref(),
-        used,
-        cloud.config.host_grace,
-    )))
+    Ok(Json(HostInfo::of(&cloud.host(&id)?)))
 }
 
 /// Create a one-time join token for a new host.

@@ -1,7 +1,7 @@
 //! Request and response bodies of the REST API; `/openapi.json` is derived from these.
 
-use crate::cloud::HostLive;
-use crate::store::{EventRecord, HostRecord, VmRecord};
+use crate::cloud::HostStatus;
+use crate::store::{EventRecord, VmRecord};
 use herd_proto::wire::VmUsage;
 use herd_proto::VmState;
 use serde::{Deserialize, Serialize};
@@ -205,12 +205,9 @@ pub struct HostInfo {
 }
 
 impl HostInfo {
-    pub fn of(
-        host: &HostRecord,
-        live: Option<&HostLive>,
-        used: (u64, u64),
-        _grace: Duration,
-    ) -> HostInfo {
+    pub fn of(status: &HostStatus) -> HostInfo {
+        let host = &status.record;
+        let live = status.live.as_ref();
         HostInfo {
             id: host.id,
             hostname: host.hostname.clone(),
@@ -226,8 +223,8 @@ impl HostInfo {
                 .collect(),
             cpus: host.cpus,
             memory_mib: host.memory_mib,
-            allocated_vcpus: used.0,
-            allocated_memory_mib: used.1,
+            allocated_vcpus: status.allocated_vcpus,
+            allocated_memory_mib: status.allocated_memory_mib,
             cpu_permille: live.map(|l| l.util.cpu_permille).unwrap_or(0),
             mem_used_mib: live.map(|l| l.util.mem_used_mib).unwrap_or(0),
             n_vms: live.map(|l| l.util.n_vms).unwrap_or(0),

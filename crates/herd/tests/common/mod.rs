@@ -1,0 +1,322 @@
+//! A harness that runs `herd server` and `herd agent` as real processes on loopback.
+
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn herd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_herd")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, args: &[&str], log: &Path) -> Proc {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let child = Command::new(herd_bin())
+            .args(args)
+            .env("HERD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn herd");
+        Proc {
+            child,
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Server {
+    pub proc: Proc,
+    pub url: String,
+    pub token: String,
+    pub data_dir: PathBuf,
+    pub port: u16,
+    extra: Vec<String>,
+}
+
+pub fn server_args(data_dir: &Path, port: u16, extra: &[String]) -> Vec<String> {
+    let mut args = vec![
+        "server".to_owned(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--default-hypervisor".into(),
+        "sim".into(),
+    ];
+    args.extend(extra.iter().cloned());
+    args
+}
+
+impl Server {
+    pub async fn start(root: &Path, extra: &[&str]) -> Server {
+        let data_dir = root.join("server");
+        let port = free_port();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let args = server_args(&data_dir, port, &extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = Proc::spawn("server", &args, &root.join("server.log"));
+        let url = format!("http://127.0.0.1:{port}");
+        wait_healthy(&url).await;
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .expect("admin token written")
+            .trim()
+            .to_owned();
+        Server {
+            proc,
+            url,
+            token,
+            data_dir,
+            port,
+            extra,
+        }
+    }
+
+    /// Kills the server with SIGKILL and starts it again on the same port and data.
+    pub async fn kill9_and_restart(&mut self, root: &Path) {
+        self.proc.kill9();
+        let args = server_args(&self.data_dir, self.port, &self.extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.proc = Proc::spawn("server", &args, &root.join("server.log"));
+        wait_healthy(&self.url).await;
+    }
+
+    pub fn client(&self) -> Api {
+        Api {
+            url: self.url.clone(),
+            token: self.token.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn join_token(&self) -> String {
+        let body = self
+            .client()
+            .post("/v1/join-tokens", json!({}))
+            .await
+            .expect("join token");
+        body["token"].as_str().expect("token").to_owned()
+    }
+
+    pub async fn start_agent(&self, root: &Path, name: &str, extra: &[&str]) -> Agent {
+        let token = self.join_token().await;
+        let data_dir = root.join(name);
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "--join".into(),
+            self.url.clone(),
+            "--token".into(),
+            token,
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--hostname".into(),
+            name.into(),
+            "--drivers".into(),
+            "sim".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = Proc::spawn(name, &refs, &root.join(format!("{name}.log")));
+        Agent {
+            proc,
+            args,
+            log: root.join(format!("{name}.log")),
+            data_dir,
+        }
+    }
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    args: Vec<String>,
+    log: PathBuf,
+    pub data_dir: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent again with its saved credentials (no join token).
+    pub fn restart(&mut self) {
+        self.proc.kill9();
+        let mut args = Vec::new();
+        let mut skip = false;
+        for arg in &self.args {
+            if skip {
+                skip = false;
+                continue;
+            }
+            if arg == "--token" || arg == "--join" {
+                skip = true;
+                continue;
+            }
+            args.push(arg.as_str());
+        }
+        self.proc = Proc::spawn(&self.proc.name.clone(), &args, &self.log);
+    }
+}
+
+pub async fn wait_healthy(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(response) = reqwest::get(format!("{url}/healthz")).await {
+            if response.status().is_success() {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server at {url} did not become healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Clone)]
+pub struct Api {
+    pub url: String,
+    pub token: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), reqwest::Error> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await?;
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok((status, value))
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let (status, body) = self
+            .request(reqwest::Method::GET, path, None)
+            .await
+            .expect("GET");
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value, String> {
+        let (status, body) = self
+            .request(reqwest::Method::POST, path, Some(body))
+            .await
+            .map_err(|e| e.to_string())?;
+        if (200..300).contains(&status) {
+            Ok(body)
+        } else {
+            Err(format!("{status}: {body}"))
+        }
+    }
+
+    /// Every VM, following pagination.
+    pub async fn vms(&self) -> Vec<Value> {
+        let mut all = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let page = self.get(&format!("/v1/vms?limit=1000{cursor}")).await;
+            all.extend(page["items"].as_array().cloned().unwrap_or_default());
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = format!("&cursor={next}"),
+                None => return all,
+            }
+        }
+    }
+
+    pub async fn hosts(&self) -> Vec<Value> {
+        self.get("/v1/hosts")
+            .await
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Polls until `done` holds for the VM list, or panics after `timeout`.
+    pub async fn wait_vms(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let vms = self.vms().await;
+            if done(&vms) {
+                return vms;
+            }
+            if Instant::now() > deadline {
+                let states: Vec<String> = vms
+                    .iter()
+                    .map(|v| format!("{}={}", v["name"], v["state"]))
+                    .collect();
+                panic!("timed out waiting for {what}: {}", states.join(" "));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_hosts(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let hosts = self.hosts().await;
+            if done(&hosts) {
+                return hosts;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {hosts:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub fn all_in(vms: &[Value], state: &str) -> bool {
+    vms.iter().all(|v| v["state"] == state)
+}
