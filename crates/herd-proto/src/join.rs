@@ -1,8 +1,8 @@
 //! JSON messages of an agent's join and discovery, the only HTTP calls an agent makes
 //! before it opens its bus connection.
 
-use uuid::Uuid;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 /// `POST /v1/agent/join`: a new host presents a one-time join token.
 #[derive(Debug, Clone, Serialize, Deserialize)]

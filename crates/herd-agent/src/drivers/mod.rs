@@ -1,3 +1,4 @@
 //! Driver implementations, one module per hypervisor type.
 
+pub mod qemu;
 pub mod sim;

@@ -1,0 +1,279 @@
+//! How a QEMU process for one VM is put together, as pure functions of the VM's files and
+//! spec, so the command line is tested without starting anything.
+//!
+//! QEMU runs with `-daemonize`: the process we spawn forks the real VM process and exits
+//! once it is ready, so the VM is never our child. It outlives the agent, is adopted again
+//! through its pid file and sockets, and never becomes a zombie of ours (the short-lived
+//! parent is waited for).
+
+use base64::Engine;
+use herd_proto::wire::{VmId, VmSpec};
+use std::path::{Path, PathBuf};
+
+/// Longest kernel command line x86 accepts (COMMAND_LINE_SIZE, minus room to spare).
+pub const MAX_KERNEL_CMDLINE: usize = 2000;
+
+/// The files of one VM, all inside its own directory.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub dir: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(state_dir: &Path, id: VmId) -> VmPaths {
+        VmPaths {
+            dir: state_dir.join(id.to_string()),
+        }
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+    pub fn qmp(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    pub fn guest(&self) -> PathBuf {
+        self.dir.join("guest.sock")
+    }
+    pub fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn spec(&self) -> PathBuf {
+        self.dir.join("spec.json")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+    pub fn suspend_image(&self) -> PathBuf {
+        self.dir.join("suspend.img")
+    }
+}
+
+/// The accelerator a VM runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Everything the command line depends on.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec<'a> {
+    pub id: VmId,
+    pub spec: &'a VmSpec,
+    pub token: &'a str,
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+    pub accel: Accel,
+    pub tsc_khz: Option<u64>,
+    /// Restore from this suspend image instead of booting.
+    pub incoming: Option<&'a Path>,
+    /// Run QEMU in the foreground instead of daemonizing (accelerator probes).
+    pub foreground: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LaunchError {
+    #[error("the kernel command line would be {0} bytes, over {MAX_KERNEL_CMDLINE}: shorten the workload command")]
+    CmdlineTooLong(usize),
+    #[error("path {0} cannot be used in a QEMU option (contains ',')")]
+    BadPath(String),
+}
+
+/// The kernel command line: console, timer fix, and the guest's identity and workload.
+pub fn kernel_cmdline(l: &LaunchSpec<'_>) -> Result<String, LaunchError> {
+    // panic=-1 turns a guest panic into a reboot, which -no-reboot turns into an exit that
+    // the driver reports as an error instead of a VM that hangs forever.
+    let mut line = String::from("console=ttyS0 quiet panic=-1");
+    if let Some(khz) = l.tsc_khz {
+        // Without it about one TCG boot in ten hangs calibrating the TSC (design §10).
+        line.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    line.push_str(&format!(" herd.vm={} herd.token={}", l.id, l.token));
+    if !l.spec.command.is_empty() {
+        let json = serde_json::to_vec(&l.spec.command).unwrap_or_default();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(json);
+        line.push_str(&format!(" herd.cmd={b64}"));
+    }
+    if line.len() > MAX_KERNEL_CMDLINE {
+        return Err(LaunchError::CmdlineTooLong(line.len()));
+    }
+    Ok(line)
+}
+
+fn opt_path(p: &Path) -> Result<String, LaunchError> {
+    let s = p.display().to_string();
+    if s.contains(',') {
+        return Err(LaunchError::BadPath(s));
+    }
+    Ok(s)
+}
+
+/// QEMU's arguments for one VM.
+pub fn qemu_args(paths: &VmPaths, l: &LaunchSpec<'_>) -> Result<Vec<String>, LaunchError> {
+    let mut args: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
+    let machine = format!("microvm,accel={}", l.accel.as_str());
+    let memory = l.spec.memory_mib.max(64).to_string();
+    let vcpus = l.spec.vcpus.max(1).to_string();
+    let cmdline = kernel_cmdline(l)?;
+    let console = format!(
+        "file,id=con0,path={},append=on",
+        opt_path(&paths.console())?
+    );
+    let channel = format!(
+        "socket,id=ch0,path={},server=on,wait=off",
+        opt_path(&paths.guest())?
+    );
+    let qmp = format!("unix:{},server=on,wait=off", opt_path(&paths.qmp())?);
+    let name = format!("herd-{}", l.id);
+    push(&[
+        "-name",
+        &name,
+        "-M",
+        &machine,
+        "-m",
+        &memory,
+        "-smp",
+        &vcpus,
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        &opt_path(l.kernel)?,
+        "-initrd",
+        &opt_path(l.initrd)?,
+        "-append",
+        &cmdline,
+        "-chardev",
+        &console,
+        "-serial",
+        "chardev:con0",
+        "-device",
+        "virtio-serial-device",
+        "-chardev",
+        &channel,
+        "-device",
+        "virtserialport,chardev=ch0,name=herd.0",
+        "-qmp",
+        &qmp,
+    ]);
+    if let Some(image) = l.incoming {
+        // -S: stay paused after loading, so the driver decides when the guest runs again.
+        let incoming = format!("exec:cat {}", shell_quote(&image.display().to_string()));
+        push(&["-S", "-incoming", &incoming]);
+    }
+    if !l.foreground {
+        let pid = opt_path(&paths.pid_file())?;
+        push(&["-daemonize", "-pidfile", &pid]);
+    }
+    Ok(args)
+}
+
+/// Quotes a path for the shell QEMU runs `exec:` migration commands with.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The host's TSC frequency in kHz, from the kernel log line or /proc/cpuinfo.
+pub fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    tsc_khz_from_cpuinfo(&cpuinfo)
+}
+
+pub fn tsc_khz_from_cpuinfo(cpuinfo: &str) -> Option<u64> {
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    let khz = (mhz * 1000.0).round() as u64;
+    (khz > 0).then_some(khz)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(command: Vec<String>) -> VmSpec {
+        VmSpec {
+            name: "a".into(),
+            hypervisor: "qemu".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            image: "default".into(),
+            command,
+        }
+    }
+
+    #[test]
+    fn command_line_has_identity_timer_and_sockets() {
+        let spec = spec(vec!["/bin/echo".into(), "hi".into()]);
+        let paths = VmPaths::new(Path::new("/state"), VmId::from_u128(1));
+        let l = LaunchSpec {
+            id: VmId::from_u128(1),
+            spec: &spec,
+            token: "tok",
+            kernel: Path::new("/img/vmlinuz"),
+            initrd: Path::new("/img/initrd"),
+            accel: Accel::Tcg,
+            tsc_khz: Some(2_000_000),
+            incoming: None,
+            foreground: false,
+        };
+        let args = qemu_args(&paths, &l).expect("args");
+        let joined = args.join(" ");
+        assert!(joined.contains("-M microvm,accel=tcg"));
+        assert!(joined.contains("tsc_early_khz=2000000"));
+        assert!(joined.contains("herd.vm=00000000-0000-0000-0000-000000000001 herd.token=tok"));
+        assert!(joined.contains("herd.cmd=WyIvYmluL2VjaG8iLCJoaSJd"));
+        assert!(joined
+            .contains("-daemonize -pidfile /state/00000000-0000-0000-0000-000000000001/qemu.pid"));
+        assert!(!joined.contains("-incoming"));
+        let l = LaunchSpec {
+            incoming: Some(Path::new("/s/it's.img")),
+            ..l
+        };
+        let args = qemu_args(&paths, &l).expect("args");
+        assert!(args.contains(&"exec:cat '/s/it'\\''s.img'".to_string()));
+    }
+
+    #[test]
+    fn limits() {
+        let spec = spec(vec!["x".repeat(3000)]);
+        let l = LaunchSpec {
+            id: VmId::from_u128(1),
+            spec: &spec,
+            token: "t",
+            kernel: Path::new("/k"),
+            initrd: Path::new("/i"),
+            accel: Accel::Tcg,
+            tsc_khz: None,
+            incoming: None,
+            foreground: true,
+        };
+        assert!(matches!(
+            kernel_cmdline(&l),
+            Err(LaunchError::CmdlineTooLong(_))
+        ));
+        assert_eq!(
+            tsc_khz_from_cpuinfo("processor: 0\ncpu MHz\t\t: 1999.9996\n"),
+            Some(2_000_000)
+        );
+        assert_eq!(tsc_khz_from_cpuinfo("nothing"), None);
+    }
+}
