@@ -11,10 +11,11 @@ use crate::driver::{Driver, DriverError};
 use crate::hostinfo::{self, CpuMeter};
 use crate::persist;
 use futures_util::{SinkExt, StreamExt};
+use herd_proto::guest::GuestMsg;
 use herd_proto::join::{Discovery, JoinRequest, JoinResponse};
 use herd_proto::wire::{
-    self, AgentMsg, Capacity, Command, CommandId, HostId, HostUtil, ServerMsg, VmId, VmUsage,
-    PROTOCOL_VERSION,
+    self, AgentMsg, Capacity, Command, CommandId, GuestReport, HostId, HostUtil, ServerMsg, VmId,
+    VmUsage, PROTOCOL_VERSION,
 };
 use herd_proto::VmState;
 use herd_sync::{lifecycle_events, Reporter, ReporterState};
@@ -76,10 +77,14 @@ const USAGE_CPU_MS_STEP: u64 = 1_000;
 const USAGE_BYTES_STEP: u64 = 1 << 20;
 const USAGE_MEM_KIB_STEP: u64 = 16 * 1024;
 
+/// Messages from guest modules, named by the VM whose channel they came in on.
+pub type GuestEvents = mpsc::UnboundedReceiver<(VmId, GuestMsg)>;
+
 pub struct Agent {
     config: AgentConfig,
     drivers: Vec<Arc<dyn Driver>>,
     http: reqwest::Client,
+    guest_events: Option<GuestEvents>,
 }
 
 impl Agent {
@@ -88,7 +93,14 @@ impl Agent {
             config,
             drivers,
             http: reqwest::Client::new(),
+            guest_events: None,
         }
+    }
+
+    /// Relays what guest modules say to the server.
+    pub fn with_guest_events(mut self, events: GuestEvents) -> Agent {
+        self.guest_events = Some(events);
+        self
     }
 
     fn credentials_path(&self) -> PathBuf {
@@ -209,6 +221,7 @@ impl Agent {
             cpu: CpuMeter::default(),
             usage_sent: HashMap::new(),
             running: HashMap::new(),
+            guest_events: self.guest_events.take(),
         };
         let capacity = self.capacity();
         let hello = AgentMsg::Hello {
@@ -259,6 +272,14 @@ struct Session {
     usage_sent: HashMap<VmId, VmUsage>,
     /// The converge task in progress per VM; a newer command replaces an older one.
     running: HashMap<VmId, (u64, JoinHandle<()>)>,
+    guest_events: Option<GuestEvents>,
+}
+
+async fn next_guest_event(events: &mut Option<GuestEvents>) -> Option<(VmId, GuestMsg)> {
+    match events {
+        Some(events) => events.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Session {
@@ -323,6 +344,17 @@ impl Session {
         moved
     }
 
+    /// The tail of a VM's serial console, from whichever driver holds it.
+    async fn console(&self, vm: VmId, max_bytes: usize) -> Result<Vec<u8>, String> {
+        for driver in &self.drivers {
+            match driver.console(vm, max_bytes.min(1 << 20)).await {
+                Err(DriverError::NoSuchVm(_)) => continue,
+                other => return other.map_err(|e| e.to_string()),
+            }
+        }
+        Err(format!("VM {vm} is not on this host"))
+    }
+
     fn driver_for(&self, kind: &str) -> Option<Arc<dyn Driver>> {
         self.drivers.iter().find(|d| d.kind() == kind).cloned()
     }
@@ -363,29 +395,18 @@ impl Session {
 
         loop {
             tokio::select! {
-                _ = sync_interval.tick() => {
-                    let observed = self.observe().await.map_err(|e| e.to_string())?;
-                    // Every change is checked against the flow; the server derives the
-                    // normal events from the same table, so only anomalies are sent.
-                    let events: Vec<_> = lifecycle_events(self.reporter.last_reported(), &observed)
-                        .into_iter()
-                        .filter(|e| e.event.is_none())
-                        .collect();
-                    for event in &events {
-                        warn!(vm = %event.vm, "{}", event.message.as_deref().unwrap_or("unexpected change"));
-                    }
-                    let util = HostUtil {
-                        cpu_permille: self.cpu.sample(),
-                        mem_used_mib: hostinfo::mem_used_mib(),
-                        n_vms: observed.len() as u32,
-                    };
-                    let report = self.reporter.tick(&observed, util, events);
-                    // Persist before sending: a crash after the send cannot leave the
-                    // disk behind what the server was told.
-                    self.save()?;
-                    tx.send(Message::Binary(wire::encode(&AgentMsg::Report(report)).into()))
+                _ = sync_interval.tick() => self.report(&mut tx).await?,
+                Some((vm, msg)) = next_guest_event(&mut self.guest_events) => {
+                    let Some(report) = msg.to_report() else { continue };
+                    // A hello makes the VM running, an exit stops it: report the
+                    // change now instead of at the next interval.
+                    let changes_state = matches!(report, GuestReport::Hello { .. });
+                    tx.send(Message::Binary(wire::encode(&AgentMsg::Guest { vm, report }).into()))
                         .await
                         .map_err(|e| e.to_string())?;
+                    if changes_state {
+                        self.report(&mut tx).await?;
+                    }
                 }
                 _ = usage_interval.tick() => {
                     let usage = self.usage_delta().await;
@@ -433,10 +454,49 @@ impl Session {
                             return Err(format!("server refused this agent: {reason}"));
                         }
                         Ok(ServerMsg::Command(command)) => self.accept(command, &done_tx),
+                        Ok(ServerMsg::ConsoleRequest { request, vm, max_bytes }) => {
+                            let result = self.console(vm, max_bytes as usize).await;
+                            tx.send(Message::Binary(wire::encode(&AgentMsg::Console { request, result }).into()))
+                                .await
+                                .map_err(|e| e.to_string())?;
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Observes every driver, checks the changes against the lifecycle flow, and sends
+    /// this interval's report (a delta, a heartbeat, or a full report if asked).
+    async fn report(
+        &mut self,
+        tx: &mut (impl futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error>
+                  + Unpin),
+    ) -> Result<(), String> {
+        let observed = self.observe().await.map_err(|e| e.to_string())?;
+        // Every change is checked against the flow; the server derives the normal
+        // events from the same table, so only anomalies are sent.
+        let events: Vec<_> = lifecycle_events(self.reporter.last_reported(), &observed)
+            .into_iter()
+            .filter(|e| e.event.is_none())
+            .collect();
+        for event in &events {
+            warn!(vm = %event.vm, "{}", event.message.as_deref().unwrap_or("unexpected change"));
+        }
+        let util = HostUtil {
+            cpu_permille: self.cpu.sample(),
+            mem_used_mib: hostinfo::mem_used_mib(),
+            n_vms: observed.len() as u32,
+        };
+        let report = self.reporter.tick(&observed, util, events);
+        // Persist before sending: a crash after the send cannot leave the disk behind
+        // what the server was told.
+        self.save()?;
+        tx.send(Message::Binary(
+            wire::encode(&AgentMsg::Report(report)).into(),
+        ))
+        .await
+        .map_err(|e| e.to_string())
     }
 
     /// Starts converging a VM for a command, unless the command is a replay.

@@ -75,4 +75,7 @@ pub trait Driver: Send + Sync {
 
     /// Ends the VM and removes every file it had. Succeeds if it is already gone.
     async fn terminate(&self, id: VmId) -> Result<(), DriverError>;
+
+    /// The last `max_bytes` of the VM's serial console.
+    async fn console(&self, id: VmId, max_bytes: usize) -> Result<Vec<u8>, DriverError>;
 }

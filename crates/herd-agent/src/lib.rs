@@ -14,5 +14,5 @@ pub mod drivers;
 pub mod hostinfo;
 pub mod persist;
 
-pub use agent::{Agent, AgentConfig, AgentError};
+pub use agent::{Agent, AgentConfig, AgentError, GuestEvents};
 pub use driver::{Driver, DriverError, ObservedVm};

@@ -161,6 +161,12 @@ pub fn build_image(
     mut progress: impl FnMut(&str),
 ) -> Result<ImageInfo, ImageError> {
     check_name(name)?;
+    // Builds in other processes (test runners, agents starting together) share the
+    // cache and image dirs: one at a time.
+    std::fs::create_dir_all(data_dir).map_err(io_err("creating the data dir"))?;
+    let lock = std::fs::File::create(data_dir.join(".image-build.lock"))
+        .map_err(io_err("creating the image build lock"))?;
+    lock.lock().map_err(io_err("locking the image build"))?;
     let guest = std::fs::read(guest_binary)
         .map_err(|_| ImageError::MissingGuest(guest_binary.to_path_buf()))?;
     let guest_sha256 = hex::encode(Sha256::digest(&guest));

@@ -180,6 +180,33 @@ impl FrameDecoder {
     }
 }
 
+impl GuestMsg {
+    /// What of this message the server needs: everything but the guest's credential and
+    /// its usage counters (those travel with the host's usage batches).
+    pub fn to_report(&self) -> Option<crate::wire::GuestReport> {
+        use crate::wire::GuestReport;
+        match self {
+            GuestMsg::Hello { guest_version, .. } => Some(GuestReport::Hello {
+                guest_version: guest_version.clone(),
+            }),
+            GuestMsg::Status {
+                uptime_ms,
+                workload_running,
+                guest_rss_kib,
+            } => Some(GuestReport::Status {
+                uptime_ms: *uptime_ms,
+                workload_running: *workload_running,
+                guest_rss_kib: *guest_rss_kib,
+            }),
+            GuestMsg::Usage { .. } => None,
+            GuestMsg::WorkloadExit { code } => Some(GuestReport::WorkloadExit { code: *code }),
+            GuestMsg::Error { message } => Some(GuestReport::Error {
+                message: message.clone(),
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

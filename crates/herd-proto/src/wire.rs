@@ -160,6 +160,36 @@ pub enum AgentMsg {
         id: CommandId,
         error: Option<String>,
     },
+    /// The answer to a [`ServerMsg::ConsoleRequest`].
+    Console {
+        request: u64,
+        result: Result<Vec<u8>, String>,
+    },
+    /// What a VM's guest module said. The agent names the VM from the channel the
+    /// message came in on, never from the message, and strips the guest's credential.
+    Guest {
+        vm: VmId,
+        report: GuestReport,
+    },
+}
+
+/// A guest module's report, as relayed to the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestReport {
+    Hello {
+        guest_version: String,
+    },
+    Status {
+        uptime_ms: u64,
+        workload_running: bool,
+        guest_rss_kib: u64,
+    },
+    WorkloadExit {
+        code: i32,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Server to agent.
@@ -177,6 +207,12 @@ pub enum ServerMsg {
         reason: String,
     },
     Command(Command),
+    /// Send the last `max_bytes` of a VM's serial console.
+    ConsoleRequest {
+        request: u64,
+        vm: VmId,
+        max_bytes: u32,
+    },
     /// The server refuses the connection; the agent should not retry blindly.
     Refused {
         reason: String,

@@ -14,7 +14,8 @@ use herd_bus::{Bus, BusError};
 use herd_proto::join::{Discovery, JoinRequest, JoinResponse};
 use herd_proto::lifecycle::Action;
 use herd_proto::wire::{
-    Command, CommandId, HostId, HostUtil, HypervisorInfo, VmId, VmSpec, VmUsage,
+    Command, CommandId, GuestReport, HostId, HostUtil, HypervisorInfo, ServerMsg, VmId, VmSpec,
+    VmUsage,
 };
 use herd_proto::VmState;
 use herd_sched::{place, Demand, HostSlot, NoFit, SchedPolicy};
@@ -23,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{info, warn};
 use uuid::Uuid;
 
@@ -124,6 +125,22 @@ pub struct HostStatus {
     pub allocated_memory_mib: u64,
 }
 
+/// What the server knows of a VM's guest module, from its relayed reports.
+#[derive(Debug, Clone, Default)]
+pub struct GuestInfo {
+    pub version: Option<String>,
+    pub hello_at_ms: Option<i64>,
+    pub last_report_at_ms: i64,
+    pub uptime_ms: Option<u64>,
+    pub workload_running: Option<bool>,
+    pub guest_rss_kib: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub last_error: Option<String>,
+}
+
+/// Where an agent's console answer goes.
+type ConsoleReply = oneshot::Sender<Result<Vec<u8>, String>>;
+
 /// Capacity accounting, under one lock.
 #[derive(Debug, Default)]
 struct Placement {
@@ -179,10 +196,16 @@ pub struct Cloud {
     placement: Mutex<Placement>,
     live: Mutex<HashMap<HostId, HostLive>>,
     usage: Mutex<HashMap<VmId, (VmUsage, i64)>>,
+    guests: Mutex<HashMap<VmId, GuestInfo>>,
     /// Why each pending VM could not be placed, so the event is written once.
     pending_reasons: Mutex<HashMap<VmId, String>>,
     pub reconcile_now: Notify,
     pub metrics: Metrics,
+    /// Messages for each connected agent, outside the command queue (console requests).
+    outbox: Mutex<HashMap<HostId, (u64, mpsc::UnboundedSender<ServerMsg>)>>,
+    /// Console requests awaiting their agent's answer: which host must answer, and where.
+    console_waiters: Mutex<HashMap<u64, (HostId, ConsoleReply)>>,
+    next_request: AtomicU64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -216,9 +239,13 @@ impl Cloud {
             placement: Mutex::new(Placement::default()),
             live: Mutex::new(HashMap::new()),
             usage: Mutex::new(HashMap::new()),
+            guests: Mutex::new(HashMap::new()),
             pending_reasons: Mutex::new(HashMap::new()),
             reconcile_now: Notify::new(),
             metrics: Metrics::default(),
+            outbox: Mutex::new(HashMap::new()),
+            console_waiters: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
         };
         cloud.rebuild()?;
         Ok(cloud)
@@ -560,6 +587,75 @@ impl Cloud {
         Ok(Some(self.vm(id)?))
     }
 
+    pub fn guest(&self, id: VmId) -> Option<GuestInfo> {
+        lock(&self.guests).get(&id).cloned()
+    }
+
+    /// Records a guest report relayed by the VM's host. Returns false if the VM is not
+    /// placed on that host (the report is dropped).
+    pub fn record_guest(
+        &self,
+        host: HostId,
+        vm: VmId,
+        report: &GuestReport,
+    ) -> Result<bool, CloudError> {
+        if !self.vm_on_host(vm, host) {
+            return Ok(false);
+        }
+        let now = now_ms();
+        let event = {
+            let mut guests = lock(&self.guests);
+            let info = guests.entry(vm).or_default();
+            info.last_report_at_ms = now;
+            match report {
+                GuestReport::Hello { guest_version } => {
+                    *info = GuestInfo {
+                        version: Some(guest_version.clone()),
+                        hello_at_ms: Some(now),
+                        last_report_at_ms: now,
+                        ..GuestInfo::default()
+                    };
+                    Some((
+                        "vm.guest",
+                        format!("guest module {guest_version} said hello"),
+                    ))
+                }
+                GuestReport::Status {
+                    uptime_ms,
+                    workload_running,
+                    guest_rss_kib,
+                } => {
+                    info.uptime_ms = Some(*uptime_ms);
+                    info.workload_running = Some(*workload_running);
+                    info.guest_rss_kib = Some(*guest_rss_kib);
+                    None
+                }
+                GuestReport::WorkloadExit { code } => {
+                    info.exit_code = Some(*code);
+                    info.workload_running = Some(false);
+                    Some((
+                        "vm.workload_exit",
+                        format!("workload exited with code {code}"),
+                    ))
+                }
+                GuestReport::Error { message } => {
+                    info.last_error = Some(message.clone());
+                    Some(("vm.guest_error", format!("guest reports: {message}")))
+                }
+            }
+        };
+        if let Some((kind, message)) = event {
+            self.store.append_event(&NewEvent {
+                vm: Some(vm),
+                host: Some(host),
+                kind,
+                message,
+                ..NewEvent::default()
+            })?;
+        }
+        Ok(true)
+    }
+
     pub fn vm_usage(&self, id: VmId) -> Option<(VmUsage, i64)> {
         lock(&self.usage).get(&id).copied()
     }
@@ -599,6 +695,83 @@ impl Cloud {
             .into_iter()
             .find(|host| host.record.id == uuid)
             .ok_or_else(not_found)
+    }
+
+    /// The last `max_bytes` of a VM's serial console, fetched from its host.
+    pub async fn console(&self, id: &str, max_bytes: u32) -> Result<Vec<u8>, CloudError> {
+        let vm = self.vm(id)?;
+        let unreachable = |why: String| CloudError::Conflict {
+            code: "host_unreachable",
+            message: why,
+        };
+        let Some(host) = vm.host else {
+            return Err(CloudError::Conflict {
+                code: "not_placed",
+                message: format!("VM {} is not on a host yet", vm.name),
+            });
+        };
+        let sender = lock(&self.outbox)
+            .get(&host)
+            .map(|(_, sender)| sender.clone())
+            .ok_or_else(|| unreachable(format!("the host of VM {} is not connected", vm.name)))?;
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.console_waiters).insert(request, (host, tx));
+        let sent = sender.send(ServerMsg::ConsoleRequest {
+            request,
+            vm: vm.id,
+            max_bytes,
+        });
+        if sent.is_err() {
+            lock(&self.console_waiters).remove(&request);
+            return Err(unreachable("the host disconnected".into()));
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        lock(&self.console_waiters).remove(&request);
+        match answer {
+            Ok(Ok(Ok(bytes))) => Ok(bytes),
+            Ok(Ok(Err(e))) => Err(unreachable(format!(
+                "the host could not read the console: {e}"
+            ))),
+            Ok(Err(_)) => Err(unreachable("the host disconnected".into())),
+            Err(_) => Err(unreachable("the host did not answer within 10 s".into())),
+        }
+    }
+
+    /// Registers a connected agent's session for out-of-queue messages.
+    pub fn open_outbox(&self, host: HostId, session: u64) -> mpsc::UnboundedReceiver<ServerMsg> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.outbox).insert(host, (session, tx));
+        rx
+    }
+
+    pub fn close_outbox(&self, host: HostId, session: u64) {
+        let mut outbox = lock(&self.outbox);
+        if outbox
+            .get(&host)
+            .is_some_and(|(current, _)| *current == session)
+        {
+            outbox.remove(&host);
+        }
+    }
+
+    /// An agent's answer to a console request; only the host asked may answer.
+    pub fn console_answer(
+        &self,
+        host: HostId,
+        request: u64,
+        result: Result<Vec<u8>, String>,
+    ) -> bool {
+        let mut waiters = lock(&self.console_waiters);
+        match waiters.get(&request) {
+            Some((asked, _)) if *asked == host => {
+                if let Some((_, tx)) = waiters.remove(&request) {
+                    let _ = tx.send(result);
+                }
+                true
+            }
+            _ => false,
+        }
     }
 
     // ---- agent side: called by the bus session ---------------------------------------
@@ -724,6 +897,7 @@ impl Cloud {
     pub fn release(&self, vm: VmId) {
         lock(&self.placement).release(vm);
         lock(&self.usage).remove(&vm);
+        lock(&self.guests).remove(&vm);
     }
 
     pub fn record_usage(&self, host: HostId, usage: &[VmUsage]) -> usize {

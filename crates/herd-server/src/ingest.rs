@@ -114,6 +114,23 @@ async fn session_loop(
     )
     .await?;
     let waker = cloud.bus.waker(host);
+    let mut outbox = cloud.open_outbox(host, session);
+    let result =
+        drain_and_serve(cloud, host, session, socket, &mut view, &waker, &mut outbox).await;
+    cloud.close_outbox(host, session);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drain_and_serve(
+    cloud: &Arc<Cloud>,
+    host: HostId,
+    session: u64,
+    socket: &mut WebSocket,
+    view: &mut HostView,
+    waker: &tokio::sync::Notify,
+    outbox: &mut tokio::sync::mpsc::UnboundedReceiver<ServerMsg>,
+) -> Result<(), String> {
     let mut sent_up_to = 0u64;
     let mut check = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -134,6 +151,7 @@ async fn session_loop(
         }
         tokio::select! {
             _ = waker.notified() => {}
+            Some(msg) = outbox.recv() => send(socket, &msg).await?,
             _ = check.tick() => {
                 if !cloud.session_current(host, session) {
                     return Err("replaced by a newer connection".into());
@@ -155,7 +173,7 @@ async fn session_loop(
                         return Err(format!("undecodable message: {e}"));
                     }
                 };
-                handle(cloud, host, session, &mut view, socket, msg).await?;
+                handle(cloud, host, session, view, socket, msg).await?;
             }
         }
     }
@@ -193,6 +211,24 @@ async fn handle(
             let n_rejected = cloud.record_usage(host, &usage);
             if n_rejected > 0 {
                 warn!(%host, n_rejected, "usage for VMs not on this host dropped");
+                Metrics::inc(&cloud.metrics.rejected_reports);
+            }
+            Ok(())
+        }
+        AgentMsg::Console { request, result } => {
+            if !cloud.console_answer(host, request, result) {
+                warn!(%host, request, "console answer nobody asked this host for; dropped");
+                Metrics::inc(&cloud.metrics.rejected_reports);
+            }
+            Ok(())
+        }
+        AgentMsg::Guest { vm, report } => {
+            cloud.host_seen(host, session, None);
+            if !cloud
+                .record_guest(host, vm, &report)
+                .map_err(|e| e.to_string())?
+            {
+                warn!(%host, %vm, "guest report for a VM not on this host dropped");
                 Metrics::inc(&cloud.metrics.rejected_reports);
             }
             Ok(())

@@ -4,6 +4,7 @@
 
 mod client;
 mod config;
+mod images;
 mod run;
 mod table;
 mod vm;
@@ -37,6 +38,38 @@ enum Command {
     /// Inspect hosts and let new ones join.
     #[command(subcommand)]
     Host(HostCommand),
+    /// Build and list guest images on this machine.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Build a guest image from Debian's packages (cached; rebuilt when herd-guest changes).
+    Build {
+        #[arg(default_value = "default")]
+        name: String,
+        /// Where images are kept (default: herd's data dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// List the guest images on this machine.
+    Ls {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+/// Which accelerator the qemu driver uses.
+#[derive(Clone, Copy, Default, ValueEnum)]
+pub enum AccelArg {
+    /// KVM if a probe guest proves it fast here, else TCG.
+    #[default]
+    Auto,
+    Tcg,
+    Kvm,
 }
 
 #[derive(Clone, Copy, Default, ValueEnum)]
@@ -54,10 +87,14 @@ pub struct UpArgs {
     /// Address of the API (plain HTTP; keep it on loopback).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
-    /// Drivers the local agent may use, in order of preference (default: every one
-    /// that works here).
+    /// Drivers the local agent may use: qemu, sim (default: qemu).
     #[arg(long, value_delimiter = ',')]
     pub drivers: Vec<String>,
+    /// Where guest images are built and kept (default: the data dir).
+    #[arg(long)]
+    pub image_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: AccelArg,
 }
 
 #[derive(Args)]
@@ -115,9 +152,14 @@ pub struct AgentArgs {
     /// Memory to offer in MiB (default: all of this host's).
     #[arg(long)]
     pub memory_mib: Option<u64>,
-    /// Drivers to use, in order of preference (default: every one that works here).
+    /// Drivers to use: qemu, sim (default: qemu).
     #[arg(long, value_delimiter = ',')]
     pub drivers: Vec<String>,
+    /// Where guest images are built and kept (default: herd's data dir).
+    #[arg(long)]
+    pub image_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: AccelArg,
     /// Boot time of simulated VMs.
     #[arg(long, default_value_t = 300)]
     pub sim_boot_ms: u64,
@@ -149,6 +191,13 @@ pub enum VmCommand {
     Terminate { vm: String },
     /// Terminate a VM and delete its record.
     Rm { vm: String },
+    /// Print the end of a VM's serial console.
+    Console {
+        vm: String,
+        /// How many bytes from the end.
+        #[arg(long, default_value_t = 65536)]
+        bytes: u32,
+    },
     /// A VM's event history.
     Events {
         vm: String,
@@ -227,6 +276,12 @@ fn main() {
             Command::Agent(args) => run::agent(args).await,
             Command::Vm(command) => vm::vm(command).await,
             Command::Host(command) => vm::host(command).await,
+            Command::Image(ImageCommand::Build { name, data_dir }) => {
+                images::build_command(&data_dir.unwrap_or_else(config::default_data_dir), &name)
+            }
+            Command::Image(ImageCommand::Ls { data_dir, output }) => {
+                images::list_command(&data_dir.unwrap_or_else(config::default_data_dir), output)
+            }
         }
     });
     if let Err(error) = result {

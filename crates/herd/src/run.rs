@@ -1,10 +1,13 @@
 //! The long-running subcommands: `up`, `server`, `agent`.
 
 use crate::config::{self, ClientConfig};
-use crate::{AgentArgs, ServerArgs, StrategyArg, UpArgs};
+use crate::images;
+use crate::{AccelArg, AgentArgs, ServerArgs, StrategyArg, UpArgs};
 use anyhow::{anyhow, bail, Context, Result};
+use herd_agent::drivers::qemu::launch::Accel;
+use herd_agent::drivers::qemu::{AccelChoice, QemuConfig, QemuDriver};
 use herd_agent::drivers::sim::{SimConfig, SimDriver};
-use herd_agent::{Agent, AgentConfig, Driver};
+use herd_agent::{Agent, AgentConfig, Driver, GuestEvents};
 use herd_sched::{SchedPolicy, Strategy};
 use herd_server::ServerConfig;
 use std::path::{Path, PathBuf};
@@ -61,33 +64,84 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// The drivers named, or every driver that can work on this host.
-fn build_drivers(
-    names: &[String],
-    data_dir: &Path,
-    sim_boot_ms: u64,
-) -> Result<Vec<Arc<dyn Driver>>> {
-    // Until the qemu driver lands, `sim` is the only driver; it is chosen by default
-    // only because nothing real exists yet.
-    let names: Vec<String> = if names.is_empty() {
-        vec!["sim".into()]
+/// How drivers are set up on this host.
+pub struct DriverSetup<'a> {
+    pub names: &'a [String],
+    pub agent_dir: &'a Path,
+    /// Holds `images/` (and the kernel package cache).
+    pub image_dir: &'a Path,
+    pub accel: AccelArg,
+    pub sim_boot_ms: u64,
+}
+
+/// The agent's drivers, and the channel its guest modules speak on.
+pub struct Drivers {
+    pub list: Vec<Arc<dyn Driver>>,
+    pub guest_events: Option<GuestEvents>,
+}
+
+fn qemu_installed() -> bool {
+    std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+/// The drivers named; by default the real ones that work here. `sim` is never chosen
+/// by default: simulated VMs are for tests and scale runs.
+fn build_drivers(setup: &DriverSetup<'_>) -> Result<Drivers> {
+    let names: Vec<String> = if setup.names.is_empty() {
+        if !qemu_installed() {
+            bail!(
+                "no hypervisor here: qemu-system-x86_64 is not installed (run scripts/up, or \
+                 apt-get install qemu-system-x86), or pass --drivers sim for simulated VMs"
+            );
+        }
+        vec!["qemu".into()]
     } else {
-        names.to_vec()
+        setup.names.to_vec()
     };
-    let mut drivers: Vec<Arc<dyn Driver>> = Vec::new();
+    let mut drivers = Drivers {
+        list: Vec::new(),
+        guest_events: None,
+    };
     for name in names {
         match name.as_str() {
-            "sim" => drivers.push(Arc::new(SimDriver::open(
-                data_dir.join("sim"),
+            "qemu" => {
+                images::ensure_image(setup.image_dir, "default")?;
+                let mut config = QemuConfig::new(herd_image::images_dir(setup.image_dir));
+                config.accel = match setup.accel {
+                    AccelArg::Auto => AccelChoice::Auto,
+                    AccelArg::Tcg => AccelChoice::Force(Accel::Tcg),
+                    AccelArg::Kvm => AccelChoice::Force(Accel::Kvm),
+                };
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                drivers.list.push(Arc::new(QemuDriver::open(
+                    setup.agent_dir.join("qemu"),
+                    config,
+                    tx,
+                )?));
+                drivers.guest_events = Some(rx);
+            }
+            "sim" => drivers.list.push(Arc::new(SimDriver::open(
+                setup.agent_dir.join("sim"),
                 SimConfig {
-                    boot_ms: sim_boot_ms,
+                    boot_ms: setup.sim_boot_ms,
                     ..SimConfig::default()
                 },
             )?)),
-            other => bail!("unknown driver {other:?}; drivers are: sim"),
+            other => bail!("unknown driver {other:?}; drivers are: qemu, sim"),
         }
     }
     Ok(drivers)
+}
+
+fn start_agent(config: AgentConfig, drivers: Drivers) -> Agent {
+    let agent = Agent::new(config, drivers.list);
+    match drivers.guest_events {
+        Some(events) => agent.with_guest_events(events),
+        None => agent,
+    }
 }
 
 fn server_config(args: &ServerArgs, data_dir: PathBuf) -> Result<ServerConfig> {
@@ -146,7 +200,14 @@ pub async fn up(args: UpArgs) -> Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let agent_dir = data_dir.join("agent");
-    let drivers = build_drivers(&args.drivers, &agent_dir, 300)?;
+    let image_dir = args.image_dir.clone().unwrap_or_else(|| data_dir.clone());
+    let drivers = build_drivers(&DriverSetup {
+        names: &args.drivers,
+        agent_dir: &agent_dir,
+        image_dir: &image_dir,
+        accel: args.accel,
+        sim_boot_ms: 300,
+    })?;
     let server_args = ServerArgs {
         data_dir: None,
         listen: args.listen,
@@ -158,6 +219,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         memory_overcommit: 1.0,
         strategy: StrategyArg::Spread,
         default_hypervisor: drivers
+            .list
             .first()
             .map(|d| d.kind().to_owned())
             .unwrap_or_else(|| "qemu".into()),
@@ -179,7 +241,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     } else {
         Some(cloud.create_join_token(Duration::from_secs(600))?.0)
     };
-    let agent = Agent::new(
+    let agent = start_agent(
         AgentConfig {
             server_url: Some(public_url.clone()),
             join_token,
@@ -236,8 +298,18 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         .data_dir
         .clone()
         .unwrap_or_else(|| config::default_data_dir().join("agent"));
-    let drivers = build_drivers(&args.drivers, &data_dir, args.sim_boot_ms)?;
-    let agent = Agent::new(
+    let image_dir = args
+        .image_dir
+        .clone()
+        .unwrap_or_else(config::default_data_dir);
+    let drivers = build_drivers(&DriverSetup {
+        names: &args.drivers,
+        agent_dir: &data_dir,
+        image_dir: &image_dir,
+        accel: args.accel,
+        sim_boot_ms: args.sim_boot_ms,
+    })?;
+    let agent = start_agent(
         AgentConfig {
             server_url: args.join.clone(),
             join_token: args.token.clone(),

@@ -55,6 +55,18 @@ pub async fn vm(command: VmCommand) -> Result<()> {
             Ok(())
         }
         VmCommand::Events { vm, output } => events(&client, &vm, output).await,
+        VmCommand::Console { vm, bytes } => {
+            let view = client.resolve_vm(&vm).await?;
+            let (_, text) = client
+                .call_status(
+                    Method::GET,
+                    &format!("/v1/vms/{}/console?bytes={bytes}", view.id),
+                )
+                .await?;
+            use std::io::Write;
+            std::io::stdout().write_all(&text)?;
+            Ok(())
+        }
     }
 }
 
@@ -200,6 +212,45 @@ fn describe(vm: &VmView) -> String {
     }
     if vm.deleting {
         field("deleting", "yes".into());
+    }
+    match &vm.guest {
+        Some(guest) => {
+            field(
+                "guest",
+                format!(
+                    "{} (herd-guest {}, hello {})",
+                    if guest.connected {
+                        "connected"
+                    } else {
+                        "not connected"
+                    },
+                    guest.version.as_deref().unwrap_or("?"),
+                    guest.hello_at.as_deref().unwrap_or("-"),
+                ),
+            );
+            let mut last = format!("at {}", guest.last_report_at);
+            if let Some(running) = guest.workload_running {
+                last.push_str(if running {
+                    ", workload running"
+                } else {
+                    ", workload ended"
+                });
+            }
+            if let Some(uptime) = guest.uptime_ms {
+                last.push_str(&format!(", up {:.0} s", uptime as f64 / 1000.0));
+            }
+            if let Some(rss) = guest.guest_rss_kib {
+                last.push_str(&format!(", module uses {} KiB", rss));
+            }
+            if let Some(code) = guest.exit_code {
+                last.push_str(&format!(", exit code {code}"));
+            }
+            field("last report", last);
+            if let Some(error) = &guest.last_error {
+                field("guest error", error.clone());
+            }
+        }
+        None => field("guest", "not connected (no hello yet)".into()),
     }
     if let Some(usage) = &vm.usage {
         field(

@@ -302,6 +302,17 @@ impl Driver for SimDriver {
             Ok(())
         })
     }
+
+    async fn console(&self, id: VmId, _max_bytes: usize) -> Result<Vec<u8>, DriverError> {
+        self.with_vms(|vms, _| {
+            let vm = vms.get(&id).ok_or(DriverError::NoSuchVm(id))?;
+            Ok(format!(
+                "[simulated VM {}: {}; it has no serial console]\n",
+                vm.spec.name, vm.state
+            )
+            .into_bytes())
+        })
+    }
 }
 
 #[cfg(test)]

@@ -126,6 +126,7 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
         .route("/v1/vms/{id}/actions/{action}", post(vm_action))
         .route("/v1/vms/{id}/events", get(vm_events))
+        .route("/v1/vms/{id}/console", get(vm_console))
         .route("/v1/events", get(list_events))
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{id}", get(get_host))
@@ -159,7 +160,7 @@ async fn wrong_method() -> ApiError {
 #[openapi(
     info(title = "herd", description = "A self-hosted cloud for virtual machines and system containers."),
     paths(
-        healthz, metrics, launch_vm, list_vms, get_vm, delete_vm, vm_action, vm_events,
+        healthz, metrics, launch_vm, list_vms, get_vm, delete_vm, vm_action, vm_events, vm_console,
         list_events, list_hosts, get_host, create_join_token, agent_join, agent_discovery,
         agent_bus
     ),
@@ -274,7 +275,7 @@ async fn launch_vm(
         image: request.image,
         command: request.command.unwrap_or_default(),
     })?;
-    Ok((StatusCode::CREATED, Json(VmView::of(&record, None))))
+    Ok((StatusCode::CREATED, Json(VmView::of(&record, None, None))))
 }
 
 /// List VMs, filtered, in pages ordered by id.
@@ -323,7 +324,7 @@ async fn list_vms(
     let items: Vec<VmView> = records
         .iter()
         .take(limit)
-        .map(|r| VmView::of(r, None))
+        .map(|r| VmView::of(r, None, cloud.guest(r.id)))
         .collect();
     let next_cursor = if has_more {
         items.last().map(|v| v.id.to_string())
@@ -354,7 +355,7 @@ async fn get_vm(
 ) -> Result<Json<VmView>, ApiError> {
     let record = cloud.vm(&id)?;
     let usage = cloud.vm_usage(record.id);
-    Ok(Json(VmView::of(&record, usage)))
+    Ok(Json(VmView::of(&record, usage, cloud.guest(record.id))))
 }
 
 /// Delete a VM: terminate it on its host, then drop the record.
@@ -367,7 +368,9 @@ async fn delete_vm(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     Ok(match cloud.delete(&id)? {
-        Some(record) => (StatusCode::ACCEPTED, Json(VmView::of(&record, None))).into_response(),
+        Some(record) => {
+            (StatusCode::ACCEPTED, Json(VmView::of(&record, None, None))).into_response()
+        }
         None => StatusCode::NO_CONTENT.into_response(),
     })
 }
@@ -388,7 +391,7 @@ async fn vm_action(
         )));
     };
     let record = cloud.act(&id, action)?;
-    Ok((StatusCode::ACCEPTED, Json(VmView::of(&record, None))))
+    Ok((StatusCode::ACCEPTED, Json(VmView::of(&record, None, None))))
 }
 
 /// A VM's events, oldest first.
@@ -402,6 +405,31 @@ async fn vm_events(
 ) -> Result<Json<EventList>, ApiError> {
     let record = cloud.vm(&id)?;
     events_page(&cloud, Some(record.id), query)
+}
+
+/// The tail of a VM's serial console, fetched from its host.
+#[utoipa::path(get, path = "/v1/vms/{id}/console", params(("id" = String, Path, description = "VM id"), ConsoleQuery),
+    responses((status = 200, description = "console text", content_type = "text/plain"),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn vm_console(
+    _: Operator,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ConsoleQuery>,
+) -> Result<Response, ApiError> {
+    let max_bytes = query.bytes.unwrap_or(64 * 1024);
+    if !(1..=1 << 20).contains(&max_bytes) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "bytes must be between 1 and 1048576",
+        ));
+    }
+    let bytes = cloud.console(&id, max_bytes).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+        .into_response())
 }
 
 /// Every event, oldest first.

@@ -1,6 +1,6 @@
 //! Request and response bodies of the REST API; `/openapi.json` is derived from these.
 
-use crate::cloud::HostStatus;
+use crate::cloud::{GuestInfo, HostStatus};
 use crate::store::{EventRecord, VmRecord};
 use herd_proto::wire::VmUsage;
 use herd_proto::VmState;
@@ -73,10 +73,44 @@ pub struct VmView {
     pub created_at: String,
     pub updated_at: String,
     pub usage: Option<UsageView>,
+    /// The guest module, once it has said hello.
+    pub guest: Option<GuestView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GuestView {
+    /// The guest said hello since the VM last booted and the VM is up.
+    pub connected: bool,
+    pub version: Option<String>,
+    pub hello_at: Option<String>,
+    pub last_report_at: String,
+    pub uptime_ms: Option<u64>,
+    pub workload_running: Option<bool>,
+    /// Memory used by the guest module itself.
+    pub guest_rss_kib: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub last_error: Option<String>,
+}
+
+impl GuestView {
+    fn of(info: &GuestInfo, state: VmState) -> GuestView {
+        GuestView {
+            connected: info.hello_at_ms.is_some()
+                && matches!(state, VmState::Running | VmState::Paused),
+            version: info.version.clone(),
+            hello_at: info.hello_at_ms.map(rfc3339),
+            last_report_at: rfc3339(info.last_report_at_ms),
+            uptime_ms: info.uptime_ms,
+            workload_running: info.workload_running,
+            guest_rss_kib: info.guest_rss_kib,
+            exit_code: info.exit_code,
+            last_error: info.last_error.clone(),
+        }
+    }
 }
 
 impl VmView {
-    pub fn of(vm: &VmRecord, usage: Option<(VmUsage, i64)>) -> VmView {
+    pub fn of(vm: &VmRecord, usage: Option<(VmUsage, i64)>, guest: Option<GuestInfo>) -> VmView {
         VmView {
             id: vm.id,
             name: vm.name.clone(),
@@ -104,6 +138,7 @@ impl VmView {
                 disk_write_bytes: u.disk_write_bytes,
                 sampled_at: rfc3339(at),
             }),
+            guest: guest.map(|g| GuestView::of(&g, vm.observed)),
         }
     }
 }
@@ -138,6 +173,14 @@ pub struct EventQuery {
     pub after: Option<i64>,
     /// 1 to 1000; defaults to 100.
     pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ConsoleQuery {
+    /// How much of the end of the log, 1 to 1048576; defaults to 65536.
+    pub bytes: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -535,6 +535,11 @@ impl Inner {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // It may still be exiting (its cmdline goes first): wait until it is gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while procfs::is_running(pid) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.with_vm(id, |vm| {
             vm.pid = None;
             if let Some((handle, _)) = vm.channel.take() {
@@ -857,6 +862,20 @@ fn new_token() -> String {
 
 #[async_trait]
 impl Driver for QemuDriver {
+    async fn console(&self, id: VmId, max_bytes: usize) -> Result<Vec<u8>, DriverError> {
+        let path = self.vm_dir(id).join("console.log");
+        if !self.vm_dir(id).is_dir() {
+            return Err(DriverError::NoSuchVm(id));
+        }
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(DriverError::io("reading the console log")(e)),
+        };
+        let start = bytes.len().saturating_sub(max_bytes);
+        Ok(bytes[start..].to_vec())
+    }
+
     fn kind(&self) -> &'static str {
         "qemu"
     }

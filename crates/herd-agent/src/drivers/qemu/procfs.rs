@@ -51,6 +51,19 @@ pub fn is_our_qemu(pid: i32, vm_dir: &Path) -> bool {
     cmdline.contains("qemu") && cmdline.contains(&*vm_dir.to_string_lossy())
 }
 
+/// Whether the process exists and is not a zombie, whatever it runs. A process being
+/// torn down after SIGKILL loses its cmdline before it is gone, so "no longer our QEMU"
+/// is not yet "dead".
+pub fn is_running(pid: i32) -> bool {
+    if pid <= 1 {
+        return false;
+    }
+    reap(pid);
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !matches!(state_letter(&stat), Some('Z') | Some('X') | None))
+        .unwrap_or(false)
+}
+
 pub fn signal(pid: i32, signal: Signal) {
     if pid > 1 {
         let _ = kill(Pid::from_raw(pid), signal);

@@ -1,0 +1,110 @@
+//! Guest images on this machine: finding the herd-guest binary, building images on
+//! first use, and `herd image ...`.
+
+use crate::table::Table;
+use crate::Output;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// Where an installed herd keeps the static guest module.
+const INSTALLED_GUEST: &str = "/usr/local/lib/herd/herd-guest";
+
+/// The static herd-guest binary to put into images: `HERD_GUEST_BINARY`, next to this
+/// executable, the installed copy, or, when run from a source tree, built from it.
+pub fn guest_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("HERD_GUEST_BINARY") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let exe_dir = exe.parent().unwrap_or(Path::new("/"));
+    for candidate in [
+        exe_dir.join("herd-guest"),
+        exe_dir.join("../lib/herd/herd-guest"),
+        PathBuf::from(INSTALLED_GUEST),
+    ] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    // target/<profile>/herd inside a workspace that holds the guest's source.
+    if let Some(root) = exe
+        .ancestors()
+        .find(|dir| dir.join("crates/herd-guest/Cargo.toml").is_file())
+    {
+        eprintln!("building herd-guest from {}...", root.display());
+        return herd_image::guest_binary(root, false).context("building herd-guest");
+    }
+    bail!(
+        "herd-guest is not installed (looked next to {} and in {INSTALLED_GUEST}); run scripts/up from the herd source tree",
+        exe.display()
+    )
+}
+
+/// Builds image `name` under `data_dir` if it is missing, showing progress.
+pub fn ensure_image(data_dir: &Path, name: &str) -> Result<()> {
+    if herd_image::load_image(data_dir, name)?.is_some() {
+        return Ok(());
+    }
+    eprintln!("building guest image {name:?} (first use; this downloads the cloud kernel)...");
+    build(data_dir, name)
+}
+
+fn build(data_dir: &Path, name: &str) -> Result<()> {
+    let guest = guest_binary()?;
+    let started = std::time::Instant::now();
+    let info = herd_image::build_image(data_dir, name, &guest, |step| eprintln!("  image: {step}"))
+        .with_context(|| format!("building image {name:?}"))?;
+    eprintln!(
+        "image {name:?} ready in {:.1} s: kernel {}, initrd {} KiB",
+        started.elapsed().as_secs_f64(),
+        info.kernel_version,
+        info.initrd_bytes / 1024
+    );
+    Ok(())
+}
+
+pub fn build_command(data_dir: &Path, name: &str) -> Result<()> {
+    build(data_dir, name)
+}
+
+pub fn list_command(data_dir: &Path, output: Output) -> Result<()> {
+    let images = herd_image::list_images(data_dir)?;
+    match output {
+        Output::Json => {
+            let list: Vec<_> = images
+                .iter()
+                .map(|i| {
+                    serde_json::json!({
+                        "name": i.name,
+                        "kernel_version": i.kernel_version,
+                        "kernel_package": i.kernel_package,
+                        "initrd_bytes": i.initrd_bytes,
+                        "guest_bytes": i.guest_bytes,
+                        "guest_sha256": i.guest_sha256,
+                        "modules": i.modules,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        }
+        Output::Table => {
+            let mut table = Table::new(vec!["NAME", "KERNEL", "INITRD", "HERD-GUEST"]);
+            for image in &images {
+                table.row(vec![
+                    image.name.clone(),
+                    image.kernel_version.clone(),
+                    format!("{} KiB", image.initrd_bytes / 1024),
+                    format!("{} KiB", image.guest_bytes / 1024),
+                ]);
+            }
+            print!("{}", table.render());
+            if images.is_empty() {
+                eprintln!(
+                    "no images in {}; build one with `herd image build`",
+                    data_dir.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
