@@ -306,6 +306,7 @@ fn setup(args: &Args, dir: &std::path::Path) -> Result<World> {
             memory_mib: Some(256),
             image: None,
             command: vec![],
+            policy: Default::default(),
         })?;
         let host = vm.host.context("every VM must be placed")?;
         let idx = index[&host];

@@ -92,6 +92,7 @@ fn spec(command: &[&str]) -> VmSpec {
         memory_mib: 128,
         image: "default".into(),
         command: command.iter().map(|s| s.to_string()).collect(),
+        policy: Default::default(),
     }
 }
 

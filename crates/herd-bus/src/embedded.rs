@@ -157,6 +157,7 @@ mod tests {
                 memory_mib: 64,
                 image: "default".into(),
                 command: vec![],
+                policy: Default::default(),
             },
             target: VmState::Running,
         }

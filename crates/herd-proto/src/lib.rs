@@ -9,6 +9,7 @@
 pub mod guest;
 pub mod join;
 pub mod lifecycle;
+pub mod policy;
 pub mod wire;
 
 pub use lifecycle::{Event, VmState};

@@ -130,6 +130,9 @@ pub struct VmSpec {
     pub image: String,
     /// The workload command run inside the guest; empty runs the image's default.
     pub command: Vec<String>,
+    /// Self-management policies, enforced in the guest and, as a backstop, by the agent.
+    #[serde(default)]
+    pub policy: crate::policy::PolicySpec,
 }
 
 /// Converge one VM to `target`, creating it from `spec` if the host lacks it.

@@ -13,6 +13,7 @@ use crate::store::{
 use herd_bus::{Bus, BusError};
 use herd_proto::join::{Discovery, JoinRequest, JoinResponse};
 use herd_proto::lifecycle::Action;
+use herd_proto::policy::PolicySpec;
 use herd_proto::wire::{
     Command, CommandId, GuestReport, HostId, HostUtil, HypervisorInfo, ServerMsg, VmId, VmSpec,
     VmUsage,
@@ -99,6 +100,7 @@ pub struct LaunchSpec {
     pub memory_mib: Option<u64>,
     pub image: Option<String>,
     pub command: Vec<String>,
+    pub policy: PolicySpec,
 }
 
 /// Live facts about a host that change every interval and are not worth a disk write.
@@ -430,6 +432,7 @@ impl Cloud {
                 memory_mib,
                 image,
                 command: spec.command,
+                policy: spec.policy,
             },
         ))
     }
@@ -470,6 +473,7 @@ impl Cloud {
             memory_mib: spec.memory_mib,
             image: spec.image.clone(),
             command: spec.command.clone(),
+            policy: spec.policy,
             host,
             desired: VmState::Running,
             generation: 1,
@@ -1072,6 +1076,7 @@ pub fn spec_of(vm: &VmRecord) -> VmSpec {
         memory_mib: vm.memory_mib,
         image: vm.image.clone(),
         command: vm.command.clone(),
+        policy: vm.policy,
     }
 }
 

@@ -6,6 +6,7 @@
 //! columns, as Kubernetes separates spec and status; the reconciler drives one toward
 //! the other. Only this module writes SQL.
 
+use herd_proto::policy::PolicySpec;
 use herd_proto::wire::{HostId, HypervisorInfo, VmId};
 use herd_proto::VmState;
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -41,6 +42,7 @@ pub struct VmRecord {
     pub memory_mib: u64,
     pub image: String,
     pub command: Vec<String>,
+    pub policy: PolicySpec,
     pub host: Option<HostId>,
     pub desired: VmState,
     pub generation: u64,
@@ -124,7 +126,8 @@ CREATE TABLE IF NOT EXISTS vms (
     last_error TEXT,
     deleting INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
+    updated_at INTEGER NOT NULL,
+    policy TEXT NOT NULL DEFAULT '{}'
 );
 CREATE UNIQUE INDEX IF NOT EXISTS vms_by_name ON vms (project, name);
 CREATE INDEX IF NOT EXISTS vms_by_host ON vms (host);
@@ -160,9 +163,22 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 ";
 
+/// Brings a database made by an older herd up to this schema.
+fn migrate(db: &Connection) -> Result<(), StoreError> {
+    let has_policy: i64 = db.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('vms') WHERE name = 'policy'",
+        [],
+        |row| row.get(0),
+    )?;
+    if has_policy == 0 {
+        db.execute_batch("ALTER TABLE vms ADD COLUMN policy TEXT NOT NULL DEFAULT '{}'")?;
+    }
+    Ok(())
+}
+
 const VM_COLUMNS: &str = "id, name, project, hypervisor, vcpus, memory_mib, image, command, host, \
      desired_state, generation, issued_generation, observed_state, observed_at, last_error, \
-     deleting, created_at, updated_at";
+     deleting, created_at, updated_at, policy";
 
 fn parse_uuid(text: &str) -> Result<uuid::Uuid, StoreError> {
     text.parse()
@@ -195,6 +211,7 @@ fn vm_from_row(row: &Row<'_>) -> Result<Result<VmRecord, StoreError>, rusqlite::
         row.get::<_, i64>(16)?,
         row.get::<_, i64>(17)?,
     );
+    let policy: String = row.get(18)?;
     Ok((|| {
         let (
             name,
@@ -221,6 +238,8 @@ fn vm_from_row(row: &Row<'_>) -> Result<Result<VmRecord, StoreError>, rusqlite::
             image,
             command: serde_json::from_str(&command)
                 .map_err(|e| StoreError::Corrupt(format!("command of VM {id}: {e}")))?,
+            policy: serde_json::from_str(&policy)
+                .map_err(|e| StoreError::Corrupt(format!("policy of VM {id}: {e}")))?,
             host: host.as_deref().map(parse_uuid).transpose()?,
             desired: parse_state(&desired)?,
             generation: generation as u64,
@@ -330,6 +349,7 @@ impl Store {
         db.pragma_update(None, "foreign_keys", "ON")?;
         db.busy_timeout(std::time::Duration::from_secs(5))?;
         db.execute_batch(SCHEMA)?;
+        migrate(&db)?;
         Ok(Store { db: Mutex::new(db) })
     }
 
@@ -568,7 +588,7 @@ impl Store {
         let result = tx.execute(
             &format!(
                 "INSERT INTO vms ({VM_COLUMNS}) VALUES \
-                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
             ),
             params![
                 vm.id.to_string(),
@@ -589,6 +609,7 @@ impl Store {
                 vm.deleting as i64,
                 vm.created_at_ms,
                 vm.updated_at_ms,
+                serde_json::to_string(&vm.policy).unwrap_or_else(|_| "{}".into()),
             ],
         );
         match result {

@@ -79,6 +79,7 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
         memory_mib: args.memory,
         image: args.image,
         command: (!args.command.is_empty()).then_some(args.command),
+        policy: None,
     };
     let started = Instant::now();
     let mut view: VmView = client.call(Method::POST, "/v1/vms", Some(&request)).await?;

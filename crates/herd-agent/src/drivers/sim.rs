@@ -327,6 +327,7 @@ mod tests {
             memory_mib: 128,
             image: "default".into(),
             command: vec![],
+            policy: Default::default(),
         }
     }
 

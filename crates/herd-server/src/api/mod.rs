@@ -274,6 +274,7 @@ async fn launch_vm(
         memory_mib: request.memory_mib,
         image: request.image,
         command: request.command.unwrap_or_default(),
+        policy: request.policy.unwrap_or_default(),
     })?;
     Ok((StatusCode::CREATED, Json(VmView::of(&record, None, None))))
 }

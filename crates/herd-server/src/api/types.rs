@@ -2,6 +2,7 @@
 
 use crate::cloud::{GuestInfo, HostStatus};
 use crate::store::{EventRecord, VmRecord};
+use herd_proto::policy::PolicySpec;
 use herd_proto::wire::VmUsage;
 use herd_proto::VmState;
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,8 @@ pub struct LaunchRequest {
     pub image: Option<String>,
     /// The workload run inside the guest.
     pub command: Option<Vec<String>>,
+    /// Self-management policies (seed 004).
+    pub policy: Option<PolicySpec>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -59,6 +62,7 @@ pub struct VmView {
     pub memory_mib: u64,
     pub image: String,
     pub command: Vec<String>,
+    pub policy: PolicySpec,
     /// The host it is placed on; absent while pending.
     pub host: Option<Uuid>,
     /// What the user asked for.
@@ -120,6 +124,7 @@ impl VmView {
             memory_mib: vm.memory_mib,
             image: vm.image.clone(),
             command: vm.command.clone(),
+            policy: vm.policy,
             host: vm.host,
             desired_state: vm.desired,
             state: vm.observed,

@@ -217,6 +217,7 @@ mod tests {
             memory_mib: 256,
             image: "default".into(),
             command,
+            policy: Default::default(),
         }
     }
 

@@ -329,6 +329,7 @@ impl Inner {
             memory_mib: 128,
             image: String::new(),
             command: vec!["/bin/true".into()],
+            policy: Default::default(),
         };
         let launch = LaunchSpec {
             id: VmId::nil(),

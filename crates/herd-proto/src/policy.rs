@@ -1,0 +1,175 @@
+//! Self-management policies of a VM (seed 004), as data.
+//!
+//! A policy travels with the VM spec: the server stores it, the agent enforces it as a
+//! backstop from host-side measurements, and herd-guest enforces it inside the VM from
+//! its own measurements and clock, with nobody else reachable. All three read this one
+//! definition; evaluation lives in `herd-policy`.
+//!
+//! Money is integer micro-units (1/1,000,000 of the currency unit), so a bill computed
+//! here, in the agent and in the guest agrees to the cent with a hand calculation.
+
+use serde::{Deserialize, Serialize};
+
+/// What a rule does when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyAction {
+    /// Only report.
+    Notify,
+    /// Save to disk and stop consuming CPU and memory.
+    Suspend,
+    /// Power off; the VM can be started again.
+    Stop,
+    /// End the VM and free everything it holds.
+    Terminate,
+}
+
+/// Every rule has an action and may warn ahead of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Enforcement {
+    pub action: PolicyAction,
+    /// For time-based rules: warn this many seconds before the action. For budgets and
+    /// cost caps: warn at this many thousandths of the limit (e.g. 800 = at 80%).
+    #[serde(default)]
+    pub warn: Option<u64>,
+}
+
+/// End of life: after a duration since first boot, or at a wall-clock time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Lifespan {
+    /// Seconds of life since the VM first booted.
+    pub max_seconds: Option<u64>,
+    /// Unix seconds at which the VM ends.
+    pub end_at: Option<u64>,
+    pub enforce: Enforcement,
+}
+
+/// When a VM starts: at a time, or after another VM completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Activation {
+    /// Unix seconds.
+    pub start_at: Option<u64>,
+    /// Start once this VM's workload has completed.
+    pub after_vm: Option<uuid::Uuid>,
+}
+
+/// Run until the workload completes, then act.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TaskBasis {
+    pub enforce: Enforcement,
+}
+
+/// Idle: CPU and network below thresholds for a period, after a warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Idle {
+    /// CPU below this many thousandths of the VM's vCPUs.
+    pub cpu_below_permille: u32,
+    /// Network (in + out) below this many bytes per second.
+    pub net_below_bps: u64,
+    pub for_seconds: u64,
+    /// No idle verdict during this many seconds after boot.
+    #[serde(default)]
+    pub warmup_seconds: u64,
+    pub enforce: Enforcement,
+}
+
+/// Over-use: CPU, memory or network above thresholds for a period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Overuse {
+    pub cpu_above_permille: Option<u32>,
+    pub mem_above_mib: Option<u64>,
+    pub net_above_bps: Option<u64>,
+    pub for_seconds: u64,
+    pub enforce: Enforcement,
+}
+
+/// Resource budgets over the VM's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    pub cpu_seconds: Option<u64>,
+    /// Memory GiB-hours, in thousandths (1000 = 1 GiB for 1 hour).
+    pub mem_gib_hours_milli: Option<u64>,
+    pub net_bytes: Option<u64>,
+    pub enforce: Enforcement,
+}
+
+/// Prices, in micro-units of money. Peak rates apply between `peak_start_hour` and
+/// `peak_end_hour` (UTC, start inclusive, end exclusive); off-peak rates otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RateCard {
+    pub per_hour: Rate,
+    pub per_cpu_second: Rate,
+    pub per_gib_hour_memory: Rate,
+    pub per_gib_transferred: Rate,
+    #[serde(default)]
+    pub peak_start_hour: u8,
+    #[serde(default)]
+    pub peak_end_hour: u8,
+}
+
+/// One price with its peak and off-peak values, in micro-units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub peak: u64,
+    pub off_peak: u64,
+}
+
+/// A cap on what the VM may cost, priced by the rate card it carries (so the guest can
+/// price itself with no server reachable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CostCap {
+    pub max_micros: u64,
+    pub rates: RateCard,
+    pub enforce: Enforcement,
+}
+
+/// A workload that crashes is restarted up to `max_restarts` times, then the action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct OnErrors {
+    pub max_restarts: u32,
+    pub enforce: Enforcement,
+}
+
+/// Every policy a VM may carry; all optional.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    pub lifespan: Option<Lifespan>,
+    pub activation: Option<Activation>,
+    pub task: Option<TaskBasis>,
+    pub idle: Option<Idle>,
+    pub overuse: Option<Overuse>,
+    pub budget: Option<Budget>,
+    pub cost_cap: Option<CostCap>,
+    pub errors: Option<OnErrors>,
+}
+
+impl PolicySpec {
+    pub fn is_empty(&self) -> bool {
+        *self == PolicySpec::default()
+    }
+}
