@@ -453,7 +453,7 @@ impl Session {
                         Ok(ServerMsg::Refused { reason }) => {
                             return Err(format!("server refused this agent: {reason}"));
                         }
-                        Ok(ServerMsg::Command(command)) => self.accept(command, &done_tx),
+                        Ok(ServerMsg::Command(command)) => self.accept(*command, &done_tx),
                         Ok(ServerMsg::ConsoleRequest { request, vm, max_bytes }) => {
                             let result = self.console(vm, max_bytes as usize).await;
                             tx.send(Message::Binary(wire::encode(&AgentMsg::Console { request, result }).into()))

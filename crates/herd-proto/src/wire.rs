@@ -209,7 +209,7 @@ pub enum ServerMsg {
     NeedFull {
         reason: String,
     },
-    Command(Command),
+    Command(Box<Command>),
     /// Send the last `max_bytes` of a VM's serial console.
     ConsoleRequest {
         request: u64,

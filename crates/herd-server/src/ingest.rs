@@ -146,7 +146,7 @@ async fn drain_and_serve(
             }
             for item in queued {
                 sent_up_to = item.seq;
-                send(socket, &ServerMsg::Command(item.command)).await?;
+                send(socket, &ServerMsg::Command(Box::new(item.command))).await?;
             }
         }
         tokio::select! {
