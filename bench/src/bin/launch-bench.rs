@@ -110,7 +110,10 @@ fn start_herd(root: &Path, image_dir: &Path) -> Result<Herd> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let herd = workspace_root().join("target/release/herd");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let herd = target.join("release/herd");
     let data = root.join("herd");
     let child = Command::new(&herd)
         .args(["up", "--drivers", "qemu", "--accel", "tcg", "--listen"])
@@ -120,6 +123,10 @@ fn start_herd(root: &Path, image_dir: &Path) -> Result<Herd> {
         .arg("--image-dir")
         .arg(image_dir)
         .env("XDG_CONFIG_HOME", root.join("config"))
+        .env(
+            "HERD_GUEST_BINARY",
+            herd_image::guest_binary(&workspace_root(), false)?,
+        )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(root.join("herd.log"))?)
         .spawn()

@@ -26,10 +26,14 @@ pub fn guest_binary() -> Result<PathBuf> {
             return Ok(candidate);
         }
     }
-    // target/<profile>/herd inside a workspace that holds the guest's source.
+    // Run from a herd source tree (the executable in its target dir, or the working
+    // directory inside the tree when the target dir is elsewhere): build it.
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let in_tree = |dir: &&Path| dir.join("crates/herd-guest/Cargo.toml").is_file();
     if let Some(root) = exe
         .ancestors()
-        .find(|dir| dir.join("crates/herd-guest/Cargo.toml").is_file())
+        .find(in_tree)
+        .or_else(|| cwd.ancestors().find(in_tree))
     {
         eprintln!("building herd-guest from {}...", root.display());
         return herd_image::guest_binary(root, false).context("building herd-guest");

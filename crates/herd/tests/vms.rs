@@ -48,9 +48,10 @@ impl Up {
         ];
         let log = root.join("up.log");
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proc = Proc::spawn("up", &refs, &log);
+        let mut proc =
+            Proc::spawn_env("up", &refs, &log, &[("HERD_GUEST_BINARY", &guest_binary())]);
         let url = format!("http://127.0.0.1:{port}");
-        wait_healthy_long(&url, &log).await;
+        wait_healthy_long(&mut proc, &url, &log).await;
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
             .expect("admin token")
             .trim()
@@ -70,8 +71,13 @@ impl Up {
 
     async fn restart(&mut self) {
         let refs: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.proc = Proc::spawn("up", &refs, &self.log);
-        wait_healthy_long(&self.api.url, &self.log).await;
+        self.proc = Proc::spawn_env(
+            "up",
+            &refs,
+            &self.log,
+            &[("HERD_GUEST_BINARY", &guest_binary())],
+        );
+        wait_healthy_long(&mut self.proc, &self.api.url, &self.log).await;
     }
 
     fn qemu_pid(&self, vm: &str) -> Option<i32> {
@@ -111,10 +117,22 @@ impl Up {
     }
 }
 
+/// The static herd-guest, built from this tree (wherever the target dir is).
+fn guest_binary() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    herd_image::guest_binary(&root, false).expect("building herd-guest")
+}
+
 /// `herd up` may first build the guest image; allow for it.
-async fn wait_healthy_long(url: &str, log: &Path) {
+async fn wait_healthy_long(proc: &mut Proc, url: &str, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
+        if let Some(status) = proc.exited() {
+            panic!(
+                "herd up exited ({status}): {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
         if let Ok(response) = reqwest::get(format!("{url}/healthz")).await {
             if response.status().is_success() {
                 return wait_healthy(url).await;

@@ -26,12 +26,20 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, args: &[&str], log: &Path) -> Proc {
+        Proc::spawn_env(name, args, log, &[])
+    }
+
+    pub fn spawn_env(name: &str, args: &[&str], log: &Path, env: &[(&str, &Path)]) -> Proc {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("log file");
-        let child = Command::new(herd_bin())
+        let mut command = Command::new(herd_bin());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command
             .args(args)
             .env("HERD_LOG", "info")
             .stdout(Stdio::null())
@@ -42,6 +50,11 @@ impl Proc {
             child,
             name: name.to_owned(),
         }
+    }
+
+    /// The exit status, if the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     pub fn kill9(&mut self) {
