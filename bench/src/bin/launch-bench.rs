@@ -51,6 +51,7 @@ fn bare_boot(dir: &Path, kernel: &Path, initrd: &Path, n: usize) -> Result<Durat
         tsc_khz: host_tsc_khz(),
         incoming: None,
         foreground: true,
+        born_unix_ms: None,
     };
     let args = qemu_args(&paths, &launch)?;
     let started = Instant::now();
@@ -125,7 +126,7 @@ fn start_herd(root: &Path, image_dir: &Path) -> Result<Herd> {
         .env("XDG_CONFIG_HOME", root.join("config"))
         .env(
             "HERD_GUEST_BINARY",
-            herd_image::guest_binary(&workspace_root(), false)?,
+            herd_image::guest_binary(&workspace_root(), true)?,
         )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(root.join("herd.log"))?)
@@ -229,7 +230,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let root = tempfile::tempdir()?;
     let image_dir = workspace_root().join("target/tmp/herd-bench-images");
-    let guest = herd_image::guest_binary(&workspace_root(), false)?;
+    let guest = herd_image::guest_binary(&workspace_root(), true)?;
     let image =
         herd_image::build_image(&image_dir, "default", &guest, |m| eprintln!("image: {m}"))?;
     let herd = start_herd(root.path(), &image_dir)?;

@@ -99,6 +99,7 @@ struct Host {
 }
 
 struct World {
+    interval_no: u64,
     cloud: Arc<Cloud>,
     hosts: Vec<Host>,
     rng: StdRng,
@@ -122,8 +123,8 @@ impl World {
             AgentMsg::Report(report) => {
                 ingest::apply_report(&self.cloud, host.id, &mut host.view, report)?
             }
-            AgentMsg::Usage(usage) => {
-                self.cloud.record_usage(host.id, usage);
+            AgentMsg::Usage { sampled_at_ms, vms } => {
+                self.cloud.record_usage(host.id, *sampled_at_ms, vms)?;
                 None
             }
             _ => None,
@@ -217,6 +218,7 @@ impl World {
         send_usage: bool,
         tally: &mut Tally,
     ) -> Result<()> {
+        self.interval_no += 1;
         self.churn(n_churn);
         self.advance_usage(busy);
         for host_idx in 0..self.hosts.len() {
@@ -255,7 +257,16 @@ impl World {
                 vec![]
             };
             if !usage.is_empty() {
-                self.exchange(host_idx, &AgentMsg::Usage(usage), tally, true)?;
+                let sampled_at_ms = 1_700_000_000_000 + self.interval_no * 1000;
+                self.exchange(
+                    host_idx,
+                    &AgentMsg::Usage {
+                        sampled_at_ms,
+                        vms: usage,
+                    },
+                    tally,
+                    true,
+                )?;
             }
         }
         Ok(())
@@ -314,6 +325,7 @@ fn setup(args: &Args, dir: &std::path::Path) -> Result<World> {
         hosts[idx].truth.insert(vm.id, VmState::Running);
     }
     let mut world = World {
+        interval_no: 0,
         cloud,
         hosts,
         rng: StdRng::seed_from_u64(args.seed),

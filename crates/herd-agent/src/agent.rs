@@ -6,6 +6,7 @@
 //! last reported VM states, the newest command generation applied per VM). VMs live in
 //! their drivers and outlive the agent; on start it re-adopts them by listing them.
 
+use crate::backstop::{Backstop, Enforce};
 use crate::converge::{next_step, Plan};
 use crate::driver::{Driver, DriverError};
 use crate::hostinfo::{self, CpuMeter};
@@ -13,6 +14,7 @@ use crate::persist;
 use futures_util::{SinkExt, StreamExt};
 use herd_proto::guest::GuestMsg;
 use herd_proto::join::{Discovery, JoinRequest, JoinResponse};
+use herd_proto::policy::PolicyAction;
 use herd_proto::wire::{
     self, AgentMsg, Capacity, Command, CommandId, GuestReport, HostId, HostUtil, ServerMsg, VmId,
     VmUsage, PROTOCOL_VERSION,
@@ -70,6 +72,9 @@ struct SavedState {
     /// The newest desired-state generation applied per VM: a command at or below it is
     /// a replay and is acknowledged without acting again.
     applied: BTreeMap<VmId, u64>,
+    /// Policies the agent enforces as a backstop.
+    #[serde(default)]
+    backstop: Backstop,
 }
 
 /// Usage counters are sent when one moved at least this much since last sent.
@@ -216,6 +221,8 @@ impl Agent {
         let mut session = Session {
             reporter: Reporter::start(saved.reporter),
             applied: saved.applied,
+            backstop: saved.backstop,
+            last_guest_word: HashMap::new(),
             drivers: self.drivers.clone(),
             state_path: self.state_path(),
             cpu: CpuMeter::default(),
@@ -266,6 +273,9 @@ impl Agent {
 struct Session {
     reporter: Reporter,
     applied: BTreeMap<VmId, u64>,
+    backstop: Backstop,
+    /// When each VM's guest last said anything (unix ms).
+    last_guest_word: HashMap<VmId, u64>,
     drivers: Vec<Arc<dyn Driver>>,
     state_path: PathBuf,
     cpu: CpuMeter,
@@ -273,6 +283,13 @@ struct Session {
     /// The converge task in progress per VM; a newer command replaces an older one.
     running: HashMap<VmId, (u64, JoinHandle<()>)>,
     guest_events: Option<GuestEvents>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 async fn next_guest_event(events: &mut Option<GuestEvents>) -> Option<(VmId, GuestMsg)> {
@@ -293,6 +310,7 @@ impl Session {
         let saved = SavedState {
             reporter: self.reporter.state(),
             applied: self.applied.clone(),
+            backstop: self.backstop.clone(),
         };
         let bytes = serde_json::to_vec(&saved).map_err(|e| e.to_string())?;
         persist::write_atomic(&self.state_path, &bytes).map_err(|e| e.to_string())
@@ -397,6 +415,7 @@ impl Session {
             tokio::select! {
                 _ = sync_interval.tick() => self.report(&mut tx).await?,
                 Some((vm, msg)) = next_guest_event(&mut self.guest_events) => {
+                    self.last_guest_word.insert(vm, unix_ms());
                     let Some(report) = msg.to_report() else { continue };
                     // A hello makes the VM running, an exit stops it: report the
                     // change now instead of at the next interval.
@@ -411,7 +430,12 @@ impl Session {
                 _ = usage_interval.tick() => {
                     let usage = self.usage_delta().await;
                     if !usage.is_empty() {
-                        tx.send(Message::Binary(wire::encode(&AgentMsg::Usage(usage)).into()))
+                        let sampled_at_ms = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_millis() as u64)
+                            .unwrap_or(0);
+                        let msg = AgentMsg::Usage { sampled_at_ms, vms: usage };
+                        tx.send(Message::Binary(wire::encode(&msg).into()))
                             .await
                             .map_err(|e| e.to_string())?;
                     }
@@ -489,6 +513,7 @@ impl Session {
             n_vms: observed.len() as u32,
         };
         let report = self.reporter.tick(&observed, util, events);
+        let enforced = self.backstop_round(&observed).await;
         // Persist before sending: a crash after the send cannot leave the disk behind
         // what the server was told.
         self.save()?;
@@ -496,7 +521,58 @@ impl Session {
             wire::encode(&AgentMsg::Report(report)).into(),
         ))
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+        for e in enforced {
+            let msg = AgentMsg::PolicyEnforced {
+                vm: e.vm,
+                rule: e.rule,
+                action: e.action,
+                reason: e.reason,
+            };
+            tx.send(Message::Binary(wire::encode(&msg).into()))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Evaluates the backstop on host-side measurements and carries out what it
+    /// decides, with or without a server.
+    async fn backstop_round(&mut self, observed: &BTreeMap<VmId, VmState>) -> Vec<Enforce> {
+        self.backstop.vms.retain(|vm, _| observed.contains_key(vm));
+        if self.backstop.vms.is_empty() {
+            return Vec::new();
+        }
+        let mut usage = BTreeMap::new();
+        for driver in &self.drivers {
+            if let Ok(all) = driver.usage().await {
+                usage.extend(all.into_iter().map(|u| (u.vm, u)));
+            }
+        }
+        let running: BTreeMap<VmId, Option<u64>> = observed
+            .iter()
+            .filter(|(_, state)| **state == VmState::Running)
+            .map(|(vm, _)| (*vm, self.last_guest_word.get(vm).copied()))
+            .collect();
+        let decided = self.backstop.round(unix_ms(), &usage, &running);
+        for e in &decided {
+            warn!(vm = %e.vm, rule = %e.rule, "backstop enforces {:?}: {}", e.action, e.reason);
+            for driver in &self.drivers {
+                let result = match e.action {
+                    PolicyAction::Notify => Ok(()),
+                    PolicyAction::Suspend => driver.suspend(e.vm).await,
+                    PolicyAction::Stop => driver.stop(e.vm).await,
+                    PolicyAction::Terminate => driver.terminate(e.vm).await,
+                };
+                match result {
+                    Err(DriverError::NoSuchVm(_)) => continue,
+                    Err(err) => warn!(vm = %e.vm, "backstop could not act: {err}"),
+                    Ok(()) => {}
+                }
+                break;
+            }
+        }
+        decided
     }
 
     /// Starts converging a VM for a command, unless the command is a replay.
@@ -517,6 +593,17 @@ impl Session {
                 return;
             }
             handle.abort();
+        }
+        if command.target == VmState::Terminated {
+            self.backstop.forget(id.vm);
+        } else {
+            self.backstop.watch(
+                id.vm,
+                command.spec.policy,
+                command.spec.vcpus,
+                command.spec.memory_mib,
+                unix_ms(),
+            );
         }
         let Some(driver) = self.driver_for(&command.spec.hypervisor) else {
             let _ = done.send((

@@ -8,6 +8,7 @@
 //! Drivers sit behind [`driver::Driver`]; the agent never branches on the hypervisor type.
 
 pub mod agent;
+pub mod backstop;
 pub mod converge;
 pub mod driver;
 pub mod drivers;

@@ -3,9 +3,12 @@
 //! The kernel command line is the one channel the host controls before anything in the
 //! guest runs, and it survives a suspend/restore unchanged, so the VM's management id,
 //! its token and its workload travel there: `herd.vm=<uuid> herd.token=<tok>
-//! herd.cmd=<base64 of a JSON array of strings> herd.keep=1`.
+//! herd.cmd=<base64 of a JSON array of strings> herd.keep=1`, and its self-management
+//! policy: `herd.policy=<base64url of postcard(PolicySpec)> herd.born=<unix ms of first
+//! boot> herd.mem=<MiB allocated>`.
 
 use base64::Engine;
+use herd_proto::policy::PolicySpec;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -14,6 +17,10 @@ pub enum CmdlineError {
     BadVmId(String),
     #[error("herd.cmd is not base64 of a JSON array of strings: {0}")]
     BadCommand(String),
+    #[error("herd.policy is not base64url of a postcard PolicySpec: {0}")]
+    BadPolicy(String),
+    #[error("{0} is not a number")]
+    NotANumber(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +31,29 @@ pub struct GuestConfig {
     pub command: Vec<String>,
     /// Keep the VM running after the workload ends.
     pub keep: bool,
+    pub policy: PolicySpec,
+    /// When the VM first booted (unix ms), if the host said.
+    pub born_unix_ms: Option<u64>,
+    /// Memory allocated to the VM, for pricing.
+    pub memory_mib: u64,
+    /// The host's wall clock when it started the VM (unix ms): a guest with no clock
+    /// source of its own, and no host to ask, still knows the time.
+    pub host_now_unix_ms: Option<u64>,
+}
+
+impl GuestConfig {
+    pub fn empty() -> GuestConfig {
+        GuestConfig {
+            vm_id: Uuid::nil(),
+            token: String::new(),
+            command: default_command(),
+            keep: false,
+            policy: PolicySpec::default(),
+            born_unix_ms: None,
+            memory_mib: 0,
+            host_now_unix_ms: None,
+        }
+    }
 }
 
 /// The workload used when the VM spec has none: stays up until stopped.
@@ -36,11 +66,12 @@ pub fn default_command() -> Vec<String> {
 }
 
 pub fn parse(cmdline: &str) -> Result<GuestConfig, CmdlineError> {
-    let mut config = GuestConfig {
-        vm_id: Uuid::nil(),
-        token: String::new(),
-        command: Vec::new(),
-        keep: false,
+    let mut config = GuestConfig::empty();
+    config.command = Vec::new();
+    let number = |key: &str, value: &str| {
+        value
+            .parse::<u64>()
+            .map_err(|_| CmdlineError::NotANumber(format!("{key}={value}")))
     };
     for word in cmdline.split_ascii_whitespace() {
         let Some((key, value)) = word.split_once('=') else {
@@ -60,6 +91,16 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, CmdlineError> {
                 config.command = serde_json::from_slice(&json)
                     .map_err(|e| CmdlineError::BadCommand(e.to_string()))?;
             }
+            "herd.policy" => {
+                let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(value)
+                    .map_err(|e| CmdlineError::BadPolicy(e.to_string()))?;
+                config.policy = postcard::from_bytes(&bytes)
+                    .map_err(|e| CmdlineError::BadPolicy(e.to_string()))?;
+            }
+            "herd.born" => config.born_unix_ms = Some(number(key, value)?),
+            "herd.mem" => config.memory_mib = number(key, value)?,
+            "herd.now" => config.host_now_unix_ms = Some(number(key, value)?),
             _ => {}
         }
     }
@@ -84,6 +125,37 @@ mod tests {
         assert_eq!(c.token, "abc");
         assert_eq!(c.command, vec!["/bin/echo", "hi there"]);
         assert!(c.keep);
+        assert!(c.policy.is_empty());
+        assert_eq!(c.born_unix_ms, None);
+    }
+
+    #[test]
+    fn parses_the_policy() {
+        use herd_proto::policy::*;
+        let policy = PolicySpec {
+            idle: Some(Idle {
+                cpu_below_permille: 50,
+                net_below_bps: 100,
+                for_seconds: 5,
+                warmup_seconds: 2,
+                enforce: Enforcement {
+                    action: PolicyAction::Suspend,
+                    warn: None,
+                },
+            }),
+            ..Default::default()
+        };
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(postcard::to_stdvec(&policy).expect("enc"));
+        let c = parse(&format!(
+            "herd.policy={b64} herd.born=1700000000000 herd.mem=128"
+        ))
+        .expect("parse");
+        assert_eq!(c.policy, policy);
+        assert_eq!(c.born_unix_ms, Some(1_700_000_000_000));
+        assert_eq!(c.memory_mib, 128);
+        assert!(parse("herd.policy=AAAA").is_err());
+        assert!(parse("herd.born=x").is_err());
     }
 
     #[test]

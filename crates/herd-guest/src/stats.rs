@@ -21,6 +21,18 @@ pub fn cpu_ms(proc_stat: &str) -> u64 {
     busy * 10
 }
 
+/// Number of CPUs, from the `cpuN` lines of /proc/stat (at least 1).
+pub fn n_cpus(proc_stat: &str) -> u32 {
+    let n = proc_stat
+        .lines()
+        .filter(|l| {
+            l.strip_prefix("cpu")
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count();
+    (n as u32).max(1)
+}
+
 /// Memory in use (MemTotal - MemAvailable), in KiB.
 pub fn mem_kib(meminfo: &str) -> u64 {
     let field = |name: &str| {
@@ -79,6 +91,7 @@ mod tests {
         );
         let dev = "Inter-|   Receive\n face |bytes\n    lo: 5 1 0 0 0 0 0 0 5 1 0 0 0 0 0 0\n  eth0: 100 2 0 0 0 0 0 0 50 1 0 0 0 0 0 0\n";
         assert_eq!(net_bytes(dev), (100, 50));
+        assert_eq!(n_cpus("cpu  1 2\ncpu0 1\ncpu1 1\nintr 5"), 2);
         assert_eq!(rss_kib("Name: x\nVmRSS:\t  1234 kB\n"), 1234);
         assert_eq!(
             rss_kib("55-66 ---p 0 00:00 0 [rollup]\nRss:  880 kB\n"),

@@ -40,6 +40,8 @@ pub enum ImageError {
     KernelContent(String),
     #[error("herd-guest binary {0} does not exist")]
     MissingGuest(PathBuf),
+    #[error("{0} is dynamically linked; the guest needs a static herd-guest (build it with `herd image build` from the source tree)")]
+    DynamicGuest(PathBuf),
     #[error("invalid image name {0:?}: use letters, digits, '-', '_' and '.'")]
     BadName(String),
     #[error("I/O error while {context}")]
@@ -169,6 +171,9 @@ pub fn build_image(
     lock.lock().map_err(io_err("locking the image build"))?;
     let guest = std::fs::read(guest_binary)
         .map_err(|_| ImageError::MissingGuest(guest_binary.to_path_buf()))?;
+    if !is_static_elf(&guest) {
+        return Err(ImageError::DynamicGuest(guest_binary.to_path_buf()));
+    }
     let guest_sha256 = hex::encode(Sha256::digest(&guest));
     if let Some(info) = load_image(data_dir, name)? {
         if info.guest_sha256 == guest_sha256 {
@@ -492,6 +497,30 @@ fn assemble(
     Ok(info)
 }
 
+/// Whether `bytes` are an x86-64 ELF executable without a program interpreter, i.e. one
+/// that runs as the guest's /init with no dynamic loader in the initramfs.
+pub fn is_static_elf(bytes: &[u8]) -> bool {
+    let read = |at: usize, len: usize| bytes.get(at..at + len);
+    let u16_at = |at| read(at, 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |at| read(at, 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let u64_at = |at| {
+        read(at, 8).map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+    };
+    // 64-bit little-endian ELF.
+    if read(0, 6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    const PT_INTERP: u32 = 3;
+    (0..usize::from(phnum)).all(|idx| {
+        let at = (phoff as usize).saturating_add(idx * usize::from(phentsize));
+        u32_at(at).is_some_and(|p_type| p_type != PT_INTERP)
+    })
+}
+
 /// Where the static herd-guest binary is built: `guest/` under `CARGO_TARGET_DIR` if set
 /// (so CI's kept target dir caches it), else `target/guest` in the workspace.
 pub fn guest_target_dir(workspace_root: &Path) -> PathBuf {
@@ -543,6 +572,14 @@ pub fn guest_binary(workspace_root: &Path, rebuild: bool) -> Result<PathBuf, Ima
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn static_elf_check() {
+        let own = std::fs::read(std::env::current_exe().expect("exe")).expect("read");
+        // Test binaries are dynamically linked.
+        assert!(!is_static_elf(&own));
+        assert!(!is_static_elf(b"not an elf"));
+    }
 
     #[test]
     fn module_metadata() {

@@ -52,6 +52,22 @@ pub enum GuestMsg {
     WorkloadExit { code: i32 },
     /// Something went wrong inside the guest that the host should know about.
     Error { message: String },
+    /// A policy rule is close to firing (`rule` is `herd_policy::Rule::as_str`).
+    PolicyWarning { rule: String, message: String },
+    /// A policy rule fired and the guest is carrying out `action` itself: `Notify` is
+    /// only this report; `Stop` and `Terminate` power the VM off right after it;
+    /// `Suspend` asks the host to suspend the VM (the guest freezes its workload if no
+    /// host is connected within 5 s).
+    PolicyAction {
+        rule: String,
+        action: crate::policy::PolicyAction,
+        reason: String,
+    },
+    /// How far each rule is from firing, about every 5 s: (rule, text, fraction in
+    /// thousandths, seconds left when the rule is time-based).
+    PolicyProgress {
+        items: Vec<(String, String, u32, Option<u64>)>,
+    },
 }
 
 /// Host to guest.
@@ -64,6 +80,10 @@ pub enum HostMsg {
     Ack,
     /// Ends the workload and powers the VM off.
     PowerOff,
+    /// The host's wall clock, sent in answer to each guest `Hello`: a guest restored from a
+    /// suspend image (or booted from a whole-second RTC) sets its clock from it, so time
+    /// rules count the time it spent suspended.
+    Time { unix_ms: u64 },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -203,6 +223,23 @@ impl GuestMsg {
             GuestMsg::Error { message } => Some(GuestReport::Error {
                 message: message.clone(),
             }),
+            // No server report exists for these yet (they need new GuestReport variants).
+            GuestMsg::PolicyWarning { rule, message } => Some(GuestReport::PolicyWarning {
+                rule: rule.clone(),
+                message: message.clone(),
+            }),
+            GuestMsg::PolicyAction {
+                rule,
+                action,
+                reason,
+            } => Some(GuestReport::PolicyAction {
+                rule: rule.clone(),
+                action: *action,
+                reason: reason.clone(),
+            }),
+            GuestMsg::PolicyProgress { items } => Some(GuestReport::PolicyProgress {
+                items: items.clone(),
+            }),
         }
     }
 }
@@ -233,6 +270,18 @@ mod tests {
             GuestMsg::WorkloadExit { code: -3 },
             GuestMsg::Error {
                 message: "x".repeat(1000),
+            },
+            GuestMsg::PolicyWarning {
+                rule: "lifespan".into(),
+                message: "ends in 3 s".into(),
+            },
+            GuestMsg::PolicyAction {
+                rule: "budget".into(),
+                action: crate::policy::PolicyAction::Stop,
+                reason: "cpu".into(),
+            },
+            GuestMsg::PolicyProgress {
+                items: vec![("idle".into(), "idle 1.0 of 5 s".into(), 200, Some(4))],
             },
         ];
         let mut stream = Vec::new();

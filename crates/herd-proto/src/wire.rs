@@ -158,7 +158,12 @@ pub enum AgentMsg {
         hypervisors: Vec<HypervisorInfo>,
     },
     Report(Report),
-    Usage(Vec<VmUsage>),
+    /// Counters sampled at one instant (unix ms). The instant makes a retransmitted
+    /// batch recognisable: metering counts each (VM, instant) once.
+    Usage {
+        sampled_at_ms: u64,
+        vms: Vec<VmUsage>,
+    },
     CommandDone {
         id: CommandId,
         error: Option<String>,
@@ -167,6 +172,14 @@ pub enum AgentMsg {
     Console {
         request: u64,
         result: Result<Vec<u8>, String>,
+    },
+    /// The agent's backstop enforced a policy on a VM whose guest did not (its module
+    /// is gone, or it lies about its usage), from host-side measurements.
+    PolicyEnforced {
+        vm: VmId,
+        rule: String,
+        action: crate::policy::PolicyAction,
+        reason: String,
     },
     /// What a VM's guest module said. The agent names the VM from the channel the
     /// message came in on, never from the message, and strips the guest's credential.
@@ -192,6 +205,20 @@ pub enum GuestReport {
     },
     Error {
         message: String,
+    },
+    PolicyWarning {
+        rule: String,
+        message: String,
+    },
+    /// The guest is carrying out a policy action itself.
+    PolicyAction {
+        rule: String,
+        action: crate::policy::PolicyAction,
+        reason: String,
+    },
+    /// (rule, text, fraction of the limit in thousandths, seconds left).
+    PolicyProgress {
+        items: Vec<(String, String, u32, Option<u64>)>,
     },
 }
 

@@ -7,13 +7,14 @@
 //! over-commit a host and an acknowledged launch survives a crash.
 
 use crate::auth::{self, Identity};
+use crate::billing::{self, BillLine};
 use crate::store::{
-    now_ms, HostRecord, NewEvent, Observation, Store, StoreError, VmFilter, VmRecord,
+    now_ms, HostRecord, NewEvent, Observation, Store, StoreError, UsageRow, VmFilter, VmRecord,
 };
 use herd_bus::{Bus, BusError};
 use herd_proto::join::{Discovery, JoinRequest, JoinResponse};
 use herd_proto::lifecycle::Action;
-use herd_proto::policy::PolicySpec;
+use herd_proto::policy::{PolicyAction, PolicySpec, RateCard};
 use herd_proto::wire::{
     Command, CommandId, GuestReport, HostId, HostUtil, HypervisorInfo, ServerMsg, VmId, VmSpec,
     VmUsage,
@@ -138,6 +139,8 @@ pub struct GuestInfo {
     pub guest_rss_kib: Option<u64>,
     pub exit_code: Option<i32>,
     pub last_error: Option<String>,
+    /// (rule, text, fraction of the limit in thousandths, seconds left).
+    pub policy_progress: Vec<(String, String, u32, Option<u64>)>,
 }
 
 /// Where an agent's console answer goes.
@@ -214,6 +217,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded maps are rebuilt from the store on restart and every writer leaves
     // them consistent between statements, so a poisoned lock is safe to keep using.
     mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+fn action_name(action: PolicyAction) -> &'static str {
+    match action {
+        PolicyAction::Notify => "notify",
+        PolicyAction::Suspend => "suspend",
+        PolicyAction::Stop => "stop",
+        PolicyAction::Terminate => "terminate",
+    }
 }
 
 fn valid_name(text: &str) -> bool {
@@ -423,6 +435,7 @@ impl Cloud {
                 "at most 64 arguments and 16 KiB in total",
             ));
         }
+        let policy = self.validate_policy(&project, spec.policy)?;
         Ok((
             project,
             VmSpec {
@@ -432,9 +445,136 @@ impl Cloud {
                 memory_mib,
                 image,
                 command: spec.command,
-                policy: spec.policy,
+                policy,
             },
         ))
+    }
+
+    /// Checks a policy for values that cannot be meant, and prices a cost cap that came
+    /// without rates with the project's rate card.
+    fn validate_policy(
+        &self,
+        project: &str,
+        mut policy: PolicySpec,
+    ) -> Result<PolicySpec, CloudError> {
+        const YEAR_S: u64 = 366 * 86_400;
+        let warn_ok = |warn: Option<u64>, field: &'static str| match warn {
+            Some(0) => Err(invalid(
+                field,
+                "a warning must come before the action (> 0)",
+            )),
+            _ => Ok(()),
+        };
+        if let Some(lifespan) = &policy.lifespan {
+            if lifespan.max_seconds.is_none() && lifespan.end_at.is_none() {
+                return Err(invalid("policy.lifespan", "give max_seconds or end_at"));
+            }
+            if lifespan
+                .max_seconds
+                .is_some_and(|s| s == 0 || s > 100 * YEAR_S)
+            {
+                return Err(invalid(
+                    "policy.lifespan.max_seconds",
+                    "must be 1 s to 100 years",
+                ));
+            }
+            warn_ok(lifespan.enforce.warn, "policy.lifespan.enforce.warn")?;
+        }
+        if let Some(idle) = &policy.idle {
+            if idle.for_seconds == 0 || idle.for_seconds > YEAR_S {
+                return Err(invalid("policy.idle.for_seconds", "must be 1 s to a year"));
+            }
+        }
+        if let Some(overuse) = &policy.overuse {
+            if overuse.cpu_above_permille.is_none()
+                && overuse.mem_above_mib.is_none()
+                && overuse.net_above_bps.is_none()
+            {
+                return Err(invalid(
+                    "policy.overuse",
+                    "give a CPU, memory or network threshold",
+                ));
+            }
+            if overuse.for_seconds == 0 || overuse.for_seconds > YEAR_S {
+                return Err(invalid(
+                    "policy.overuse.for_seconds",
+                    "must be 1 s to a year",
+                ));
+            }
+        }
+        if let Some(budget) = &policy.budget {
+            if budget.cpu_seconds.is_none()
+                && budget.mem_gib_hours_milli.is_none()
+                && budget.net_bytes.is_none()
+            {
+                return Err(invalid(
+                    "policy.budget",
+                    "give a CPU, memory or network budget",
+                ));
+            }
+            if budget.enforce.warn.is_some_and(|w| w == 0 || w >= 1000) {
+                return Err(invalid(
+                    "policy.budget.enforce.warn",
+                    "thousandths of the budget, 1 to 999",
+                ));
+            }
+        }
+        if let Some(cap) = &mut policy.cost_cap {
+            if cap.max_micros == 0 {
+                return Err(invalid("policy.cost_cap.max_micros", "must be more than 0"));
+            }
+            if cap.enforce.warn.is_some_and(|w| w == 0 || w >= 1000) {
+                return Err(invalid(
+                    "policy.cost_cap.enforce.warn",
+                    "thousandths of the cap, 1 to 999",
+                ));
+            }
+            if cap.rates == RateCard::default() {
+                cap.rates = self.rate_card(project)?.ok_or_else(|| {
+                    invalid(
+                        "policy.cost_cap",
+                        format!("project {project:?} has no rate card to price a cost cap; an admin sets one with `herd rate-card set`"),
+                    )
+                })?;
+            }
+        }
+        if let Some(errors) = &policy.errors {
+            if errors.max_restarts > 1000 {
+                return Err(invalid("policy.errors.max_restarts", "at most 1000"));
+            }
+        }
+        if let Some(activation) = &policy.activation {
+            if activation.start_at.is_none() && activation.after_vm.is_none() {
+                return Err(invalid("policy.activation", "give start_at or after_vm"));
+            }
+        }
+        Ok(policy)
+    }
+
+    /// Why a pending VM may not be placed yet, if its activation has not come.
+    fn activation_wait(&self, vm: &VmRecord) -> Result<Option<String>, CloudError> {
+        let Some(activation) = vm.policy.activation else {
+            return Ok(None);
+        };
+        if let Some(start_at) = activation.start_at {
+            if (now_ms() / 1000) < start_at as i64 {
+                return Ok(Some(format!("waiting for its start time ({start_at})")));
+            }
+        }
+        if let Some(after) = activation.after_vm {
+            let completed = match self.store.vm(after)? {
+                // Gone, or ended: the awaited VM has completed.
+                None => true,
+                Some(other) => {
+                    matches!(other.observed, VmState::Stopped | VmState::Terminated)
+                        || self.guest(after).is_some_and(|g| g.exit_code.is_some())
+                }
+            };
+            if !completed {
+                return Ok(Some(format!("waiting for VM {after} to complete")));
+            }
+        }
+        Ok(None)
     }
 
     /// Tries to place a VM; on success the capacity is already counted.
@@ -452,17 +592,20 @@ impl Cloud {
         // Hold the placement lock across the insert, so that the capacity counted here
         // and the durable row appear together.
         let mut placement = lock(&self.placement);
-        let (host, observed, message) = match choose_host(&placement, &spec, &self.config.sched) {
+        let activation_pending = spec.policy.activation.is_some();
+        let choice = if activation_pending {
+            // Placed by the reconciler once its activation comes.
+            Err("waiting for its activation".to_owned())
+        } else {
+            choose_host(&placement, &spec, &self.config.sched).map_err(|e| e.to_string())
+        };
+        let (host, observed, message) = match choice {
             Ok(host) => (
                 Some(host),
                 VmState::Scheduled,
                 format!("launched; scheduled on host {host}"),
             ),
-            Err(no_fit) => (
-                None,
-                VmState::Pending,
-                format!("launched; waiting for capacity: {no_fit}"),
-            ),
+            Err(why) => (None, VmState::Pending, format!("launched; {why}")),
         };
         let record = VmRecord {
             id,
@@ -646,6 +789,21 @@ impl Cloud {
                     info.last_error = Some(message.clone());
                     Some(("vm.guest_error", format!("guest reports: {message}")))
                 }
+                GuestReport::PolicyWarning { rule, message } => {
+                    Some(("vm.policy_warning", format!("{rule}: {message}")))
+                }
+                GuestReport::PolicyAction {
+                    rule,
+                    action,
+                    reason,
+                } => Some((
+                    "vm.policy_action",
+                    format!("{rule}: {} ({reason}), by the guest", action_name(*action)),
+                )),
+                GuestReport::PolicyProgress { items } => {
+                    info.policy_progress = items.clone();
+                    None
+                }
             }
         };
         if let Some((kind, message)) = event {
@@ -657,7 +815,67 @@ impl Cloud {
                 ..NewEvent::default()
             })?;
         }
+        if let GuestReport::PolicyAction { rule, action, .. } = report {
+            self.policy_desired(vm, *action, &format!("policy {rule} (guest)"))?;
+        }
         Ok(true)
+    }
+
+    /// The agent's backstop enforced a policy on one of its VMs.
+    pub fn record_backstop(
+        &self,
+        host: HostId,
+        vm: VmId,
+        rule: &str,
+        action: PolicyAction,
+        reason: &str,
+    ) -> Result<bool, CloudError> {
+        if !self.vm_on_host(vm, host) {
+            return Ok(false);
+        }
+        self.store.append_event(&NewEvent {
+            vm: Some(vm),
+            host: Some(host),
+            kind: "vm.policy_action",
+            message: format!(
+                "{rule}: {} ({reason}), by the host's backstop",
+                action_name(action)
+            ),
+            ..NewEvent::default()
+        })?;
+        self.policy_desired(vm, action, &format!("policy {rule} (host backstop)"))?;
+        Ok(true)
+    }
+
+    /// Makes a policy action the VM's desired state, so the reconciler carries it out
+    /// and a later restart does not undo it.
+    fn policy_desired(&self, vm: VmId, action: PolicyAction, why: &str) -> Result<(), CloudError> {
+        let target = match action {
+            PolicyAction::Notify => return Ok(()),
+            PolicyAction::Suspend => VmState::Suspended,
+            PolicyAction::Stop => VmState::Stopped,
+            PolicyAction::Terminate => VmState::Terminated,
+        };
+        let Some(record) = self.store.vm(vm)? else {
+            return Ok(());
+        };
+        if record.desired == target || record.desired == VmState::Terminated {
+            return Ok(());
+        }
+        self.store.set_desired(
+            vm,
+            target,
+            false,
+            &NewEvent {
+                vm: Some(vm),
+                host: record.host,
+                kind: "vm.action",
+                message: format!("{why}: desired state {target}"),
+                ..NewEvent::default()
+            },
+        )?;
+        self.reconcile_now.notify_one();
+        Ok(())
     }
 
     pub fn vm_usage(&self, id: VmId) -> Option<(VmUsage, i64)> {
@@ -904,30 +1122,135 @@ impl Cloud {
         lock(&self.guests).remove(&vm);
     }
 
-    pub fn record_usage(&self, host: HostId, usage: &[VmUsage]) -> usize {
+    /// Meters a usage batch from a host: stored once per (VM, instant), so a
+    /// retransmitted batch changes nothing. Returns how many entries were dropped
+    /// because their VM is not placed on that host.
+    pub fn record_usage(
+        &self,
+        host: HostId,
+        sampled_at_ms: u64,
+        usage: &[VmUsage],
+    ) -> Result<usize, CloudError> {
         let now = now_ms();
         let mut n_rejected = 0;
-        let placement = lock(&self.placement);
-        let mut table = lock(&self.usage);
-        for entry in usage {
-            if placement
-                .vms
-                .get(&entry.vm)
-                .is_some_and(|(placed, _, _)| *placed == host)
-            {
-                table.insert(entry.vm, (*entry, now));
-            } else {
-                n_rejected += 1;
+        let mut rows = Vec::with_capacity(usage.len());
+        {
+            let placement = lock(&self.placement);
+            let mut table = lock(&self.usage);
+            for entry in usage {
+                if placement
+                    .vms
+                    .get(&entry.vm)
+                    .is_some_and(|(placed, _, _)| *placed == host)
+                {
+                    table.insert(entry.vm, (*entry, now));
+                    rows.push((
+                        entry.vm,
+                        UsageRow {
+                            sampled_at_ms: sampled_at_ms as i64,
+                            cpu_ms: entry.cpu_ms,
+                            mem_kib: entry.mem_kib,
+                            net_bytes: entry.net_rx_bytes.saturating_add(entry.net_tx_bytes),
+                            disk_bytes: entry
+                                .disk_read_bytes
+                                .saturating_add(entry.disk_write_bytes),
+                        },
+                    ));
+                } else {
+                    n_rejected += 1;
+                }
             }
         }
-        n_rejected
+        self.store.insert_usage(&rows)?;
+        Ok(n_rejected)
+    }
+
+    // ---- billing --------------------------------------------------------------------
+
+    pub fn set_rate_card(&self, project: &str, card: &RateCard) -> Result<(), CloudError> {
+        if !valid_name(project) {
+            return Err(invalid(
+                "project",
+                "must be 1 to 63 characters of a-z, 0-9 and '-'",
+            ));
+        }
+        if card.peak_start_hour > 24 || card.peak_end_hour > 24 {
+            return Err(invalid("peak_start_hour", "peak hours are 0 to 24 (UTC)"));
+        }
+        let json = serde_json::to_string(card).map_err(|e| invalid("rate card", e.to_string()))?;
+        self.store.set_rate_card(project, &json)?;
+        Ok(())
+    }
+
+    pub fn rate_card(&self, project: &str) -> Result<Option<RateCard>, CloudError> {
+        self.store
+            .rate_card(project)?
+            .map(|json| {
+                serde_json::from_str(&json)
+                    .map_err(|e| CloudError::Store(StoreError::Corrupt(format!("rate card: {e}"))))
+            })
+            .transpose()
+    }
+
+    /// Every VM's charges over `[from_ms, to_ms)`, priced by its project's rate card.
+    /// VMs of projects without a rate card cost nothing (their usage still shows).
+    pub fn bill(
+        &self,
+        project: Option<&str>,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<BillLine>, CloudError> {
+        let to_ms = to_ms.min(now_ms());
+        let mut cards: HashMap<String, RateCard> = HashMap::new();
+        let mut lines = Vec::new();
+        for vm in self.store.ledger(project)? {
+            if !cards.contains_key(&vm.project) {
+                let card = self.rate_card(&vm.project)?.unwrap_or_default();
+                cards.insert(vm.project.clone(), card);
+            }
+            let rates = cards.get(&vm.project).copied().unwrap_or_default();
+            let history = self.store.state_history(vm.vm)?;
+            let samples = self.store.usage_samples(vm.vm, to_ms)?;
+            let line = billing::bill_vm(&rates, &vm, &history, &samples, from_ms, to_ms);
+            if line.billed_ms > 0 || line.cpu_ms > 0 || line.net_bytes > 0 {
+                lines.push(line);
+            }
+        }
+        Ok(lines)
     }
 
     // ---- background work ------------------------------------------------------------
 
-    /// One pass of the reconciler: place pending VMs, send commands for desired states
-    /// not yet sent.
+    /// Time-based policies the server can judge by itself: a VM past its lifespan is
+    /// given its action as desired state, a little after the guest should have acted.
+    /// This also keeps a queued "run" command from reviving a VM whose lifespan ended
+    /// while nobody was listening: the new generation supersedes it in the queue.
+    fn enforce_lifespans(&self) -> Result<(), CloudError> {
+        const GRACE_MS: i64 = 5_000;
+        let now = now_ms();
+        for vm in self.store.vms_with_policy()? {
+            let Some(lifespan) = vm.policy.lifespan else {
+                continue;
+            };
+            let by_duration = lifespan.max_seconds.map(|s| {
+                vm.created_at_ms
+                    .saturating_add((s as i64).saturating_mul(1000))
+            });
+            let by_time = lifespan.end_at.map(|t| (t as i64).saturating_mul(1000));
+            let Some(deadline) = by_duration.into_iter().chain(by_time).min() else {
+                continue;
+            };
+            if now >= deadline.saturating_add(GRACE_MS) {
+                self.policy_desired(vm.id, lifespan.enforce.action, "policy lifespan (server)")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass of the reconciler: enforce lifespans, place pending VMs, send commands
+    /// for desired states not yet sent.
     pub async fn reconcile_once(&self) -> Result<(), CloudError> {
+        self.enforce_lifespans()?;
         for vm in self.store.vms_needing_work()? {
             match vm.host {
                 None if vm.desired == VmState::Terminated => {
@@ -947,6 +1270,20 @@ impl Cloud {
                     lock(&self.pending_reasons).remove(&vm.id);
                 }
                 None => {
+                    if let Some(why) = self.activation_wait(&vm)? {
+                        let mut reasons = lock(&self.pending_reasons);
+                        if reasons.get(&vm.id) != Some(&why) {
+                            reasons.insert(vm.id, why.clone());
+                            drop(reasons);
+                            self.store.append_event(&NewEvent {
+                                vm: Some(vm.id),
+                                kind: "vm.pending",
+                                message: why,
+                                ..NewEvent::default()
+                            })?;
+                        }
+                        continue;
+                    }
                     let spec = spec_of(&vm);
                     match self.try_place(vm.id, &spec) {
                         Ok(host) => {

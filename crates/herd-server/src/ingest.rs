@@ -206,9 +206,11 @@ async fn handle(
                 None => Ok(()),
             }
         }
-        AgentMsg::Usage(usage) => {
+        AgentMsg::Usage { sampled_at_ms, vms } => {
             cloud.host_seen(host, session, None);
-            let n_rejected = cloud.record_usage(host, &usage);
+            let n_rejected = cloud
+                .record_usage(host, sampled_at_ms, &vms)
+                .map_err(|e| e.to_string())?;
             if n_rejected > 0 {
                 warn!(%host, n_rejected, "usage for VMs not on this host dropped");
                 Metrics::inc(&cloud.metrics.rejected_reports);
@@ -218,6 +220,22 @@ async fn handle(
         AgentMsg::Console { request, result } => {
             if !cloud.console_answer(host, request, result) {
                 warn!(%host, request, "console answer nobody asked this host for; dropped");
+                Metrics::inc(&cloud.metrics.rejected_reports);
+            }
+            Ok(())
+        }
+        AgentMsg::PolicyEnforced {
+            vm,
+            rule,
+            action,
+            reason,
+        } => {
+            cloud.host_seen(host, session, None);
+            if !cloud
+                .record_backstop(host, vm, &rule, action, &reason)
+                .map_err(|e| e.to_string())?
+            {
+                warn!(%host, %vm, "backstop report for a VM not on this host dropped");
                 Metrics::inc(&cloud.metrics.rejected_reports);
             }
             Ok(())

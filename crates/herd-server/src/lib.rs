@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod billing;
 pub mod cloud;
 pub mod ingest;
 pub mod store;

@@ -153,6 +153,28 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_vm ON events (vm, id);
+CREATE TABLE IF NOT EXISTS usage_samples (
+    vm TEXT NOT NULL,
+    sampled_at INTEGER NOT NULL,
+    cpu_ms INTEGER NOT NULL,
+    mem_kib INTEGER NOT NULL,
+    net_bytes INTEGER NOT NULL,
+    disk_bytes INTEGER NOT NULL,
+    PRIMARY KEY (vm, sampled_at)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS vm_ledger (
+    vm TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    project TEXT NOT NULL,
+    vcpus INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rate_cards (
+    project TEXT PRIMARY KEY,
+    card TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -329,6 +351,26 @@ fn insert_event(db: &Connection, event: &NewEvent, time_ms: i64) -> Result<(), S
         event.message,
     ])?;
     Ok(())
+}
+
+/// One usage sample as metered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageRow {
+    pub sampled_at_ms: i64,
+    pub cpu_ms: u64,
+    pub mem_kib: u64,
+    pub net_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// A VM as billing remembers it, after its record is gone too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerVm {
+    pub vm: VmId,
+    pub name: String,
+    pub project: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
 }
 
 /// A change of observed state to write, with the events that explain it.
@@ -625,6 +667,18 @@ impl Store {
                 other?;
             }
         }
+        tx.execute(
+            "INSERT OR IGNORE INTO vm_ledger (vm, name, project, vcpus, memory_mib, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                vm.id.to_string(),
+                vm.name,
+                vm.project,
+                vm.vcpus,
+                vm.memory_mib as i64,
+                vm.created_at_ms
+            ],
+        )?;
         insert_event(&tx, event, vm.created_at_ms)?;
         tx.commit()?;
         Ok(())
@@ -674,6 +728,17 @@ impl Store {
         let mut stmt = db.prepare(&format!(
             "SELECT {VM_COLUMNS} FROM vms WHERE host IS NOT NULL \
              AND observed_state NOT IN ('terminated', 'purged')"
+        ))?;
+        let rows = stmt.query_map([], vm_from_row)?;
+        collect_vms(rows)
+    }
+
+    /// VMs with a policy whose desired state is not final yet.
+    pub fn vms_with_policy(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let db = self.db();
+        let mut stmt = db.prepare_cached(&format!(
+            "SELECT {VM_COLUMNS} FROM vms WHERE policy != '{{}}' \
+             AND desired_state NOT IN ('terminated', 'stopped', 'suspended')"
         ))?;
         let rows = stmt.query_map([], vm_from_row)?;
         collect_vms(rows)
@@ -801,6 +866,120 @@ impl Store {
 
     pub fn append_event(&self, event: &NewEvent) -> Result<(), StoreError> {
         insert_event(&self.db(), event, now_ms())
+    }
+
+    // ---- metering -----------------------------------------------------------------
+
+    /// Stores usage samples; a sample already stored (same VM, same instant) is kept
+    /// once, so a retransmitted batch changes nothing. Returns how many were new.
+    pub fn insert_usage(&self, samples: &[(VmId, UsageRow)]) -> Result<usize, StoreError> {
+        if samples.is_empty() {
+            return Ok(0);
+        }
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let mut n_new = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO usage_samples \
+                 (vm, sampled_at, cpu_ms, mem_kib, net_bytes, disk_bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for (vm, row) in samples {
+                n_new += stmt.execute(params![
+                    vm.to_string(),
+                    row.sampled_at_ms,
+                    row.cpu_ms as i64,
+                    row.mem_kib as i64,
+                    row.net_bytes as i64,
+                    row.disk_bytes as i64
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(n_new)
+    }
+
+    /// VMs billing knows of, in one project or all.
+    pub fn ledger(&self, project: Option<&str>) -> Result<Vec<LedgerVm>, StoreError> {
+        let db = self.db();
+        let mut stmt = db.prepare_cached(
+            "SELECT vm, name, project, vcpus, memory_mib FROM vm_ledger \
+             WHERE (?1 IS NULL OR project = ?1) ORDER BY project, name, vm",
+        )?;
+        let rows = stmt.query_map(params![project], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, i64>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (vm, name, project, vcpus, memory_mib) = row?;
+            out.push(LedgerVm {
+                vm: parse_uuid(&vm)?,
+                name,
+                project,
+                vcpus: vcpus as u32,
+                memory_mib: memory_mib as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A VM's usage samples up to `to_ms`, oldest first.
+    pub fn usage_samples(&self, vm: VmId, to_ms: i64) -> Result<Vec<UsageRow>, StoreError> {
+        let db = self.db();
+        let mut stmt = db.prepare_cached(
+            "SELECT sampled_at, cpu_ms, mem_kib, net_bytes, disk_bytes FROM usage_samples \
+             WHERE vm = ?1 AND sampled_at <= ?2 ORDER BY sampled_at",
+        )?;
+        let rows = stmt.query_map(params![vm.to_string(), to_ms], |row| {
+            Ok(UsageRow {
+                sampled_at_ms: row.get(0)?,
+                cpu_ms: row.get::<_, i64>(1)? as u64,
+                mem_kib: row.get::<_, i64>(2)? as u64,
+                net_bytes: row.get::<_, i64>(3)? as u64,
+                disk_bytes: row.get::<_, i64>(4)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A VM's observed states over time, from its lifecycle events, oldest first.
+    pub fn state_history(&self, vm: VmId) -> Result<Vec<(i64, VmState)>, StoreError> {
+        let db = self.db();
+        let mut stmt = db.prepare_cached(
+            "SELECT time, to_state FROM events WHERE vm = ?1 AND to_state IS NOT NULL ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![vm.to_string()], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (time, state) = row?;
+            out.push((time, parse_state(&state)?));
+        }
+        Ok(out)
+    }
+
+    pub fn set_rate_card(&self, project: &str, card_json: &str) -> Result<(), StoreError> {
+        self.db().execute(
+            "INSERT INTO rate_cards (project, card, updated_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (project) DO UPDATE SET card = excluded.card, updated_at = excluded.updated_at",
+            params![project, card_json, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    pub fn rate_card(&self, project: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .db()
+            .prepare_cached("SELECT card FROM rate_cards WHERE project = ?1")?
+            .query_row(params![project], |row| row.get(0))
+            .optional()?)
     }
 
     // ---- events -------------------------------------------------------------------

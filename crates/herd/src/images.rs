@@ -22,7 +22,11 @@ pub fn guest_binary() -> Result<PathBuf> {
         exe_dir.join("../lib/herd/herd-guest"),
         PathBuf::from(INSTALLED_GUEST),
     ] {
-        if candidate.is_file() {
+        // A workspace build leaves a dynamically linked herd-guest next to herd: not
+        // for images.
+        let is_static =
+            std::fs::read(&candidate).is_ok_and(|bytes| herd_image::is_static_elf(&bytes));
+        if is_static {
             return Ok(candidate);
         }
     }
@@ -36,7 +40,7 @@ pub fn guest_binary() -> Result<PathBuf> {
         .or_else(|| cwd.ancestors().find(in_tree))
     {
         eprintln!("building herd-guest from {}...", root.display());
-        return herd_image::guest_binary(root, false).context("building herd-guest");
+        return herd_image::guest_binary(root, true).context("building herd-guest");
     }
     bail!(
         "herd-guest is not installed (looked next to {} and in {INSTALLED_GUEST}); run scripts/up from the herd source tree",
@@ -44,12 +48,12 @@ pub fn guest_binary() -> Result<PathBuf> {
     )
 }
 
-/// Builds image `name` under `data_dir` if it is missing, showing progress.
+/// Builds image `name` under `data_dir` if it is missing or holds another herd-guest
+/// than this herd's, showing progress. An up-to-date image costs one hash.
 pub fn ensure_image(data_dir: &Path, name: &str) -> Result<()> {
-    if herd_image::load_image(data_dir, name)?.is_some() {
-        return Ok(());
+    if herd_image::load_image(data_dir, name)?.is_none() {
+        eprintln!("building guest image {name:?} (first use; this downloads the cloud kernel)...");
     }
-    eprintln!("building guest image {name:?} (first use; this downloads the cloud kernel)...");
     build(data_dir, name)
 }
 

@@ -5,6 +5,7 @@
 mod client;
 mod config;
 mod images;
+mod policy;
 mod run;
 mod table;
 mod vm;
@@ -38,9 +39,44 @@ enum Command {
     /// Inspect hosts and let new ones join.
     #[command(subcommand)]
     Host(HostCommand),
+    /// Per-VM charges and the total over a period.
+    Bill(BillArgs),
+    /// Set or show a project's rate card.
+    #[command(subcommand, name = "rate-card")]
+    RateCard(RateCardCommand),
     /// Build and list guest images on this machine.
     #[command(subcommand)]
     Image(ImageCommand),
+}
+
+#[derive(Args)]
+pub struct BillArgs {
+    #[arg(long)]
+    pub project: Option<String>,
+    /// Start: RFC 3339 or unix seconds (default: 30 days ago).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End: RFC 3339 or unix seconds (default: now).
+    #[arg(long)]
+    pub to: Option<String>,
+    #[arg(short, long, value_enum, default_value = "table")]
+    pub output: BillOutput,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum BillOutput {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Subcommand)]
+pub enum RateCardCommand {
+    /// Set a project's rate card from a JSON file (`-` for stdin); prices are in
+    /// millionths of the currency unit, e.g. {"per_hour": {"peak": 20000, "off_peak": 12000}, ...}.
+    Set { project: String, file: PathBuf },
+    /// Show a project's rate card.
+    Show { project: String },
 }
 
 #[derive(Subcommand)]
@@ -168,7 +204,7 @@ pub struct AgentArgs {
 #[derive(Subcommand)]
 pub enum VmCommand {
     /// Launch a VM.
-    Launch(LaunchArgs),
+    Launch(Box<LaunchArgs>),
     /// List VMs.
     Ls(ListArgs),
     /// Show one VM.
@@ -223,11 +259,91 @@ pub struct LaunchArgs {
     /// Return at once instead of waiting for the VM to run.
     #[arg(long)]
     pub no_wait: bool,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     #[arg(short, long, value_enum, default_value = "table")]
     pub output: Output,
     /// The workload to run inside the guest.
     #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+/// Self-management policies (seed 004). Durations like `90s`, `15m`, `2h`; times as
+/// RFC 3339; actions: notify, suspend, stop, terminate.
+#[derive(Args, Default)]
+pub struct PolicyArgs {
+    /// End the VM this long after it first booted.
+    #[arg(long, help_heading = "Policies")]
+    pub lifespan: Option<String>,
+    /// End the VM at this time.
+    #[arg(long, help_heading = "Policies")]
+    pub end_at: Option<String>,
+    #[arg(long, default_value = "terminate", help_heading = "Policies")]
+    pub on_lifespan: String,
+    /// Act when CPU and network stay below the idle thresholds this long.
+    #[arg(long, help_heading = "Policies")]
+    pub idle: Option<String>,
+    /// Idle means CPU below this percent of the VM's vCPUs.
+    #[arg(long, default_value_t = 5.0, help_heading = "Policies")]
+    pub idle_cpu: f64,
+    /// Idle means network below this many bytes per second.
+    #[arg(long, default_value_t = 10_240, help_heading = "Policies")]
+    pub idle_net: u64,
+    /// No idle verdict this long after boot.
+    #[arg(long, default_value = "0s", help_heading = "Policies")]
+    pub warmup: String,
+    #[arg(long, default_value = "suspend", help_heading = "Policies")]
+    pub on_idle: String,
+    /// Over-use: CPU above this percent of the VM's vCPUs...
+    #[arg(long, help_heading = "Policies")]
+    pub overuse_cpu: Option<f64>,
+    /// ...or memory above this many MiB...
+    #[arg(long, help_heading = "Policies")]
+    pub overuse_mem: Option<u64>,
+    /// ...or network above this many bytes per second...
+    #[arg(long, help_heading = "Policies")]
+    pub overuse_net: Option<u64>,
+    /// ...for this long.
+    #[arg(long, default_value = "60s", help_heading = "Policies")]
+    pub overuse_for: String,
+    #[arg(long, default_value = "notify", help_heading = "Policies")]
+    pub on_overuse: String,
+    /// Budget of CPU-seconds.
+    #[arg(long, help_heading = "Policies")]
+    pub cpu_budget: Option<u64>,
+    /// Budget of memory GiB-hours.
+    #[arg(long, help_heading = "Policies")]
+    pub mem_budget: Option<f64>,
+    /// Budget of network bytes.
+    #[arg(long, help_heading = "Policies")]
+    pub net_budget: Option<u64>,
+    #[arg(long, default_value = "stop", help_heading = "Policies")]
+    pub on_resource_budget: String,
+    /// Cost cap in money, priced by the project's rate card.
+    #[arg(long, help_heading = "Policies")]
+    pub budget: Option<String>,
+    #[arg(long, default_value = "stop", help_heading = "Policies")]
+    pub on_budget: String,
+    /// Act when the workload completes (task basis).
+    #[arg(long, help_heading = "Policies")]
+    pub on_complete: Option<String>,
+    /// Restart a crashing workload up to this many times, then act.
+    #[arg(long, help_heading = "Policies")]
+    pub max_restarts: Option<u32>,
+    #[arg(long, default_value = "stop", help_heading = "Policies")]
+    pub on_errors: String,
+    /// Warn this long before a time-based action.
+    #[arg(long, help_heading = "Policies")]
+    pub warn: Option<String>,
+    /// Warn at this percent of a budget or cost cap.
+    #[arg(long, default_value_t = 80.0, help_heading = "Policies")]
+    pub warn_at: f64,
+    /// Start the VM at this time.
+    #[arg(long, help_heading = "Policies")]
+    pub start_at: Option<String>,
+    /// Start the VM once this VM's workload has completed.
+    #[arg(long, help_heading = "Policies")]
+    pub after: Option<String>,
 }
 
 #[derive(Args)]
@@ -276,6 +392,8 @@ fn main() {
             Command::Agent(args) => run::agent(args).await,
             Command::Vm(command) => vm::vm(command).await,
             Command::Host(command) => vm::host(command).await,
+            Command::Bill(args) => vm::bill(args).await,
+            Command::RateCard(command) => vm::rate_card(command).await,
             Command::Image(ImageCommand::Build { name, data_dir }) => {
                 images::build_command(&data_dir.unwrap_or_else(config::default_data_dir), &name)
             }

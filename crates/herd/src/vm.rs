@@ -2,10 +2,15 @@
 
 use crate::client::{urlencode, Client};
 use crate::table::Table;
-use crate::{HostCommand, LaunchArgs, ListArgs, Output, VmCommand};
+use crate::{
+    BillArgs, BillOutput, HostCommand, LaunchArgs, ListArgs, Output, RateCardCommand, VmCommand,
+};
 use anyhow::{bail, Result};
+use herd_proto::policy::{Enforcement, PolicyAction, PolicySpec};
 use herd_proto::VmState;
-use herd_server::api::{EventList, HostInfo, JoinTokenView, LaunchRequest, VmList, VmView};
+use herd_server::api::{
+    BillView, EventList, HostInfo, JoinTokenView, LaunchRequest, VmList, VmView,
+};
 use reqwest::{Method, StatusCode};
 use std::time::{Duration, Instant};
 
@@ -21,7 +26,7 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
 pub async fn vm(command: VmCommand) -> Result<()> {
     let client = Client::from_config()?;
     match command {
-        VmCommand::Launch(args) => launch(&client, args).await,
+        VmCommand::Launch(args) => launch(&client, *args).await,
         VmCommand::Ls(args) => list(&client, args).await,
         VmCommand::Show { vm, output } => {
             let view = client.resolve_vm(&vm).await?;
@@ -79,7 +84,7 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
         memory_mib: args.memory,
         image: args.image,
         command: (!args.command.is_empty()).then_some(args.command),
-        policy: None,
+        policy: Some(crate::policy::spec(&args.policy)?).filter(|p| !p.is_empty()),
     };
     let started = Instant::now();
     let mut view: VmView = client.call(Method::POST, "/v1/vms", Some(&request)).await?;
@@ -213,6 +218,32 @@ fn describe(vm: &VmView) -> String {
     }
     if vm.deleting {
         field("deleting", "yes".into());
+    }
+    let rules = describe_policy(&vm.policy);
+    for (idx, rule) in rules.iter().enumerate() {
+        field(if idx == 0 { "policies" } else { "" }, rule.clone());
+    }
+    if let Some(guest) = &vm.guest {
+        for (idx, p) in guest.policy_progress.iter().enumerate() {
+            let left = p
+                .seconds_left
+                .map(|s| {
+                    format!(
+                        ", {} left",
+                        humantime::format_duration(std::time::Duration::from_secs(s))
+                    )
+                })
+                .unwrap_or_default();
+            field(
+                if idx == 0 { "progress" } else { "" },
+                format!(
+                    "{}: {} ({:.0}%{left})",
+                    p.rule,
+                    p.text,
+                    f64::from(p.fraction_milli) / 10.0
+                ),
+            );
+        }
     }
     match &vm.guest {
         Some(guest) => {
@@ -381,4 +412,233 @@ pub async fn host(command: HostCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+pub async fn bill(args: BillArgs) -> Result<()> {
+    let client = Client::from_config()?;
+    let mut query = Vec::new();
+    for (key, value) in [
+        ("project", &args.project),
+        ("from", &args.from),
+        ("to", &args.to),
+    ] {
+        if let Some(value) = value {
+            query.push(format!("{key}={}", urlencode(value)));
+        }
+    }
+    let bill: BillView = client
+        .get(&format!("/v1/billing?{}", query.join("&")))
+        .await?;
+    match args.output {
+        BillOutput::Json => print_json(&bill),
+        BillOutput::Csv => {
+            println!("vm,name,project,hours,cpu_seconds,memory_gib_hours,net_gib,cost_micros,cost");
+            for l in &bill.lines {
+                println!(
+                    "{},{},{},{:.6},{:.3},{:.6},{:.6},{},{}",
+                    l.vm,
+                    l.name,
+                    l.project,
+                    l.hours,
+                    l.cpu_seconds,
+                    l.memory_gib_hours,
+                    l.net_gib,
+                    l.cost_micros,
+                    l.cost
+                );
+            }
+            println!(",total,,,,,,{},{}", bill.total_micros, bill.total);
+            Ok(())
+        }
+        BillOutput::Table => {
+            println!("from {} to {}", bill.from, bill.to);
+            let mut table = Table::new(vec![
+                "VM",
+                "PROJECT",
+                "HOURS",
+                "CPU-S",
+                "MEM GIB-H",
+                "NET GIB",
+                "COST",
+            ]);
+            for l in &bill.lines {
+                table.row(vec![
+                    l.name.clone(),
+                    l.project.clone(),
+                    format!("{:.2}", l.hours),
+                    format!("{:.1}", l.cpu_seconds),
+                    format!("{:.3}", l.memory_gib_hours),
+                    format!("{:.3}", l.net_gib),
+                    l.cost.clone(),
+                ]);
+            }
+            table.row(vec![
+                "total".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                bill.total.clone(),
+            ]);
+            print!("{}", table.render());
+            Ok(())
+        }
+    }
+}
+
+pub async fn rate_card(command: RateCardCommand) -> Result<()> {
+    let client = Client::from_config()?;
+    match command {
+        RateCardCommand::Show { project } => {
+            let card: serde_json::Value = client
+                .get(&format!("/v1/rate-cards/{}", urlencode(&project)))
+                .await?;
+            print_json(&card)
+        }
+        RateCardCommand::Set { project, file } => {
+            let text = if file.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+                text
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
+            };
+            let card: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{} is not JSON: {e}", file.display()))?;
+            let _: serde_json::Value = client
+                .call(
+                    Method::PUT,
+                    &format!("/v1/rate-cards/{}", urlencode(&project)),
+                    Some(&card),
+                )
+                .await?;
+            println!("rate card of project {project} set");
+            Ok(())
+        }
+    }
+}
+
+fn action_name(action: PolicyAction) -> &'static str {
+    match action {
+        PolicyAction::Notify => "notify",
+        PolicyAction::Suspend => "suspend",
+        PolicyAction::Stop => "stop",
+        PolicyAction::Terminate => "terminate",
+    }
+}
+
+fn enforce(e: &Enforcement, warn_is_time: bool) -> String {
+    let warn = match (e.warn, warn_is_time) {
+        (Some(s), true) => format!(
+            " (warn {} before)",
+            humantime::format_duration(std::time::Duration::from_secs(s))
+        ),
+        (Some(m), false) => format!(" (warn at {:.0}%)", m as f64 / 10.0),
+        (None, _) => String::new(),
+    };
+    format!("-> {}{warn}", action_name(e.action))
+}
+
+/// One line per configured policy rule.
+fn describe_policy(policy: &PolicySpec) -> Vec<String> {
+    let secs = |s: u64| humantime::format_duration(std::time::Duration::from_secs(s)).to_string();
+    let mut lines = Vec::new();
+    if let Some(l) = &policy.lifespan {
+        let mut what = Vec::new();
+        if let Some(max) = l.max_seconds {
+            what.push(format!("lifespan {}", secs(max)));
+        }
+        if let Some(end) = l.end_at {
+            what.push(format!(
+                "ends at {}",
+                humantime::format_rfc3339(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(end)
+                )
+            ));
+        }
+        lines.push(format!("{} {}", what.join(", "), enforce(&l.enforce, true)));
+    }
+    if let Some(a) = &policy.activation {
+        let mut what = Vec::new();
+        if let Some(start) = a.start_at {
+            what.push(format!(
+                "starts at {}",
+                humantime::format_rfc3339(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(start)
+                )
+            ));
+        }
+        if let Some(after) = a.after_vm {
+            what.push(format!("starts after VM {after} completes"));
+        }
+        lines.push(what.join(", "));
+    }
+    if let Some(t) = &policy.task {
+        lines.push(format!(
+            "when the workload completes {}",
+            enforce(&t.enforce, true)
+        ));
+    }
+    if let Some(i) = &policy.idle {
+        lines.push(format!(
+            "idle: cpu < {:.1}%, net < {} B/s for {} (after {} warm-up) {}",
+            f64::from(i.cpu_below_permille) / 10.0,
+            i.net_below_bps,
+            secs(i.for_seconds),
+            secs(i.warmup_seconds),
+            enforce(&i.enforce, true)
+        ));
+    }
+    if let Some(o) = &policy.overuse {
+        let mut what = Vec::new();
+        if let Some(c) = o.cpu_above_permille {
+            what.push(format!("cpu > {:.1}%", f64::from(c) / 10.0));
+        }
+        if let Some(m) = o.mem_above_mib {
+            what.push(format!("mem > {m} MiB"));
+        }
+        if let Some(n) = o.net_above_bps {
+            what.push(format!("net > {n} B/s"));
+        }
+        lines.push(format!(
+            "over-use: {} for {} {}",
+            what.join(" or "),
+            secs(o.for_seconds),
+            enforce(&o.enforce, true)
+        ));
+    }
+    if let Some(b) = &policy.budget {
+        let mut what = Vec::new();
+        if let Some(c) = b.cpu_seconds {
+            what.push(format!("{c} CPU-s"));
+        }
+        if let Some(m) = b.mem_gib_hours_milli {
+            what.push(format!("{:.3} GiB-h memory", m as f64 / 1000.0));
+        }
+        if let Some(n) = b.net_bytes {
+            what.push(format!("{n} B network"));
+        }
+        lines.push(format!(
+            "budget: {} {}",
+            what.join(", "),
+            enforce(&b.enforce, false)
+        ));
+    }
+    if let Some(c) = &policy.cost_cap {
+        lines.push(format!(
+            "cost cap {:.2} {}",
+            c.max_micros as f64 / 1e6,
+            enforce(&c.enforce, false)
+        ));
+    }
+    if let Some(e) = &policy.errors {
+        lines.push(format!(
+            "restart a crashed workload up to {} times {}",
+            e.max_restarts,
+            enforce(&e.enforce, true)
+        ));
+    }
+    lines
 }

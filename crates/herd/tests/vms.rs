@@ -120,7 +120,7 @@ impl Up {
 /// The static herd-guest, built from this tree (wherever the target dir is).
 fn guest_binary() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    herd_image::guest_binary(&root, false).expect("building herd-guest")
+    herd_image::guest_binary(&root, true).expect("building herd-guest")
 }
 
 /// `herd up` may first build the guest image; allow for it.

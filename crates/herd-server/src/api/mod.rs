@@ -23,6 +23,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use herd_proto::join::{Discovery, JoinRequest, JoinResponse};
 use herd_proto::lifecycle::Action;
+use herd_proto::policy::RateCard;
 use herd_proto::wire::{HostId, MAX_FRAME_BYTES};
 use herd_proto::VmState;
 use serde::de::DeserializeOwned;
@@ -131,6 +132,11 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{id}", get(get_host))
         .route("/v1/join-tokens", post(create_join_token))
+        .route(
+            "/v1/rate-cards/{project}",
+            get(get_rate_card).put(put_rate_card),
+        )
+        .route("/v1/billing", get(get_bill))
         .route("/v1/agent/join", post(agent_join))
         .route("/v1/agent/discovery", get(agent_discovery))
         .route("/v1/agent/bus", get(agent_bus))
@@ -161,10 +167,11 @@ async fn wrong_method() -> ApiError {
     info(title = "herd", description = "A self-hosted cloud for virtual machines and system containers."),
     paths(
         healthz, metrics, launch_vm, list_vms, get_vm, delete_vm, vm_action, vm_events, vm_console,
-        list_events, list_hosts, get_host, create_join_token, agent_join, agent_discovery,
+        list_events, list_hosts, get_host, create_join_token, get_rate_card, put_rate_card,
+        get_bill, agent_join, agent_discovery,
         agent_bus
     ),
-    components(schemas(ErrorBody, VmState, Action, JoinRequest, JoinResponse, Discovery)),
+    components(schemas(ErrorBody, VmState, Action, JoinRequest, JoinResponse, Discovery, RateCard)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -511,6 +518,83 @@ async fn create_join_token(
             command,
         }),
     ))
+}
+
+// ---- billing ----------------------------------------------------------------------
+
+/// A project's rate card.
+#[utoipa::path(get, path = "/v1/rate-cards/{project}", params(("project" = String, Path, description = "project")),
+    responses((status = 200, body = RateCard), (status = 404, body = ErrorBody)))]
+async fn get_rate_card(
+    _: Operator,
+    State(cloud): State<AppState>,
+    ApiPath(project): ApiPath<String>,
+) -> Result<Json<RateCard>, ApiError> {
+    cloud
+        .rate_card(&project)?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("project {project:?} has no rate card")))
+}
+
+/// Set a project's rate card (prices in millionths of the currency unit).
+#[utoipa::path(put, path = "/v1/rate-cards/{project}", params(("project" = String, Path, description = "project")),
+    request_body = RateCard, responses((status = 200, body = RateCard), (status = 400, body = ErrorBody)))]
+async fn put_rate_card(
+    _: Operator,
+    State(cloud): State<AppState>,
+    ApiPath(project): ApiPath<String>,
+    ApiJson(card): ApiJson<RateCard>,
+) -> Result<Json<RateCard>, ApiError> {
+    cloud.set_rate_card(&project, &card)?;
+    Ok(Json(card))
+}
+
+fn parse_time(field: &'static str, text: &str) -> Result<i64, ApiError> {
+    if let Ok(seconds) = text.parse::<i64>() {
+        return Ok(seconds.saturating_mul(1000));
+    }
+    humantime::parse_rfc3339_weak(text)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("{field}: not RFC 3339 or unix seconds"),
+            )
+        })
+}
+
+/// Per-VM charges and the total over a period.
+#[utoipa::path(get, path = "/v1/billing", params(BillQuery),
+    responses((status = 200, body = BillView), (status = 400, body = ErrorBody)))]
+async fn get_bill(
+    _: Operator,
+    State(cloud): State<AppState>,
+    ApiQuery(query): ApiQuery<BillQuery>,
+) -> Result<Json<BillView>, ApiError> {
+    let now = crate::store::now_ms();
+    let from = query
+        .from
+        .as_deref()
+        .map(|t| parse_time("from", t))
+        .transpose()?
+        .unwrap_or(now - 30 * 86_400_000);
+    let to = query
+        .to
+        .as_deref()
+        .map(|t| parse_time("to", t))
+        .transpose()?
+        .unwrap_or(now)
+        .min(now);
+    if from >= to {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "from must be before to",
+        ));
+    }
+    let lines = cloud.bill(query.project.as_deref(), from, to)?;
+    Ok(Json(BillView::of(&lines, from, to)))
 }
 
 // ---- agents -----------------------------------------------------------------------

@@ -94,6 +94,17 @@ pub struct GuestView {
     pub guest_rss_kib: Option<u64>,
     pub exit_code: Option<i32>,
     pub last_error: Option<String>,
+    /// How far each policy rule is from firing, as the guest last reported.
+    pub policy_progress: Vec<PolicyProgressView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PolicyProgressView {
+    pub rule: String,
+    pub text: String,
+    /// Fraction of the limit reached, in thousandths.
+    pub fraction_milli: u32,
+    pub seconds_left: Option<u64>,
 }
 
 impl GuestView {
@@ -109,6 +120,18 @@ impl GuestView {
             guest_rss_kib: info.guest_rss_kib,
             exit_code: info.exit_code,
             last_error: info.last_error.clone(),
+            policy_progress: info
+                .policy_progress
+                .iter()
+                .map(
+                    |(rule, text, fraction_milli, seconds_left)| PolicyProgressView {
+                        rule: rule.clone(),
+                        text: text.clone(),
+                        fraction_milli: *fraction_milli,
+                        seconds_left: *seconds_left,
+                    },
+                )
+                .collect(),
         }
     }
 }
@@ -297,4 +320,66 @@ pub struct JoinTokenView {
     pub expires_at: String,
     /// The command to run on the new host.
     pub command: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct BillQuery {
+    pub project: Option<String>,
+    /// Start of the period: RFC 3339 or unix seconds; defaults to 30 days ago.
+    pub from: Option<String>,
+    /// End of the period: RFC 3339 or unix seconds; defaults to now.
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BillLineView {
+    pub vm: Uuid,
+    pub name: String,
+    pub project: String,
+    /// Hours running or paused within the period.
+    pub hours: f64,
+    pub cpu_seconds: f64,
+    pub memory_gib_hours: f64,
+    pub net_gib: f64,
+    /// Exact, in millionths of the currency unit.
+    pub cost_micros: u64,
+    /// Rounded half up to the cent.
+    pub cost: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BillView {
+    pub from: String,
+    pub to: String,
+    pub lines: Vec<BillLineView>,
+    pub total_micros: u64,
+    pub total: String,
+}
+
+impl BillView {
+    pub fn of(lines: &[crate::billing::BillLine], from_ms: i64, to_ms: i64) -> BillView {
+        let total_micros = lines.iter().map(|l| l.cost_micros).sum();
+        BillView {
+            from: rfc3339(from_ms),
+            to: rfc3339(to_ms),
+            lines: lines
+                .iter()
+                .map(|l| BillLineView {
+                    vm: l.vm.vm,
+                    name: l.vm.name.clone(),
+                    project: l.vm.project.clone(),
+                    hours: l.billed_ms as f64 / 3_600_000.0,
+                    cpu_seconds: l.cpu_ms as f64 / 1000.0,
+                    memory_gib_hours: l.memory_mib_ms as f64 / 1024.0 / 3_600_000.0,
+                    net_gib: l.net_bytes as f64 / (1u64 << 30) as f64,
+                    cost_micros: l.cost_micros,
+                    cost: crate::billing::format_money(l.cost_micros),
+                })
+                .collect(),
+            total_micros,
+            total: crate::billing::format_money(total_micros),
+        }
+    }
 }

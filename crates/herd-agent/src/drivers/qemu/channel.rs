@@ -102,6 +102,20 @@ async fn serve(
                             return Duration::from_secs(2);
                         }
                         authenticated = true;
+                        // The host's clock answers every guest greeting, fresh (a frame
+                        // queued before the guest reads its port would be seconds old): a
+                        // guest restored from a suspend image, or booted from a
+                        // whole-second RTC, sets its clock from it, so its time rules
+                        // count the time it spent suspended.
+                        let unix_ms = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_millis() as u64)
+                            .unwrap_or(0);
+                        if let Ok(frame) = encode_frame(&HostMsg::Time { unix_ms }) {
+                            if stream.write_all(&frame).await.is_err() {
+                                return Duration::from_millis(200);
+                            }
+                        }
                     }
                     if !authenticated {
                         continue;

@@ -79,12 +79,19 @@ pub struct LaunchSpec<'a> {
     pub incoming: Option<&'a Path>,
     /// Run QEMU in the foreground instead of daemonizing (accelerator probes).
     pub foreground: bool,
+    /// When the VM first booted (unix ms), set at create and kept across stops and
+    /// suspends, so the guest's lifespan rules count from the VM's birth, not its boot.
+    pub born_unix_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LaunchError {
     #[error("the kernel command line would be {0} bytes, over {MAX_KERNEL_CMDLINE}: shorten the workload command")]
     CmdlineTooLong(usize),
+    #[error("the kernel command line would be {0} bytes with the VM's policy, over {MAX_KERNEL_CMDLINE}: simplify the policy or shorten the workload command")]
+    PolicyTooLarge(usize),
+    #[error("the policy does not encode: {0}")]
+    BadPolicy(String),
     #[error("path {0} cannot be used in a QEMU option (contains ',')")]
     BadPath(String),
 }
@@ -106,6 +113,29 @@ pub fn kernel_cmdline(l: &LaunchSpec<'_>) -> Result<String, LaunchError> {
     }
     if line.len() > MAX_KERNEL_CMDLINE {
         return Err(LaunchError::CmdlineTooLong(line.len()));
+    }
+    // The guest may have no clock source of its own: tell it the time at launch.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    line.push_str(&format!(" herd.now={now_ms}"));
+    // The guest enforces the policy itself (herd-guest), so it travels with the VM:
+    // postcard, then unpadded base64url, which needs no quoting on a kernel command line.
+    if !l.spec.policy.is_empty() {
+        let bytes = postcard::to_stdvec(&l.spec.policy)
+            .map_err(|e| LaunchError::BadPolicy(e.to_string()))?;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        line.push_str(&format!(
+            " herd.policy={b64} herd.mem={}",
+            l.spec.memory_mib
+        ));
+        if let Some(born) = l.born_unix_ms {
+            line.push_str(&format!(" herd.born={born}"));
+        }
+        if line.len() > MAX_KERNEL_CMDLINE {
+            return Err(LaunchError::PolicyTooLarge(line.len()));
+        }
     }
     Ok(line)
 }
@@ -235,8 +265,11 @@ mod tests {
             tsc_khz: Some(2_000_000),
             incoming: None,
             foreground: false,
+            born_unix_ms: Some(1_700_000_000_000),
         };
         let args = qemu_args(&paths, &l).expect("args");
+        // No policy, nothing about it on the command line.
+        assert!(!args.join(" ").contains("herd.policy"));
         let joined = args.join(" ");
         assert!(joined.contains("-M microvm,accel=tcg"));
         assert!(joined.contains("tsc_early_khz=2000000"));
@@ -254,6 +287,55 @@ mod tests {
     }
 
     #[test]
+    fn policy_and_birth_travel_on_the_command_line() {
+        use herd_proto::policy::*;
+        let mut spec = spec(vec![]);
+        spec.policy = PolicySpec {
+            lifespan: Some(Lifespan {
+                max_seconds: Some(6),
+                end_at: None,
+                enforce: Enforcement {
+                    action: PolicyAction::Stop,
+                    warn: Some(3),
+                },
+            }),
+            cost_cap: Some(CostCap {
+                max_micros: 1_000_000,
+                rates: RateCard::default(),
+                enforce: Enforcement {
+                    action: PolicyAction::Terminate,
+                    warn: Some(800),
+                },
+            }),
+            ..Default::default()
+        };
+        let l = LaunchSpec {
+            id: VmId::from_u128(1),
+            spec: &spec,
+            token: "t",
+            kernel: Path::new("/k"),
+            initrd: Path::new("/i"),
+            accel: Accel::Tcg,
+            tsc_khz: None,
+            incoming: None,
+            foreground: true,
+            born_unix_ms: Some(1_700_000_000_123),
+        };
+        let line = kernel_cmdline(&l).expect("cmdline");
+        assert!(line.contains(" herd.born=1700000000123"), "{line}");
+        assert!(line.contains(" herd.mem=256"), "{line}");
+        let b64 = line
+            .split(' ')
+            .find_map(|w| w.strip_prefix("herd.policy="))
+            .expect("policy");
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(b64)
+            .expect("b64");
+        let back: PolicySpec = postcard::from_bytes(&bytes).expect("postcard");
+        assert_eq!(back, spec.policy);
+    }
+
+    #[test]
     fn limits() {
         let spec = spec(vec!["x".repeat(3000)]);
         let l = LaunchSpec {
@@ -266,10 +348,27 @@ mod tests {
             tsc_khz: None,
             incoming: None,
             foreground: true,
+            born_unix_ms: None,
         };
         assert!(matches!(
             kernel_cmdline(&l),
             Err(LaunchError::CmdlineTooLong(_))
+        ));
+        // A command that fits, with a policy that does not.
+        let mut spec = spec.clone();
+        spec.command = vec!["x".repeat(1400)];
+        spec.policy.lifespan = Some(herd_proto::policy::Lifespan {
+            max_seconds: Some(60),
+            end_at: None,
+            enforce: herd_proto::policy::Enforcement {
+                action: herd_proto::policy::PolicyAction::Stop,
+                warn: None,
+            },
+        });
+        let l = LaunchSpec { spec: &spec, ..l };
+        assert!(matches!(
+            kernel_cmdline(&l),
+            Err(LaunchError::PolicyTooLarge(_))
         ));
         assert_eq!(
             tsc_khz_from_cpuinfo("processor: 0\ncpu MHz\t\t: 1999.9996\n"),

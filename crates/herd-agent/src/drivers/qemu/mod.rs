@@ -104,6 +104,12 @@ struct VmRecord {
     restored: bool,
     /// The workload's exit code, as the guest reported it.
     exit_code: Option<i32>,
+    /// When the VM was created (unix ms); the guest's lifespan counts from it.
+    #[serde(default)]
+    born_unix_ms: Option<u64>,
+    /// The guest's policy action of the current run reached the agent.
+    #[serde(default)]
+    policy_reported: bool,
 }
 
 struct Vm {
@@ -117,6 +123,8 @@ struct Vm {
     /// Bumped on every launch, so a channel task of an old QEMU knows it is obsolete.
     generation: u64,
     channel: Option<(tokio::task::AbortHandle, mpsc::UnboundedSender<HostMsg>)>,
+    /// A policy action the guest took with nobody listening, read back from its console.
+    unreported: Option<GuestMsg>,
 }
 
 impl Vm {
@@ -157,8 +165,17 @@ impl Vm {
             Phase::Launched => {
                 // The process is gone without us ending it. A guest that reported its
                 // workload's exit powered itself off: that is a stop, not a failure.
+                // So did one whose policy (herd-guest, seed 004) stopped it; its console
+                // says so even when no host was connected to hear the report.
                 self.record.phase = match self.record.exit_code {
                     Some(_) => Phase::Stopped,
+                    None if policy_powered_off(&self.paths.console()) => {
+                        if !self.record.policy_reported {
+                            self.unreported = policy_action_from_console(&self.paths.console());
+                            self.record.policy_reported = true;
+                        }
+                        Phase::Stopped
+                    }
                     None => Phase::Failed {
                         reason: format!(
                             "qemu exited unexpectedly; console ends with: {}",
@@ -178,6 +195,44 @@ impl Vm {
             }
         }
     }
+}
+
+/// herd-guest powered the VM off for a Stop or Terminate policy action: it logs that to
+/// the console right before the kernel's power-down lines.
+fn policy_powered_off(path: &Path) -> bool {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().rev().take(20).any(|l| {
+        l.contains("herd-guest: policy action Stop")
+            || l.contains("herd-guest: policy action Terminate")
+    })
+}
+
+/// The policy action herd-guest logged last, as the report it could not deliver.
+fn policy_action_from_console(path: &Path) -> Option<GuestMsg> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text
+        .lines()
+        .rev()
+        .take(20)
+        .find(|l| l.contains("herd-guest: policy action "))?;
+    let rest = line.split("herd-guest: policy action ").nth(1)?;
+    let (action, rest) = rest.split_once(' ')?;
+    let action = match action {
+        "Stop" => herd_proto::policy::PolicyAction::Stop,
+        "Terminate" => herd_proto::policy::PolicyAction::Terminate,
+        "Suspend" => herd_proto::policy::PolicyAction::Suspend,
+        _ => herd_proto::policy::PolicyAction::Notify,
+    };
+    let rest = rest.strip_prefix('(')?;
+    let (rule, reason) = rest.split_once("): ")?;
+    Some(GuestMsg::PolicyAction {
+        rule: rule.to_owned(),
+        action,
+        reason: format!(
+            "{} (read from the console: no host was connected)",
+            reason.trim()
+        ),
+    })
 }
 
 fn console_tail(path: &Path) -> String {
@@ -274,6 +329,12 @@ impl Inner {
         if let Ok(mut vms) = self.vms.lock() {
             if let Some(vm) = vms.get_mut(&id).filter(|vm| vm.generation == generation) {
                 match &msg {
+                    GuestMsg::PolicyAction { .. } => {
+                        vm.record.policy_reported = true;
+                        if let Err(e) = vm.save() {
+                            warn!("{e}");
+                        }
+                    }
                     GuestMsg::WorkloadExit { code } => {
                         vm.record.exit_code = Some(*code);
                         if let Err(e) = vm.save() {
@@ -341,6 +402,7 @@ impl Inner {
             tsc_khz: self.tsc_khz,
             incoming: None,
             foreground: true,
+            born_unix_ms: None,
         };
         let Ok(args) = launch::qemu_args(&paths, &launch) else {
             return tcg("cannot build the probe command line".into());
@@ -417,12 +479,13 @@ impl Inner {
     /// task. The VM's record must already say what this launch is.
     async fn launch(self: &Arc<Self>, id: VmId, incoming: bool) -> Result<(), DriverError> {
         let (accel, _) = self.accel().await;
-        let (paths, spec, token, image_accel) = self.with_vm(id, |vm| {
+        let (paths, spec, token, image_accel, born_unix_ms) = self.with_vm(id, |vm| {
             Ok((
                 vm.paths.clone(),
                 vm.spec.clone(),
                 vm.record.token.clone(),
                 vm.record.accel,
+                vm.record.born_unix_ms,
             ))
         })?;
         // A restored guest must run on the accelerator it was saved under.
@@ -439,6 +502,7 @@ impl Inner {
             tsc_khz: self.tsc_khz,
             incoming: incoming.then_some(suspend_image.as_path()),
             foreground: false,
+            born_unix_ms,
         };
         let args =
             launch::qemu_args(&paths, &launch).map_err(|e| DriverError::Failed(e.to_string()))?;
@@ -799,6 +863,7 @@ impl QemuDriver {
                     guest_net: (0, 0),
                     generation: 0,
                     channel: None,
+                    unreported: None,
                 },
             );
         }
@@ -932,13 +997,15 @@ impl Driver for QemuDriver {
 
     async fn list(&self) -> Result<Vec<ObservedVm>, DriverError> {
         let mut vms = self.inner.vms.lock().map_err(lock_err)?;
-        Ok(vms
-            .iter_mut()
-            .map(|(id, vm)| ObservedVm {
-                id: *id,
-                state: vm.observe(),
-            })
-            .collect())
+        let mut observed = Vec::with_capacity(vms.len());
+        for (id, vm) in vms.iter_mut() {
+            let state = vm.observe();
+            if let Some(msg) = vm.unreported.take() {
+                let _ = self.inner.events.send((*id, msg));
+            }
+            observed.push(ObservedVm { id: *id, state });
+        }
+        Ok(observed)
     }
 
     async fn usage(&self) -> Result<Vec<VmUsage>, DriverError> {
@@ -988,12 +1055,18 @@ impl Driver for QemuDriver {
                         hello_seen: false,
                         restored: false,
                         exit_code: None,
+                        born_unix_ms: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_millis() as u64),
+                        policy_reported: false,
                     },
                     pid: None,
                     busy: Some(VmState::Booting),
                     guest_net: (0, 0),
                     generation: 0,
                     channel: None,
+                    unreported: None,
                 };
                 vm.save()?;
                 inner.vms.lock().map_err(lock_err)?.insert(id, vm);
@@ -1028,6 +1101,7 @@ impl Driver for QemuDriver {
                     vm.record.hello_seen = false;
                     vm.record.restored = false;
                     vm.record.exit_code = None;
+                    vm.record.policy_reported = false;
                     vm.busy = Some(VmState::Booting);
                     vm.save()
                 })?;

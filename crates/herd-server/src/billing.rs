@@ -1,0 +1,284 @@
+//! Bills, from the metering record and the lifecycle event log. Pure: the caller reads
+//! the store, this module only computes.
+//!
+//! Two sources, because they answer different questions:
+//! - **time** (per hour, memory GiB-hours) accrues while a VM is running or paused,
+//!   which the event log knows exactly: every observed state change is an event with
+//!   its time. Usage samples cannot tell it: they are sent only when counters moved
+//!   past a threshold, so a gap between two samples is not downtime.
+//! - **usage** (CPU seconds, bytes transferred) is the difference of counters between
+//!   consecutive samples. A sample is stored once per (VM, instant), so a retransmitted
+//!   batch adds nothing.
+//!
+//! Prices come from `herd_policy::pricing`, the same code that prices a cost cap inside
+//! the guest: exact integer arithmetic, one rounding per line.
+
+use crate::store::{LedgerVm, UsageRow};
+use herd_policy::{fine_to_micros, price_interval_fine, Sample, Workload};
+use herd_proto::policy::{Rate, RateCard};
+use herd_proto::VmState;
+
+/// One VM's part of a bill.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BillLine {
+    pub vm: LedgerVm,
+    /// Time the VM was running or paused within the period.
+    pub billed_ms: u64,
+    pub cpu_ms: u64,
+    pub net_bytes: u64,
+    /// Memory held, in MiB-milliseconds.
+    pub memory_mib_ms: u128,
+    pub cost_micros: u64,
+}
+
+/// Whether the VM holds a running process (and its memory) in this state.
+fn billable(state: VmState) -> bool {
+    matches!(state, VmState::Running | VmState::Paused)
+}
+
+fn sample(at_ms: u64, cpu_ms: u64, net_bytes: u64) -> Sample {
+    Sample {
+        unix_ms: at_ms,
+        cpu_ms,
+        mem_kib: 0,
+        net_bytes,
+        workload: Workload::Running,
+    }
+}
+
+fn time_only(rates: &RateCard) -> RateCard {
+    RateCard {
+        per_cpu_second: Rate::default(),
+        per_gib_transferred: Rate::default(),
+        ..*rates
+    }
+}
+
+fn usage_only(rates: &RateCard) -> RateCard {
+    RateCard {
+        per_hour: Rate::default(),
+        per_gib_hour_memory: Rate::default(),
+        ..*rates
+    }
+}
+
+/// Periods `[start, end)` within `[from_ms, to_ms)` during which the VM was billable.
+pub fn billable_periods(history: &[(i64, VmState)], from_ms: i64, to_ms: i64) -> Vec<(i64, i64)> {
+    let mut periods = Vec::new();
+    for (idx, (at, state)) in history.iter().enumerate() {
+        if !billable(*state) {
+            continue;
+        }
+        let until = history.get(idx + 1).map(|(next, _)| *next).unwrap_or(to_ms);
+        let (start, end) = ((*at).max(from_ms), until.min(to_ms));
+        if end > start {
+            periods.push((start, end));
+        }
+    }
+    periods
+}
+
+/// Prices one VM over `[from_ms, to_ms)`. Usage between two samples is counted when the
+/// later sample falls in the period; the first sample counts from zero (counters start
+/// at boot). A counter that went down was reset (a new process) and counts from zero.
+pub fn bill_vm(
+    rates: &RateCard,
+    vm: &LedgerVm,
+    history: &[(i64, VmState)],
+    samples: &[UsageRow],
+    from_ms: i64,
+    to_ms: i64,
+) -> BillLine {
+    let mut fine: u128 = 0;
+    let mut billed_ms = 0u64;
+    let mut memory_mib_ms = 0u128;
+    let time_rates = time_only(rates);
+    for (start, end) in billable_periods(history, from_ms, to_ms) {
+        let (start, end) = (start.max(0) as u64, end.max(0) as u64);
+        billed_ms += end - start;
+        memory_mib_ms += u128::from(vm.memory_mib) * u128::from(end - start);
+        fine += price_interval_fine(
+            &time_rates,
+            &sample(start, 0, 0),
+            &sample(end, 0, 0),
+            vm.memory_mib,
+        );
+    }
+    let usage_rates = usage_only(rates);
+    let mut cpu_ms = 0u64;
+    let mut net_bytes = 0u64;
+    let mut prev: Option<&UsageRow> = None;
+    for row in samples {
+        let at = row.sampled_at_ms;
+        if at > from_ms && at <= to_ms {
+            let (base_cpu, base_net, base_at) = match prev {
+                Some(p) if row.cpu_ms >= p.cpu_ms && row.net_bytes >= p.net_bytes => {
+                    (p.cpu_ms, p.net_bytes, p.sampled_at_ms)
+                }
+                // First sample, or counters reset: count from zero.
+                _ => (0, 0, at),
+            };
+            cpu_ms += row.cpu_ms - base_cpu;
+            net_bytes += row.net_bytes - base_net;
+            fine += price_interval_fine(
+                &usage_rates,
+                &sample(base_at.max(0) as u64, base_cpu, base_net),
+                &sample(at.max(0) as u64, row.cpu_ms, row.net_bytes),
+                vm.memory_mib,
+            );
+        }
+        prev = Some(row);
+    }
+    BillLine {
+        vm: vm.clone(),
+        billed_ms,
+        cpu_ms,
+        net_bytes,
+        memory_mib_ms,
+        cost_micros: fine_to_micros(fine),
+    }
+}
+
+/// Micro-units as money with two decimals, rounded half up to the cent.
+pub fn format_money(micros: u64) -> String {
+    let cents = (micros + 5_000) / 10_000;
+    format!("{}.{:02}", cents / 100, cents % 100)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn vm(memory_mib: u64) -> LedgerVm {
+        LedgerVm {
+            vm: Uuid::from_u128(1),
+            name: "a".into(),
+            project: "p".into(),
+            vcpus: 2,
+            memory_mib,
+        }
+    }
+
+    fn row(at: i64, cpu_ms: u64, net_bytes: u64) -> UsageRow {
+        UsageRow {
+            sampled_at_ms: at,
+            cpu_ms,
+            mem_kib: 0,
+            net_bytes,
+            disk_bytes: 0,
+        }
+    }
+
+    /// 2024-01-01T00:00:00Z, a whole hour, so peak windows are easy to place.
+    const T0: i64 = 1_704_067_200_000;
+    const HOUR: i64 = 3_600_000;
+
+    /// A run priced by hand: 90 minutes running (2 GiB), then paused 30 minutes, then
+    /// stopped; 1,500 CPU-seconds; 3 GiB transferred. Off-peak all day.
+    #[test]
+    fn bill_matches_a_hand_calculation_to_the_cent() {
+        let rates = RateCard {
+            per_hour: Rate {
+                peak: 0,
+                off_peak: 12_000,
+            }, // 0.012 / hour
+            per_cpu_second: Rate {
+                peak: 0,
+                off_peak: 25,
+            }, // 0.000025 / CPU-s
+            per_gib_hour_memory: Rate {
+                peak: 0,
+                off_peak: 4_000,
+            }, // 0.004 / GiB-hour
+            per_gib_transferred: Rate {
+                peak: 0,
+                off_peak: 90_000,
+            }, // 0.09 / GiB
+            peak_start_hour: 0,
+            peak_end_hour: 0,
+        };
+        let history = vec![
+            (T0 - 5_000, VmState::Scheduled),
+            (T0, VmState::Running),
+            (T0 + 90 * 60_000, VmState::Paused),
+            (T0 + 2 * HOUR, VmState::Stopped),
+        ];
+        let gib = 1u64 << 30;
+        let samples = vec![
+            row(T0 + 30 * 60_000, 500_000, gib),
+            row(T0 + 60 * 60_000, 1_000_000, 2 * gib),
+            row(T0 + 90 * 60_000, 1_500_000, 3 * gib),
+        ];
+        let line = bill_vm(
+            &rates,
+            &vm(2048),
+            &history,
+            &samples,
+            T0 - HOUR,
+            T0 + 3 * HOUR,
+        );
+        // Hand calculation, in micro-units:
+        //   time:    2 h x 12,000                   =  24,000
+        //   memory:  2 GiB x 2 h x 4,000            =  16,000
+        //   cpu:     1,500 s x 25                   =  37,500
+        //   network: 3 GiB x 90,000                 = 270,000
+        //   total                                   = 347,500 = 0.3475 -> 0.35
+        assert_eq!(line.billed_ms, 2 * HOUR as u64);
+        assert_eq!(line.cpu_ms, 1_500_000);
+        assert_eq!(line.net_bytes, 3 * gib);
+        assert_eq!(line.cost_micros, 347_500);
+        assert_eq!(format_money(line.cost_micros), "0.35");
+    }
+
+    #[test]
+    fn peak_hours_are_priced_at_peak() {
+        let rates = RateCard {
+            per_hour: Rate {
+                peak: 100_000,
+                off_peak: 10_000,
+            },
+            peak_start_hour: 1,
+            peak_end_hour: 2,
+            ..RateCard::default()
+        };
+        // Running 00:30 to 01:30: half an hour off-peak, half an hour at peak.
+        let history = vec![
+            (T0 + HOUR / 2, VmState::Running),
+            (T0 + 3 * HOUR / 2, VmState::Stopped),
+        ];
+        let line = bill_vm(&rates, &vm(0), &history, &[], T0, T0 + 4 * HOUR);
+        assert_eq!(line.cost_micros, 5_000 + 50_000);
+    }
+
+    #[test]
+    fn counter_reset_counts_from_zero_and_window_clips() {
+        let rates = RateCard {
+            per_cpu_second: Rate {
+                peak: 1_000,
+                off_peak: 1_000,
+            },
+            ..RateCard::default()
+        };
+        let samples = vec![
+            row(T0 + 1_000, 10_000, 0),
+            row(T0 + 2_000, 4_000, 0),
+            row(T0 + 3_000, 6_000, 0),
+        ];
+        // A new process after the first sample: 10 s, then 4 s from zero, then 2 s.
+        let all = bill_vm(&rates, &vm(0), &[], &samples, T0, T0 + 10_000);
+        assert_eq!(all.cpu_ms, 16_000);
+        assert_eq!(all.cost_micros, 16_000);
+        // Only the last interval falls after T0 + 2,500.
+        let tail = bill_vm(&rates, &vm(0), &[], &samples, T0 + 2_500, T0 + 10_000);
+        assert_eq!(tail.cpu_ms, 2_000);
+    }
+
+    #[test]
+    fn money_rounds_half_up_to_the_cent() {
+        assert_eq!(format_money(0), "0.00");
+        assert_eq!(format_money(4_999), "0.00");
+        assert_eq!(format_money(5_000), "0.01");
+        assert_eq!(format_money(12_345_678), "12.35");
+    }
+}

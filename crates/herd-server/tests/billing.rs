@@ -1,0 +1,138 @@
+//! Metering and billing through the real server core and store: a retransmitted usage
+//! batch is counted once, and the bill follows the rate card.
+
+use herd_bus::EmbeddedBus;
+use herd_proto::join::JoinRequest;
+use herd_proto::policy::{Rate, RateCard};
+use herd_proto::wire::{HostUtil, HypervisorInfo, Report, ReportBody, VmStatus, VmUsage};
+use herd_proto::VmState;
+use herd_server::cloud::LaunchSpec;
+use herd_server::store::now_ms;
+use herd_server::{ingest, Cloud, ServerConfig};
+use herd_sync::HostView;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ServerConfig::new(dir.path().to_path_buf(), "http://127.0.0.1:1".into());
+    config.default_hypervisor = "sim".into();
+    let bus = EmbeddedBus::open(&dir.path().join("bus.db")).expect("bus");
+    let cloud = Arc::new(Cloud::open(config, Box::new(bus)).expect("cloud"));
+    let (token, _) = cloud
+        .create_join_token(Duration::from_secs(60))
+        .expect("join token");
+    let host = cloud
+        .join(&JoinRequest {
+            join_token: token,
+            hostname: "h".into(),
+        })
+        .expect("join")
+        .host_id;
+    let sim = [HypervisorInfo {
+        kind: "sim".into(),
+        detail: String::new(),
+    }];
+    cloud
+        .host_hello(host, "h", &sim, 8, 8192, "test")
+        .expect("hello");
+    // CPU and network only: time-based charges depend on the clock; the unit tests of
+    // `billing` check those against a hand calculation.
+    let rates = RateCard {
+        per_cpu_second: Rate {
+            peak: 1_000,
+            off_peak: 1_000,
+        },
+        per_gib_transferred: Rate {
+            peak: 50_000,
+            off_peak: 50_000,
+        },
+        ..RateCard::default()
+    };
+    cloud.set_rate_card("acme", &rates).expect("rate card");
+    let vm = cloud
+        .launch(LaunchSpec {
+            name: "a".into(),
+            project: Some("acme".into()),
+            hypervisor: Some("sim".into()),
+            vcpus: Some(1),
+            memory_mib: Some(512),
+            image: None,
+            command: vec![],
+            policy: Default::default(),
+        })
+        .expect("launch");
+    // The host reports it running.
+    let mut view = HostView::new();
+    let report = Report {
+        epoch: 1,
+        seq: 1,
+        util: HostUtil::default(),
+        body: ReportBody::Full {
+            vms: vec![VmStatus {
+                vm: vm.id,
+                state: VmState::Running,
+            }],
+        },
+        events: vec![],
+    };
+    ingest::apply_report(&cloud, host, &mut view, &report).expect("report");
+
+    let t = now_ms() as u64;
+    let usage = |cpu_ms: u64, net: u64| {
+        vec![VmUsage {
+            vm: vm.id,
+            cpu_ms,
+            net_rx_bytes: net,
+            ..VmUsage::default()
+        }]
+    };
+    let gib = 1u64 << 30;
+    cloud
+        .record_usage(host, t - 2_000, &usage(10_000, gib))
+        .expect("usage");
+    cloud
+        .record_usage(host, t - 1_000, &usage(30_000, 3 * gib))
+        .expect("usage");
+    let bill = |to| cloud.bill(Some("acme"), 0, to).expect("bill");
+    let to = t as i64;
+    let first = bill(to);
+    assert_eq!(first.len(), 1);
+    // 30 CPU-s x 1,000 + 3 GiB x 50,000 = 30,000 + 150,000 micro-units.
+    assert_eq!(first[0].cpu_ms, 30_000);
+    assert_eq!(first[0].net_bytes, 3 * gib);
+    assert_eq!(first[0].cost_micros, 180_000);
+
+    // The same batches again (a reconnecting agent resends them): nothing changes.
+    cloud
+        .record_usage(host, t - 2_000, &usage(10_000, gib))
+        .expect("usage");
+    cloud
+        .record_usage(host, t - 1_000, &usage(30_000, 3 * gib))
+        .expect("usage");
+    assert_eq!(bill(to), first);
+
+    // A report about this VM from another host counts nothing.
+    let (token, _) = cloud
+        .create_join_token(Duration::from_secs(60))
+        .expect("join token");
+    let other = cloud
+        .join(&JoinRequest {
+            join_token: token,
+            hostname: "other".into(),
+        })
+        .expect("join")
+        .host_id;
+    let rejected = cloud
+        .record_usage(other, t - 500, &usage(90_000, 9 * gib))
+        .expect("usage");
+    assert_eq!(rejected, 1);
+    assert_eq!(bill(to), first);
+
+    // Later usage adds exactly its difference.
+    cloud
+        .record_usage(host, t - 500, &usage(31_000, 3 * gib))
+        .expect("usage");
+    assert_eq!(bill(to)[0].cost_micros, 181_000);
+}
