@@ -4,79 +4,9 @@
 
 mod common;
 
-use common::{free_port, wait_healthy, Api, Proc};
+use common::{qemu_present, Api, Up};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-fn qemu_present() -> bool {
-    let ok = std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIPPED: qemu-system-x86_64 is not installed (scripts/test installs it)");
-    }
-    ok
-}
-
-fn guest_binary() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    herd_image::guest_binary(&root, true).expect("building herd-guest")
-}
-
-async fn start_up(root: &Path) -> (Proc, Api) {
-    let data_dir = root.join("data");
-    let port = free_port();
-    let image_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-e2e-images");
-    let args: Vec<String> = vec![
-        "up".into(),
-        "--data-dir".into(),
-        data_dir.display().to_string(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-        "--drivers".into(),
-        "qemu".into(),
-        "--accel".into(),
-        "tcg".into(),
-        "--image-dir".into(),
-        image_dir.display().to_string(),
-    ];
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let log = root.join("up.log");
-    let mut proc = Proc::spawn_env("up", &refs, &log, &[("HERD_GUEST_BINARY", &guest_binary())]);
-    let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Some(status) = proc.exited() {
-            panic!(
-                "herd up exited ({status}): {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        if reqwest::get(format!("{url}/healthz"))
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "herd up did not start");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    wait_healthy(&url).await;
-    let token = std::fs::read_to_string(data_dir.join("admin.token"))
-        .expect("admin token")
-        .trim()
-        .to_owned();
-    (
-        proc,
-        Api {
-            url,
-            token,
-            http: reqwest::Client::new(),
-        },
-    )
-}
 
 async fn events(api: &Api, id: &str) -> Vec<Value> {
     api.get(&format!("/v1/vms/{id}/events?limit=1000")).await["items"]
@@ -117,7 +47,8 @@ async fn policies_fire_inside_real_guests_and_on_the_host() {
         return;
     }
     let root = tempfile::tempdir().expect("tempdir");
-    let (_up, api) = start_up(root.path()).await;
+    let up = Up::start(root.path()).await;
+    let api = up.api.clone();
     // Cost caps are priced by the project's rate card: 0.001 per CPU-second.
     let (status, body) = api
         .request(
@@ -262,7 +193,8 @@ async fn lifespan_holds_with_herd_down() {
         return;
     }
     let root = tempfile::tempdir().expect("tempdir");
-    let (mut up, api) = start_up(root.path()).await;
+    let mut up = Up::start(root.path()).await;
+    let api = up.api.clone();
     let lifespan_s = 25;
     let vm = api
         .post(
@@ -280,7 +212,7 @@ async fn lifespan_holds_with_herd_down() {
         assert!(Instant::now() < deadline, "QEMU never started");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    up.kill9();
+    up.proc.kill9();
     let state: Value =
         serde_json::from_slice(&std::fs::read(vm_dir.join("state.json")).expect("state"))
             .expect("json");
@@ -323,32 +255,7 @@ async fn lifespan_holds_with_herd_down() {
     );
 
     // herd comes back and learns why the VM ended.
-    let args: Vec<String> = {
-        let data_dir = root.path().join("data");
-        let image_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-e2e-images");
-        let port = api.url.rsplit(':').next().expect("port").to_owned();
-        vec![
-            "up".into(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--drivers".into(),
-            "qemu".into(),
-            "--accel".into(),
-            "tcg".into(),
-            "--image-dir".into(),
-            image_dir.display().to_string(),
-        ]
-    };
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _up = Proc::spawn_env(
-        "up",
-        &refs,
-        &root.path().join("up.log"),
-        &[("HERD_GUEST_BINARY", &guest_binary())],
-    );
-    wait_healthy(&api.url).await;
+    up.restart().await;
     let events = wait_action(
         &api,
         &id,

@@ -333,3 +333,144 @@ impl Api {
 pub fn all_in(vms: &[Value], state: &str) -> bool {
     vms.iter().all(|v| v["state"] == state)
 }
+
+pub fn qemu_present() -> bool {
+    let ok = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: qemu-system-x86_64 is not installed (scripts/test installs it)");
+    }
+    ok
+}
+
+/// A whole `herd up` (server and agent) as one process, with real QEMU guests.
+pub struct Up {
+    pub proc: Proc,
+    args: Vec<String>,
+    log: PathBuf,
+    pub data_dir: PathBuf,
+    pub api: Api,
+}
+
+impl Up {
+    pub async fn start(root: &Path) -> Up {
+        let data_dir = root.join("data");
+        let port = free_port();
+        // Images are shared by every test run (built once, under a lock).
+        let image_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-e2e-images");
+        let args: Vec<String> = vec![
+            "up".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--drivers".into(),
+            "qemu".into(),
+            "--accel".into(),
+            "tcg".into(),
+            "--image-dir".into(),
+            image_dir.display().to_string(),
+        ];
+        let log = root.join("up.log");
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut proc =
+            Proc::spawn_env("up", &refs, &log, &[("HERD_GUEST_BINARY", &guest_binary())]);
+        let url = format!("http://127.0.0.1:{port}");
+        wait_healthy_long(&mut proc, &url, &log).await;
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .expect("admin token")
+            .trim()
+            .to_owned();
+        Up {
+            proc,
+            args,
+            log,
+            data_dir,
+            api: Api {
+                url,
+                token,
+                http: reqwest::Client::new(),
+            },
+        }
+    }
+
+    /// Starts `herd up` again on the same port and data (after a kill -9).
+    pub async fn restart(&mut self) {
+        let refs: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.proc = Proc::spawn_env(
+            "up",
+            &refs,
+            &self.log,
+            &[("HERD_GUEST_BINARY", &guest_binary())],
+        );
+        wait_healthy_long(&mut self.proc, &self.api.url, &self.log).await;
+    }
+
+    pub fn qemu_pid(&self, vm: &str) -> Option<i32> {
+        std::fs::read_to_string(self.data_dir.join("agent/qemu").join(vm).join("qemu.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    /// QEMU processes whose command line names this test's data dir.
+    pub fn qemu_processes(&self) -> Vec<i32> {
+        let needle = self.data_dir.display().to_string();
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .chars()
+                .next();
+            if matches!(state, Some('Z') | Some('X')) {
+                continue;
+            }
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("qemu-system") && cmdline.contains(&needle) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+/// The static herd-guest, built from this tree (wherever the target dir is).
+pub fn guest_binary() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    herd_image::guest_binary(&root, true).expect("building herd-guest")
+}
+
+/// `herd up` may first build the guest image; allow for it.
+async fn wait_healthy_long(proc: &mut Proc, url: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some(status) = proc.exited() {
+            panic!(
+                "herd up exited ({status}): {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if let Ok(response) = reqwest::get(format!("{url}/healthz")).await {
+            if response.status().is_success() {
+                return wait_healthy(url).await;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "herd up did not come up: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
