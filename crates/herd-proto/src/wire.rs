@@ -19,9 +19,17 @@ pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// What the agent knows of one VM's operating state.
+///
+/// A VM is named by a small slot number that is local to one host and one mapping: a
+/// full report gives every VM its slot together with its id, and a delta names a VM
+/// it has already mapped by slot alone (1 byte instead of 16). A delta introduces a new
+/// VM with its id. Any lost message is a sequence gap and brings a full report, which
+/// starts a new mapping, so the two sides never disagree about a slot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStatus {
-    pub vm: VmId,
+    pub slot: u32,
+    /// The VM's id, when this message maps the slot.
+    pub vm: Option<VmId>,
     pub state: VmState,
 }
 
@@ -66,11 +74,11 @@ pub struct HypervisorInfo {
 /// The body of a state report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReportBody {
-    /// Only the VMs whose state changed since the last report, and the VMs that are
-    /// gone. Empty lists make it a heartbeat.
+    /// Only the VMs whose state changed since the last report, and the slots of the
+    /// VMs that are gone. Empty lists make it a heartbeat.
     Delta {
         changed: Vec<VmStatus>,
-        removed: Vec<VmId>,
+        removed: Vec<u32>,
     },
     /// Every VM on the host; replaces the server's view of the host.
     Full { vms: Vec<VmStatus> },
@@ -287,7 +295,8 @@ mod tests {
 
     fn status(n: u128, state: VmState) -> VmStatus {
         VmStatus {
-            vm: Uuid::from_u128(n),
+            slot: n as u32,
+            vm: Some(Uuid::from_u128(n)),
             state,
         }
     }
@@ -304,7 +313,7 @@ mod tests {
             },
             body: ReportBody::Delta {
                 changed: vec![status(1, VmState::Running)],
-                removed: vec![Uuid::from_u128(2)],
+                removed: vec![2],
             },
             events: vec![],
         });

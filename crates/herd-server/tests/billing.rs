@@ -71,7 +71,8 @@ async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
         util: HostUtil::default(),
         body: ReportBody::Full {
             vms: vec![VmStatus {
-                vm: vm.id,
+                slot: 0,
+                vm: Some(vm.id),
                 state: VmState::Running,
             }],
         },

@@ -3,7 +3,7 @@
 use herd_proto::wire::{HostUtil, Report, ReportBody, VmEvent, VmId, VmStatus};
 use herd_proto::VmState;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// What the agent persists between runs so a restart keeps its epochs increasing and
 /// can compare what it sees after the restart with what it reported before.
@@ -21,6 +21,9 @@ pub struct Reporter {
     last_reported: BTreeMap<VmId, VmState>,
     full_requested: bool,
     last_acked_seq: Option<u64>,
+    /// The slot of each VM in the current mapping (see `VmStatus`).
+    slots: HashMap<VmId, u32>,
+    next_slot: u32,
 }
 
 impl Reporter {
@@ -33,6 +36,8 @@ impl Reporter {
             last_reported: persisted.last_reported,
             full_requested: true,
             last_acked_seq: None,
+            slots: HashMap::new(),
+            next_slot: 0,
         }
     }
 
@@ -50,6 +55,13 @@ impl Reporter {
 
     pub fn last_reported(&self) -> &BTreeMap<VmId, VmState> {
         &self.last_reported
+    }
+
+    fn map(&mut self, vm: VmId) -> u32 {
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        self.slots.insert(vm, slot);
+        slot
     }
 
     /// The server asked for a full report (or the connection is new).
@@ -80,30 +92,45 @@ impl Reporter {
         let seq = self.next_seq;
         self.next_seq += 1;
         let body = if std::mem::take(&mut self.full_requested) {
-            ReportBody::Full {
-                vms: observed
-                    .iter()
-                    .map(|(vm, state)| VmStatus {
-                        vm: *vm,
-                        state: *state,
-                    })
-                    .collect(),
-            }
-        } else {
-            let changed = observed
+            // A full report starts a new mapping of slots.
+            self.slots.clear();
+            self.next_slot = 0;
+            let vms = observed
                 .iter()
-                .filter(|(vm, state)| self.last_reported.get(vm) != Some(state))
                 .map(|(vm, state)| VmStatus {
-                    vm: *vm,
+                    slot: self.map(*vm),
+                    vm: Some(*vm),
                     state: *state,
                 })
                 .collect();
-            let removed = self
-                .last_reported
-                .keys()
-                .filter(|vm| !observed.contains_key(vm))
-                .copied()
-                .collect();
+            ReportBody::Full { vms }
+        } else {
+            let mut changed = Vec::new();
+            for (vm, state) in observed {
+                if self.last_reported.get(vm) == Some(state) {
+                    continue;
+                }
+                let (slot, vm) = match self.slots.get(vm) {
+                    Some(slot) => (*slot, None),
+                    None => (self.map(*vm), Some(*vm)),
+                };
+                changed.push(VmStatus {
+                    slot,
+                    vm,
+                    state: *state,
+                });
+            }
+            let mut removed = Vec::new();
+            for vm in self.last_reported.keys() {
+                if observed.contains_key(vm) {
+                    continue;
+                }
+                match self.slots.remove(vm) {
+                    Some(slot) => removed.push(slot),
+                    // Never mapped: only a full report can tell the server.
+                    None => self.full_requested = true,
+                }
+            }
             ReportBody::Delta { changed, removed }
         };
         self.last_reported = observed.clone();

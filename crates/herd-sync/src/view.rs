@@ -2,7 +2,7 @@
 
 use herd_proto::wire::{Report, ReportBody, VmId};
 use herd_proto::VmState;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// One change to the server's view, for the caller to write to its store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +38,8 @@ pub struct HostView {
     epoch: Option<u64>,
     last_seq: u64,
     vms: BTreeMap<VmId, VmState>,
+    /// The agent's current mapping of slots to VMs (see `VmStatus`).
+    slots: HashMap<u32, VmId>,
 }
 
 impl HostView {
@@ -53,6 +55,7 @@ impl HostView {
             epoch: None,
             last_seq: 0,
             vms,
+            slots: HashMap::new(),
         }
     }
 
@@ -84,8 +87,20 @@ impl HostView {
                 if !newer {
                     return Applied::Stale;
                 }
-                let next: BTreeMap<VmId, VmState> =
-                    vms.iter().map(|status| (status.vm, status.state)).collect();
+                let mut next = BTreeMap::new();
+                let mut slots = HashMap::new();
+                for status in vms {
+                    let Some(vm) = status.vm else {
+                        return Applied::NeedFull {
+                            reason: format!(
+                                "full report names slot {} without its VM",
+                                status.slot
+                            ),
+                        };
+                    };
+                    next.insert(vm, status.state);
+                    slots.insert(status.slot, vm);
+                }
                 let mut changes = Vec::new();
                 for (vm, before) in &self.vms {
                     if !next.contains_key(vm) {
@@ -106,6 +121,7 @@ impl HostView {
                     }
                 }
                 self.vms = next;
+                self.slots = slots;
                 self.epoch = Some(report.epoch);
                 self.last_seq = report.seq;
                 Applied::InOrder {
@@ -141,20 +157,49 @@ impl HostView {
                         ),
                     };
                 }
-                let mut changes = Vec::new();
-                for vm in removed {
-                    if let Some(before) = self.vms.remove(vm) {
-                        changes.push(ViewChange::Removed { vm: *vm, before });
+                // Resolve every slot before changing anything: a slot this view does
+                // not know means the mappings differ, and only a full report helps.
+                let mut slots = self.slots.clone();
+                let mut upserts = Vec::with_capacity(changed.len());
+                for status in changed {
+                    let vm = match status.vm {
+                        Some(vm) => {
+                            slots.insert(status.slot, vm);
+                            vm
+                        }
+                        None => match slots.get(&status.slot) {
+                            Some(vm) => *vm,
+                            None => {
+                                return Applied::NeedFull {
+                                    reason: format!("unknown slot {}", status.slot),
+                                }
+                            }
+                        },
+                    };
+                    upserts.push((vm, status.state));
+                }
+                let mut removals = Vec::with_capacity(removed.len());
+                for slot in removed {
+                    match slots.remove(slot) {
+                        Some(vm) => removals.push(vm),
+                        None => {
+                            return Applied::NeedFull {
+                                reason: format!("unknown slot {slot} removed"),
+                            }
+                        }
                     }
                 }
-                for status in changed {
-                    let before = self.vms.insert(status.vm, status.state);
-                    if before != Some(status.state) {
-                        changes.push(ViewChange::Upsert {
-                            vm: status.vm,
-                            before,
-                            state: status.state,
-                        });
+                self.slots = slots;
+                let mut changes = Vec::new();
+                for vm in removals {
+                    if let Some(before) = self.vms.remove(&vm) {
+                        changes.push(ViewChange::Removed { vm, before });
+                    }
+                }
+                for (vm, state) in upserts {
+                    let before = self.vms.insert(vm, state);
+                    if before != Some(state) {
+                        changes.push(ViewChange::Upsert { vm, before, state });
                     }
                 }
                 self.last_seq = report.seq;
