@@ -17,21 +17,9 @@ pub fn guest_binary() -> Result<PathBuf> {
     }
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let exe_dir = exe.parent().unwrap_or(Path::new("/"));
-    for candidate in [
-        exe_dir.join("herd-guest"),
-        exe_dir.join("../lib/herd/herd-guest"),
-        PathBuf::from(INSTALLED_GUEST),
-    ] {
-        // A workspace build leaves a dynamically linked herd-guest next to herd: not
-        // for images.
-        let is_static =
-            std::fs::read(&candidate).is_ok_and(|bytes| herd_image::is_static_elf(&bytes));
-        if is_static {
-            return Ok(candidate);
-        }
-    }
-    // Run from a herd source tree (the executable in its target dir, or the working
-    // directory inside the tree when the target dir is elsewhere): build it.
+    // Run from a herd source tree (the executable in the tree's target dir, or the
+    // working directory inside the tree when the target dir is elsewhere): build it
+    // from there, so a development herd never uses an older installed guest.
     let cwd = std::env::current_dir().unwrap_or_default();
     let in_tree = |dir: &&Path| dir.join("crates/herd-guest/Cargo.toml").is_file();
     if let Some(root) = exe
@@ -41,6 +29,18 @@ pub fn guest_binary() -> Result<PathBuf> {
     {
         eprintln!("building herd-guest from {}...", root.display());
         return herd_image::guest_binary(root, true).context("building herd-guest");
+    }
+    for candidate in [
+        exe_dir.join("herd-guest"),
+        exe_dir.join("../lib/herd/herd-guest"),
+        PathBuf::from(INSTALLED_GUEST),
+    ] {
+        // Only a static binary can be a guest's /init.
+        let is_static =
+            std::fs::read(&candidate).is_ok_and(|bytes| herd_image::is_static_elf(&bytes));
+        if is_static {
+            return Ok(candidate);
+        }
     }
     bail!(
         "herd-guest is not installed (looked next to {} and in {INSTALLED_GUEST}); run scripts/up from the herd source tree",

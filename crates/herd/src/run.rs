@@ -254,11 +254,41 @@ pub async fn up(args: UpArgs) -> Result<()> {
     );
     let stop = shutdown_signal();
     let agent_task = tokio::spawn(agent.run(on_shutdown(&stop)));
+    let serving = tokio::spawn(bound.serve(on_shutdown(&stop)));
+    // Say "up" once the local host can take VMs, not before.
+    eprintln!("waiting for the local agent to join (probing hypervisors)...");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !cloud
+        .hosts()
+        .map(|hosts| {
+            hosts
+                .iter()
+                .any(|h| h.record.up && h.live.as_ref().is_some_and(|l| l.connected))
+        })
+        .unwrap_or(false)
+    {
+        if agent_task.is_finished() || serving.is_finished() || std::time::Instant::now() > deadline
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if agent_task.is_finished() {
+        // The local agent could not start (no usable driver, say): that is herd up failing.
+        match agent_task.await {
+            Ok(Err(e)) => return Err(e).context("the local agent stopped"),
+            Err(e) => bail!("agent task failed: {e}"),
+            Ok(Ok(())) => return Ok(()),
+        }
+    }
     eprintln!("herd is up at {public_url}");
     eprintln!("  data:          {}", data_dir.display());
     eprintln!("  client config: {}", config_path.display());
     eprintln!("  try:           herd vm launch web && herd vm ls");
-    bound.serve(on_shutdown(&stop)).await?;
+    match serving.await {
+        Ok(result) => result?,
+        Err(e) => bail!("server task failed: {e}"),
+    }
     match agent_task.await {
         Ok(result) => result?,
         Err(e) => bail!("agent task failed: {e}"),
