@@ -40,6 +40,7 @@ fn bare_boot(dir: &Path, kernel: &Path, initrd: &Path, n: usize) -> Result<Durat
         image: "default".into(),
         command: vec![],
         policy: Default::default(),
+        keep_running: false,
     };
     let launch = LaunchSpec {
         id,

@@ -318,6 +318,7 @@ fn setup(args: &Args, dir: &std::path::Path) -> Result<World> {
             image: None,
             command: vec![],
             policy: Default::default(),
+            keep_running: false,
         })?;
         let host = vm.host.context("every VM must be placed")?;
         let idx = index[&host];

@@ -93,6 +93,7 @@ fn spec(command: &[&str]) -> VmSpec {
         image: "default".into(),
         command: command.iter().map(|s| s.to_string()).collect(),
         policy: Default::default(),
+        keep_running: false,
     }
 }
 

@@ -158,6 +158,7 @@ mod tests {
                 image: "default".into(),
                 command: vec![],
                 policy: Default::default(),
+                keep_running: false,
             },
             target: VmState::Running,
         }

@@ -141,6 +141,9 @@ pub struct VmSpec {
     /// Self-management policies, enforced in the guest and, as a backstop, by the agent.
     #[serde(default)]
     pub policy: crate::policy::PolicySpec,
+    /// Keep the VM up after its workload ends (by default it powers off).
+    #[serde(default)]
+    pub keep_running: bool,
 }
 
 /// Converge one VM to `target`, creating it from `spec` if the host lacks it.

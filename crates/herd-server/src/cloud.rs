@@ -102,6 +102,7 @@ pub struct LaunchSpec {
     pub image: Option<String>,
     pub command: Vec<String>,
     pub policy: PolicySpec,
+    pub keep_running: bool,
 }
 
 /// Live facts about a host that change every interval and are not worth a disk write.
@@ -446,6 +447,7 @@ impl Cloud {
                 image,
                 command: spec.command,
                 policy,
+                keep_running: spec.keep_running,
             },
         ))
     }
@@ -617,6 +619,7 @@ impl Cloud {
             image: spec.image.clone(),
             command: spec.command.clone(),
             policy: spec.policy,
+            keep_running: spec.keep_running,
             host,
             desired: VmState::Running,
             generation: 1,
@@ -1414,6 +1417,7 @@ pub fn spec_of(vm: &VmRecord) -> VmSpec {
         image: vm.image.clone(),
         command: vm.command.clone(),
         policy: vm.policy,
+        keep_running: vm.keep_running,
     }
 }
 

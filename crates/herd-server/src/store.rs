@@ -43,6 +43,7 @@ pub struct VmRecord {
     pub image: String,
     pub command: Vec<String>,
     pub policy: PolicySpec,
+    pub keep_running: bool,
     pub host: Option<HostId>,
     pub desired: VmState,
     pub generation: u64,
@@ -127,7 +128,8 @@ CREATE TABLE IF NOT EXISTS vms (
     deleting INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL,
-    policy TEXT NOT NULL DEFAULT '{}'
+    policy TEXT NOT NULL DEFAULT '{}',
+    keep_running INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS vms_by_name ON vms (project, name);
 CREATE INDEX IF NOT EXISTS vms_by_host ON vms (host);
@@ -195,12 +197,20 @@ fn migrate(db: &Connection) -> Result<(), StoreError> {
     if has_policy == 0 {
         db.execute_batch("ALTER TABLE vms ADD COLUMN policy TEXT NOT NULL DEFAULT '{}'")?;
     }
+    let has_keep: i64 = db.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('vms') WHERE name = 'keep_running'",
+        [],
+        |row| row.get(0),
+    )?;
+    if has_keep == 0 {
+        db.execute_batch("ALTER TABLE vms ADD COLUMN keep_running INTEGER NOT NULL DEFAULT 0")?;
+    }
     Ok(())
 }
 
 const VM_COLUMNS: &str = "id, name, project, hypervisor, vcpus, memory_mib, image, command, host, \
      desired_state, generation, issued_generation, observed_state, observed_at, last_error, \
-     deleting, created_at, updated_at, policy";
+     deleting, created_at, updated_at, policy, keep_running";
 
 fn parse_uuid(text: &str) -> Result<uuid::Uuid, StoreError> {
     text.parse()
@@ -234,6 +244,7 @@ fn vm_from_row(row: &Row<'_>) -> Result<Result<VmRecord, StoreError>, rusqlite::
         row.get::<_, i64>(17)?,
     );
     let policy: String = row.get(18)?;
+    let keep_running: i64 = row.get(19)?;
     Ok((|| {
         let (
             name,
@@ -262,6 +273,7 @@ fn vm_from_row(row: &Row<'_>) -> Result<Result<VmRecord, StoreError>, rusqlite::
                 .map_err(|e| StoreError::Corrupt(format!("command of VM {id}: {e}")))?,
             policy: serde_json::from_str(&policy)
                 .map_err(|e| StoreError::Corrupt(format!("policy of VM {id}: {e}")))?,
+            keep_running: keep_running != 0,
             host: host.as_deref().map(parse_uuid).transpose()?,
             desired: parse_state(&desired)?,
             generation: generation as u64,
@@ -630,7 +642,7 @@ impl Store {
         let result = tx.execute(
             &format!(
                 "INSERT INTO vms ({VM_COLUMNS}) VALUES \
-                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
             ),
             params![
                 vm.id.to_string(),
@@ -652,6 +664,7 @@ impl Store {
                 vm.created_at_ms,
                 vm.updated_at_ms,
                 serde_json::to_string(&vm.policy).unwrap_or_else(|_| "{}".into()),
+                vm.keep_running as i64,
             ],
         );
         match result {

@@ -61,6 +61,7 @@ async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
             image: None,
             command: vec![],
             policy: Default::default(),
+            keep_running: false,
         })
         .expect("launch");
     // The host reports it running.

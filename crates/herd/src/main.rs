@@ -259,6 +259,9 @@ pub struct LaunchArgs {
     /// Return at once instead of waiting for the VM to run.
     #[arg(long)]
     pub no_wait: bool,
+    /// Keep the VM up after its workload ends (by default it powers off).
+    #[arg(long)]
+    pub keep_running: bool,
     #[command(flatten)]
     pub policy: PolicyArgs,
     #[arg(short, long, value_enum, default_value = "table")]

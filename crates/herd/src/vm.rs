@@ -85,6 +85,7 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
         image: args.image,
         command: (!args.command.is_empty()).then_some(args.command),
         policy: Some(crate::policy::spec(&args.policy)?).filter(|p| !p.is_empty()),
+        keep_running: args.keep_running.then_some(true),
     };
     let started = Instant::now();
     let mut view: VmView = client.call(Method::POST, "/v1/vms", Some(&request)).await?;

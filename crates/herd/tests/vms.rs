@@ -224,8 +224,30 @@ async fn real_vms_through_herd_up() {
     .await;
     assert_eq!(vm["guest"]["exit_code"], 3, "{vm}");
 
+    // ...unless its spec says to keep it up.
+    let keeper = api
+        .post(
+            "/v1/vms",
+            json!({"name": "keeper", "memory_mib": 128, "keep_running": true,
+                   "command": ["sh", "-c", "exit 0"]}),
+        )
+        .await
+        .expect("launch keeper");
+    let keeper = keeper["id"].as_str().expect("id").to_owned();
+    wait_vm(
+        &api,
+        &keeper,
+        "the workload's exit reported",
+        Duration::from_secs(120),
+        |vm| vm["guest"]["exit_code"] == 0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let vm = api.get(&format!("/v1/vms/{keeper}")).await;
+    assert_eq!(vm["state"], "running", "a keep_running VM stays up: {vm}");
+
     // Delete everything: no QEMU process and no file of any VM is left.
-    for id in ids.iter().chain([&exiter]) {
+    for id in ids.iter().chain([&exiter, &keeper]) {
         let (status, _) = api
             .request(reqwest::Method::DELETE, &format!("/v1/vms/{id}"), None)
             .await

@@ -328,6 +328,7 @@ mod tests {
             image: "default".into(),
             command: vec![],
             policy: Default::default(),
+            keep_running: false,
         }
     }
 

@@ -282,6 +282,7 @@ async fn launch_vm(
         image: request.image,
         command: request.command.unwrap_or_default(),
         policy: request.policy.unwrap_or_default(),
+        keep_running: request.keep_running.unwrap_or(false),
     })?;
     Ok((StatusCode::CREATED, Json(VmView::of(&record, None, None))))
 }

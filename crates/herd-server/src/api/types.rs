@@ -39,6 +39,8 @@ pub struct LaunchRequest {
     pub command: Option<Vec<String>>,
     /// Self-management policies (seed 004).
     pub policy: Option<PolicySpec>,
+    /// Keep the VM up after its workload ends; by default it powers off.
+    pub keep_running: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -63,6 +65,7 @@ pub struct VmView {
     pub image: String,
     pub command: Vec<String>,
     pub policy: PolicySpec,
+    pub keep_running: bool,
     /// The host it is placed on; absent while pending.
     pub host: Option<Uuid>,
     /// What the user asked for.
@@ -148,6 +151,7 @@ impl VmView {
             image: vm.image.clone(),
             command: vm.command.clone(),
             policy: vm.policy,
+            keep_running: vm.keep_running,
             host: vm.host,
             desired_state: vm.desired,
             state: vm.observed,

@@ -106,6 +106,9 @@ pub fn kernel_cmdline(l: &LaunchSpec<'_>) -> Result<String, LaunchError> {
         line.push_str(&format!(" tsc_early_khz={khz}"));
     }
     line.push_str(&format!(" herd.vm={} herd.token={}", l.id, l.token));
+    if l.spec.keep_running {
+        line.push_str(" herd.keep=1");
+    }
     if !l.spec.command.is_empty() {
         let json = serde_json::to_vec(&l.spec.command).unwrap_or_default();
         let b64 = base64::engine::general_purpose::STANDARD.encode(json);
@@ -248,6 +251,7 @@ mod tests {
             image: "default".into(),
             command,
             policy: Default::default(),
+            keep_running: false,
         }
     }
 

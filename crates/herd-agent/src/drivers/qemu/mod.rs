@@ -391,6 +391,7 @@ impl Inner {
             image: String::new(),
             command: vec!["/bin/true".into()],
             policy: Default::default(),
+            keep_running: false,
         };
         let launch = LaunchSpec {
             id: VmId::nil(),
