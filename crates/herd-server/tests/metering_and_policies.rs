@@ -1,4 +1,4 @@
-//! Metering and billing through the real server core and store: a retransmitted usage
+//! Metering, billing and server-side policies through the real server core and store.
 //! batch is counted once, and the bill follows the rate card.
 
 use herd_bus::EmbeddedBus;
@@ -137,4 +137,122 @@ async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
         .record_usage(host, t - 500, &usage(31_000, 3 * gib))
         .expect("usage");
     assert_eq!(bill(to)[0].cost_micros, 181_000);
+}
+
+/// Activation: a VM waits, unplaced, until its start time, and until the VM it follows
+/// has completed.
+#[tokio::test(flavor = "multi_thread")]
+async fn activation_holds_a_vm_until_its_time_and_its_predecessor() {
+    use herd_proto::policy::{Activation, PolicySpec};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ServerConfig::new(dir.path().to_path_buf(), "http://127.0.0.1:1".into());
+    config.default_hypervisor = "sim".into();
+    let bus = EmbeddedBus::open(&dir.path().join("bus.db")).expect("bus");
+    let cloud = Arc::new(Cloud::open(config, Box::new(bus)).expect("cloud"));
+    let (token, _) = cloud
+        .create_join_token(Duration::from_secs(60))
+        .expect("join token");
+    let host = cloud
+        .join(&JoinRequest {
+            join_token: token,
+            hostname: "h".into(),
+        })
+        .expect("join")
+        .host_id;
+    let sim = [HypervisorInfo {
+        kind: "sim".into(),
+        detail: String::new(),
+    }];
+    cloud
+        .host_hello(host, "h", &sim, 8, 8192, "test")
+        .expect("hello");
+    let launch = |name: &str, activation: Activation| {
+        cloud
+            .launch(LaunchSpec {
+                name: name.into(),
+                project: None,
+                hypervisor: Some("sim".into()),
+                vcpus: Some(1),
+                memory_mib: Some(64),
+                image: None,
+                command: vec![],
+                policy: PolicySpec {
+                    activation: Some(activation),
+                    ..PolicySpec::default()
+                },
+                keep_running: false,
+            })
+            .expect("launch")
+    };
+    let first = cloud
+        .launch(LaunchSpec {
+            name: "first".into(),
+            project: None,
+            hypervisor: Some("sim".into()),
+            vcpus: Some(1),
+            memory_mib: Some(64),
+            image: None,
+            command: vec![],
+            policy: PolicySpec::default(),
+            keep_running: false,
+        })
+        .expect("launch");
+    let soon = (now_ms() / 1000 + 2) as u64;
+    let timed = launch(
+        "timed",
+        Activation {
+            start_at: Some(soon),
+            after_vm: None,
+        },
+    );
+    let follower = launch(
+        "follower",
+        Activation {
+            start_at: None,
+            after_vm: Some(first.id),
+        },
+    );
+    cloud.reconcile_once().await.expect("reconcile");
+    let state = |id| cloud.store.vm(id).expect("vm").expect("exists");
+    assert_eq!(state(timed.id).observed, VmState::Pending);
+    assert!(
+        state(timed.id).host.is_none(),
+        "placed before its start time"
+    );
+    assert!(
+        state(follower.id).host.is_none(),
+        "placed before its predecessor completed"
+    );
+
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    cloud.reconcile_once().await.expect("reconcile");
+    assert_eq!(
+        state(timed.id).host,
+        Some(host),
+        "placed once its time came"
+    );
+    assert!(state(follower.id).host.is_none());
+
+    // The first VM completes (its host reports it stopped).
+    let mut view = HostView::new();
+    let report = Report {
+        epoch: 1,
+        seq: 1,
+        util: HostUtil::default(),
+        body: ReportBody::Full {
+            vms: vec![VmStatus {
+                slot: 0,
+                vm: Some(first.id),
+                state: VmState::Stopped,
+            }],
+        },
+        events: vec![],
+    };
+    ingest::apply_report(&cloud, host, &mut view, &report).expect("report");
+    cloud.reconcile_once().await.expect("reconcile");
+    assert_eq!(
+        state(follower.id).host,
+        Some(host),
+        "placed once its predecessor completed"
+    );
 }
