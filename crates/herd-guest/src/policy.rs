@@ -182,9 +182,17 @@ fn handle_verdicts(shared: &Arc<Shared>, verdicts: Vec<Verdict>) -> Outcome {
                 match action {
                     PolicyAction::Notify => {}
                     PolicyAction::Stop | PolicyAction::Terminate => {
-                        shared.flush_best_effort(Duration::from_millis(500));
-                        // Give the host a moment to read the report before the VM goes.
-                        std::thread::sleep(Duration::from_millis(200));
+                        // With a host listening, hand it the report first; with none,
+                        // waiting would only make the VM late (the console keeps the
+                        // reason for the host to read later).
+                        if shared
+                            .host_connected
+                            .load(std::sync::atomic::Ordering::SeqCst)
+                        {
+                            shared.flush_best_effort(Duration::from_millis(500));
+                            // Give the host a moment to read the report before the VM goes.
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
                         shared.power_off();
                     }
                     PolicyAction::Suspend => {

@@ -1,5 +1,6 @@
-//! Metering, billing and server-side policies through the real server core and store.
-//! batch is counted once, and the bill follows the rate card.
+//! Metering, billing and server-side policies through the real server core and store:
+//! a retransmitted usage batch is counted once, the bill follows the rate card, and
+//! activation holds a VM back.
 
 use herd_bus::EmbeddedBus;
 use herd_proto::join::JoinRequest;
