@@ -759,16 +759,23 @@ impl Cloud {
             info.last_report_at_ms = now;
             match report {
                 GuestReport::Hello { guest_version } => {
+                    // A guest greets at boot and again when its host greets it: one
+                    // event per boot is enough.
+                    let repeated = info
+                        .hello_at_ms
+                        .is_some_and(|at| now.saturating_sub(at) < 10_000);
                     *info = GuestInfo {
                         version: Some(guest_version.clone()),
                         hello_at_ms: Some(now),
                         last_report_at_ms: now,
                         ..GuestInfo::default()
                     };
-                    Some((
-                        "vm.guest",
-                        format!("guest module {guest_version} said hello"),
-                    ))
+                    (!repeated).then(|| {
+                        (
+                            "vm.guest",
+                            format!("guest module {guest_version} said hello"),
+                        )
+                    })
                 }
                 GuestReport::Status {
                     uptime_ms,

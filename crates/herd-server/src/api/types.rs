@@ -260,7 +260,7 @@ pub struct HypervisorView {
 pub struct HostInfo {
     pub id: Uuid,
     pub hostname: String,
-    /// `up` or `down`.
+    /// `joining` (joined, not heard from yet), `up` or `down`.
     pub state: String,
     pub connected: bool,
     pub hypervisors: Vec<HypervisorView>,
@@ -286,7 +286,12 @@ impl HostInfo {
         HostInfo {
             id: host.id,
             hostname: host.hostname.clone(),
-            state: if host.up { "up".into() } else { "down".into() },
+            state: match (host.up, &host.agent_version) {
+                (true, _) => "up".into(),
+                // Never said hello yet: it has joined but not come up.
+                (false, None) => "joining".into(),
+                (false, Some(_)) => "down".into(),
+            },
             connected: live.is_some_and(|l| l.connected),
             hypervisors: host
                 .hypervisors
