@@ -25,6 +25,28 @@ pub enum PolicyAction {
     Terminate,
 }
 
+impl PolicyAction {
+    pub const ALL: [PolicyAction; 4] = [
+        PolicyAction::Notify,
+        PolicyAction::Suspend,
+        PolicyAction::Stop,
+        PolicyAction::Terminate,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyAction::Notify => "notify",
+            PolicyAction::Suspend => "suspend",
+            PolicyAction::Stop => "stop",
+            PolicyAction::Terminate => "terminate",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<PolicyAction> {
+        PolicyAction::ALL.into_iter().find(|a| a.as_str() == text)
+    }
+}
+
 /// Every rule has an action and may warn ahead of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -220,15 +220,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
-fn action_name(action: PolicyAction) -> &'static str {
-    match action {
-        PolicyAction::Notify => "notify",
-        PolicyAction::Suspend => "suspend",
-        PolicyAction::Stop => "stop",
-        PolicyAction::Terminate => "terminate",
-    }
-}
-
 fn valid_name(text: &str) -> bool {
     !text.is_empty()
         && text.len() <= 63
@@ -808,7 +799,7 @@ impl Cloud {
                     reason,
                 } => Some((
                     "vm.policy_action",
-                    format!("{rule}: {} ({reason}), by the guest", action_name(*action)),
+                    format!("{rule}: {} ({reason}), by the guest", action.as_str()),
                 )),
                 GuestReport::PolicyProgress { items } => {
                     info.policy_progress = items.clone();
@@ -849,7 +840,7 @@ impl Cloud {
             kind: "vm.policy_action",
             message: format!(
                 "{rule}: {} ({reason}), by the host's backstop",
-                action_name(action)
+                action.as_str()
             ),
             ..NewEvent::default()
         })?;
@@ -1238,7 +1229,7 @@ impl Cloud {
     fn enforce_lifespans(&self) -> Result<(), CloudError> {
         const GRACE_MS: i64 = 5_000;
         let now = now_ms();
-        for vm in self.store.vms_with_policy()? {
+        for vm in self.store.vms_with_lifespan()? {
             let Some(lifespan) = vm.policy.lifespan else {
                 continue;
             };

@@ -746,11 +746,12 @@ impl Store {
         collect_vms(rows)
     }
 
-    /// VMs with a policy whose desired state is not final yet.
-    pub fn vms_with_policy(&self) -> Result<Vec<VmRecord>, StoreError> {
+    /// VMs with a lifespan whose desired state still keeps them up. Filtered in SQL:
+    /// the reconciler asks every pass, and most VMs have no lifespan.
+    pub fn vms_with_lifespan(&self) -> Result<Vec<VmRecord>, StoreError> {
         let db = self.db();
         let mut stmt = db.prepare_cached(&format!(
-            "SELECT {VM_COLUMNS} FROM vms WHERE policy != '{{}}' \
+            "SELECT {VM_COLUMNS} FROM vms WHERE json_extract(policy, '$.lifespan') IS NOT NULL \
              AND desired_state NOT IN ('terminated', 'stopped', 'suspended')"
         ))?;
         let rows = stmt.query_map([], vm_from_row)?;

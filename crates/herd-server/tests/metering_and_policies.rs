@@ -5,7 +5,7 @@
 use herd_bus::EmbeddedBus;
 use herd_proto::join::JoinRequest;
 use herd_proto::policy::{Rate, RateCard};
-use herd_proto::wire::{HostUtil, HypervisorInfo, Report, ReportBody, VmStatus, VmUsage};
+use herd_proto::wire::{HostId, HostUtil, HypervisorInfo, Report, ReportBody, VmStatus, VmUsage};
 use herd_proto::VmState;
 use herd_server::cloud::LaunchSpec;
 use herd_server::store::now_ms;
@@ -14,8 +14,8 @@ use herd_sync::HostView;
 use std::sync::Arc;
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
+/// A server core on a fresh store with one joined sim host that said hello.
+fn cloud_with_one_sim_host() -> (tempfile::TempDir, Arc<Cloud>, HostId) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = ServerConfig::new(dir.path().to_path_buf(), "http://127.0.0.1:1".into());
     config.default_hypervisor = "sim".into();
@@ -38,6 +38,12 @@ async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
     cloud
         .host_hello(host, "h", &sim, 8, 8192, "test")
         .expect("hello");
+    (dir, cloud, host)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
+    let (_dir, cloud, host) = cloud_with_one_sim_host();
     // CPU and network only: time-based charges depend on the clock; the unit tests of
     // `billing` check those against a hand calculation.
     let rates = RateCard {
@@ -145,28 +151,7 @@ async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
 #[tokio::test(flavor = "multi_thread")]
 async fn activation_holds_a_vm_until_its_time_and_its_predecessor() {
     use herd_proto::policy::{Activation, PolicySpec};
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = ServerConfig::new(dir.path().to_path_buf(), "http://127.0.0.1:1".into());
-    config.default_hypervisor = "sim".into();
-    let bus = EmbeddedBus::open(&dir.path().join("bus.db")).expect("bus");
-    let cloud = Arc::new(Cloud::open(config, Box::new(bus)).expect("cloud"));
-    let (token, _) = cloud
-        .create_join_token(Duration::from_secs(60))
-        .expect("join token");
-    let host = cloud
-        .join(&JoinRequest {
-            join_token: token,
-            hostname: "h".into(),
-        })
-        .expect("join")
-        .host_id;
-    let sim = [HypervisorInfo {
-        kind: "sim".into(),
-        detail: String::new(),
-    }];
-    cloud
-        .host_hello(host, "h", &sim, 8, 8192, "test")
-        .expect("hello");
+    let (_dir, cloud, host) = cloud_with_one_sim_host();
     let launch = |name: &str, activation: Activation| {
         cloud
             .launch(LaunchSpec {

@@ -9,12 +9,8 @@ use herd_proto::policy::{
 use std::time::UNIX_EPOCH;
 
 fn action(flag: &str, text: &str) -> Result<PolicyAction> {
-    Ok(match text {
-        "notify" => PolicyAction::Notify,
-        "suspend" => PolicyAction::Suspend,
-        "stop" => PolicyAction::Stop,
-        "terminate" => PolicyAction::Terminate,
-        other => bail!("--{flag}: {other:?} is not an action (notify, suspend, stop, terminate)"),
+    PolicyAction::parse(text).ok_or_else(|| {
+        anyhow!("--{flag}: {text:?} is not an action (notify, suspend, stop, terminate)")
     })
 }
 

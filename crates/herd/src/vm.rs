@@ -6,7 +6,7 @@ use crate::{
     BillArgs, BillOutput, HostCommand, LaunchArgs, ListArgs, Output, RateCardCommand, VmCommand,
 };
 use anyhow::{bail, Result};
-use herd_proto::policy::{Enforcement, PolicyAction, PolicySpec};
+use herd_proto::policy::{Enforcement, PolicySpec};
 use herd_proto::VmState;
 use herd_server::api::{
     BillView, EventList, HostInfo, JoinTokenView, LaunchRequest, VmList, VmView,
@@ -521,15 +521,6 @@ pub async fn rate_card(command: RateCardCommand) -> Result<()> {
     }
 }
 
-fn action_name(action: PolicyAction) -> &'static str {
-    match action {
-        PolicyAction::Notify => "notify",
-        PolicyAction::Suspend => "suspend",
-        PolicyAction::Stop => "stop",
-        PolicyAction::Terminate => "terminate",
-    }
-}
-
 fn enforce(e: &Enforcement, warn_is_time: bool) -> String {
     let warn = match (e.warn, warn_is_time) {
         (Some(s), true) => format!(
@@ -539,7 +530,7 @@ fn enforce(e: &Enforcement, warn_is_time: bool) -> String {
         (Some(m), false) => format!(" (warn at {:.0}%)", m as f64 / 10.0),
         (None, _) => String::new(),
     };
-    format!("-> {}{warn}", action_name(e.action))
+    format!("-> {}{warn}", e.action.as_str())
 }
 
 /// One line per configured policy rule.
