@@ -133,9 +133,20 @@ fn start_herd(root: &Path, image_dir: &Path) -> Result<Herd> {
         .stderr(std::fs::File::create(root.join("herd.log"))?)
         .spawn()
         .with_context(|| format!("starting {}", herd.display()))?;
-    let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::blocking::Client::new();
+    // `herd up` serves HTTPS with a CA it writes (whole, by rename) before it listens.
     let deadline = Instant::now() + Duration::from_secs(120);
+    let ca_path = data.join("server/ca.pem");
+    while !ca_path.exists() {
+        if Instant::now() > deadline {
+            bail!("herd up made no CA");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ca_pem = std::fs::read_to_string(&ca_path)?;
+    let url = format!("https://127.0.0.1:{port}");
+    let http = reqwest::blocking::Client::builder()
+        .use_preconfigured_tls(herd_tls::client_config(&ca_pem, None)?)
+        .build()?;
     while http.get(format!("{url}/healthz")).send().is_err() {
         if Instant::now() > deadline {
             bail!("herd up did not start");

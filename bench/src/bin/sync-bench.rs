@@ -288,6 +288,7 @@ fn setup(args: &Args, dir: &std::path::Path) -> Result<World> {
         let joined = cloud.join(&herd_proto::join::JoinRequest {
             join_token: token,
             hostname: format!("host-{n}"),
+            csr_pem: String::new(),
         })?;
         cloud.host_hello(
             joined.host_id,

@@ -1,10 +1,18 @@
 //! The agent's life: join once, discover, configure, then hold one connection to the
 //! server's bus for as long as the process lives.
 //!
-//! Everything the agent must not forget across a kill -9 is in two small files in its
-//! data dir: its credentials (`agent.json`) and its sync state (`state.json`: epoch,
-//! last reported VM states, the newest command generation applied per VM). VMs live in
-//! their drivers and outlive the agent; on start it re-adopts them by listing them.
+//! Everything the agent must not forget across a kill -9 is in small files in its data
+//! dir: its credentials (`agent.json`; over HTTPS also its key `agent.key`, its
+//! certificate `agent.pem` and the server's CA `ca.pem`) and its sync state
+//! (`state.json`: epoch, last reported VM states, the newest command generation applied
+//! per VM). VMs live in their drivers and outlive the agent; on start it re-adopts them
+//! by listing them.
+//!
+//! Trust: over HTTPS the agent trusts only the server's CA. Before its first join it
+//! has that CA from the caller (`ca_pem`, e.g. `herd up`) or takes it from the server's
+//! handshake only if it matches the pinned fingerprint (`ca_fingerprint`). It joins
+//! with a CSR and from then on presents the certificate issued for its host id on every
+//! connection (mTLS) besides its token.
 
 use crate::backstop::{Backstop, Enforce};
 use crate::converge::{next_step, Plan};
@@ -42,6 +50,8 @@ pub enum AgentError {
     NoDriver { tried: String },
     #[error("agent state: {0}")]
     State(String),
+    #[error("TLS")]
+    Tls(#[from] herd_tls::TlsError),
     #[error(transparent)]
     Driver(#[from] DriverError),
 }
@@ -57,6 +67,11 @@ pub struct AgentConfig {
     /// Capacity to offer; `None` fields are read from /proc.
     pub cpus: Option<u32>,
     pub memory_mib: Option<u64>,
+    /// The server's CA (PEM), when the caller already trusts it (`herd up`, `--ca`).
+    pub ca_pem: Option<String>,
+    /// The SHA-256 fingerprint of the server's CA, pinned for the first join over
+    /// HTTPS when `ca_pem` is not given.
+    pub ca_fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,10 +100,37 @@ const USAGE_MEM_KIB_STEP: u64 = 16 * 1024;
 /// Messages from guest modules, named by the VM whose channel they came in on.
 pub type GuestEvents = mpsc::UnboundedReceiver<(VmId, GuestMsg)>;
 
+/// How the agent reaches its server once joined: over HTTPS, a client that trusts only
+/// the server's CA and presents this host's certificate, for HTTP and the bus alike.
+#[derive(Clone)]
+struct Transport {
+    http: reqwest::Client,
+    tls: Option<Arc<herd_tls::rustls::ClientConfig>>,
+}
+
+impl Transport {
+    fn plain() -> Transport {
+        Transport {
+            http: reqwest::Client::new(),
+            tls: None,
+        }
+    }
+
+    fn tls(config: herd_tls::rustls::ClientConfig) -> Result<Transport, AgentError> {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(config.clone())
+            .build()
+            .map_err(|e| AgentError::State(format!("building the HTTPS client: {e}")))?;
+        Ok(Transport {
+            http,
+            tls: Some(Arc::new(config)),
+        })
+    }
+}
+
 pub struct Agent {
     config: AgentConfig,
     drivers: Vec<Arc<dyn Driver>>,
-    http: reqwest::Client,
     guest_events: Option<GuestEvents>,
 }
 
@@ -97,7 +139,6 @@ impl Agent {
         Agent {
             config,
             drivers,
-            http: reqwest::Client::new(),
             guest_events: None,
         }
     }
@@ -114,6 +155,53 @@ impl Agent {
 
     fn state_path(&self) -> PathBuf {
         self.config.data_dir.join("state.json")
+    }
+
+    fn tls_paths(&self) -> [PathBuf; 3] {
+        let dir = &self.config.data_dir;
+        [
+            dir.join("agent.key"),
+            dir.join("agent.pem"),
+            dir.join("ca.pem"),
+        ]
+    }
+
+    /// How to reach the server with these credentials: over HTTPS with the key,
+    /// certificate and CA saved at join.
+    fn transport(&self, creds: &Credentials) -> Result<Transport, AgentError> {
+        if !creds.server_url.starts_with("https://") {
+            return Ok(Transport::plain());
+        }
+        let [key, cert, ca] = self.tls_paths().map(|path| {
+            std::fs::read_to_string(&path).map_err(|e| {
+                AgentError::State(format!(
+                    "{}: {e} (this host joined over HTTPS and needs its key, certificate \
+                     and CA; join again with a new token and an empty data dir)",
+                    path.display()
+                ))
+            })
+        });
+        let config = herd_tls::client_config(&ca?, Some((&cert?, &key?)))?;
+        Transport::tls(config)
+    }
+
+    /// The CA to trust for a first join over HTTPS: given, or taken from the server's
+    /// handshake if it matches the pinned fingerprint.
+    async fn ca_for_join(&self, url: &str) -> Result<String, AgentError> {
+        if let Some(pem) = &self.config.ca_pem {
+            return Ok(pem.clone());
+        }
+        let Some(fingerprint) = &self.config.ca_fingerprint else {
+            return Err(AgentError::Join {
+                url: url.to_owned(),
+                reason: "the server speaks HTTPS but no CA is pinned: pass --ca-fingerprint \
+                         (`herd host join-token` prints it) or --ca with the server's ca.pem"
+                    .into(),
+            });
+        };
+        let pem = herd_tls::fetch_pinned_ca(url, fingerprint).await?;
+        info!(fingerprint = %herd_tls::normalize_fingerprint(fingerprint)?, "pinned the server's CA");
+        Ok(pem)
     }
 
     /// Joins with the one-time token if this host has no credentials yet.
@@ -133,42 +221,83 @@ impl Agent {
             url: url.clone(),
             reason,
         };
-        let response = self
+        let ca_pem = if url.starts_with("https://") {
+            Some(self.ca_for_join(&url).await?)
+        } else {
+            None
+        };
+        let transport = match &ca_pem {
+            Some(ca) => Transport::tls(herd_tls::client_config(ca, None)?)?,
+            None => Transport::plain(),
+        };
+        let (key_pem, csr_pem) = herd_tls::agent_key_and_csr()?;
+        let response = transport
             .http
             .post(format!("{url}/v1/agent/join"))
             .json(&JoinRequest {
                 join_token: token.clone(),
                 hostname: self.config.hostname.clone(),
+                csr_pem,
             })
             .send()
             .await
-            .map_err(|e| join_err(e.to_string()))?;
+            .map_err(|e| join_err(error_chain(&e)))?;
         if !response.status().is_success() {
             let status = response.status();
             let body = response.text().await.unwrap_or_default();
             return Err(join_err(format!("{status}: {body}")));
         }
         let joined: JoinResponse = response.json().await.map_err(|e| join_err(e.to_string()))?;
+        if let Some(ca_pem) = &ca_pem {
+            let Some(cert_pem) = &joined.certificate_pem else {
+                return Err(join_err("the server issued no certificate".into()));
+            };
+            // The server's word on its CA must be the CA this connection was verified
+            // with; anything else is a confused or hostile server.
+            let named = joined.ca_pem.as_deref().map(herd_tls::fingerprint_of_pem);
+            if !matches!(named, Some(Ok(named)) if named == herd_tls::fingerprint_of_pem(ca_pem)?) {
+                return Err(join_err(
+                    "the server named a CA other than the one it was verified with".into(),
+                ));
+            }
+            let [key_path, cert_path, ca_path] = self.tls_paths();
+            let save = |path: &PathBuf, bytes: &str, private: bool| {
+                let written = if private {
+                    persist::write_private(path, bytes.as_bytes())
+                } else {
+                    persist::write_atomic(path, bytes.as_bytes())
+                };
+                written.map_err(|e| AgentError::State(format!("saving {}: {e}", path.display())))
+            };
+            save(&key_path, &key_pem, true)?;
+            save(&cert_path, cert_pem, false)?;
+            save(&ca_path, ca_pem, false)?;
+        }
         let creds = Credentials {
             server_url: url,
             host_id: joined.host_id,
             agent_token: joined.agent_token,
         };
         let bytes = serde_json::to_vec_pretty(&creds).unwrap_or_default();
-        persist::write_atomic(&self.credentials_path(), &bytes)
+        // Last, and owner-only (it holds the agent token): its presence means "joined".
+        persist::write_private(&self.credentials_path(), &bytes)
             .map_err(|e| AgentError::State(format!("saving credentials: {e}")))?;
         info!(host = %creds.host_id, "joined");
         Ok(creds)
     }
 
-    async fn discover(&self, creds: &Credentials) -> Result<Discovery, String> {
-        let response = self
+    async fn discover(
+        &self,
+        transport: &Transport,
+        creds: &Credentials,
+    ) -> Result<Discovery, String> {
+        let response = transport
             .http
             .get(format!("{}/v1/agent/discovery", creds.server_url))
             .bearer_auth(&creds.agent_token)
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| error_chain(&e))?;
         if !response.status().is_success() {
             return Err(format!("discovery answered {}", response.status()));
         }
@@ -214,6 +343,7 @@ impl Agent {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), AgentError> {
         let creds = self.credentials().await?;
+        let transport = self.transport(&creds)?;
         let hypervisors = self.configure().await?;
         let saved: SavedState = persist::load_json(&self.state_path())
             .map_err(AgentError::State)?
@@ -242,8 +372,10 @@ impl Agent {
         let mut backoff = Duration::from_millis(200);
         loop {
             let attempt = async {
-                let discovery = self.discover(&creds).await?;
-                session.connect_and_serve(&creds, &discovery, &hello).await
+                let discovery = self.discover(&transport, &creds).await?;
+                session
+                    .connect_and_serve(&creds, transport.tls.clone(), &discovery, &hello)
+                    .await
             };
             tokio::select! {
                 _ = &mut shutdown => {
@@ -283,6 +415,19 @@ struct Session {
     /// The converge task in progress per VM; a newer command replaces an older one.
     running: HashMap<VmId, (u64, JoinHandle<()>)>,
     guest_events: Option<GuestEvents>,
+}
+
+/// An error with its causes, for a log line: reqwest's own message hides why a
+/// connection failed (a certificate refused, say).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }
 
 fn unix_ms() -> u64 {
@@ -380,6 +525,7 @@ impl Session {
     async fn connect_and_serve(
         &mut self,
         creds: &Credentials,
+        tls: Option<Arc<herd_tls::rustls::ClientConfig>>,
         discovery: &Discovery,
         hello: &AgentMsg,
     ) -> Result<(), String> {
@@ -392,9 +538,13 @@ impl Session {
             .parse()
             .map_err(|_| "agent token is not a valid header value".to_owned())?;
         request.headers_mut().insert("authorization", bearer);
-        let (socket, _) = tokio_tungstenite::connect_async(request)
-            .await
-            .map_err(|e| format!("connecting to {}: {e}", discovery.bus_url))?;
+        // Over HTTPS the bus presents this host's certificate too: the server takes the
+        // token only with it.
+        let connector = tls.map(tokio_tungstenite::Connector::Rustls);
+        let (socket, _) =
+            tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector)
+                .await
+                .map_err(|e| format!("connecting to {}: {}", discovery.bus_url, error_chain(&e)))?;
         let (mut tx, mut rx) = socket.split();
         tx.send(Message::Binary(wire::encode(hello).into()))
             .await

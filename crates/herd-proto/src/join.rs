@@ -4,21 +4,33 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// `POST /v1/agent/join`: a new host presents a one-time join token.
+/// `POST /v1/agent/join`: a new host presents a one-time join token and a certificate
+/// signing request for the key it will prove itself with from then on.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JoinRequest {
     pub join_token: String,
     pub hostname: String,
+    /// PKCS#10 CSR (PEM) for the agent's key. Only its key and self-signature count: the
+    /// server decides the certificate's identity (the new host id).
+    pub csr_pem: String,
 }
 
-/// The host's identity and its long-lived credential.
+/// The host's identity and its long-lived credentials.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JoinResponse {
     pub host_id: Uuid,
     pub agent_token: String,
+    /// The agent's client certificate (PEM) for the CSR, naming `host_id`. Absent when
+    /// the server speaks plain HTTP (insecure mode): there is no TLS to present it on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_pem: Option<String>,
+    /// The server's CA certificate (PEM), which the agent trusts from then on. Absent in
+    /// insecure mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
     pub discovery: Discovery,
 }
 

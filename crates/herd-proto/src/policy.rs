@@ -194,4 +194,21 @@ impl PolicySpec {
     pub fn is_empty(&self) -> bool {
         *self == PolicySpec::default()
     }
+
+    /// Whether some rule of this policy takes `action`: a report that a rule acted is
+    /// believed only then, since a guest could claim anything.
+    pub fn allows(&self, action: PolicyAction) -> bool {
+        [
+            self.lifespan.map(|r| r.enforce),
+            self.task.map(|r| r.enforce),
+            self.idle.map(|r| r.enforce),
+            self.overuse.map(|r| r.enforce),
+            self.budget.map(|r| r.enforce),
+            self.cost_cap.map(|r| r.enforce),
+            self.errors.map(|r| r.enforce),
+        ]
+        .into_iter()
+        .flatten()
+        .any(|enforce| enforce.action == action)
+    }
 }

@@ -6,11 +6,12 @@
 //! and the row is durable before the lock is released, so concurrent launches cannot
 //! over-commit a host and an acknowledged launch survives a crash.
 
-use crate::auth::{self, Identity};
+use crate::auth;
 use crate::billing::{self, BillLine};
 use crate::store::{
     now_ms, HostRecord, NewEvent, Observation, Store, StoreError, UsageRow, VmFilter, VmRecord,
 };
+use crate::tenancy::Tenancy;
 use herd_bus::{Bus, BusError};
 use herd_proto::join::{Discovery, JoinRequest, JoinResponse};
 use herd_proto::lifecycle::Action;
@@ -46,6 +47,9 @@ pub struct ServerConfig {
     /// Hypervisor type for a launch that names none.
     pub default_hypervisor: String,
     pub default_image: String,
+    /// Serve plain HTTP instead of HTTPS: no CA, no agent certificates, tokens alone.
+    /// Only for loopback (the CLI refuses it elsewhere).
+    pub insecure_http: bool,
 }
 
 impl ServerConfig {
@@ -59,6 +63,7 @@ impl ServerConfig {
             sched: SchedPolicy::default(),
             default_hypervisor: "qemu".into(),
             default_image: "default".into(),
+            insecure_http: false,
         }
     }
 }
@@ -199,6 +204,10 @@ pub struct Cloud {
     pub config: ServerConfig,
     pub store: Store,
     pub bus: Box<dyn Bus>,
+    /// The CA that signs agent certificates at join; `None` when serving plain HTTP.
+    /// Set by `herd_server::open`.
+    pub ca: Option<std::sync::Arc<herd_tls::Ca>>,
+    pub tenancy: Tenancy,
     placement: Mutex<Placement>,
     live: Mutex<HashMap<HostId, HostLive>>,
     usage: Mutex<HashMap<VmId, (VmUsage, i64)>>,
@@ -220,7 +229,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
-fn valid_name(text: &str) -> bool {
+pub(crate) fn valid_name(text: &str) -> bool {
     !text.is_empty()
         && text.len() <= 63
         && text
@@ -238,10 +247,13 @@ impl Cloud {
             )
         })?;
         let store = Store::open(&config.data_dir.join("herd.db"))?;
+        let tenancy = Tenancy::load(&store)?;
         let cloud = Cloud {
             config,
             store,
             bus,
+            ca: None,
+            tenancy,
             placement: Mutex::new(Placement::default()),
             live: Mutex::new(HashMap::new()),
             usage: Mutex::new(HashMap::new()),
@@ -289,32 +301,6 @@ impl Cloud {
 
     // ---- identity -------------------------------------------------------------------
 
-    pub fn authenticate(&self, bearer: Option<&str>) -> Result<Identity, CloudError> {
-        let token = bearer.ok_or(CloudError::Unauthorized)?;
-        let hash = auth::hash_token(token);
-        if let Some((name, kind)) = self.store.find_token(&hash)? {
-            if kind == "admin" {
-                return Ok(Identity::Admin { name });
-            }
-            return Err(CloudError::Unauthorized);
-        }
-        if let Some(host) = self.store.host_by_token(&hash)? {
-            return Ok(Identity::Agent { host });
-        }
-        Err(CloudError::Unauthorized)
-    }
-
-    /// Creates the first admin token if there is none; returns it (shown once).
-    pub fn ensure_admin_token(&self) -> Result<Option<String>, CloudError> {
-        if self.store.count_tokens("admin")? > 0 {
-            return Ok(None);
-        }
-        let token = auth::new_token("adm");
-        self.store
-            .insert_token(&auth::hash_token(&token), "admin", "admin", None)?;
-        Ok(Some(token))
-    }
-
     pub fn create_join_token(&self, ttl: Duration) -> Result<(String, i64), CloudError> {
         let token = auth::new_token("join");
         let expires = now_ms() + ttl.as_millis() as i64;
@@ -347,6 +333,15 @@ impl Cloud {
             return Err(invalid("hostname", "must be 1 to 253 characters"));
         }
         let host = Uuid::new_v4();
+        // The certificate is issued before the token is spent, so a bad CSR does not
+        // burn the token. Without a CA (plain HTTP) there is nothing to issue.
+        let certificate_pem = match &self.ca {
+            Some(ca) => Some(ca.sign_agent_csr(&request.csr_pem, host).map_err(|e| {
+                let source = std::error::Error::source(&e).map(|s| format!(": {s}"));
+                invalid("csr_pem", format!("{e}{}", source.unwrap_or_default()))
+            })?),
+            None => None,
+        };
         let agent_token = auth::new_token("agt");
         let joined = self.store.join_host(
             &auth::hash_token(&request.join_token),
@@ -365,6 +360,8 @@ impl Cloud {
         Ok(JoinResponse {
             host_id: host,
             agent_token,
+            certificate_pem,
+            ca_pem: self.ca.as_ref().map(|ca| ca.pem().to_owned()),
             discovery: self.discovery(),
         })
     }
@@ -582,9 +579,10 @@ impl Cloud {
         let (project, spec) = self.validate_launch(spec)?;
         let id = Uuid::new_v4();
         let now = now_ms();
-        // Hold the placement lock across the insert, so that the capacity counted here
-        // and the durable row appear together.
+        // Hold the placement lock across the quota check and the insert, so that the
+        // capacity and quota counted here and the durable row appear together.
         let mut placement = lock(&self.placement);
+        self.check_quota(&project, spec.vcpus, spec.memory_mib)?;
         let activation_pending = spec.policy.activation.is_some();
         let choice = if activation_pending {
             // Placed by the reconciler once its activation comes.
@@ -743,6 +741,12 @@ impl Cloud {
         if !self.vm_on_host(vm, host) {
             return Ok(false);
         }
+        if let GuestReport::PolicyAction { action, rule, .. } = report {
+            if !self.policy_allows(vm, *action)? {
+                warn!(%vm, %host, rule, action = action.as_str(), "guest claimed an action its policy does not have; ignored");
+                return Ok(false);
+            }
+        }
         let now = now_ms();
         let event = {
             let mut guests = lock(&self.guests);
@@ -831,7 +835,7 @@ impl Cloud {
         action: PolicyAction,
         reason: &str,
     ) -> Result<bool, CloudError> {
-        if !self.vm_on_host(vm, host) {
+        if !self.vm_on_host(vm, host) || !self.policy_allows(vm, action)? {
             return Ok(false);
         }
         self.store.append_event(&NewEvent {
@@ -846,6 +850,13 @@ impl Cloud {
         })?;
         self.policy_desired(vm, action, &format!("policy {rule} (host backstop)"))?;
         Ok(true)
+    }
+
+    fn policy_allows(&self, vm: VmId, action: PolicyAction) -> Result<bool, CloudError> {
+        Ok(self
+            .store
+            .vm(vm)?
+            .is_some_and(|record| record.policy.allows(action)))
     }
 
     /// Makes a policy action the VM's desired state, so the reconciler carries it out
@@ -1010,6 +1021,22 @@ impl Cloud {
         memory_mib: u64,
         agent_version: &str,
     ) -> Result<u64, CloudError> {
+        // A second live session for one host is either a stolen credential or a
+        // confused agent; neither may take over the host's VMs. A session that has
+        // gone quiet for a few intervals is presumed dead and may be replaced, so an
+        // agent whose old connection broke without a close gets back in.
+        let quiet_after = (self.config.sync_interval * 3).min(self.config.host_grace);
+        if let Some(live) = lock(&self.live).get(&host) {
+            if live.connected && live.last_seen.elapsed() < quiet_after {
+                return Err(CloudError::Conflict {
+                    code: "host_connected",
+                    message: format!(
+                        "host {host} already has a live agent session (seen {} ms ago)",
+                        live.last_seen.elapsed().as_millis()
+                    ),
+                });
+            }
+        }
         let came_back =
             self.store
                 .host_hello(host, hostname, hypervisors, cpus, memory_mib, agent_version)?;
@@ -1169,12 +1196,7 @@ impl Cloud {
     // ---- billing --------------------------------------------------------------------
 
     pub fn set_rate_card(&self, project: &str, card: &RateCard) -> Result<(), CloudError> {
-        if !valid_name(project) {
-            return Err(invalid(
-                "project",
-                "must be 1 to 63 characters of a-z, 0-9 and '-'",
-            ));
-        }
+        self.project(project)?;
         if card.peak_start_hour > 24 || card.peak_end_hour > 24 {
             return Err(invalid("peak_start_hour", "peak hours are 0 to 24 (UTC)"));
         }

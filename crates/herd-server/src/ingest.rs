@@ -62,7 +62,16 @@ pub async fn serve_agent(cloud: Arc<Cloud>, host: HostId, mut socket: WebSocket)
             ) {
                 Ok(session) => session,
                 Err(e) => {
-                    warn!(%host, "hello failed: {e}");
+                    warn!(%host, hostname, "agent session refused: {e}");
+                    cloud.audit_system(
+                        &format!("host:{host}"),
+                        "agent hello",
+                        &format!("/v1/agent/bus ({hostname})"),
+                        409,
+                        "host_connected",
+                    );
+                    let reason = e.to_string();
+                    let _ = send(&mut socket, &ServerMsg::Refused { reason }).await;
                     return;
                 }
             }

@@ -4,19 +4,21 @@
 //! -> agent -> driver`, and back: `driver -> agent (delta report) -> ingest -> HostView
 //! -> Store`. See ARCHITECTURE.md.
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod billing;
 pub mod cloud;
 pub mod ingest;
 pub mod store;
+pub mod tenancy;
 
 pub use cloud::{Cloud, CloudError, ServerConfig};
 
 use herd_bus::EmbeddedBus;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -32,16 +34,38 @@ pub enum ServerError {
     },
     #[error("server stopped with an I/O error")]
     Serve(#[source] std::io::Error),
+    #[error("TLS setup")]
+    Tls(#[from] herd_tls::TlsError),
 }
 
-/// Opens the store and the embedded bus in `config.data_dir`.
+/// Opens the store and the embedded bus in `config.data_dir`, and the CA there (made
+/// on first start) unless the server is to speak plain HTTP.
 pub fn open(config: ServerConfig) -> Result<Arc<Cloud>, ServerError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::Listen {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
     })?;
+    let ca = if config.insecure_http {
+        None
+    } else {
+        Some(Arc::new(herd_tls::Ca::load_or_create(&config.data_dir)?))
+    };
     let bus = EmbeddedBus::open(&config.data_dir.join("bus.db"))?;
-    Ok(Arc::new(Cloud::open(config, Box::new(bus))?))
+    let mut cloud = Cloud::open(config, Box::new(bus))?;
+    cloud.ca = ca;
+    Ok(Arc::new(cloud))
+}
+
+/// The host of a URL (`https://host:port/...`), without brackets or port.
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split_once(']').map(|(host, _)| host);
+    }
+    let host = authority.split(':').next()?;
+    (!host.is_empty()).then_some(host)
 }
 
 /// A bound, not yet serving, server.
@@ -49,6 +73,8 @@ pub struct Bound {
     pub cloud: Arc<Cloud>,
     pub listener: tokio::net::TcpListener,
     pub addr: SocketAddr,
+    /// HTTPS with the server's certificate, or `None` for plain HTTP.
+    pub tls: Option<Arc<herd_tls::rustls::ServerConfig>>,
 }
 
 pub async fn bind(cloud: Arc<Cloud>, addr: SocketAddr) -> Result<Bound, ServerError> {
@@ -58,10 +84,28 @@ pub async fn bind(cloud: Arc<Cloud>, addr: SocketAddr) -> Result<Bound, ServerEr
     let addr = listener
         .local_addr()
         .map_err(|source| ServerError::Listen { addr, source })?;
+    let tls = match &cloud.ca {
+        None => None,
+        Some(ca) => {
+            // The certificate names what clients dial: the public URL's host, and the
+            // listen address unless it is a wildcard (localhost and the hostname are
+            // always in).
+            let mut names: Vec<String> = url_host(&cloud.config.public_url)
+                .map(str::to_owned)
+                .into_iter()
+                .collect();
+            if !addr.ip().is_unspecified() {
+                names.push(addr.ip().to_string());
+            }
+            let identity = ca.server_identity(&cloud.config.data_dir, &names)?;
+            Some(herd_tls::server_config(&identity, ca)?)
+        }
+    };
     Ok(Bound {
         cloud,
         listener,
         addr,
+        tls,
     })
 }
 
@@ -74,12 +118,37 @@ impl Bound {
         let background = tokio::spawn(self.cloud.clone().run_background());
         let app =
             api::router(self.cloud.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
-        info!(addr = %self.addr, "serving");
-        let result = axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(ServerError::Serve);
+        let result = match self.tls {
+            Some(tls) => {
+                info!(addr = %self.addr, "serving HTTPS");
+                herd_tls::serve(self.listener, tls, app, shutdown)
+                    .await
+                    .map_err(ServerError::Serve)
+            }
+            None => {
+                warn!(addr = %self.addr, "serving plain HTTP: agents are trusted on their tokens alone");
+                // ConnectInfo as herd_tls::serve gives it, so handlers see the same.
+                let app = app.into_make_service_with_connect_info::<SocketAddr>();
+                axum::serve(self.listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                    .map_err(ServerError::Serve)
+            }
+        };
         background.abort();
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_host;
+
+    #[test]
+    fn url_host_takes_the_host_only() {
+        assert_eq!(url_host("https://h.example:7070/x"), Some("h.example"));
+        assert_eq!(url_host("https://[::1]:7070"), Some("::1"));
+        assert_eq!(url_host("http://10.0.0.5"), Some("10.0.0.5"));
+        assert_eq!(url_host("https://"), None);
     }
 }

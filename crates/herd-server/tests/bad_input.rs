@@ -1,80 +1,11 @@
 //! Bad input of every kind gets a 4xx with a stable code and a message, and changes
 //! nothing. Runs the real router and store in-process.
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use herd_bus::EmbeddedBus;
-use herd_server::{api, Cloud, ServerConfig};
-use http_body_util::BodyExt;
+mod common;
+
+use axum::http::StatusCode;
+use common::{call, fixture, json_call, Fixture};
 use serde_json::{json, Value};
-use std::sync::Arc;
-use tower::ServiceExt;
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    cloud: Arc<Cloud>,
-    token: String,
-}
-
-fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = ServerConfig::new(dir.path().to_path_buf(), "http://127.0.0.1:1".into());
-    let bus = EmbeddedBus::open(&dir.path().join("bus.db")).expect("bus");
-    let cloud = Arc::new(Cloud::open(config, Box::new(bus)).expect("cloud"));
-    let token = cloud
-        .ensure_admin_token()
-        .expect("token")
-        .expect("new token");
-    Fixture {
-        _dir: dir,
-        cloud,
-        token,
-    }
-}
-
-async fn call(
-    fx: &Fixture,
-    method: &str,
-    uri: &str,
-    token: Option<&str>,
-    content_type: Option<&str>,
-    body: impl Into<Body>,
-) -> (StatusCode, Value) {
-    let mut request = Request::builder().method(method).uri(uri);
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    if let Some(content_type) = content_type {
-        request = request.header("content-type", content_type);
-    }
-    let response = api::router(fx.cloud.clone())
-        .oneshot(request.body(body.into()).expect("request"))
-        .await
-        .expect("response");
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
-async fn json_call(fx: &Fixture, method: &str, uri: &str, body: &str) -> (StatusCode, Value) {
-    call(
-        fx,
-        method,
-        uri,
-        Some(&fx.token),
-        Some("application/json"),
-        body.to_owned(),
-    )
-    .await
-}
 
 fn assert_error(
     case: &str,
@@ -402,7 +333,7 @@ async fn bad_input_is_rejected_with_stable_codes_and_changes_nothing() {
                 "/v1/agent/join",
                 None,
                 Some("application/json"),
-                r#"{"join_token":"herd_join_nope","hostname":"h"}"#,
+                r#"{"join_token":"herd_join_nope","hostname":"h","csr_pem":""}"#,
             )
             .await,
             401,
@@ -416,7 +347,7 @@ async fn bad_input_is_rejected_with_stable_codes_and_changes_nothing() {
                 "/v1/agent/join",
                 None,
                 Some("application/json"),
-                r#"{"join_token":"t","hostname":"h","admin":true}"#,
+                r#"{"join_token":"t","hostname":"h","csr_pem":"","admin":true}"#,
             )
             .await,
             400,
@@ -450,6 +381,8 @@ async fn bad_input_is_rejected_with_stable_codes_and_changes_nothing() {
         .join(&herd_proto::join::JoinRequest {
             join_token: join_token.clone(),
             hostname: "h".into(),
+            // A Cloud opened without a CA issues no certificate.
+            csr_pem: String::new(),
         })
         .expect("join");
     let agent_call = call(&fx, "GET", "/v1/vms", Some(&joined.agent_token), None, "").await;
@@ -461,7 +394,8 @@ async fn bad_input_is_rejected_with_stable_codes_and_changes_nothing() {
         "/v1/agent/join",
         None,
         Some("application/json"),
-        serde_json::to_string(&json!({"join_token": join_token, "hostname": "h2"})).expect("json"),
+        serde_json::to_string(&json!({"join_token": join_token, "hostname": "h2", "csr_pem": ""}))
+            .expect("json"),
     )
     .await;
     assert_error("reused join token", &reused, 401, "unauthorized");

@@ -28,6 +28,8 @@ fn cloud_with_one_sim_host() -> (tempfile::TempDir, Arc<Cloud>, HostId) {
         .join(&JoinRequest {
             join_token: token,
             hostname: "h".into(),
+            // A Cloud opened without a CA issues no certificate.
+            csr_pem: String::new(),
         })
         .expect("join")
         .host_id;
@@ -57,6 +59,9 @@ async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
         },
         ..RateCard::default()
     };
+    cloud
+        .create_project("acme", &Default::default())
+        .expect("project");
     cloud.set_rate_card("acme", &rates).expect("rate card");
     let vm = cloud
         .launch(LaunchSpec {
@@ -130,6 +135,8 @@ async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
         .join(&JoinRequest {
             join_token: token,
             hostname: "other".into(),
+            // A Cloud opened without a CA issues no certificate.
+            csr_pem: String::new(),
         })
         .expect("join")
         .host_id;

@@ -24,17 +24,32 @@ struct ErrorDetailOwned {
 }
 
 impl Client {
-    pub fn new(url: String, token: String) -> Client {
-        Client {
-            url,
-            token,
-            http: reqwest::Client::new(),
-        }
+    /// A client for `url`. An https URL needs `ca_pem`, the server's CA: it is the only
+    /// CA trusted (the system's roots are not).
+    pub fn new(url: String, token: String, ca_pem: Option<&str>) -> Result<Client> {
+        let http = if url.starts_with("https://") {
+            let Some(ca_pem) = ca_pem else {
+                bail!(
+                    "{url} is https but no CA is pinned for it: set HERD_CA to the server's \
+                     ca.pem (in its data dir), or add `ca_pem` to {} (`herd up` writes it)",
+                    crate::config::config_path().display()
+                );
+            };
+            let tls = herd_tls::client_config(ca_pem, None)
+                .map_err(|e| anyhow!("the pinned CA: {}", chain(&e)))?;
+            reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .build()
+                .map_err(|e| anyhow!("building the HTTPS client: {e}"))?
+        } else {
+            reqwest::Client::new()
+        };
+        Ok(Client { url, token, http })
     }
 
     pub fn from_config() -> Result<Client> {
-        let (url, token) = crate::config::resolve()?;
-        Ok(Client::new(url, token))
+        let resolved = crate::config::resolve()?;
+        Client::new(resolved.url, resolved.token, resolved.ca_pem.as_deref())
     }
 
     async fn send(
@@ -54,7 +69,7 @@ impl Client {
             anyhow!(
                 "cannot reach the herd server at {}: {}",
                 self.url,
-                root_cause(&e)
+                chain(&e)
             )
         })?;
         let status = response.status();
@@ -115,12 +130,19 @@ impl Client {
 #[allow(dead_code)]
 fn _schema_check(_: ErrorBody) {}
 
-fn root_cause(error: &dyn std::error::Error) -> String {
-    let mut cause = error;
-    while let Some(next) = cause.source() {
-        cause = next;
+/// The root cause, and before it the TLS cause if there is one: "invalid peer
+/// certificate: UnknownIssuer" says more than "connection closed".
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut causes = vec![error.to_string()];
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        causes.push(next.to_string());
+        cause = next.source();
     }
-    cause.to_string()
+    // reqwest's outer messages ("error sending request for url ...") repeat the URL;
+    // the innermost two say what went wrong.
+    let n = causes.len();
+    causes[n.saturating_sub(2)..].join(": ")
 }
 
 pub fn urlencode(text: &str) -> String {

@@ -1,7 +1,9 @@
-//! The client configuration: where the server is and which token to use.
+//! The client configuration: where the server is, which token to use, and which CA to
+//! trust for it.
 //!
-//! `herd up` writes it; `HERD_URL` and `HERD_TOKEN` override it, so scripts and tests
-//! never have to touch the file.
+//! `herd up` writes it, with its server's CA certificate pinned; `HERD_URL`,
+//! `HERD_TOKEN` and `HERD_CA` (a PEM file) override it, so scripts and tests never have
+//! to touch the file.
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -12,6 +14,9 @@ use std::path::PathBuf;
 pub struct ClientConfig {
     pub url: Option<String>,
     pub token: Option<String>,
+    /// The server's CA certificate (PEM): the only CA trusted for an https URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
 }
 
 fn home() -> PathBuf {
@@ -50,11 +55,24 @@ pub fn load() -> Result<ClientConfig> {
     if let Ok(token) = std::env::var("HERD_TOKEN") {
         config.token = Some(token);
     }
+    if let Some(path) = std::env::var_os("HERD_CA") {
+        let path = PathBuf::from(path);
+        let pem = std::fs::read_to_string(&path)
+            .with_context(|| format!("HERD_CA: cannot read {}", path.display()))?;
+        config.ca_pem = Some(pem);
+    }
     Ok(config)
 }
 
-/// The server URL and token, or an error that says how to get them.
-pub fn resolve() -> Result<(String, String)> {
+/// Where the client connects, with what, trusting which CA.
+pub struct Resolved {
+    pub url: String,
+    pub token: String,
+    pub ca_pem: Option<String>,
+}
+
+/// The server URL, token and pinned CA, or an error that says how to get them.
+pub fn resolve() -> Result<Resolved> {
     let config = load()?;
     let Some(url) = config.url else {
         bail!(
@@ -68,7 +86,11 @@ pub fn resolve() -> Result<(String, String)> {
             config_path().display()
         );
     };
-    Ok((url.trim_end_matches('/').to_owned(), token))
+    Ok(Resolved {
+        url: url.trim_end_matches('/').to_owned(),
+        token,
+        ca_pem: config.ca_pem,
+    })
 }
 
 pub fn save(config: &ClientConfig) -> Result<PathBuf> {

@@ -8,6 +8,7 @@ mod images;
 mod policy;
 mod run;
 mod table;
+mod tenants;
 mod vm;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -47,6 +48,24 @@ enum Command {
     /// Build and list guest images on this machine.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Save the server URL and an API token in the client config.
+    Login(tenants::LoginArgs),
+    /// Show who the configured token belongs to and their roles.
+    Whoami {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Projects (the sub-clouds): quotas and members.
+    #[command(subcommand)]
+    Project(tenants::ProjectCommand),
+    /// Users (cloud admins).
+    #[command(subcommand)]
+    User(tenants::UserCommand),
+    /// Your API tokens.
+    #[command(subcommand)]
+    Token(tenants::TokenCommand),
+    /// The audit log of mutating requests (admins).
+    Audit(tenants::AuditArgs),
 }
 
 #[derive(Args)]
@@ -120,9 +139,13 @@ pub struct UpArgs {
     /// Where the store, the queues, VM files and images live.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Address of the API (plain HTTP; keep it on loopback).
+    /// Address of the API (HTTPS, with a CA made on first start that the client config
+    /// pins).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// Serve plain HTTP instead of HTTPS (loopback addresses only).
+    #[arg(long)]
+    pub insecure_http: bool,
     /// Drivers the local agent may use: qemu, sim (default: qemu).
     #[arg(long, value_delimiter = ',')]
     pub drivers: Vec<String>,
@@ -140,8 +163,13 @@ pub struct ServerArgs {
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
     /// The URL agents and clients use to reach this server (default: from --listen).
+    /// Its host goes into the server's certificate.
     #[arg(long)]
     pub public_url: Option<String>,
+    /// Serve plain HTTP instead of HTTPS: agents are then trusted on their tokens alone.
+    /// Loopback addresses only.
+    #[arg(long)]
+    pub insecure_http: bool,
     /// How often agents report state.
     #[arg(long, default_value_t = 1000)]
     pub sync_interval_ms: u64,
@@ -178,6 +206,13 @@ pub struct AgentArgs {
     /// The one-time join token (needed on first start only).
     #[arg(long)]
     pub token: Option<String>,
+    /// SHA-256 fingerprint of the server's CA, for the first join over HTTPS
+    /// (`herd host join-token` prints it).
+    #[arg(long)]
+    pub ca_fingerprint: Option<String>,
+    /// The server's CA certificate (PEM file), instead of --ca-fingerprint.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     #[arg(long)]
@@ -397,6 +432,12 @@ fn main() {
             Command::Host(command) => vm::host(command).await,
             Command::Bill(args) => vm::bill(args).await,
             Command::RateCard(command) => vm::rate_card(command).await,
+            Command::Login(args) => tenants::login(args).await,
+            Command::Whoami { output } => tenants::whoami(output).await,
+            Command::Project(command) => tenants::project(command).await,
+            Command::User(command) => tenants::user(command).await,
+            Command::Token(command) => tenants::token(command).await,
+            Command::Audit(args) => tenants::audit(args).await,
             Command::Image(ImageCommand::Build { name, data_dir }) => {
                 images::build_command(&data_dir.unwrap_or_else(config::default_data_dir), &name)
             }

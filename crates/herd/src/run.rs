@@ -145,12 +145,30 @@ fn start_agent(config: AgentConfig, drivers: Drivers) -> Agent {
 }
 
 fn server_config(args: &ServerArgs, data_dir: PathBuf) -> Result<ServerConfig> {
+    // Plain HTTP carries tokens in the clear and lets agents in on tokens alone: only
+    // where nobody else can listen.
+    if args.insecure_http && !args.listen.ip().is_loopback() {
+        bail!(
+            "--insecure-http serves plain HTTP and is allowed only on a loopback address \
+             (127.0.0.1, ::1); {} is not one: drop --insecure-http to serve HTTPS",
+            args.listen
+        );
+    }
+    let scheme = if args.insecure_http { "http" } else { "https" };
     let public_url = args
         .public_url
         .clone()
-        .unwrap_or_else(|| format!("http://{}", args.listen));
-    if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
-        bail!("--public-url must start with http:// or https://");
+        .unwrap_or_else(|| format!("{scheme}://{}", args.listen));
+    if !public_url.starts_with(&format!("{scheme}://")) {
+        bail!(
+            "--public-url must start with {scheme}:// (the server speaks {}; \
+             --insecure-http switches to plain HTTP on loopback)",
+            if args.insecure_http {
+                "plain HTTP"
+            } else {
+                "HTTPS"
+            }
+        );
     }
     if !(args.host_grace_s > 0.0 && args.host_grace_s.is_finite()) {
         bail!("--host-grace-s must be a positive number of seconds");
@@ -174,6 +192,7 @@ fn server_config(args: &ServerArgs, data_dir: PathBuf) -> Result<ServerConfig> {
         },
     };
     config.default_hypervisor = args.default_hypervisor.clone();
+    config.insecure_http = args.insecure_http;
     Ok(config)
 }
 
@@ -212,6 +231,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         data_dir: None,
         listen: args.listen,
         public_url: None,
+        insecure_http: args.insecure_http,
         sync_interval_ms: 1000,
         usage_interval_ms: 10_000,
         host_grace_s: 10.0,
@@ -231,9 +251,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let bound = herd_server::bind(cloud.clone(), args.listen)
         .await
         .map_err(|e| anyhow!("{e}: is herd already up? (use --listen to pick another address)"))?;
+    // The client config pins this server's CA, and the local agent is handed it
+    // directly: the whole HTTPS and mTLS path runs even on one machine.
+    let ca_pem = cloud.ca.as_ref().map(|ca| ca.pem().to_owned());
     let config_path = config::save(&ClientConfig {
         url: Some(public_url.clone()),
         token: Some(token),
+        ca_pem: ca_pem.clone(),
     })?;
 
     let join_token = if agent_dir.join("agent.json").exists() {
@@ -249,6 +273,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
             hostname: hostname(),
             cpus: None,
             memory_mib: None,
+            ca_pem,
+            ca_fingerprint: None,
         },
         drivers,
     );
@@ -312,11 +338,19 @@ pub async fn server(args: ServerArgs) -> Result<()> {
             data_dir.join("admin.token").display()
         );
     }
+    let fingerprint = cloud.ca.as_ref().map(|ca| ca.fingerprint());
     let bound = herd_server::bind(cloud, args.listen).await?;
     eprintln!(
         "herd server listening on {} (public URL {public_url})",
         bound.addr
     );
+    match fingerprint {
+        Some(fingerprint) => eprintln!(
+            "CA fingerprint (agents join with --ca-fingerprint; clients pin {}): {fingerprint}",
+            data_dir.join("ca.pem").display()
+        ),
+        None => eprintln!("serving plain HTTP (--insecure-http): tokens travel in the clear"),
+    }
     let stop = shutdown_signal();
     bound.serve(on_shutdown(&stop)).await?;
     Ok(())
@@ -339,6 +373,13 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         accel: args.accel,
         sim_boot_ms: args.sim_boot_ms,
     })?;
+    let ca_pem = match &args.ca {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--ca: cannot read {}", path.display()))?,
+        ),
+        None => None,
+    };
     let agent = start_agent(
         AgentConfig {
             server_url: args.join.clone(),
@@ -347,6 +388,8 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             hostname: args.hostname.clone().unwrap_or_else(hostname),
             cpus: args.cpus,
             memory_mib: args.memory_mib,
+            ca_pem,
+            ca_fingerprint: args.ca_fingerprint.clone(),
         },
         drivers,
     );

@@ -22,6 +22,10 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+/// The stable code of an error response, for the audit log.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -40,6 +44,10 @@ impl ApiError {
 
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -63,7 +71,7 @@ impl From<CloudError> for ApiError {
             CloudError::Forbidden => ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                "this credential may not use this route",
+                "your role does not allow this; ask an admin of the project",
             ),
             CloudError::Store(crate::store::StoreError::NameTaken { project, name }) => {
                 ApiError::new(
@@ -160,6 +168,8 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status, Json(body)).into_response();
+        // The audit layer records the code as the request's result.
+        response.extensions_mut().insert(ErrorCode(self.code));
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

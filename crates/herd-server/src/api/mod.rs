@@ -5,21 +5,25 @@
 //! here are the API schema, and `/openapi.json` is generated from them, so the
 //! published schema cannot drift from the code.
 
+pub mod audit;
 mod error;
+pub mod tenants;
 mod types;
 
-pub use error::{ApiError, ErrorBody};
+pub use audit::AuditNote;
+pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use types::*;
 
+use crate::access::{Perm, Principal};
 use crate::auth::{self, Identity};
 use crate::cloud::{Cloud, CloudError, LaunchSpec, Metrics};
-use crate::store::VmFilter;
+use crate::store::{EventScope, VmFilter, VmRecord};
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use herd_proto::join::{Discovery, JoinRequest, JoinResponse};
 use herd_proto::lifecycle::Action;
@@ -87,31 +91,98 @@ fn identity(parts: &Parts, cloud: &Cloud) -> Result<Identity, ApiError> {
         .headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok());
-    Ok(cloud.authenticate(auth::bearer(header))?)
+    let identity = cloud.authenticate(auth::bearer(header));
+    if let Some(note) = parts.extensions.get::<AuditNote>() {
+        match &identity {
+            Ok(Identity::User(principal)) => note.actor(&principal.user),
+            Ok(Identity::Agent { host }) => note.actor(format!("host:{host}")),
+            Err(_) => {}
+        }
+    }
+    Ok(identity?)
 }
 
-/// A caller with an operator token.
-pub struct Operator(#[allow(dead_code)] pub String);
+/// A caller with a user's API token, and the roles they hold.
+pub struct User {
+    pub principal: Principal,
+    /// Where the handler adds what the audit row should say (mutating requests only).
+    pub note: AuditNote,
+}
 
-impl FromRequestParts<AppState> for Operator {
+impl User {
+    /// Checks a right in a project and remembers the project for the audit log.
+    /// Another project's object is reported as missing (`kind` and `id` say which).
+    pub fn check(
+        &self,
+        project: &str,
+        perm: Perm,
+        kind: &'static str,
+        id: &str,
+    ) -> Result<(), ApiError> {
+        self.note.project(project);
+        self.principal
+            .check(project, perm)
+            .map_err(|d| crate::tenancy::denied(d, kind, id).into())
+    }
+
+    pub fn check_cloud_admin(&self) -> Result<(), ApiError> {
+        self.principal
+            .check_cloud_admin()
+            .map_err(|_| ApiError::forbidden("only a cloud admin may do this"))
+    }
+}
+
+impl FromRequestParts<AppState> for User {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, cloud: &AppState) -> Result<Self, ApiError> {
         match identity(parts, cloud)? {
-            Identity::Admin { name } => Ok(Operator(name)),
-            Identity::Agent { .. } => Err(CloudError::Forbidden.into()),
+            Identity::User(principal) => Ok(User {
+                principal,
+                note: parts
+                    .extensions
+                    .get::<AuditNote>()
+                    .cloned()
+                    .unwrap_or_default(),
+            }),
+            Identity::Agent { .. } => Err(ApiError::forbidden(
+                "an agent credential may only use the /v1/agent routes",
+            )),
         }
     }
 }
 
-/// A caller with an agent credential, speaking for its host.
+/// A cloud-wide admin.
+pub struct CloudAdmin(pub User);
+
+impl FromRequestParts<AppState> for CloudAdmin {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, cloud: &AppState) -> Result<Self, ApiError> {
+        let user = User::from_request_parts(parts, cloud).await?;
+        user.check_cloud_admin()?;
+        Ok(CloudAdmin(user))
+    }
+}
+
+/// A caller with an agent credential, speaking for its host. Over HTTPS the connection
+/// must also present that host's client certificate: the token alone is not enough.
+/// Over plain HTTP (insecure mode, no `PeerCert` in the request) the token is.
 pub struct AgentHost(pub HostId);
 
 impl FromRequestParts<AppState> for AgentHost {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, cloud: &AppState) -> Result<Self, ApiError> {
         match identity(parts, cloud)? {
-            Identity::Agent { host } => Ok(AgentHost(host)),
-            Identity::Admin { .. } => Err(CloudError::Forbidden.into()),
+            Identity::Agent { host } => {
+                if let Some(peer) = parts.extensions.get::<herd_tls::PeerCert>() {
+                    if peer.host != Some(host) {
+                        tracing::warn!(%host, cert_host = ?peer.host,
+                            "agent token refused: the client certificate is not this host's");
+                        return Err(CloudError::Forbidden.into());
+                    }
+                }
+                Ok(AgentHost(host))
+            }
+            Identity::User(_) => Err(ApiError::forbidden("this route is for agents")),
         }
     }
 }
@@ -137,9 +208,39 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
             get(get_rate_card).put(put_rate_card),
         )
         .route("/v1/billing", get(get_bill))
+        .route("/v1/whoami", get(tenants::whoami))
+        .route(
+            "/v1/projects",
+            get(tenants::list_projects).post(tenants::create_project),
+        )
+        .route(
+            "/v1/projects/{project}",
+            get(tenants::get_project).delete(tenants::delete_project),
+        )
+        .route("/v1/projects/{project}/quota", put(tenants::put_quota))
+        .route("/v1/projects/{project}/members", get(tenants::list_members))
+        .route(
+            "/v1/projects/{project}/members/{user}",
+            put(tenants::put_member).delete(tenants::delete_member),
+        )
+        .route(
+            "/v1/users",
+            get(tenants::list_users).post(tenants::create_user),
+        )
+        .route("/v1/users/{user}", delete(tenants::delete_user))
+        .route(
+            "/v1/tokens",
+            get(tenants::list_tokens).post(tenants::create_token),
+        )
+        .route("/v1/tokens/{id}", delete(tenants::revoke_token))
+        .route("/v1/audit", get(audit::list))
         .route("/v1/agent/join", post(agent_join))
         .route("/v1/agent/discovery", get(agent_discovery))
         .route("/v1/agent/bus", get(agent_bus))
+        .route_layer(axum::middleware::from_fn_with_state(
+            cloud.clone(),
+            audit::record,
+        ))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -168,10 +269,13 @@ async fn wrong_method() -> ApiError {
     paths(
         healthz, metrics, launch_vm, list_vms, get_vm, delete_vm, vm_action, vm_events, vm_console,
         list_events, list_hosts, get_host, create_join_token, get_rate_card, put_rate_card,
-        get_bill, agent_join, agent_discovery,
-        agent_bus
+        get_bill, agent_join, agent_discovery, agent_bus,
+        tenants::whoami, tenants::list_projects, tenants::create_project, tenants::get_project,
+        tenants::delete_project, tenants::put_quota, tenants::list_members, tenants::put_member,
+        tenants::delete_member, tenants::list_users, tenants::create_user, tenants::delete_user,
+        tenants::list_tokens, tenants::create_token, tenants::revoke_token, audit::list
     ),
-    components(schemas(ErrorBody, VmState, Action, JoinRequest, JoinResponse, Discovery, RateCard)),
+    components(schemas(ErrorBody, VmState, Action, JoinRequest, JoinResponse, Discovery, RateCard, crate::access::Role)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -205,7 +309,7 @@ async fn healthz() -> Json<Health> {
     })
 }
 
-async fn openapi_json(_: Operator) -> Json<utoipa::openapi::OpenApi> {
+async fn openapi_json(_: User) -> Json<utoipa::openapi::OpenApi> {
     let mut doc = ApiDoc::openapi();
     // Describe this route too, so the schema lists every route the server serves.
     doc.paths.paths.insert(
@@ -226,7 +330,7 @@ async fn openapi_json(_: Operator) -> Json<utoipa::openapi::OpenApi> {
 
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
-async fn metrics(_: Operator, State(cloud): State<AppState>) -> Result<Response, ApiError> {
+async fn metrics(_: CloudAdmin, State(cloud): State<AppState>) -> Result<Response, ApiError> {
     let m = &cloud.metrics;
     let mut out = String::new();
     let counters = [
@@ -269,13 +373,22 @@ async fn metrics(_: Operator, State(cloud): State<AppState>) -> Result<Response,
 #[utoipa::path(post, path = "/v1/vms", request_body = LaunchRequest,
     responses((status = 201, body = VmView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn launch_vm(
-    _: Operator,
+    user: User,
     State(cloud): State<AppState>,
     ApiJson(request): ApiJson<LaunchRequest>,
 ) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    // Without a project: the caller's only project, else `default`.
+    let project = request.project.unwrap_or_else(|| {
+        match (user.principal.cloud_admin, user.principal.roles.len()) {
+            (false, 1) => user.principal.roles.keys().next().cloned(),
+            _ => None,
+        }
+        .unwrap_or_else(|| "default".into())
+    });
+    user.check(&project, Perm::OperateVms, "project", &project)?;
     let record = cloud.launch(LaunchSpec {
         name: request.name,
-        project: request.project,
+        project: Some(project),
         hypervisor: request.hypervisor,
         vcpus: request.vcpus,
         memory_mib: request.memory_mib,
@@ -284,6 +397,7 @@ async fn launch_vm(
         policy: request.policy.unwrap_or_default(),
         keep_running: request.keep_running.unwrap_or(false),
     })?;
+    user.note.created(record.id);
     Ok((StatusCode::CREATED, Json(VmView::of(&record, None, None))))
 }
 
@@ -291,11 +405,14 @@ async fn launch_vm(
 #[utoipa::path(get, path = "/v1/vms", params(VmQuery),
     responses((status = 200, body = VmList), (status = 400, body = ErrorBody)))]
 async fn list_vms(
-    _: Operator,
+    user: User,
     State(cloud): State<AppState>,
     ApiQuery(query): ApiQuery<VmQuery>,
 ) -> Result<Json<VmList>, ApiError> {
     let limit = page_size(query.limit)?;
+    if let Some(project) = &query.project {
+        user.check(project, Perm::Read, "project", project)?;
+    }
     let state = query
         .state
         .as_deref()
@@ -323,6 +440,7 @@ async fn list_vms(
         .transpose()?;
     let records = cloud.list_vms(&VmFilter {
         project: query.project,
+        projects: user.principal.scope(Perm::Read),
         state,
         host,
         name: query.name,
@@ -343,7 +461,14 @@ async fn list_vms(
     Ok(Json(VmList { items, next_cursor }))
 }
 
-fn page_size(limit: Option<usize>) -> Result<usize, ApiError> {
+/// A VM the caller may take `perm` on; another project's VM does not exist.
+fn vm_for(cloud: &Cloud, user: &User, id: &str, perm: Perm) -> Result<VmRecord, ApiError> {
+    let record = cloud.vm(id)?;
+    user.check(&record.project, perm, "VM", id)?;
+    Ok(record)
+}
+
+pub(crate) fn page_size(limit: Option<usize>) -> Result<usize, ApiError> {
     match limit {
         None => Ok(DEFAULT_PAGE),
         Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
@@ -358,11 +483,11 @@ fn page_size(limit: Option<usize>) -> Result<usize, ApiError> {
 #[utoipa::path(get, path = "/v1/vms/{id}", params(("id" = String, Path, description = "VM id")),
     responses((status = 200, body = VmView), (status = 404, body = ErrorBody)))]
 async fn get_vm(
-    _: Operator,
+    user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    let record = cloud.vm(&id)?;
+    let record = vm_for(&cloud, &user, &id, Perm::Read)?;
     let usage = cloud.vm_usage(record.id);
     Ok(Json(VmView::of(&record, usage, cloud.guest(record.id))))
 }
@@ -372,10 +497,11 @@ async fn get_vm(
     responses((status = 202, body = VmView, description = "terminating; the record goes when the host confirms"),
               (status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
 async fn delete_vm(
-    _: Operator,
+    user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
+    vm_for(&cloud, &user, &id, Perm::OperateVms)?;
     Ok(match cloud.delete(&id)? {
         Some(record) => {
             (StatusCode::ACCEPTED, Json(VmView::of(&record, None, None))).into_response()
@@ -390,10 +516,11 @@ async fn delete_vm(
            ("action" = String, Path, description = "start, stop, pause, resume, suspend or terminate")),
     responses((status = 202, body = VmView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn vm_action(
-    _: Operator,
+    user: User,
     State(cloud): State<AppState>,
     ApiPath((id, action)): ApiPath<(String, String)>,
 ) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    vm_for(&cloud, &user, &id, Perm::OperateVms)?;
     let Some(action) = Action::parse(&action) else {
         return Err(ApiError::not_found(format!(
             "no action {action:?}; actions are start, stop, pause, resume, suspend, terminate"
@@ -407,13 +534,13 @@ async fn vm_action(
 #[utoipa::path(get, path = "/v1/vms/{id}/events", params(("id" = String, Path, description = "VM id"), EventQuery),
     responses((status = 200, body = EventList), (status = 404, body = ErrorBody)))]
 async fn vm_events(
-    _: Operator,
+    user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<EventQuery>,
 ) -> Result<Json<EventList>, ApiError> {
-    let record = cloud.vm(&id)?;
-    events_page(&cloud, Some(record.id), query)
+    let record = vm_for(&cloud, &user, &id, Perm::Read)?;
+    events_page(&cloud, EventScope::Vm(record.id), query)
 }
 
 /// The tail of a VM's serial console, fetched from its host.
@@ -421,11 +548,12 @@ async fn vm_events(
     responses((status = 200, description = "console text", content_type = "text/plain"),
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn vm_console(
-    _: Operator,
+    user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<ConsoleQuery>,
 ) -> Result<Response, ApiError> {
+    vm_for(&cloud, &user, &id, Perm::ReadConsole)?;
     let max_bytes = query.bytes.unwrap_or(64 * 1024);
     if !(1..=1 << 20).contains(&max_bytes) {
         return Err(ApiError::bad_request(
@@ -441,26 +569,31 @@ async fn vm_console(
         .into_response())
 }
 
-/// Every event, oldest first.
+/// Every event the caller may see, oldest first: all of them for cloud admins, the
+/// events of their projects' VMs for everyone else.
 #[utoipa::path(get, path = "/v1/events", params(EventQuery),
     responses((status = 200, body = EventList)))]
 async fn list_events(
-    _: Operator,
+    user: User,
     State(cloud): State<AppState>,
     ApiQuery(query): ApiQuery<EventQuery>,
 ) -> Result<Json<EventList>, ApiError> {
-    events_page(&cloud, None, query)
+    let scope = match user.principal.scope(Perm::Read) {
+        None => EventScope::All,
+        Some(projects) => EventScope::Projects(projects),
+    };
+    events_page(&cloud, scope, query)
 }
 
 fn events_page(
     cloud: &Cloud,
-    vm: Option<uuid::Uuid>,
+    scope: EventScope,
     query: EventQuery,
 ) -> Result<Json<EventList>, ApiError> {
     let limit = page_size(query.limit)?;
     let records = cloud
         .store
-        .events(vm, query.after.unwrap_or(0), limit)
+        .events(&scope, query.after.unwrap_or(0), limit)
         .map_err(CloudError::from)?;
     let next_after = records.last().map(|e| e.id);
     Ok(Json(EventList {
@@ -474,7 +607,7 @@ fn events_page(
 /// Every host, with capacity, allocation and live utilization.
 #[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = Vec<HostInfo>)))]
 async fn list_hosts(
-    _: Operator,
+    _: CloudAdmin,
     State(cloud): State<AppState>,
 ) -> Result<Json<Vec<HostInfo>>, ApiError> {
     Ok(Json(cloud.hosts()?.iter().map(HostInfo::of).collect()))
@@ -484,7 +617,7 @@ async fn list_hosts(
 #[utoipa::path(get, path = "/v1/hosts/{id}", params(("id" = String, Path, description = "host id")),
     responses((status = 200, body = HostInfo), (status = 404, body = ErrorBody)))]
 async fn get_host(
-    _: Operator,
+    _: CloudAdmin,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<HostInfo>, ApiError> {
@@ -495,7 +628,7 @@ async fn get_host(
 #[utoipa::path(post, path = "/v1/join-tokens", request_body = JoinTokenRequest,
     responses((status = 201, body = JoinTokenView), (status = 400, body = ErrorBody)))]
 async fn create_join_token(
-    _: Operator,
+    _: CloudAdmin,
     State(cloud): State<AppState>,
     ApiJson(request): ApiJson<JoinTokenRequest>,
 ) -> Result<(StatusCode, Json<JoinTokenView>), ApiError> {
@@ -507,10 +640,14 @@ async fn create_join_token(
         ));
     }
     let (token, expires_ms) = cloud.create_join_token(Duration::from_secs(ttl_s))?;
-    let command = format!(
+    let mut command = format!(
         "herd agent --join {} --token {token}",
         cloud.config.public_url
     );
+    // The new host pins the CA by its fingerprint for its very first call.
+    if let Some(ca) = &cloud.ca {
+        command.push_str(&format!(" --ca-fingerprint {}", ca.fingerprint()));
+    }
     Ok((
         StatusCode::CREATED,
         Json(JoinTokenView {
@@ -527,10 +664,11 @@ async fn create_join_token(
 #[utoipa::path(get, path = "/v1/rate-cards/{project}", params(("project" = String, Path, description = "project")),
     responses((status = 200, body = RateCard), (status = 404, body = ErrorBody)))]
 async fn get_rate_card(
-    _: Operator,
+    user: User,
     State(cloud): State<AppState>,
     ApiPath(project): ApiPath<String>,
 ) -> Result<Json<RateCard>, ApiError> {
+    user.check(&project, Perm::Read, "project", &project)?;
     cloud
         .rate_card(&project)?
         .map(Json)
@@ -541,7 +679,7 @@ async fn get_rate_card(
 #[utoipa::path(put, path = "/v1/rate-cards/{project}", params(("project" = String, Path, description = "project")),
     request_body = RateCard, responses((status = 200, body = RateCard), (status = 400, body = ErrorBody)))]
 async fn put_rate_card(
-    _: Operator,
+    _: CloudAdmin,
     State(cloud): State<AppState>,
     ApiPath(project): ApiPath<String>,
     ApiJson(card): ApiJson<RateCard>,
@@ -570,7 +708,7 @@ fn parse_time(field: &'static str, text: &str) -> Result<i64, ApiError> {
 #[utoipa::path(get, path = "/v1/billing", params(BillQuery),
     responses((status = 200, body = BillView), (status = 400, body = ErrorBody)))]
 async fn get_bill(
-    _: Operator,
+    user: User,
     State(cloud): State<AppState>,
     ApiQuery(query): ApiQuery<BillQuery>,
 ) -> Result<Json<BillView>, ApiError> {
@@ -594,7 +732,20 @@ async fn get_bill(
             "from must be before to",
         ));
     }
-    let lines = cloud.bill(query.project.as_deref(), from, to)?;
+    let lines = match (&query.project, user.principal.scope(Perm::ReadBill)) {
+        (Some(project), _) => {
+            user.check(project, Perm::ReadBill, "project", project)?;
+            cloud.bill(Some(project), from, to)?
+        }
+        (None, None) => cloud.bill(None, from, to)?,
+        (None, Some(projects)) => {
+            let mut lines = Vec::new();
+            for project in projects {
+                lines.extend(cloud.bill(Some(&project), from, to)?);
+            }
+            lines
+        }
+    };
     Ok(Json(BillView::of(&lines, from, to)))
 }
 
@@ -605,9 +756,17 @@ async fn get_bill(
     responses((status = 201, body = JoinResponse), (status = 401, body = ErrorBody)))]
 async fn agent_join(
     State(cloud): State<AppState>,
+    note: Option<axum::Extension<AuditNote>>,
     ApiJson(request): ApiJson<JoinRequest>,
 ) -> Result<(StatusCode, Json<JoinResponse>), ApiError> {
-    Ok((StatusCode::CREATED, Json(cloud.join(&request)?)))
+    let note = note.map(|axum::Extension(note)| note).unwrap_or_default();
+    note.actor(format!(
+        "joining host {:?}",
+        request.hostname.chars().take(64).collect::<String>()
+    ));
+    let response = cloud.join(&request)?;
+    note.created(response.host_id);
+    Ok((StatusCode::CREATED, Json(response)))
 }
 
 /// What an agent needs to configure itself.

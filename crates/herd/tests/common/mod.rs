@@ -1,4 +1,8 @@
 //! A harness that runs `herd server` and `herd agent` as real processes on loopback.
+//!
+//! Servers speak HTTPS (unless a test passes `--insecure-http`): the harness trusts
+//! only the CA the server made in its data dir, and agents join pinning its
+//! fingerprint, so every test runs the real TLS and mTLS path.
 
 #![allow(dead_code)]
 
@@ -75,7 +79,46 @@ pub struct Server {
     pub token: String,
     pub data_dir: PathBuf,
     pub port: u16,
+    /// The server's CA (PEM); `None` with `--insecure-http`.
+    pub ca_pem: Option<String>,
     extra: Vec<String>,
+}
+
+/// A reqwest client that trusts only `ca_pem` (or plain, for http URLs).
+pub fn pinned_client(ca_pem: Option<&str>) -> reqwest::Client {
+    match ca_pem {
+        Some(ca_pem) => reqwest::Client::builder()
+            .use_preconfigured_tls(herd_tls::client_config(ca_pem, None).expect("CA config"))
+            .build()
+            .expect("https client"),
+        None => reqwest::Client::new(),
+    }
+}
+
+/// Waits for the server to write its CA (before it listens) and returns it.
+pub async fn wait_ca(proc: &mut Proc, data_dir: &Path, log: &Path, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(pem) = std::fs::read_to_string(data_dir.join("ca.pem")) {
+            if pem.contains("END CERTIFICATE") {
+                return pem;
+            }
+        }
+        if let Some(status) = proc.exited() {
+            panic!(
+                "{} exited ({status}): {}",
+                proc.name,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no CA in {}: {}",
+            data_dir.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 pub fn server_args(data_dir: &Path, port: u16, extra: &[String]) -> Vec<String> {
@@ -99,9 +142,16 @@ impl Server {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let args = server_args(&data_dir, port, &extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proc = Proc::spawn("server", &args, &root.join("server.log"));
-        let url = format!("http://127.0.0.1:{port}");
-        wait_healthy(&url).await;
+        let log = root.join("server.log");
+        let mut proc = Proc::spawn("server", &args, &log);
+        let insecure = extra.iter().any(|a| a == "--insecure-http");
+        let (url, ca_pem) = if insecure {
+            (format!("http://127.0.0.1:{port}"), None)
+        } else {
+            let ca_pem = wait_ca(&mut proc, &data_dir, &log, Duration::from_secs(30)).await;
+            (format!("https://127.0.0.1:{port}"), Some(ca_pem))
+        };
+        wait_healthy(&pinned_client(ca_pem.as_deref()), &url).await;
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
             .expect("admin token written")
             .trim()
@@ -112,8 +162,15 @@ impl Server {
             token,
             data_dir,
             port,
+            ca_pem,
             extra,
         }
+    }
+
+    /// The SHA-256 fingerprint of the server's CA.
+    pub fn ca_fingerprint(&self) -> String {
+        herd_tls::fingerprint_of_pem(self.ca_pem.as_deref().expect("an HTTPS server"))
+            .expect("CA fingerprint")
     }
 
     /// Kills the server with SIGKILL and starts it again on the same port and data.
@@ -122,14 +179,14 @@ impl Server {
         let args = server_args(&self.data_dir, self.port, &self.extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.proc = Proc::spawn("server", &args, &root.join("server.log"));
-        wait_healthy(&self.url).await;
+        wait_healthy(&pinned_client(self.ca_pem.as_deref()), &self.url).await;
     }
 
     pub fn client(&self) -> Api {
         Api {
             url: self.url.clone(),
             token: self.token.clone(),
-            http: reqwest::Client::new(),
+            http: pinned_client(self.ca_pem.as_deref()),
         }
     }
 
@@ -158,6 +215,10 @@ impl Server {
             "--drivers".into(),
             "sim".into(),
         ];
+        if self.ca_pem.is_some() {
+            // The first join pins the CA by fingerprint, as `herd host join-token` says.
+            args.extend(["--ca-fingerprint".into(), self.ca_fingerprint()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let proc = Proc::spawn(name, &refs, &root.join(format!("{name}.log")));
@@ -198,10 +259,10 @@ impl Agent {
     }
 }
 
-pub async fn wait_healthy(url: &str) {
+pub async fn wait_healthy(http: &reqwest::Client, url: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(response) = reqwest::get(format!("{url}/healthz")).await {
+        if let Ok(response) = http.get(format!("{url}/healthz")).send().await {
             if response.status().is_success() {
                 return;
             }
@@ -377,8 +438,18 @@ impl Up {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut proc =
             Proc::spawn_env("up", &refs, &log, &[("HERD_GUEST_BINARY", &guest_binary())]);
-        let url = format!("http://127.0.0.1:{port}");
-        wait_healthy_long(&mut proc, &url, &log).await;
+        // `herd up` serves HTTPS on loopback with the CA in its server dir; it may
+        // first build the guest image.
+        let ca_pem = wait_ca(
+            &mut proc,
+            &data_dir.join("server"),
+            &log,
+            Duration::from_secs(300),
+        )
+        .await;
+        let http = pinned_client(Some(&ca_pem));
+        let url = format!("https://127.0.0.1:{port}");
+        wait_healthy_long(&mut proc, &http, &url, &log).await;
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
             .expect("admin token")
             .trim()
@@ -388,11 +459,7 @@ impl Up {
             args,
             log,
             data_dir,
-            api: Api {
-                url,
-                token,
-                http: reqwest::Client::new(),
-            },
+            api: Api { url, token, http },
         }
     }
 
@@ -405,7 +472,7 @@ impl Up {
             &self.log,
             &[("HERD_GUEST_BINARY", &guest_binary())],
         );
-        wait_healthy_long(&mut self.proc, &self.api.url, &self.log).await;
+        wait_healthy_long(&mut self.proc, &self.api.http, &self.api.url, &self.log).await;
     }
 
     pub fn qemu_pid(&self, vm: &str) -> Option<i32> {
@@ -452,7 +519,7 @@ pub fn guest_binary() -> PathBuf {
 }
 
 /// `herd up` may first build the guest image; allow for it.
-async fn wait_healthy_long(proc: &mut Proc, url: &str, log: &Path) {
+async fn wait_healthy_long(proc: &mut Proc, http: &reqwest::Client, url: &str, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         if let Some(status) = proc.exited() {
@@ -461,9 +528,9 @@ async fn wait_healthy_long(proc: &mut Proc, url: &str, log: &Path) {
                 std::fs::read_to_string(log).unwrap_or_default()
             );
         }
-        if let Ok(response) = reqwest::get(format!("{url}/healthz")).await {
+        if let Ok(response) = http.get(format!("{url}/healthz")).send().await {
             if response.status().is_success() {
-                return wait_healthy(url).await;
+                return wait_healthy(http, url).await;
             }
         }
         assert!(

@@ -171,7 +171,11 @@ impl Vm {
                     Some(_) => Phase::Stopped,
                     None if policy_powered_off(&self.paths.console()) => {
                         if !self.record.policy_reported {
-                            self.unreported = policy_action_from_console(&self.paths.console());
+                            // The console is the guest's to write: believe only an action
+                            // its policy names.
+                            self.unreported = policy_action_from_console(&self.paths.console())
+                                .filter(|msg| channel::policy_allows(&self.spec.policy, msg))
+                                .map(channel::clamp);
                             self.record.policy_reported = true;
                         }
                         Phase::Stopped
@@ -200,7 +204,7 @@ impl Vm {
 /// herd-guest powered the VM off for a Stop or Terminate policy action: it logs that to
 /// the console right before the kernel's power-down lines.
 fn policy_powered_off(path: &Path) -> bool {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = console_text(path);
     text.lines().rev().take(20).any(|l| {
         l.contains("herd-guest: policy action Stop")
             || l.contains("herd-guest: policy action Terminate")
@@ -209,7 +213,7 @@ fn policy_powered_off(path: &Path) -> bool {
 
 /// The policy action herd-guest logged last, as the report it could not deliver.
 fn policy_action_from_console(path: &Path) -> Option<GuestMsg> {
-    let text = std::fs::read_to_string(path).ok()?;
+    let text = console_text(path);
     let line = text
         .lines()
         .rev()
@@ -235,8 +239,25 @@ fn policy_action_from_console(path: &Path) -> Option<GuestMsg> {
     })
 }
 
+/// The end of the console log as text. Only the end: the guest writes the log, as much
+/// as it likes, and the agent must not read all of it into memory.
+fn console_text(path: &Path) -> String {
+    String::from_utf8_lossy(&read_tail(path, 64 * 1024).unwrap_or_default()).into_owned()
+}
+
+/// The last `max_bytes` of a file.
+fn read_tail(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(max_bytes)))?;
+    let mut bytes = Vec::with_capacity(len.min(max_bytes) as usize);
+    file.take(max_bytes).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 fn console_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = console_text(path);
     text.lines()
         .rev()
         .find(|l| !l.trim().is_empty())
@@ -325,17 +346,25 @@ impl Inner {
         true
     }
 
+    /// The VM's self-management policy (none if the VM is gone).
+    fn guest_policy(&self, id: VmId) -> herd_proto::policy::PolicySpec {
+        self.with_vm(id, |vm| Ok(vm.spec.policy))
+            .unwrap_or_default()
+    }
+
     fn guest_message(&self, id: VmId, generation: u64, msg: GuestMsg) {
         if let Ok(mut vms) = self.vms.lock() {
             if let Some(vm) = vms.get_mut(&id).filter(|vm| vm.generation == generation) {
+                // Saved only on a change: the save syncs to disk under the driver's lock,
+                // and a guest repeating itself must not stall every other VM with it.
                 match &msg {
-                    GuestMsg::PolicyAction { .. } => {
+                    GuestMsg::PolicyAction { .. } if !vm.record.policy_reported => {
                         vm.record.policy_reported = true;
                         if let Err(e) = vm.save() {
                             warn!("{e}");
                         }
                     }
-                    GuestMsg::WorkloadExit { code } => {
+                    GuestMsg::WorkloadExit { code } if vm.record.exit_code != Some(*code) => {
                         vm.record.exit_code = Some(*code);
                         if let Err(e) = vm.save() {
                             warn!("{e}");
@@ -934,13 +963,11 @@ impl Driver for QemuDriver {
         if !self.vm_dir(id).is_dir() {
             return Err(DriverError::NoSuchVm(id));
         }
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(DriverError::io("reading the console log")(e)),
-        };
-        let start = bytes.len().saturating_sub(max_bytes);
-        Ok(bytes[start..].to_vec())
+        match read_tail(&path, max_bytes as u64) {
+            Ok(bytes) => Ok(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(DriverError::io("reading the console log")(e)),
+        }
     }
 
     fn kind(&self) -> &'static str {
@@ -1231,5 +1258,45 @@ impl Driver for QemuDriver {
             locks.remove(&id);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herd_proto::policy::{Enforcement, Lifespan, PolicyAction, PolicySpec};
+
+    #[test]
+    fn only_the_end_of_a_guest_flooded_console_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("console.log");
+        let mut text = "x".repeat(1 << 20);
+        text.push_str("\nherd-guest: policy action Terminate (lifespan): forged\n");
+        std::fs::write(&path, text).expect("write");
+        assert_eq!(read_tail(&path, 10).expect("tail"), b"): forged\n");
+        assert!(console_text(&path).len() <= 64 * 1024);
+        assert!(policy_powered_off(&path));
+
+        // The console is the guest's to write: a Terminate its policy does not name is
+        // not believed; the one it names is.
+        let claimed = policy_action_from_console(&path).expect("parsed");
+        let stop_policy = PolicySpec {
+            lifespan: Some(Lifespan {
+                max_seconds: Some(1),
+                end_at: None,
+                enforce: Enforcement {
+                    action: PolicyAction::Stop,
+                    warn: None,
+                },
+            }),
+            ..PolicySpec::default()
+        };
+        assert!(!channel::policy_allows(&stop_policy, &claimed));
+        assert!(!channel::policy_allows(&PolicySpec::default(), &claimed));
+        let mut terminate_policy = stop_policy;
+        if let Some(lifespan) = terminate_policy.lifespan.as_mut() {
+            lifespan.enforce.action = PolicyAction::Terminate;
+        }
+        assert!(channel::policy_allows(&terminate_policy, &claimed));
     }
 }

@@ -14,6 +14,11 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+mod tenancy;
+pub use tenancy::{
+    AuditFilter, AuditRow, MemberRow, ProjectRow, Quota, TenancyRows, TokenRow, UserRow,
+};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error")]
@@ -93,10 +98,32 @@ pub struct NewEvent {
     pub message: String,
 }
 
+/// Appends `values` to the query's arguments and returns their placeholders, for an
+/// `IN (...)` clause.
+fn in_list(args: &mut Vec<rusqlite::types::Value>, values: &[String]) -> String {
+    let mut marks = Vec::with_capacity(values.len());
+    for value in values {
+        args.push(value.clone().into());
+        marks.push(format!("?{}", args.len()));
+    }
+    marks.join(", ")
+}
+
+/// Which events to read.
+#[derive(Debug, Clone)]
+pub enum EventScope {
+    All,
+    Vm(VmId),
+    /// Events of VMs in these projects (host events are cloud-wide, so not included).
+    Projects(Vec<String>),
+}
+
 /// Filters for listing VMs; `after` is the pagination cursor (an id).
 #[derive(Debug, Clone, Default)]
 pub struct VmFilter {
     pub project: Option<String>,
+    /// The caller's scope: only VMs of these projects; `None` is every project.
+    pub projects: Option<Vec<String>>,
     pub state: Option<VmState>,
     pub host: Option<HostId>,
     pub name: Option<String>,
@@ -404,6 +431,8 @@ impl Store {
         db.busy_timeout(std::time::Duration::from_secs(5))?;
         db.execute_batch(SCHEMA)?;
         migrate(&db)?;
+        db.execute_batch(tenancy::SCHEMA)?;
+        tenancy::bootstrap(&db)?;
         Ok(Store { db: Mutex::new(db) })
     }
 
@@ -708,9 +737,13 @@ impl Store {
 
     pub fn list_vms(&self, filter: &VmFilter) -> Result<Vec<VmRecord>, StoreError> {
         let mut sql = format!("SELECT {VM_COLUMNS} FROM vms WHERE 1=1");
-        let mut args: Vec<String> = Vec::new();
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(projects) = &filter.projects {
+            let marks = in_list(&mut args, projects);
+            sql.push_str(&format!(" AND project IN ({marks})"));
+        }
         let mut push = |clause: &str, value: String, sql: &mut String| {
-            args.push(value);
+            args.push(value.into());
             sql.push_str(&format!(" AND {clause} ?{}", args.len()));
         };
         if let Some(project) = &filter.project {
@@ -1000,31 +1033,31 @@ impl Store {
 
     pub fn events(
         &self,
-        vm: Option<VmId>,
+        scope: &EventScope,
         after: i64,
         limit: usize,
     ) -> Result<Vec<EventRecord>, StoreError> {
+        const COLUMNS: &str =
+            "SELECT id, time, vm, host, kind, from_state, to_state, message FROM events";
+        let mut args: Vec<rusqlite::types::Value> = vec![after.into()];
+        let sql = match scope {
+            EventScope::All => format!("{COLUMNS} WHERE id > ?1"),
+            EventScope::Vm(vm) => {
+                args.push(vm.to_string().into());
+                format!("{COLUMNS} WHERE id > ?1 AND vm = ?2")
+            }
+            EventScope::Projects(projects) => format!(
+                "{COLUMNS} WHERE id > ?1 AND vm IN \
+                 (SELECT vm FROM vm_ledger WHERE project IN ({}))",
+                in_list(&mut args, projects)
+            ),
+        };
+        let sql = format!("{sql} ORDER BY id LIMIT {limit}");
         let db = self.db();
+        let mut stmt = db.prepare_cached(&sql)?;
         let mut out = Vec::new();
-        let sql_vm = "SELECT id, time, vm, host, kind, from_state, to_state, message FROM events \
-                      WHERE vm = ?1 AND id > ?2 ORDER BY id LIMIT ?3";
-        let sql_all = "SELECT id, time, vm, host, kind, from_state, to_state, message FROM events \
-                       WHERE id > ?1 ORDER BY id LIMIT ?2";
-        match vm {
-            Some(vm) => {
-                let mut stmt = db.prepare_cached(sql_vm)?;
-                for row in
-                    stmt.query_map(params![vm.to_string(), after, limit as i64], event_from_row)?
-                {
-                    out.push(row??);
-                }
-            }
-            None => {
-                let mut stmt = db.prepare_cached(sql_all)?;
-                for row in stmt.query_map(params![after, limit as i64], event_from_row)? {
-                    out.push(row??);
-                }
-            }
+        for row in stmt.query_map(rusqlite::params_from_iter(args), event_from_row)? {
+            out.push(row??);
         }
         Ok(out)
     }
