@@ -98,7 +98,18 @@ const USAGE_BYTES_STEP: u64 = 1 << 20;
 const USAGE_MEM_KIB_STEP: u64 = 16 * 1024;
 
 /// Messages from guest modules, named by the VM whose channel they came in on.
-pub type GuestEvents = mpsc::UnboundedReceiver<(VmId, GuestMsg)>;
+pub type GuestEvents = mpsc::Receiver<(VmId, GuestMsg)>;
+pub type GuestEventSender = mpsc::Sender<(VmId, GuestMsg)>;
+
+/// Guest messages held while the agent cannot pass them on (no server, a slow one).
+/// Bounded, so that guests cannot grow the agent while nobody drains the queue; the
+/// drivers drop status chatter past it and retry what matters.
+pub const GUEST_EVENT_BACKLOG: usize = 4096;
+
+/// The queue from the drivers' guest channels to the agent.
+pub fn guest_event_channel() -> (GuestEventSender, GuestEvents) {
+    mpsc::channel(GUEST_EVENT_BACKLOG)
+}
 
 /// How the agent reaches its server once joined: over HTTPS, a client that trusts only
 /// the server's CA and presents this host's certificate, for HTTP and the bus alike.

@@ -12,9 +12,8 @@ use herd_proto::VmState;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
-type Events = mpsc::UnboundedReceiver<(VmId, GuestMsg)>;
+type Events = herd_agent::agent::GuestEvents;
 
 fn qemu_present() -> bool {
     let ok = std::process::Command::new("qemu-system-x86_64")
@@ -75,7 +74,7 @@ fn open(state: &Path, accel: AccelChoice) -> (QemuDriver, Events) {
     let mut config = QemuConfig::new(herd_image::images_dir(&data_dir()));
     config.accel = accel;
     config.stop_timeout = Duration::from_secs(15);
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = herd_agent::agent::guest_event_channel();
     let driver = QemuDriver::open(state.to_path_buf(), config, tx).expect("open driver");
     (driver, rx)
 }

@@ -115,7 +115,7 @@ fn build_drivers(setup: &DriverSetup<'_>) -> Result<Drivers> {
                     AccelArg::Tcg => AccelChoice::Force(Accel::Tcg),
                     AccelArg::Kvm => AccelChoice::Force(Accel::Kvm),
                 };
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let (tx, rx) = herd_agent::agent::guest_event_channel();
                 drivers.list.push(Arc::new(QemuDriver::open(
                     setup.agent_dir.join("qemu"),
                     config,

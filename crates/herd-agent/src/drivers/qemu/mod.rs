@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, OnceCell};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How the driver picks its accelerator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,7 +271,7 @@ pub(crate) struct Inner {
     state_dir: PathBuf,
     config: QemuConfig,
     tsc_khz: Option<u64>,
-    events: mpsc::UnboundedSender<(VmId, GuestMsg)>,
+    events: crate::agent::GuestEventSender,
     vms: Mutex<BTreeMap<VmId, Vm>>,
     op_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     accel: OnceCell<(Accel, String)>,
@@ -375,7 +375,11 @@ impl Inner {
                 }
             }
         }
-        let _ = self.events.send((id, msg));
+        // Full means nobody drains the queue (no server): a guest's chatter is dropped
+        // here rather than held without bound.
+        if self.events.try_send((id, msg)).is_err() {
+            debug!(%id, "guest message dropped: the agent's queue is full");
+        }
     }
 
     async fn accel(&self) -> (Accel, String) {
@@ -852,7 +856,7 @@ impl QemuDriver {
     pub fn open(
         state_dir: PathBuf,
         config: QemuConfig,
-        guest_events: mpsc::UnboundedSender<(VmId, GuestMsg)>,
+        guest_events: crate::agent::GuestEventSender,
     ) -> Result<QemuDriver, DriverError> {
         std::fs::create_dir_all(&state_dir)
             .map_err(DriverError::io("creating the qemu state dir"))?;
@@ -1029,7 +1033,12 @@ impl Driver for QemuDriver {
         for (id, vm) in vms.iter_mut() {
             let state = vm.observe();
             if let Some(msg) = vm.unreported.take() {
-                let _ = self.inner.events.send((*id, msg));
+                if let Err(mpsc::error::TrySendError::Full((_, msg))) =
+                    self.inner.events.try_send((*id, msg))
+                {
+                    // Kept for the next look: it says why the VM ended.
+                    vm.unreported = Some(msg);
+                }
             }
             observed.push(ObservedVm { id: *id, state });
         }
