@@ -21,8 +21,8 @@ use herd_proto::wire::{
     VmUsage,
 };
 use herd_proto::VmState;
-use herd_sched::{place, Demand, HostSlot, NoFit, SchedPolicy};
-use std::collections::{BTreeMap, HashMap};
+use herd_sched::{Demand, HostSlot, NoFit, SchedPolicy, Scheduler};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -152,30 +152,40 @@ pub struct GuestInfo {
 /// Where an agent's console answer goes.
 type ConsoleReply = oneshot::Sender<Result<Vec<u8>, String>>;
 
-/// Capacity accounting, under one lock.
-#[derive(Debug, Default)]
+/// Capacity accounting, under one lock: the scheduler's host index (which counts what
+/// each host holds) and where each VM holds its share.
 struct Placement {
-    hosts: BTreeMap<HostId, HostSlot>,
+    sched: Scheduler,
     vms: HashMap<VmId, (HostId, u32, u64)>,
 }
 
 impl Placement {
+    fn new(policy: SchedPolicy) -> Placement {
+        Placement {
+            sched: Scheduler::new(policy),
+            vms: HashMap::new(),
+        }
+    }
+
     fn add(&mut self, vm: VmId, host: HostId, vcpus: u32, memory_mib: u64) {
         if self.vms.insert(vm, (host, vcpus, memory_mib)).is_none() {
-            if let Some(slot) = self.hosts.get_mut(&host) {
-                slot.used_vcpus += u64::from(vcpus);
-                slot.used_memory_mib += memory_mib;
-            }
+            self.sched.reserve(host, vcpus, memory_mib);
         }
     }
 
     fn release(&mut self, vm: VmId) {
         if let Some((host, vcpus, memory_mib)) = self.vms.remove(&vm) {
-            if let Some(slot) = self.hosts.get_mut(&host) {
-                slot.used_vcpus = slot.used_vcpus.saturating_sub(u64::from(vcpus));
-                slot.used_memory_mib = slot.used_memory_mib.saturating_sub(memory_mib);
-            }
+            self.sched.release(host, vcpus, memory_mib);
         }
+    }
+
+    /// The host a VM would go to: filter and weigh over the index, nothing counted.
+    fn choose(&self, spec: &VmSpec) -> Result<HostId, NoFit> {
+        self.sched.place(&Demand {
+            hypervisor: spec.hypervisor.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+        })
     }
 }
 
@@ -248,13 +258,14 @@ impl Cloud {
         })?;
         let store = Store::open(&config.data_dir.join("herd.db"))?;
         let tenancy = Tenancy::load(&store)?;
+        let sched_policy = config.sched;
         let cloud = Cloud {
             config,
             store,
             bus,
             ca: None,
             tenancy,
-            placement: Mutex::new(Placement::default()),
+            placement: Mutex::new(Placement::new(sched_policy)),
             live: Mutex::new(HashMap::new()),
             usage: Mutex::new(HashMap::new()),
             guests: Mutex::new(HashMap::new()),
@@ -277,7 +288,7 @@ impl Cloud {
         let mut live = lock(&self.live);
         let now = Instant::now();
         for host in hosts {
-            placement.hosts.insert(host.id, slot_of(&host));
+            placement.sched.upsert_host(slot_of(&host));
             // Hosts get a full grace period after a server restart to reconnect.
             live.insert(
                 host.id,
@@ -570,7 +581,7 @@ impl Cloud {
     /// Tries to place a VM; on success the capacity is already counted.
     fn try_place(&self, vm: VmId, spec: &VmSpec) -> Result<HostId, String> {
         let mut placement = lock(&self.placement);
-        let host = choose_host(&placement, spec, &self.config.sched).map_err(|e| e.to_string())?;
+        let host = placement.choose(spec).map_err(|e| e.to_string())?;
         placement.add(vm, host, spec.vcpus, spec.memory_mib);
         Ok(host)
     }
@@ -588,7 +599,7 @@ impl Cloud {
             // Placed by the reconciler once its activation comes.
             Err("waiting for its activation".to_owned())
         } else {
-            choose_host(&placement, &spec, &self.config.sched).map_err(|e| e.to_string())
+            placement.choose(&spec).map_err(|e| e.to_string())
         };
         let (host, observed, message) = match choice {
             Ok(host) => (
@@ -904,8 +915,8 @@ impl Cloud {
             .into_iter()
             .map(|host| {
                 let used = placement
-                    .hosts
-                    .get(&host.id)
+                    .sched
+                    .host(host.id)
                     .map(|slot| (slot.used_vcpus, slot.used_memory_mib))
                     .unwrap_or((0, 0));
                 let live = live.get(&host.id).cloned();
@@ -1042,7 +1053,8 @@ impl Cloud {
                 .host_hello(host, hostname, hypervisors, cpus, memory_mib, agent_version)?;
         {
             let mut placement = lock(&self.placement);
-            let slot = placement.hosts.entry(host).or_insert_with(|| HostSlot {
+            // Keep what the host holds; take its new size and hypervisors.
+            let mut slot = placement.sched.host(host).cloned().unwrap_or(HostSlot {
                 id: host,
                 up: true,
                 hypervisors: vec![],
@@ -1055,6 +1067,7 @@ impl Cloud {
             slot.cpus = cpus;
             slot.memory_mib = memory_mib;
             slot.hypervisors = hypervisors.iter().map(|h| h.kind.clone()).collect();
+            placement.sched.upsert_host(slot);
         }
         let session = {
             let mut live = lock(&self.live);
@@ -1127,9 +1140,7 @@ impl Cloud {
             record.memory_mib,
             record.agent_version.as_deref().unwrap_or(""),
         )?;
-        if let Some(slot) = lock(&self.placement).hosts.get_mut(&host) {
-            slot.up = true;
-        }
+        lock(&self.placement).sched.set_up(host, true);
         if let Some(entry) = lock(&self.live).get_mut(&host) {
             entry.down = false;
         }
@@ -1378,9 +1389,7 @@ impl Cloud {
             let why = format!("no report for {} s", grace.as_secs_f64());
             let marked = self.store.host_down(host, &why)?;
             warn!(%host, n_vms = marked.len(), "host marked down: {why}");
-            if let Some(slot) = lock(&self.placement).hosts.get_mut(&host) {
-                slot.up = false;
-            }
+            lock(&self.placement).sched.set_up(host, false);
             if let Some(live) = lock(&self.live).get_mut(&host) {
                 live.down = true;
                 live.needs_resync = true;
@@ -1412,20 +1421,6 @@ impl Cloud {
             }
         }
     }
-}
-
-fn choose_host(
-    placement: &Placement,
-    spec: &VmSpec,
-    policy: &SchedPolicy,
-) -> Result<HostId, NoFit> {
-    let slots: Vec<HostSlot> = placement.hosts.values().cloned().collect();
-    let demand = Demand {
-        hypervisor: spec.hypervisor.clone(),
-        vcpus: spec.vcpus,
-        memory_mib: spec.memory_mib,
-    };
-    place(&slots, &demand, policy).map(|idx| slots[idx].id)
 }
 
 pub fn spec_of(vm: &VmRecord) -> VmSpec {
