@@ -30,7 +30,8 @@ impl Client {
         let http = if url.starts_with("https://") {
             let Some(ca_pem) = ca_pem else {
                 bail!(
-                    "{url} is https but no CA is pinned for it: set HERD_CA to the server's \
+                    "{url} is https but no CA is pinned for it: run `herd login --ca-fingerprint \
+                     <sha256>` (the server prints it at start), set HERD_CA to the server's \
                      ca.pem (in its data dir), or add `ca_pem` to {} (`herd up` writes it)",
                     crate::config::config_path().display()
                 );

@@ -279,7 +279,7 @@ pub async fn whoami(output: Output) -> Result<()> {
                 if me.cloud_admin { " (cloud admin)" } else { "" }
             );
             for (project, role) in &me.roles {
-                println!("  {role:<7} in {project}");
+                println!("  {:<7} in {project}", role.as_str());
             }
             Ok(())
         }
