@@ -179,7 +179,8 @@ pub enum QueryKey {
     Text(Vec<u8>),
 }
 
-#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
+/// Who a request claims to be, for [`may_succeed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthKind {
     Admin,
     Agent,
