@@ -95,14 +95,15 @@ pub fn bill_vm(
     let time_rates = time_only(rates);
     for (start, end) in billable_periods(history, from_ms, to_ms) {
         let (start, end) = (start.max(0) as u64, end.max(0) as u64);
-        billed_ms += end - start;
-        memory_mib_ms += u128::from(vm.memory_mib) * u128::from(end - start);
-        fine += price_interval_fine(
+        billed_ms = billed_ms.saturating_add(end - start);
+        memory_mib_ms =
+            memory_mib_ms.saturating_add(u128::from(vm.memory_mib) * u128::from(end - start));
+        fine = fine.saturating_add(price_interval_fine(
             &time_rates,
             &sample(start, 0, 0),
             &sample(end, 0, 0),
             vm.memory_mib,
-        );
+        ));
     }
     let usage_rates = usage_only(rates);
     let mut cpu_ms = 0u64;
@@ -118,14 +119,15 @@ pub fn bill_vm(
                 // First sample, or counters reset: count from zero.
                 _ => (0, 0, at),
             };
-            cpu_ms += row.cpu_ms - base_cpu;
-            net_bytes += row.net_bytes - base_net;
-            fine += price_interval_fine(
+            // Counters come from agents: a reset after a huge value must not wrap the sum.
+            cpu_ms = cpu_ms.saturating_add(row.cpu_ms - base_cpu);
+            net_bytes = net_bytes.saturating_add(row.net_bytes - base_net);
+            fine = fine.saturating_add(price_interval_fine(
                 &usage_rates,
                 &sample(base_at.max(0) as u64, base_cpu, base_net),
                 &sample(at.max(0) as u64, row.cpu_ms, row.net_bytes),
                 vm.memory_mib,
-            );
+            ));
         }
         prev = Some(row);
     }
@@ -141,7 +143,7 @@ pub fn bill_vm(
 
 /// Micro-units as money with two decimals, rounded half up to the cent.
 pub fn format_money(micros: u64) -> String {
-    let cents = (micros + 5_000) / 10_000;
+    let cents = micros.saturating_add(5_000) / 10_000;
     format!("{}.{:02}", cents / 100, cents % 100)
 }
 
@@ -272,6 +274,32 @@ mod tests {
         // Only the last interval falls after T0 + 2,500.
         let tail = bill_vm(&rates, &vm(0), &[], &samples, T0 + 2_500, T0 + 10_000);
         assert_eq!(tail.cpu_ms, 2_000);
+    }
+
+    /// Agents report the counters; one that claims u64::MAX and then resets must not
+    /// wrap the bill (a panic in debug builds, a tiny bill in release).
+    #[test]
+    fn hostile_counters_saturate_instead_of_wrapping() {
+        let rates = RateCard {
+            per_cpu_second: Rate {
+                peak: u64::MAX,
+                off_peak: u64::MAX,
+            },
+            ..RateCard::default()
+        };
+        let samples = vec![
+            row(T0 + 1_000, u64::MAX, u64::MAX),
+            row(T0 + 2_000, 1, 1),
+            row(T0 + 3_000, u64::MAX, u64::MAX),
+        ];
+        let line = bill_vm(&rates, &vm(u64::MAX), &[], &samples, T0, T0 + 10_000);
+        assert_eq!(line.cpu_ms, u64::MAX);
+        assert_eq!(line.net_bytes, u64::MAX);
+        assert_eq!(line.cost_micros, u64::MAX);
+        assert_eq!(
+            format_money(u64::MAX),
+            format!("{}.{:02}", u64::MAX / 1_000_000, 55)
+        );
     }
 
     #[test]
