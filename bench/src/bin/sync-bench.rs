@@ -44,6 +44,10 @@ struct Args {
     busy: Vec<f64>,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Rows as CSV, one per busy fraction and mode, for the "delta vs full sync bytes"
+    /// plot.
+    #[arg(long)]
+    csv: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
@@ -103,6 +107,7 @@ struct World {
     cloud: Arc<Cloud>,
     hosts: Vec<Host>,
     rng: StdRng,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl World {
@@ -120,11 +125,17 @@ impl World {
         let decoded: AgentMsg = wire::decode(&frame).context("decode")?;
         let host = &mut self.hosts[host_idx];
         let reply = match &decoded {
-            AgentMsg::Report(report) => {
-                ingest::apply_report(&self.cloud, host.id, &mut host.view, report)?
-            }
+            // The store writes run on the group commit's writer thread, so the CPU
+            // counted here is the ingest's own, without SQLite.
+            AgentMsg::Report(report) => self.runtime.block_on(ingest::apply_report(
+                &self.cloud,
+                host.id,
+                &mut host.view,
+                report,
+            ))?,
             AgentMsg::Usage { sampled_at_ms, vms } => {
-                self.cloud.record_usage(host.id, *sampled_at_ms, vms)?;
+                self.runtime
+                    .block_on(self.cloud.record_usage(host.id, *sampled_at_ms, vms))?;
                 None
             }
             _ => None,
@@ -331,6 +342,10 @@ fn setup(args: &Args, dir: &std::path::Path) -> Result<World> {
         cloud,
         hosts,
         rng: StdRng::seed_from_u64(args.seed),
+        runtime: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")?,
     };
     // The first report of every agent is a full one; not counted.
     let mut warmup = Tally::default();
@@ -370,6 +385,10 @@ fn main() -> Result<()> {
         "ratio"
     );
     let mut rows = Vec::new();
+    let mut csv = String::from(
+        "hosts,vms,churn_pct,busy_pct,mode,bytes_per_interval,state_bytes_per_interval,\
+         usage_bytes_per_interval,with_tcp_ip_bytes_per_interval,server_cpu_ms_per_interval\n",
+    );
     for &busy in &args.busy {
         let mut full = Tally::default();
         let mut delta = Tally::default();
@@ -416,6 +435,19 @@ fn main() -> Result<()> {
             cpu(&full) / cpu(&delta),
         );
         rows.push(row);
+        for (mode, tally) in [("full", &full), ("delta", &delta)] {
+            csv.push_str(&format!(
+                "{},{n_vms},{},{},{mode},{:.0},{:.0},{:.0},{:.0},{:.3}\n",
+                args.hosts,
+                args.churn * 100.0,
+                busy * 100.0,
+                per(tally.total()),
+                per(tally.state_bytes),
+                per(tally.usage_bytes),
+                per(tally.total() + tally.tcp_ip_bytes),
+                cpu(tally),
+            ));
+        }
     }
     let state_only: Vec<String> = rows
         .iter()
@@ -427,6 +459,9 @@ fn main() -> Result<()> {
     );
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&rows)?)?;
+    }
+    if let Some(path) = &args.csv {
+        std::fs::write(path, csv)?;
     }
     Ok(())
 }

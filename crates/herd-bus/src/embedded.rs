@@ -4,7 +4,7 @@ use crate::{Bus, BusError, Queued};
 use async_trait::async_trait;
 use herd_proto::wire::{self, Command, CommandId, HostId};
 use rusqlite::{params, Connection};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
@@ -51,31 +51,36 @@ impl EmbeddedBus {
 
 #[async_trait]
 impl Bus for EmbeddedBus {
-    async fn publish(&self, host: HostId, command: Command) -> Result<(), BusError> {
-        let body = wire::encode(&command);
+    async fn publish(&self, commands: &[(HostId, Command)]) -> Result<(), BusError> {
+        if commands.is_empty() {
+            return Ok(());
+        }
         self.with_db(|db| {
             let tx = db.transaction()?;
-            tx.execute(
-                "DELETE FROM commands WHERE host = ?1 AND vm = ?2 AND generation < ?3",
-                params![
-                    host.to_string(),
-                    command.id.vm.to_string(),
-                    command.id.generation as i64
-                ],
-            )?;
-            tx.execute(
-                "INSERT OR IGNORE INTO commands (host, vm, generation, body) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    host.to_string(),
-                    command.id.vm.to_string(),
-                    command.id.generation as i64,
-                    body
-                ],
-            )?;
+            {
+                let mut supersede = tx.prepare_cached(
+                    "DELETE FROM commands WHERE host = ?1 AND vm = ?2 AND generation < ?3",
+                )?;
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO commands (host, vm, generation, body) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for (host, command) in commands {
+                    let (host, vm) = (host.to_string(), command.id.vm.to_string());
+                    let generation = command.id.generation as i64;
+                    supersede.execute(params![host, vm, generation])?;
+                    insert.execute(params![host, vm, generation, wire::encode(command)])?;
+                }
+            }
             tx.commit()?;
             Ok(())
         })?;
-        self.waker(host).notify_one();
+        let mut woken = HashSet::new();
+        for (host, _) in commands {
+            if woken.insert(*host) {
+                self.waker(*host).notify_one();
+            }
+        }
         Ok(())
     }
 
@@ -107,12 +112,22 @@ impl Bus for EmbeddedBus {
         })
     }
 
-    async fn ack(&self, host: HostId, id: CommandId) -> Result<(), BusError> {
+    async fn ack(&self, host: HostId, ids: &[CommandId]) -> Result<(), BusError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         self.with_db(|db| {
-            db.execute(
-                "DELETE FROM commands WHERE host = ?1 AND vm = ?2 AND generation <= ?3",
-                params![host.to_string(), id.vm.to_string(), id.generation as i64],
-            )?;
+            let tx = db.transaction()?;
+            {
+                let mut delete = tx.prepare_cached(
+                    "DELETE FROM commands WHERE host = ?1 AND vm = ?2 AND generation <= ?3",
+                )?;
+                let host = host.to_string();
+                for id in ids {
+                    delete.execute(params![host, id.vm.to_string(), id.generation as i64])?;
+                }
+            }
+            tx.commit()?;
             Ok(())
         })
     }
@@ -171,12 +186,15 @@ mod tests {
         let host = Uuid::from_u128(100);
         {
             let bus = EmbeddedBus::open(&path).expect("open");
-            bus.publish(host, command(1, 1)).await.expect("publish");
-            bus.publish(host, command(1, 1))
+            bus.publish(&[(host, command(1, 1))])
                 .await
-                .expect("publish again");
-            bus.publish(host, command(2, 1)).await.expect("publish");
-            bus.publish(host, command(1, 2)).await.expect("supersede");
+                .expect("publish");
+            bus.publish(&[(host, command(1, 1)), (host, command(2, 1))])
+                .await
+                .expect("publish again, and another");
+            bus.publish(&[(host, command(1, 2))])
+                .await
+                .expect("supersede");
         }
         let bus = EmbeddedBus::open(&path).expect("reopen");
         let pending = bus.pending(host, 0, 10).await.expect("pending");
@@ -189,7 +207,7 @@ mod tests {
                 .len(),
             0
         );
-        bus.ack(host, command(1, 2).id).await.expect("ack");
+        bus.ack(host, &[command(1, 2).id]).await.expect("ack");
         assert_eq!(bus.depth(host).await.expect("depth"), 1);
     }
 }

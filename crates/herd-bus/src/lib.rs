@@ -34,9 +34,11 @@ pub struct Queued {
 
 #[async_trait]
 pub trait Bus: Send + Sync {
-    /// Queues a command for a host durably. Queuing the same id twice keeps one copy;
-    /// older generations for the same VM are dropped, since this one supersedes them.
-    async fn publish(&self, host: HostId, command: Command) -> Result<(), BusError>;
+    /// Queues commands, each for its host, durably and all together (one write for the
+    /// batch: the reconciler sends thousands at a time). Queuing the same id twice keeps
+    /// one copy; older generations for the same VM are dropped, since a newer one
+    /// supersedes them.
+    async fn publish(&self, commands: &[(HostId, Command)]) -> Result<(), BusError>;
 
     /// Unacknowledged commands with a position after `after`, oldest first.
     async fn pending(
@@ -46,8 +48,9 @@ pub trait Bus: Send + Sync {
         limit: usize,
     ) -> Result<Vec<Queued>, BusError>;
 
-    /// The agent applied the command (or a newer one): drop it from the queue.
-    async fn ack(&self, host: HostId, id: CommandId) -> Result<(), BusError>;
+    /// The agent applied these commands (or newer ones): drop them from the host's
+    /// queue, in one write.
+    async fn ack(&self, host: HostId, ids: &[CommandId]) -> Result<(), BusError>;
 
     /// Number of unacknowledged commands for the host.
     async fn depth(&self, host: HostId) -> Result<u64, BusError>;

@@ -8,6 +8,7 @@
 
 use crate::auth;
 use crate::billing::{self, BillLine};
+use crate::group_commit::{CommitError, GroupCommit};
 use crate::store::{
     now_ms, HostRecord, NewEvent, Observation, Store, StoreError, UsageRow, VmFilter, VmRecord,
 };
@@ -25,11 +26,17 @@ use herd_sched::{Demand, HostSlot, NoFit, SchedPolicy, Scheduler};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{info, warn};
 use uuid::Uuid;
+
+/// The longest the liveness check sleeps.
+const LIVENESS_TICK: Duration = Duration::from_millis(100);
+
+/// How many VMs the reconciler takes from the store at a time.
+const RECONCILE_SLICE: usize = 5_000;
 
 /// Hypervisor types a VM spec may name.
 pub const HYPERVISORS: [&str; 3] = ["qemu", "oci", "sim"];
@@ -87,6 +94,8 @@ pub enum CloudError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Commit(#[from] CommitError),
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> CloudError {
@@ -212,7 +221,9 @@ impl Metrics {
 
 pub struct Cloud {
     pub config: ServerConfig,
-    pub store: Store,
+    pub store: Arc<Store>,
+    /// Agents' reports and usage, written in shared transactions.
+    pub commits: GroupCommit,
     pub bus: Box<dyn Bus>,
     /// The CA that signs agent certificates at join; `None` when serving plain HTTP.
     /// Set by `herd_server::open`.
@@ -256,11 +267,12 @@ impl Cloud {
                 format!("cannot create {}: {e}", config.data_dir.display()),
             )
         })?;
-        let store = Store::open(&config.data_dir.join("herd.db"))?;
+        let store = Arc::new(Store::open(&config.data_dir.join("herd.db"))?);
         let tenancy = Tenancy::load(&store)?;
         let sched_policy = config.sched;
         let cloud = Cloud {
             config,
+            commits: GroupCommit::new(store.clone()),
             store,
             bus,
             ca: None,
@@ -283,7 +295,7 @@ impl Cloud {
     /// Rebuilds capacity accounting and liveness from the store after a start.
     fn rebuild(&self) -> Result<(), CloudError> {
         let hosts = self.store.hosts()?;
-        let placed = self.store.placed_vms()?;
+        let placed = self.store.placed_shares()?;
         let mut placement = lock(&self.placement);
         let mut live = lock(&self.live);
         let now = Instant::now();
@@ -302,10 +314,9 @@ impl Cloud {
                 },
             );
         }
-        for vm in placed {
-            if let Some(host) = vm.host {
-                placement.add(vm.id, host, vm.vcpus, vm.memory_mib);
-            }
+        placement.vms.reserve(placed.len());
+        for (vm, host, vcpus, memory_mib) in placed {
+            placement.add(vm, host, vcpus, memory_mib);
         }
         Ok(())
     }
@@ -587,67 +598,117 @@ impl Cloud {
     }
 
     pub fn launch(&self, spec: LaunchSpec) -> Result<VmRecord, CloudError> {
+        let mut launched = self.launch_batch(spec, None)?;
+        launched
+            .pop()
+            .ok_or_else(|| invalid("count", "nothing launched"))
+    }
+
+    /// Most VMs one batch launch may create.
+    pub const MAX_BATCH: u32 = 1000;
+
+    /// Launches one VM, or with `count` that many alike, named `{name}-1` to
+    /// `{name}-{count}`: validated, quota-checked, placed one by one (each an honest
+    /// filter and weigh with its capacity counted) and inserted in one transaction, all
+    /// or none.
+    pub fn launch_batch(
+        &self,
+        spec: LaunchSpec,
+        count: Option<u32>,
+    ) -> Result<Vec<VmRecord>, CloudError> {
+        let names: Vec<String> = match count {
+            None => vec![spec.name.clone()],
+            Some(n) if (1..=Self::MAX_BATCH).contains(&n) => {
+                let names: Vec<String> = (1..=n).map(|i| format!("{}-{i}", spec.name)).collect();
+                if names.iter().any(|name| !valid_name(name)) {
+                    return Err(invalid(
+                        "name",
+                        format!(
+                            "{:?} with a suffix up to -{n} must be at most 63 characters of \
+                             a-z, 0-9 and '-'",
+                            spec.name
+                        ),
+                    ));
+                }
+                names
+            }
+            Some(_) => {
+                return Err(invalid(
+                    "count",
+                    format!("must be between 1 and {}", Self::MAX_BATCH),
+                ))
+            }
+        };
         let (project, spec) = self.validate_launch(spec)?;
-        let id = Uuid::new_v4();
         let now = now_ms();
+        let n = names.len() as u64;
         // Hold the placement lock across the quota check and the insert, so that the
-        // capacity and quota counted here and the durable row appear together.
+        // capacity and quota counted here and the durable rows appear together.
         let mut placement = lock(&self.placement);
-        self.check_quota(&project, spec.vcpus, spec.memory_mib)?;
+        self.check_quota(&project, n, spec.vcpus, spec.memory_mib)?;
         let activation_pending = spec.policy.activation.is_some();
-        let choice = if activation_pending {
-            // Placed by the reconciler once its activation comes.
-            Err("waiting for its activation".to_owned())
-        } else {
-            placement.choose(&spec).map_err(|e| e.to_string())
-        };
-        let (host, observed, message) = match choice {
-            Ok(host) => (
-                Some(host),
-                VmState::Scheduled,
-                format!("launched; scheduled on host {host}"),
-            ),
-            Err(why) => (None, VmState::Pending, format!("launched; {why}")),
-        };
-        let record = VmRecord {
-            id,
-            name: spec.name.clone(),
-            project,
-            hypervisor: spec.hypervisor.clone(),
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            image: spec.image.clone(),
-            command: spec.command.clone(),
-            policy: spec.policy,
-            keep_running: spec.keep_running,
-            host,
-            desired: VmState::Running,
-            generation: 1,
-            issued_generation: 0,
-            observed,
-            observed_at_ms: now,
-            last_error: None,
-            deleting: false,
-            created_at_ms: now,
-            updated_at_ms: now,
-        };
-        self.store.insert_vm(
-            &record,
-            &NewEvent {
+        let mut rows = Vec::with_capacity(names.len());
+        for name in names {
+            let id = Uuid::new_v4();
+            let choice = if activation_pending {
+                // Placed by the reconciler once its activation comes.
+                Err("waiting for its activation".to_owned())
+            } else {
+                placement.choose(&spec).map_err(|e| e.to_string())
+            };
+            let (host, observed, message) = match choice {
+                Ok(host) => (
+                    Some(host),
+                    VmState::Scheduled,
+                    format!("launched; scheduled on host {host}"),
+                ),
+                Err(why) => (None, VmState::Pending, format!("launched; {why}")),
+            };
+            // Counted now, so the next VM of the batch sees this one's share.
+            if let Some(host) = host {
+                placement.add(id, host, spec.vcpus, spec.memory_mib);
+            }
+            let record = VmRecord {
+                id,
+                name,
+                project: project.clone(),
+                hypervisor: spec.hypervisor.clone(),
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+                image: spec.image.clone(),
+                command: spec.command.clone(),
+                policy: spec.policy,
+                keep_running: spec.keep_running,
+                host,
+                desired: VmState::Running,
+                generation: 1,
+                issued_generation: 0,
+                observed,
+                observed_at_ms: now,
+                last_error: None,
+                deleting: false,
+                created_at_ms: now,
+                updated_at_ms: now,
+            };
+            let event = NewEvent {
                 vm: Some(id),
                 host,
                 kind: "vm.launched",
                 from: None,
                 to: Some(observed),
                 message,
-            },
-        )?;
-        if let Some(host) = host {
-            placement.add(id, host, spec.vcpus, spec.memory_mib);
+            };
+            rows.push((record, event));
+        }
+        if let Err(e) = self.store.insert_vms(&rows) {
+            for (record, _) in &rows {
+                placement.release(record.id);
+            }
+            return Err(e.into());
         }
         drop(placement);
         self.reconcile_now.notify_one();
-        Ok(record)
+        Ok(rows.into_iter().map(|(record, _)| record).collect())
     }
 
     pub fn vm(&self, id: &str) -> Result<VmRecord, CloudError> {
@@ -1164,7 +1225,7 @@ impl Cloud {
     /// Meters a usage batch from a host: stored once per (VM, instant), so a
     /// retransmitted batch changes nothing. Returns how many entries were dropped
     /// because their VM is not placed on that host.
-    pub fn record_usage(
+    pub async fn record_usage(
         &self,
         host: HostId,
         sampled_at_ms: u64,
@@ -1200,7 +1261,7 @@ impl Cloud {
                 }
             }
         }
-        self.store.insert_usage(&rows)?;
+        self.commits.commit(Vec::new(), rows).await?;
         Ok(n_rejected)
     }
 
@@ -1282,98 +1343,124 @@ impl Cloud {
     }
 
     /// One pass of the reconciler: enforce lifespans, place pending VMs, send commands
-    /// for desired states not yet sent.
+    /// for desired states not yet sent. Works in slices of [`RECONCILE_SLICE`] VMs, each
+    /// slice's commands queued and recorded in one write each.
     pub async fn reconcile_once(&self) -> Result<(), CloudError> {
         self.enforce_lifespans()?;
-        for vm in self.store.vms_needing_work()? {
-            match vm.host {
-                None if vm.desired == VmState::Terminated => {
-                    self.store.observe(&[Observation {
-                        vm: vm.id,
-                        state: VmState::Terminated,
-                        purge: vm.deleting,
-                        events: vec![NewEvent {
-                            vm: Some(vm.id),
-                            kind: "vm.state",
-                            from: Some(vm.observed),
-                            to: Some(VmState::Terminated),
-                            message: "terminated before it was placed".into(),
-                            ..NewEvent::default()
-                        }],
-                    }])?;
-                    lock(&self.pending_reasons).remove(&vm.id);
-                }
-                None => {
-                    if let Some(why) = self.activation_wait(&vm)? {
-                        let mut reasons = lock(&self.pending_reasons);
-                        if reasons.get(&vm.id) != Some(&why) {
-                            reasons.insert(vm.id, why.clone());
-                            drop(reasons);
-                            self.store.append_event(&NewEvent {
-                                vm: Some(vm.id),
-                                kind: "vm.pending",
-                                message: why,
-                                ..NewEvent::default()
-                            })?;
-                        }
-                        continue;
-                    }
-                    let spec = spec_of(&vm);
-                    match self.try_place(vm.id, &spec) {
-                        Ok(host) => {
-                            if let Err(e) = self.store.assign_host(
-                                vm.id,
-                                host,
-                                &NewEvent {
-                                    vm: Some(vm.id),
-                                    host: Some(host),
-                                    kind: "vm.state",
-                                    from: Some(VmState::Pending),
-                                    to: Some(VmState::Scheduled),
-                                    message: format!("scheduled on host {host}"),
-                                },
-                            ) {
-                                self.release(vm.id);
-                                return Err(e.into());
-                            }
-                            lock(&self.pending_reasons).remove(&vm.id);
-                            self.publish(&vm, host).await?;
-                        }
-                        Err(reason) => {
-                            let mut reasons = lock(&self.pending_reasons);
-                            if reasons.get(&vm.id) != Some(&reason) {
-                                reasons.insert(vm.id, reason.clone());
-                                drop(reasons);
-                                self.store.append_event(&NewEvent {
-                                    vm: Some(vm.id),
-                                    kind: "vm.pending",
-                                    message: format!("waiting for capacity: {reason}"),
-                                    ..NewEvent::default()
-                                })?;
-                            }
+        let mut after = None;
+        loop {
+            let slice = self.store.vms_needing_work(after, RECONCILE_SLICE)?;
+            let Some(last) = slice.last() else {
+                return Ok(());
+            };
+            after = Some(last.id);
+            let full = slice.len() == RECONCILE_SLICE;
+            let mut commands = Vec::new();
+            for vm in slice {
+                match vm.host {
+                    None => {
+                        if let Some(host) = self.place_pending(&vm)? {
+                            commands.push((host, vm));
                         }
                     }
+                    Some(host) => commands.push((host, vm)),
                 }
-                Some(host) => self.publish(&vm, host).await?,
+            }
+            self.publish(&commands).await?;
+            if !full {
+                return Ok(());
             }
         }
-        Ok(())
     }
 
-    async fn publish(&self, vm: &VmRecord, host: HostId) -> Result<(), CloudError> {
-        let command = Command {
-            id: CommandId {
+    /// Places a VM that has no host yet, if it may and can be; or ends it, if it was
+    /// terminated first. Returns its new host.
+    fn place_pending(&self, vm: &VmRecord) -> Result<Option<HostId>, CloudError> {
+        if vm.desired == VmState::Terminated {
+            self.store.observe(&[Observation {
                 vm: vm.id,
-                generation: vm.generation,
+                state: VmState::Terminated,
+                purge: vm.deleting,
+                events: vec![NewEvent {
+                    vm: Some(vm.id),
+                    kind: "vm.state",
+                    from: Some(vm.observed),
+                    to: Some(VmState::Terminated),
+                    message: "terminated before it was placed".into(),
+                    ..NewEvent::default()
+                }],
+            }])?;
+            lock(&self.pending_reasons).remove(&vm.id);
+            return Ok(None);
+        }
+        let why = match self.activation_wait(vm)? {
+            Some(why) => why,
+            None => match self.try_place(vm.id, &spec_of(vm)) {
+                Ok(host) => {
+                    if let Err(e) = self.store.assign_host(
+                        vm.id,
+                        host,
+                        &NewEvent {
+                            vm: Some(vm.id),
+                            host: Some(host),
+                            kind: "vm.state",
+                            from: Some(VmState::Pending),
+                            to: Some(VmState::Scheduled),
+                            message: format!("scheduled on host {host}"),
+                        },
+                    ) {
+                        self.release(vm.id);
+                        return Err(e.into());
+                    }
+                    lock(&self.pending_reasons).remove(&vm.id);
+                    return Ok(Some(host));
+                }
+                Err(reason) => format!("waiting for capacity: {reason}"),
             },
-            spec: spec_of(vm),
-            target: vm.desired,
         };
-        // Queue first, then record; a crash in between re-queues the same id, which the
-        // bus keeps once.
-        self.bus.publish(host, command).await?;
-        self.store.mark_issued(vm.id, vm.generation)?;
-        Metrics::inc(&self.metrics.commands_published);
+        // Say why once, not every pass.
+        let mut reasons = lock(&self.pending_reasons);
+        if reasons.get(&vm.id) != Some(&why) {
+            reasons.insert(vm.id, why.clone());
+            drop(reasons);
+            self.store.append_event(&NewEvent {
+                vm: Some(vm.id),
+                kind: "vm.pending",
+                message: why,
+                ..NewEvent::default()
+            })?;
+        }
+        Ok(None)
+    }
+
+    /// Queues each VM's command for its desired state on its host, then records them
+    /// as queued.
+    async fn publish(&self, vms: &[(HostId, VmRecord)]) -> Result<(), CloudError> {
+        if vms.is_empty() {
+            return Ok(());
+        }
+        let commands: Vec<(HostId, Command)> = vms
+            .iter()
+            .map(|(host, vm)| {
+                let command = Command {
+                    id: CommandId {
+                        vm: vm.id,
+                        generation: vm.generation,
+                    },
+                    spec: spec_of(vm),
+                    target: vm.desired,
+                };
+                (*host, command)
+            })
+            .collect();
+        // Queue first, then record; a crash in between re-queues the same ids, which
+        // the bus keeps once.
+        self.bus.publish(&commands).await?;
+        let issued: Vec<(VmId, u64)> = vms.iter().map(|(_, vm)| (vm.id, vm.generation)).collect();
+        self.store.mark_issued(&issued)?;
+        self.metrics
+            .commands_published
+            .fetch_add(commands.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1382,7 +1469,7 @@ impl Cloud {
         let grace = self.config.host_grace;
         let overdue: Vec<HostId> = lock(&self.live)
             .iter()
-            .filter(|(_, live)| !live.down && live.last_seen.elapsed() > grace)
+            .filter(|(_, live)| !live.down && live.last_seen.elapsed() >= grace)
             .map(|(id, _)| *id)
             .collect();
         for host in overdue {
@@ -1399,16 +1486,34 @@ impl Cloud {
         Ok(())
     }
 
+    /// When the next host falls due if nobody hears from it: the earliest
+    /// `last_seen + grace` of a host that is up.
+    fn next_liveness_deadline(&self) -> Option<Instant> {
+        lock(&self.live)
+            .values()
+            .filter(|live| !live.down)
+            .map(|live| live.last_seen + self.config.host_grace)
+            .min()
+    }
+
     /// Runs the reconciler and the liveness check until the process ends.
     pub async fn run_background(self: std::sync::Arc<Self>) {
         let cloud = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 if let Err(e) = cloud.check_liveness() {
                     warn!("liveness check failed: {e}");
                 }
-                tick.tick().await;
+                // Wake at the next host's deadline, not on a coarse tick, so a dead host
+                // is marked down within its grace period (and at most every 100 ms: new
+                // hosts and hosts coming back move the deadline).
+                let now = Instant::now();
+                let wake = cloud
+                    .next_liveness_deadline()
+                    .map(|deadline| deadline.max(now + Duration::from_millis(1)))
+                    .unwrap_or(now + LIVENESS_TICK)
+                    .min(now + LIVENESS_TICK);
+                tokio::time::sleep_until(wake.into()).await;
             }
         });
         loop {

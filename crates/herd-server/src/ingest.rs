@@ -2,8 +2,12 @@
 //!
 //! The connection is the embedded bus's transport (design §8): the host's durable
 //! queue is drained down the same socket its reports come up. Reports are applied
-//! through the host's [`HostView`], so only real changes touch the store, in one
-//! transaction per report.
+//! through the host's [`HostView`], so only real changes touch the store, and those go
+//! through the group commit (`crate::group_commit`): many hosts' changes share one
+//! transaction, and a report is acknowledged only once its changes are durable. A
+//! heartbeat that changes nothing costs no store access at all. Command results are
+//! acknowledged to the bus in batches too: an ack lost in a crash only makes the agent
+//! see the command again, which it answers as a replay.
 //!
 //! **Architecture Invariant:** an agent speaks only for its own host. Every VM named
 //! in a report, a usage batch or a command result is checked against the placement
@@ -14,7 +18,7 @@ use crate::store::{NewEvent, Observation};
 use axum::extract::ws::{Message, WebSocket};
 use herd_proto::lifecycle::{explain, Step, Transition};
 use herd_proto::wire::{
-    self, AgentMsg, HostId, Report, ServerMsg, VmEvent, VmId, PROTOCOL_VERSION,
+    self, AgentMsg, CommandId, HostId, Report, ServerMsg, VmEvent, VmId, PROTOCOL_VERSION,
 };
 use herd_proto::VmState;
 use herd_sync::{Applied, HostView, ViewChange};
@@ -26,6 +30,11 @@ use tracing::{debug, info, warn};
 
 /// An unchanged heartbeat is acknowledged only every this many reports.
 const ACK_EVERY: u64 = 10;
+
+/// Command results are acknowledged to the bus when this many are held, or every
+/// [`ACK_FLUSH`].
+const ACK_BATCH: usize = 256;
+const ACK_FLUSH: Duration = Duration::from_millis(100);
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -142,6 +151,8 @@ async fn drain_and_serve(
 ) -> Result<(), String> {
     let mut sent_up_to = 0u64;
     let mut check = tokio::time::interval(Duration::from_secs(1));
+    let mut acks = tokio::time::interval(ACK_FLUSH);
+    let mut done: Vec<CommandId> = Vec::new();
     loop {
         // Drain whatever is queued for this host.
         loop {
@@ -158,9 +169,13 @@ async fn drain_and_serve(
                 send(socket, &ServerMsg::Command(Box::new(item.command))).await?;
             }
         }
+        if done.len() >= ACK_BATCH {
+            flush_acks(cloud, host, &mut done).await?;
+        }
         tokio::select! {
             _ = waker.notified() => {}
             Some(msg) = outbox.recv() => send(socket, &msg).await?,
+            _ = acks.tick(), if !done.is_empty() => flush_acks(cloud, host, &mut done).await?,
             _ = check.tick() => {
                 if !cloud.session_current(host, session) {
                     return Err("replaced by a newer connection".into());
@@ -182,10 +197,16 @@ async fn drain_and_serve(
                         return Err(format!("undecodable message: {e}"));
                     }
                 };
-                handle(cloud, host, session, view, socket, msg).await?;
+                handle(cloud, host, session, view, socket, &mut done, msg).await?;
             }
         }
     }
+}
+
+/// Drops the commands the agent finished from the host's queue, in one write.
+async fn flush_acks(cloud: &Cloud, host: HostId, done: &mut Vec<CommandId>) -> Result<(), String> {
+    let ids = std::mem::take(done);
+    cloud.bus.ack(host, &ids).await.map_err(|e| e.to_string())
 }
 
 async fn handle(
@@ -194,6 +215,7 @@ async fn handle(
     session: u64,
     view: &mut HostView,
     socket: &mut WebSocket,
+    done: &mut Vec<CommandId>,
     msg: AgentMsg,
 ) -> Result<(), String> {
     match msg {
@@ -210,7 +232,10 @@ async fn handle(
                 cloud.host_back(host).map_err(|e| e.to_string())?;
                 *view = seed_view(cloud, host).map_err(|e| e.to_string())?;
             }
-            match apply_report(cloud, host, view, &report).map_err(|e| e.to_string())? {
+            match apply_report(cloud, host, view, &report)
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 Some(reply) => send(socket, &reply).await,
                 None => Ok(()),
             }
@@ -219,6 +244,7 @@ async fn handle(
             cloud.host_seen(host, session, None);
             let n_rejected = cloud
                 .record_usage(host, sampled_at_ms, &vms)
+                .await
                 .map_err(|e| e.to_string())?;
             if n_rejected > 0 {
                 warn!(%host, n_rejected, "usage for VMs not on this host dropped");
@@ -262,7 +288,7 @@ async fn handle(
         }
         AgentMsg::CommandDone { id, error } => {
             cloud.host_seen(host, session, None);
-            let Some(vm) = cloud.store.vm(id.vm).map_err(|e| e.to_string())? else {
+            let Some(vm) = cloud.store.vm_brief(id.vm).map_err(|e| e.to_string())? else {
                 return Ok(());
             };
             if vm.host != Some(host) {
@@ -270,16 +296,16 @@ async fn handle(
                 Metrics::inc(&cloud.metrics.rejected_reports);
                 return Ok(());
             }
-            cloud.bus.ack(host, id).await.map_err(|e| e.to_string())?;
+            done.push(id);
             if let Some(error) = error {
                 Metrics::inc(&cloud.metrics.command_errors);
                 cloud
                     .store
                     .set_error(
-                        vm.id,
+                        id.vm,
                         &error,
                         &NewEvent {
-                            vm: Some(vm.id),
+                            vm: Some(id.vm),
                             host: Some(host),
                             kind: "vm.error",
                             message: format!("could not reach {}: {error}", vm.desired),
@@ -318,7 +344,8 @@ fn event_of(host: HostId, event: &VmEvent) -> NewEvent {
 
 /// Applies one state report to the host's view and the store; returns the answer for
 /// the agent (an ack, a request for a full report, or nothing for a stale report).
-pub fn apply_report(
+/// The changes are durable when this returns.
+pub async fn apply_report(
     cloud: &Cloud,
     host: HostId,
     view: &mut HostView,
@@ -338,7 +365,7 @@ pub fn apply_report(
             // Acks are cumulative: a heartbeat that changed nothing is acknowledged by
             // the next ack, or every tenth report, which keeps heartbeats one-way.
             let ack = !changes.is_empty() || report.is_full() || seq % ACK_EVERY == 0;
-            apply_changes(cloud, host, report, changes)?;
+            apply_changes(cloud, host, report, changes).await?;
             ack.then_some(ServerMsg::Ack { epoch, seq })
         }
         Applied::Stale => None,
@@ -394,7 +421,7 @@ fn derived_events(host: HostId, vm: VmId, from: VmState, to: VmState) -> Vec<New
 }
 
 /// Writes the view's changes to the store, with the events that explain them.
-fn apply_changes(
+async fn apply_changes(
     cloud: &Cloud,
     host: HostId,
     report: &Report,
@@ -406,7 +433,7 @@ fn apply_changes(
         let vm_id = match &change {
             ViewChange::Upsert { vm, .. } | ViewChange::Removed { vm, .. } => *vm,
         };
-        let Some(record) = cloud.store.vm(vm_id)? else {
+        let Some(record) = cloud.store.vm_brief(vm_id)? else {
             warn!(%host, vm = %vm_id, "report about a VM the server does not know; ignored");
             Metrics::inc(&cloud.metrics.rejected_reports);
             continue;
@@ -495,7 +522,7 @@ fn apply_changes(
             }
         }
     }
-    cloud.store.observe(&observations)?;
+    cloud.commits.commit(observations, Vec::new()).await?;
     for vm in released {
         cloud.release(vm);
     }

@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod billing;
 pub mod cloud;
+pub mod group_commit;
 pub mod ingest;
 pub mod store;
 pub mod tenancy;

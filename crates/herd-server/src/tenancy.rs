@@ -432,9 +432,11 @@ impl Cloud {
     /// Refuses a launch that would take `project` past its quota. Called under the
     /// placement lock, which every launch holds while it counts and inserts, so two
     /// concurrent launches cannot both squeeze under the limit.
+    /// Whether `project` may take `n` more VMs of this size.
     pub(crate) fn check_quota(
         &self,
         project: &str,
+        n: u64,
         vcpus: u32,
         memory_mib: u64,
     ) -> Result<(), CloudError> {
@@ -444,15 +446,20 @@ impl Cloud {
         }
         let (vms, used_vcpus, used_mem) = self.store.project_usage(project)?;
         let over = |what: &str, used: u64, asked: u64, max: Option<u64>| match max {
-            Some(max) if used + asked > max => Err(conflict(
+            Some(max) if used.saturating_add(asked) > max => Err(conflict(
                 "quota_exceeded",
                 format!("project {project:?} may hold {max} {what}; it holds {used}"),
             )),
             _ => Ok(()),
         };
-        over("VMs", vms, 1, quota.max_vms)?;
-        over("vCPUs", used_vcpus, u64::from(vcpus), quota.max_vcpus)?;
-        over("MiB of memory", used_mem, memory_mib, quota.max_memory_mib)?;
+        over("VMs", vms, n, quota.max_vms)?;
+        over("vCPUs", used_vcpus, n * u64::from(vcpus), quota.max_vcpus)?;
+        over(
+            "MiB of memory",
+            used_mem,
+            n.saturating_mul(memory_mib),
+            quota.max_memory_mib,
+        )?;
         if let Some(budget) = quota.budget_micros {
             let now = now_ms();
             let spent: u64 = self

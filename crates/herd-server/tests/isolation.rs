@@ -62,6 +62,7 @@ fn rule(method: &str, path: &str) -> Option<Rule> {
         ("GET", "/openapi.json") => AnyUser,
         ("POST", "/v1/vms") => InProject(Member),
         ("GET", "/v1/vms") => AnyUser,
+        ("POST", "/v1/vms/batch") => InProject(Member),
         ("GET", "/v1/vms/{id}") => InProject(Viewer),
         ("DELETE", "/v1/vms/{id}") => InProject(Member),
         ("POST", "/v1/vms/{id}/actions/{action}") => InProject(Member),
@@ -206,6 +207,10 @@ impl World {
             ("POST", "/v1/vms") => {
                 Some(json!({"name": self.fresh("new"), "project": "p", "hypervisor": "sim"}))
             }
+            ("POST", "/v1/vms/batch") => Some(json!({
+                "count": 2,
+                "vm": {"name": self.fresh("many"), "project": "p", "hypervisor": "sim"}
+            })),
             ("POST", "/v1/projects") => Some(json!({"name": self.fresh("made")})),
             ("PUT", "/v1/projects/{project}/quota") => Some(json!({})),
             ("PUT", "/v1/projects/{project}/members/{user}") => Some(json!({"role": "viewer"})),

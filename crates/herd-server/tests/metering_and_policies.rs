@@ -91,7 +91,9 @@ async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
         },
         events: vec![],
     };
-    ingest::apply_report(&cloud, host, &mut view, &report).expect("report");
+    ingest::apply_report(&cloud, host, &mut view, &report)
+        .await
+        .expect("report");
 
     let t = now_ms() as u64;
     let usage = |cpu_ms: u64, net: u64| {
@@ -105,9 +107,11 @@ async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
     let gib = 1u64 << 30;
     cloud
         .record_usage(host, t - 2_000, &usage(10_000, gib))
+        .await
         .expect("usage");
     cloud
         .record_usage(host, t - 1_000, &usage(30_000, 3 * gib))
+        .await
         .expect("usage");
     let bill = |to| cloud.bill(Some("acme"), 0, to).expect("bill");
     let to = t as i64;
@@ -121,9 +125,11 @@ async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
     // The same batches again (a reconnecting agent resends them): nothing changes.
     cloud
         .record_usage(host, t - 2_000, &usage(10_000, gib))
+        .await
         .expect("usage");
     cloud
         .record_usage(host, t - 1_000, &usage(30_000, 3 * gib))
+        .await
         .expect("usage");
     assert_eq!(bill(to), first);
 
@@ -142,6 +148,7 @@ async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
         .host_id;
     let rejected = cloud
         .record_usage(other, t - 500, &usage(90_000, 9 * gib))
+        .await
         .expect("usage");
     assert_eq!(rejected, 1);
     assert_eq!(bill(to), first);
@@ -149,6 +156,7 @@ async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
     // Later usage adds exactly its difference.
     cloud
         .record_usage(host, t - 500, &usage(31_000, 3 * gib))
+        .await
         .expect("usage");
     assert_eq!(bill(to)[0].cost_micros, 181_000);
 }
@@ -241,7 +249,9 @@ async fn activation_holds_a_vm_until_its_time_and_its_predecessor() {
         },
         events: vec![],
     };
-    ingest::apply_report(&cloud, host, &mut view, &report).expect("report");
+    ingest::apply_report(&cloud, host, &mut view, &report)
+        .await
+        .expect("report");
     cloud.reconcile_once().await.expect("reconcile");
     assert_eq!(
         state(follower.id).host,

@@ -201,7 +201,9 @@ async fn reports_about_another_hosts_vm_change_nothing() {
         },
         events: vec![],
     };
-    ingest::apply_report(cloud, intruder, &mut view, &forged).expect("apply");
+    ingest::apply_report(cloud, intruder, &mut view, &forged)
+        .await
+        .expect("apply");
     // Usage, and a guest's policy action relayed by the wrong host.
     let usage = [VmUsage {
         vm: vm.id,
@@ -210,6 +212,7 @@ async fn reports_about_another_hosts_vm_change_nothing() {
     }];
     let rejected = cloud
         .record_usage(intruder, herd_server::store::now_ms() as u64 - 100, &usage)
+        .await
         .expect("usage");
     assert_eq!(rejected, 1, "the forged usage sample is dropped");
     let action = GuestReport::PolicyAction {

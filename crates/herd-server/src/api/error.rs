@@ -80,7 +80,7 @@ impl From<CloudError> for ApiError {
                     format!("a VM named {name:?} already exists in project {project:?}"),
                 )
             }
-            CloudError::Store(_) | CloudError::Bus(_) => {
+            CloudError::Store(_) | CloudError::Bus(_) | CloudError::Commit(_) => {
                 let mut chain = err.to_string();
                 let mut source = std::error::Error::source(&err);
                 while let Some(cause) = source {

@@ -195,6 +195,7 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
         .route("/v1/vms", post(launch_vm).get(list_vms))
+        .route("/v1/vms/batch", post(launch_batch))
         .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
         .route("/v1/vms/{id}/actions/{action}", post(vm_action))
         .route("/v1/vms/{id}/events", get(vm_events))
@@ -267,7 +268,7 @@ async fn wrong_method() -> ApiError {
 #[openapi(
     info(title = "herd", description = "A self-hosted cloud for virtual machines and system containers."),
     paths(
-        healthz, metrics, launch_vm, list_vms, get_vm, delete_vm, vm_action, vm_events, vm_console,
+        healthz, metrics, launch_vm, launch_batch, list_vms, get_vm, delete_vm, vm_action, vm_events, vm_console,
         list_events, list_hosts, get_host, create_join_token, get_rate_card, put_rate_card,
         get_bill, agent_join, agent_discovery, agent_bus,
         tenants::whoami, tenants::list_projects, tenants::create_project, tenants::get_project,
@@ -352,6 +353,17 @@ async fn metrics(_: CloudAdmin, State(cloud): State<AppState>) -> Result<Respons
         }
         out.push_str(&format!("{name} {}\n", counter.load(Ordering::Relaxed)));
     }
+    let batching = &cloud.commits.stats;
+    out.push_str("# TYPE herd_store_batches_total counter\n");
+    out.push_str(&format!(
+        "herd_store_batches_total {}\n",
+        batching.batches.load(Ordering::Relaxed)
+    ));
+    out.push_str("# TYPE herd_store_batched_writes_total counter\n");
+    out.push_str(&format!(
+        "herd_store_batched_writes_total {}\n",
+        batching.writes.load(Ordering::Relaxed)
+    ));
     out.push_str("# TYPE herd_vms gauge\n");
     for (state, n) in cloud.store.vm_state_counts().map_err(CloudError::from)? {
         out.push_str(&format!("herd_vms{{state=\"{state}\"}} {n}\n"));
@@ -369,15 +381,9 @@ async fn metrics(_: CloudAdmin, State(cloud): State<AppState>) -> Result<Respons
 
 // ---- VMs --------------------------------------------------------------------------
 
-/// Launch a VM. It is placed at once if a host fits, else it waits as `pending`.
-#[utoipa::path(post, path = "/v1/vms", request_body = LaunchRequest,
-    responses((status = 201, body = VmView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn launch_vm(
-    user: User,
-    State(cloud): State<AppState>,
-    ApiJson(request): ApiJson<LaunchRequest>,
-) -> Result<(StatusCode, Json<VmView>), ApiError> {
-    // Without a project: the caller's only project, else `default`.
+/// The launch a request asks for, in the project it names (or the caller's only
+/// project, else `default`), once the caller may launch there.
+fn launch_spec(user: &User, request: LaunchRequest) -> Result<LaunchSpec, ApiError> {
     let project = request.project.unwrap_or_else(|| {
         match (user.principal.cloud_admin, user.principal.roles.len()) {
             (false, 1) => user.principal.roles.keys().next().cloned(),
@@ -386,7 +392,7 @@ async fn launch_vm(
         .unwrap_or_else(|| "default".into())
     });
     user.check(&project, Perm::OperateVms, "project", &project)?;
-    let record = cloud.launch(LaunchSpec {
+    Ok(LaunchSpec {
         name: request.name,
         project: Some(project),
         hypervisor: request.hypervisor,
@@ -396,9 +402,47 @@ async fn launch_vm(
         command: request.command.unwrap_or_default(),
         policy: request.policy.unwrap_or_default(),
         keep_running: request.keep_running.unwrap_or(false),
-    })?;
+    })
+}
+
+/// Launch a VM. It is placed at once if a host fits, else it waits as `pending`.
+#[utoipa::path(post, path = "/v1/vms", request_body = LaunchRequest,
+    responses((status = 201, body = VmView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn launch_vm(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiJson(request): ApiJson<LaunchRequest>,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    let record = cloud.launch(launch_spec(&user, request)?)?;
     user.note.created(record.id);
     Ok((StatusCode::CREATED, Json(VmView::of(&record, None, None))))
+}
+
+/// Launch up to 1,000 alike VMs at once, named `{name}-1` to `{name}-{count}`: each
+/// placed like a single launch, all stored in one transaction (all or none).
+#[utoipa::path(post, path = "/v1/vms/batch", request_body = BatchLaunchRequest,
+    responses((status = 201, body = BatchLaunched), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn launch_batch(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiJson(request): ApiJson<BatchLaunchRequest>,
+) -> Result<(StatusCode, Json<BatchLaunched>), ApiError> {
+    let spec = launch_spec(&user, request.vm)?;
+    let records = cloud.launch_batch(spec, Some(request.count))?;
+    if let (Some(first), Some(last)) = (records.first(), records.last()) {
+        user.note.created(format!(
+            "{} VMs, {} to {}",
+            records.len(),
+            first.id,
+            last.id
+        ));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(BatchLaunched {
+            ids: records.iter().map(|record| record.id.to_string()).collect(),
+        }),
+    ))
 }
 
 /// List VMs, filtered, in pages ordered by id.

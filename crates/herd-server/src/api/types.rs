@@ -43,6 +43,22 @@ pub struct LaunchRequest {
     pub keep_running: Option<bool>,
 }
 
+/// Many alike VMs in one request.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchLaunchRequest {
+    /// 1 to 1,000.
+    pub count: u32,
+    /// What each VM is; `name` is the prefix of their names.
+    pub vm: LaunchRequest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BatchLaunched {
+    /// The new VMs' ids, in name order.
+    pub ids: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct UsageView {
     pub cpu_ms: u64,

@@ -36,6 +36,26 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Stores usage samples inside a transaction; see [`Store::insert_usage`].
+fn insert_usage_rows(db: &Connection, samples: &[(VmId, UsageRow)]) -> Result<usize, StoreError> {
+    let mut stmt = db.prepare_cached(
+        "INSERT OR IGNORE INTO usage_samples \
+         (vm, sampled_at, cpu_ms, mem_kib, net_bytes, disk_bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut n_new = 0;
+    for (vm, row) in samples {
+        n_new += stmt.execute(params![
+            vm.to_string(),
+            row.sampled_at_ms,
+            row.cpu_ms as i64,
+            row.mem_kib as i64,
+            row.net_bytes as i64,
+            row.disk_bytes as i64
+        ])?;
+    }
+    Ok(n_new)
+}
+
 /// One VM row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmRecord {
@@ -131,8 +151,21 @@ pub struct VmFilter {
     pub limit: usize,
 }
 
+/// The store: one connection that writes, one that reads. In WAL mode the reader sees
+/// every committed write and never waits for a write in progress (a commit's fsync),
+/// so agents' lookups and API listings do not queue behind the ingest's batches.
 pub struct Store {
     db: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+/// What the ingest needs of a VM to judge a report about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmBrief {
+    pub host: Option<HostId>,
+    pub desired: VmState,
+    pub observed: VmState,
+    pub deleting: bool,
 }
 
 const SCHEMA: &str = "
@@ -160,6 +193,18 @@ CREATE TABLE IF NOT EXISTS vms (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS vms_by_name ON vms (project, name);
 CREATE INDEX IF NOT EXISTS vms_by_host ON vms (host);
+-- Listing pages are ordered by id; these let a filtered page stop after `limit` rows
+-- instead of scanning a million.
+CREATE INDEX IF NOT EXISTS vms_by_state ON vms (observed_state, id);
+CREATE INDEX IF NOT EXISTS vms_by_project ON vms (project, id);
+CREATE INDEX IF NOT EXISTS vms_by_project_state ON vms (project, observed_state, id);
+-- Partial indexes for the reconciler's questions, asked every pass: the rows they hold
+-- are the few VMs with work, not every VM.
+CREATE INDEX IF NOT EXISTS vms_needing_work ON vms (id) WHERE
+    (host IS NOT NULL AND issued_generation < generation)
+    OR (host IS NULL AND observed_state = 'pending');
+CREATE INDEX IF NOT EXISTS vms_with_lifespan ON vms (id) WHERE
+    json_extract(policy, '$.lifespan') IS NOT NULL;
 CREATE TABLE IF NOT EXISTS hosts (
     id TEXT PRIMARY KEY,
     hostname TEXT NOT NULL,
@@ -433,13 +478,28 @@ impl Store {
         migrate(&db)?;
         db.execute_batch(tenancy::SCHEMA)?;
         tenancy::bootstrap(&db)?;
-        Ok(Store { db: Mutex::new(db) })
+        let reader = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Store {
+            db: Mutex::new(db),
+            reader: Mutex::new(reader),
+        })
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite half-written: transactions
         // roll back. Keep serving.
         self.db.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// The read-only connection, for lookups and listings.
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.reader
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     // ---- tokens -------------------------------------------------------------------
@@ -666,68 +726,74 @@ impl Store {
     // ---- VMs ----------------------------------------------------------------------
 
     pub fn insert_vm(&self, vm: &VmRecord, event: &NewEvent) -> Result<(), StoreError> {
+        self.insert_vms(&[(vm.clone(), event.clone())])
+    }
+
+    /// Inserts VMs, each with its event, in one transaction: all or none.
+    pub fn insert_vms(&self, vms: &[(VmRecord, NewEvent)]) -> Result<(), StoreError> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        let result = tx.execute(
-            &format!(
-                "INSERT INTO vms ({VM_COLUMNS}) VALUES \
-                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
-            ),
-            params![
-                vm.id.to_string(),
-                vm.name,
-                vm.project,
-                vm.hypervisor,
-                vm.vcpus,
-                vm.memory_mib as i64,
-                vm.image,
-                serde_json::to_string(&vm.command).unwrap_or_else(|_| "[]".into()),
-                vm.host.map(|h| h.to_string()),
-                vm.desired.as_str(),
-                vm.generation as i64,
-                vm.issued_generation as i64,
-                vm.observed.as_str(),
-                vm.observed_at_ms,
-                vm.last_error,
-                vm.deleting as i64,
-                vm.created_at_ms,
-                vm.updated_at_ms,
-                serde_json::to_string(&vm.policy).unwrap_or_else(|_| "{}".into()),
-                vm.keep_running as i64,
-            ],
-        );
-        match result {
-            Err(rusqlite::Error::SqliteFailure(err, _))
-                if err.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                return Err(StoreError::NameTaken {
-                    project: vm.project.clone(),
-                    name: vm.name.clone(),
-                });
+        for (vm, event) in vms {
+            let result = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO vms ({VM_COLUMNS}) VALUES \
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
+                ))?
+                .execute(params![
+                    vm.id.to_string(),
+                    vm.name,
+                    vm.project,
+                    vm.hypervisor,
+                    vm.vcpus,
+                    vm.memory_mib as i64,
+                    vm.image,
+                    serde_json::to_string(&vm.command).unwrap_or_else(|_| "[]".into()),
+                    vm.host.map(|h| h.to_string()),
+                    vm.desired.as_str(),
+                    vm.generation as i64,
+                    vm.issued_generation as i64,
+                    vm.observed.as_str(),
+                    vm.observed_at_ms,
+                    vm.last_error,
+                    vm.deleting as i64,
+                    vm.created_at_ms,
+                    vm.updated_at_ms,
+                    serde_json::to_string(&vm.policy).unwrap_or_else(|_| "{}".into()),
+                    vm.keep_running as i64,
+                ]);
+            match result {
+                Err(rusqlite::Error::SqliteFailure(err, _))
+                    if err.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    return Err(StoreError::NameTaken {
+                        project: vm.project.clone(),
+                        name: vm.name.clone(),
+                    });
+                }
+                other => {
+                    other?;
+                }
             }
-            other => {
-                other?;
-            }
-        }
-        tx.execute(
-            "INSERT OR IGNORE INTO vm_ledger (vm, name, project, vcpus, memory_mib, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO vm_ledger (vm, name, project, vcpus, memory_mib, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
                 vm.id.to_string(),
                 vm.name,
                 vm.project,
                 vm.vcpus,
                 vm.memory_mib as i64,
                 vm.created_at_ms
-            ],
-        )?;
-        insert_event(&tx, event, vm.created_at_ms)?;
+            ])?;
+            insert_event(&tx, event, vm.created_at_ms)?;
+        }
         tx.commit()?;
         Ok(())
     }
 
     pub fn vm(&self, id: VmId) -> Result<Option<VmRecord>, StoreError> {
-        let db = self.db();
+        let db = self.reader();
         let row = db
             .prepare_cached(&format!("SELECT {VM_COLUMNS} FROM vms WHERE id = ?1"))?
             .query_row(params![id.to_string()], vm_from_row)
@@ -762,21 +828,40 @@ impl Store {
             push("id >", after.to_string(), &mut sql);
         }
         sql.push_str(&format!(" ORDER BY id LIMIT {}", filter.limit));
-        let db = self.db();
+        let db = self.reader();
         let mut stmt = db.prepare(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), vm_from_row)?;
         collect_vms(rows)
     }
 
-    /// VMs that hold capacity on some host, for rebuilding the scheduler's accounting.
-    pub fn placed_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
-        let db = self.db();
-        let mut stmt = db.prepare(&format!(
-            "SELECT {VM_COLUMNS} FROM vms WHERE host IS NOT NULL \
-             AND observed_state NOT IN ('terminated', 'purged')"
-        ))?;
-        let rows = stmt.query_map([], vm_from_row)?;
-        collect_vms(rows)
+    /// What each VM that holds capacity holds, and where: (VM, host, vCPUs, MiB), for
+    /// rebuilding the scheduler's accounting at start. Only these columns: a million
+    /// full rows would cost seconds to parse.
+    pub fn placed_shares(&self) -> Result<Vec<(VmId, HostId, u32, u64)>, StoreError> {
+        let db = self.reader();
+        let mut stmt = db.prepare(
+            "SELECT id, host, vcpus, memory_mib FROM vms WHERE host IS NOT NULL \
+             AND observed_state NOT IN ('terminated', 'purged')",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, i64>(2)?,
+                row.get::<_, i64>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (vm, host, vcpus, memory_mib) = row?;
+            out.push((
+                parse_uuid(&vm)?,
+                parse_uuid(&host)?,
+                vcpus as u32,
+                memory_mib as u64,
+            ));
+        }
+        Ok(out)
     }
 
     /// VMs with a lifespan whose desired state still keeps them up. Filtered in SQL:
@@ -784,7 +869,8 @@ impl Store {
     pub fn vms_with_lifespan(&self) -> Result<Vec<VmRecord>, StoreError> {
         let db = self.db();
         let mut stmt = db.prepare_cached(&format!(
-            "SELECT {VM_COLUMNS} FROM vms WHERE json_extract(policy, '$.lifespan') IS NOT NULL \
+            "SELECT {VM_COLUMNS} FROM vms INDEXED BY vms_with_lifespan \
+             WHERE json_extract(policy, '$.lifespan') IS NOT NULL \
              AND desired_state NOT IN ('terminated', 'stopped', 'suspended')"
         ))?;
         let rows = stmt.query_map([], vm_from_row)?;
@@ -792,22 +878,56 @@ impl Store {
     }
 
     /// VMs the reconciler has work for: a desired generation not yet sent to the host,
-    /// or no host yet.
-    pub fn vms_needing_work(&self) -> Result<Vec<VmRecord>, StoreError> {
+    /// or no host yet. At most `limit`, in id order after `after`: a pass over a
+    /// million new VMs goes in slices.
+    pub fn vms_needing_work(
+        &self,
+        after: Option<VmId>,
+        limit: usize,
+    ) -> Result<Vec<VmRecord>, StoreError> {
         let db = self.db();
         let mut stmt = db.prepare_cached(&format!(
-            "SELECT {VM_COLUMNS} FROM vms WHERE \
-             (host IS NOT NULL AND issued_generation < generation) \
-             OR (host IS NULL AND observed_state = 'pending')"
+            "SELECT {VM_COLUMNS} FROM vms INDEXED BY vms_needing_work WHERE \
+             ((host IS NOT NULL AND issued_generation < generation) \
+             OR (host IS NULL AND observed_state = 'pending')) \
+             AND id > ?1 ORDER BY id LIMIT ?2"
         ))?;
-        let rows = stmt.query_map([], vm_from_row)?;
+        let after = after.map(|id| id.to_string()).unwrap_or_default();
+        let rows = stmt.query_map(params![after, limit as i64], vm_from_row)?;
         collect_vms(rows)
+    }
+
+    /// The few facts the ingest checks a reported VM against.
+    pub fn vm_brief(&self, id: VmId) -> Result<Option<VmBrief>, StoreError> {
+        let db = self.reader();
+        let row = db
+            .prepare_cached(
+                "SELECT host, desired_state, observed_state, deleting FROM vms WHERE id = ?1",
+            )?
+            .query_row(params![id.to_string()], |row| {
+                Ok((
+                    row.get::<_, Option<String>>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, i64>(3)?,
+                ))
+            })
+            .optional()?;
+        let Some((host, desired, observed, deleting)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(VmBrief {
+            host: host.as_deref().map(parse_uuid).transpose()?,
+            desired: parse_state(&desired)?,
+            observed: parse_state(&observed)?,
+            deleting: deleting != 0,
+        }))
     }
 
     /// The VMs on a host with the state its agent last reported, for seeding the
     /// server's view of the host on a new connection.
     pub fn reported_vms_on(&self, host: HostId) -> Result<Vec<(VmId, VmState)>, StoreError> {
-        let db = self.db();
+        let db = self.reader();
         let mut stmt = db.prepare_cached(
             "SELECT id, observed_state FROM vms WHERE host = ?1 \
              AND observed_state NOT IN ('pending', 'scheduled', 'terminated', 'purged')",
@@ -863,12 +983,22 @@ impl Store {
         Ok(())
     }
 
-    pub fn mark_issued(&self, id: VmId, generation: u64) -> Result<(), StoreError> {
-        self.db()
-            .prepare_cached(
+    /// Records that these (VM, generation) commands are queued, in one write.
+    pub fn mark_issued(&self, issued: &[(VmId, u64)]) -> Result<(), StoreError> {
+        if issued.is_empty() {
+            return Ok(());
+        }
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
                 "UPDATE vms SET issued_generation = MAX(issued_generation, ?2) WHERE id = ?1",
-            )?
-            .execute(params![id.to_string(), generation as i64])?;
+            )?;
+            for (id, generation) in issued {
+                stmt.execute(params![id.to_string(), *generation as i64])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -885,10 +1015,20 @@ impl Store {
         Ok(())
     }
 
-    /// Applies observed states from one report in one transaction (one fsync).
+    /// Applies observed states in one transaction (one fsync).
     pub fn observe(&self, observations: &[Observation]) -> Result<(), StoreError> {
-        if observations.is_empty() {
-            return Ok(());
+        self.write_batch(observations, &[]).map(|_| ())
+    }
+
+    /// Applies observed states and stores usage samples, from any number of hosts, in
+    /// one transaction: the ingest's group commit. Returns how many samples were new.
+    pub fn write_batch(
+        &self,
+        observations: &[Observation],
+        samples: &[(VmId, UsageRow)],
+    ) -> Result<usize, StoreError> {
+        if observations.is_empty() && samples.is_empty() {
+            return Ok(0);
         }
         let mut db = self.db();
         let tx = db.transaction()?;
@@ -907,8 +1047,9 @@ impl Store {
                 insert_event(&tx, event, now)?;
             }
         }
+        let n_new = insert_usage_rows(&tx, samples)?;
         tx.commit()?;
-        Ok(())
+        Ok(n_new)
     }
 
     pub fn append_event(&self, event: &NewEvent) -> Result<(), StoreError> {
@@ -920,30 +1061,7 @@ impl Store {
     /// Stores usage samples; a sample already stored (same VM, same instant) is kept
     /// once, so a retransmitted batch changes nothing. Returns how many were new.
     pub fn insert_usage(&self, samples: &[(VmId, UsageRow)]) -> Result<usize, StoreError> {
-        if samples.is_empty() {
-            return Ok(0);
-        }
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        let mut n_new = 0;
-        {
-            let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO usage_samples \
-                 (vm, sampled_at, cpu_ms, mem_kib, net_bytes, disk_bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for (vm, row) in samples {
-                n_new += stmt.execute(params![
-                    vm.to_string(),
-                    row.sampled_at_ms,
-                    row.cpu_ms as i64,
-                    row.mem_kib as i64,
-                    row.net_bytes as i64,
-                    row.disk_bytes as i64
-                ])?;
-            }
-        }
-        tx.commit()?;
-        Ok(n_new)
+        self.write_batch(&[], samples)
     }
 
     /// VMs billing knows of, in one project or all.
