@@ -164,6 +164,14 @@ impl Server {
     }
 }
 
+impl Drop for Server {
+    /// A run that fails half-way must not leave a server behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -290,6 +298,14 @@ fn main() -> Result<()> {
         .spawn()
         .context("starting herd sim")?;
     let sim_pid = sim.id();
+    // A failing run must not leave the sim behind either.
+    struct KillSim(u32);
+    impl Drop for KillSim {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").arg(self.0.to_string()).status();
+        }
+    }
+    let _sim_guard = KillSim(sim_pid);
     // The sim's progress goes to the terminal and its log.
     let sim_err = sim.stderr.take().context("sim stderr")?;
     let log = Arc::new(Mutex::new(std::fs::File::create(&sim_log)?));

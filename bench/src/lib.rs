@@ -1,0 +1,3 @@
+//! Code shared by herd's benchmark binaries.
+
+pub mod plot;
