@@ -13,12 +13,18 @@
 //! handshake only if it matches the pinned fingerprint (`ca_fingerprint`). It joins
 //! with a CSR and from then on presents the certificate issued for its host id on every
 //! connection (mTLS) besides its token.
+//!
+//! Scale runs (`herd sim`) run thousands of agents in one process through this same
+//! code, with two switches: [`Agent::with_ephemeral_state`] keeps the sync state in
+//! memory instead of syncing it to disk every report, and [`Agent::with_probe`] lets
+//! the harness see reports, acks and connections as they happen.
 
 use crate::backstop::{Backstop, Enforce};
 use crate::converge::{next_step, Plan};
 use crate::driver::{Driver, DriverError};
 use crate::hostinfo::{self, CpuMeter};
 use crate::persist;
+use crate::probe::SyncProbe;
 use futures_util::{SinkExt, StreamExt};
 use herd_proto::guest::GuestMsg;
 use herd_proto::join::{Discovery, JoinRequest, JoinResponse};
@@ -34,9 +40,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, info, warn};
 
@@ -119,16 +126,27 @@ struct Transport {
     tls: Option<Arc<herd_tls::rustls::ClientConfig>>,
 }
 
+/// The bus carries small frames (reports, acks, commands); tungstenite's default
+/// 128 KiB read buffer, zero-filled per connection, would be most of an agent's memory
+/// when thousands run in one process. Larger frames still fit: the buffer grows.
+const BUS_READ_BUFFER: usize = 8 * 1024;
+
+/// The agent's HTTP client. It makes one request per connection (discovery), so an
+/// idle pooled connection would only hold a socket on both ends until it times out.
+fn http_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().pool_max_idle_per_host(0)
+}
+
 impl Transport {
-    fn plain() -> Transport {
-        Transport {
-            http: reqwest::Client::new(),
-            tls: None,
-        }
+    fn plain() -> Result<Transport, AgentError> {
+        let http = http_builder()
+            .build()
+            .map_err(|e| AgentError::State(format!("building the HTTP client: {e}")))?;
+        Ok(Transport { http, tls: None })
     }
 
     fn tls(config: herd_tls::rustls::ClientConfig) -> Result<Transport, AgentError> {
-        let http = reqwest::Client::builder()
+        let http = http_builder()
             .use_preconfigured_tls(config.clone())
             .build()
             .map_err(|e| AgentError::State(format!("building the HTTPS client: {e}")))?;
@@ -143,6 +161,8 @@ pub struct Agent {
     config: AgentConfig,
     drivers: Vec<Arc<dyn Driver>>,
     guest_events: Option<GuestEvents>,
+    ephemeral_state: bool,
+    probe: Option<Arc<dyn SyncProbe>>,
 }
 
 impl Agent {
@@ -151,7 +171,25 @@ impl Agent {
             config,
             drivers,
             guest_events: None,
+            ephemeral_state: false,
+            probe: None,
         }
+    }
+
+    /// Keeps the sync state (`state.json`) in memory: it is written, without fsync,
+    /// only when the agent starts (so epochs still increase across runs) and when it
+    /// stops cleanly, instead of durably before every report. For sim scale runs only:
+    /// after a crash the agent compares its VMs with an older last report. The
+    /// credentials from the join are written durably as always.
+    pub fn with_ephemeral_state(mut self, ephemeral: bool) -> Agent {
+        self.ephemeral_state = ephemeral;
+        self
+    }
+
+    /// Tells `probe` about connections, reports and acks (see [`SyncProbe`]).
+    pub fn with_probe(mut self, probe: Arc<dyn SyncProbe>) -> Agent {
+        self.probe = Some(probe);
+        self
     }
 
     /// Relays what guest modules say to the server.
@@ -181,7 +219,7 @@ impl Agent {
     /// certificate and CA saved at join.
     fn transport(&self, creds: &Credentials) -> Result<Transport, AgentError> {
         if !creds.server_url.starts_with("https://") {
-            return Ok(Transport::plain());
+            return Transport::plain();
         }
         let [key, cert, ca] = self.tls_paths().map(|path| {
             std::fs::read_to_string(&path).map_err(|e| {
@@ -239,7 +277,7 @@ impl Agent {
         };
         let transport = match &ca_pem {
             Some(ca) => Transport::tls(herd_tls::client_config(ca, None)?)?,
-            None => Transport::plain(),
+            None => Transport::plain()?,
         };
         let (key_pem, csr_pem) = herd_tls::agent_key_and_csr()?;
         let response = transport
@@ -341,14 +379,20 @@ impl Agent {
     }
 
     fn capacity(&self) -> Capacity {
-        let probed = hostinfo::capacity();
-        Capacity {
-            cpus: self.config.cpus.unwrap_or(probed.cpus),
-            memory_mib: self.config.memory_mib.unwrap_or(probed.memory_mib),
+        match (self.config.cpus, self.config.memory_mib) {
+            (Some(cpus), Some(memory_mib)) => Capacity { cpus, memory_mib },
+            (cpus, memory_mib) => {
+                let probed = hostinfo::capacity();
+                Capacity {
+                    cpus: cpus.unwrap_or(probed.cpus),
+                    memory_mib: memory_mib.unwrap_or(probed.memory_mib),
+                }
+            }
         }
     }
 
-    /// Runs until `shutdown` resolves. Connection losses are retried forever.
+    /// Runs until `shutdown` resolves, then closes its connection politely. Connection
+    /// losses are retried forever.
     pub async fn run(
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
@@ -370,7 +414,16 @@ impl Agent {
             usage_sent: HashMap::new(),
             running: HashMap::new(),
             guest_events: self.guest_events.take(),
+            ephemeral_state: self.ephemeral_state,
+            state_dirty: true,
+            saved_epoch: None,
+            probe: self.probe.clone(),
+            was_connected: false,
         };
+        if self.ephemeral_state {
+            // Once now, so that the new epoch is on disk even if this process dies.
+            session.write_state().map_err(AgentError::State)?;
+        }
         let capacity = self.capacity();
         let hello = AgentMsg::Hello {
             protocol: PROTOCOL_VERSION,
@@ -379,38 +432,80 @@ impl Agent {
             capacity,
             hypervisors,
         };
-        tokio::pin!(shutdown);
-        let mut backoff = Duration::from_millis(200);
+        let (stopping_tx, stopping) = watch::channel(false);
+        {
+            let serving = self.serve(&mut session, &transport, &creds, &hello, stopping);
+            tokio::pin!(serving);
+            tokio::select! {
+                _ = shutdown => {
+                    let _ = stopping_tx.send(true);
+                    // The connection closes politely, so the server ends the session
+                    // without an error; a slow server does not hold the stop up.
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut serving).await;
+                }
+                _ = &mut serving => {}
+            }
+        }
+        session.stop()
+    }
+
+    /// Holds a connection to the server, reconnecting after a loss with a growing,
+    /// jittered backoff, until `stopping` turns true.
+    async fn serve(
+        &self,
+        session: &mut Session,
+        transport: &Transport,
+        creds: &Credentials,
+        hello: &AgentMsg,
+        mut stopping: watch::Receiver<bool>,
+    ) {
+        let mut backoff = MIN_BACKOFF;
         loop {
-            let attempt = async {
-                let discovery = self.discover(&transport, &creds).await?;
-                session
-                    .connect_and_serve(&creds, transport.tls.clone(), &discovery, &hello)
-                    .await
+            let discovery = tokio::select! {
+                _ = stopped(&mut stopping) => return,
+                discovery = self.discover(transport, creds) => discovery,
             };
-            tokio::select! {
-                _ = &mut shutdown => {
-                    session.abort_all();
-                    return Ok(());
+            let result = match discovery {
+                Ok(discovery) => {
+                    session
+                        .connect_and_serve(
+                            creds,
+                            transport.tls.clone(),
+                            &discovery,
+                            hello,
+                            &mut stopping,
+                        )
+                        .await
                 }
-                result = attempt => {
-                    match result {
-                        Ok(()) => backoff = Duration::from_millis(200),
-                        Err(e) => warn!("connection to server lost: {e}; retrying in {backoff:?}"),
-                    }
-                }
+                Err(e) => Err(e),
+            };
+            let error = match result {
+                Ok(()) => return,
+                Err(error) => error,
+            };
+            // A connection that was up starts the backoff over.
+            if std::mem::take(&mut session.was_connected) {
+                backoff = MIN_BACKOFF;
             }
+            // Jittered, so that the many agents of one server that went away do not
+            // all come back in the same instant.
+            let wait = backoff + backoff.mul_f64(rand::random::<f64>() / 2.0);
+            warn!("connection to server lost: {error}; retrying in {wait:?}");
             tokio::select! {
-                _ = &mut shutdown => {
-                    session.abort_all();
-                    return Ok(());
-                }
-                _ = tokio::time::sleep(backoff) => {}
+                _ = stopped(&mut stopping) => return,
+                _ = tokio::time::sleep(wait) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }
+
+/// Reconnection backoff after losing the server: doubles from the first to the last.
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// How long a stopping agent waits for its connection to close politely.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What lives across reconnections within one agent process.
 struct Session {
@@ -426,11 +521,31 @@ struct Session {
     /// The converge task in progress per VM; a newer command replaces an older one.
     running: HashMap<VmId, (u64, JoinHandle<()>)>,
     guest_events: Option<GuestEvents>,
+    /// See [`Agent::with_ephemeral_state`].
+    ephemeral_state: bool,
+    /// Something `state.json` holds may differ from memory (a command was accepted or
+    /// applied, or the last write failed).
+    state_dirty: bool,
+    /// The epoch last written to `state.json`.
+    saved_epoch: Option<u64>,
+    probe: Option<Arc<dyn SyncProbe>>,
+    /// The last connection got as far as hello.
+    was_connected: bool,
+}
+
+/// Tells the probe when a connection ends, however it ends (an error, the server
+/// closing, or the agent's task being dropped).
+struct ProbeConnection(Arc<dyn SyncProbe>);
+
+impl Drop for ProbeConnection {
+    fn drop(&mut self) {
+        self.0.disconnected();
+    }
 }
 
 /// An error with its causes, for a log line: reqwest's own message hides why a
 /// connection failed (a certificate refused, say).
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(next) = cause {
@@ -448,6 +563,11 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Resolves once the agent is told to stop (or nobody can tell it any more).
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
+}
+
 async fn next_guest_event(events: &mut Option<GuestEvents>) -> Option<(VmId, GuestMsg)> {
     match events {
         Some(events) => events.recv().await,
@@ -462,14 +582,42 @@ impl Session {
         }
     }
 
-    fn save(&self) -> Result<(), String> {
+    /// Ends the session for a clean stop: converging stops, and ephemeral state is
+    /// written once.
+    fn stop(&mut self) -> Result<(), AgentError> {
+        self.abort_all();
+        if self.ephemeral_state {
+            self.write_state().map_err(AgentError::State)?;
+        }
+        Ok(())
+    }
+
+    /// Persists the sync state if anything in it changed (durably, before the report
+    /// that depends on it is sent), unless it is kept in memory.
+    fn save(&mut self) -> Result<(), String> {
+        if self.ephemeral_state || !self.state_dirty {
+            return Ok(());
+        }
+        self.write_state()
+    }
+
+    fn write_state(&mut self) -> Result<(), String> {
+        self.state_dirty = true;
         let saved = SavedState {
             reporter: self.reporter.state(),
             applied: self.applied.clone(),
             backstop: self.backstop.clone(),
         };
         let bytes = serde_json::to_vec(&saved).map_err(|e| e.to_string())?;
-        persist::write_atomic(&self.state_path, &bytes).map_err(|e| e.to_string())
+        let written = if self.ephemeral_state {
+            persist::write_unsynced(&self.state_path, &bytes)
+        } else {
+            persist::write_atomic(&self.state_path, &bytes)
+        };
+        written.map_err(|e| e.to_string())?;
+        self.state_dirty = false;
+        self.saved_epoch = Some(saved.reporter.epoch);
+        Ok(())
     }
 
     async fn observe(&self) -> Result<BTreeMap<VmId, VmState>, DriverError> {
@@ -539,6 +687,7 @@ impl Session {
         tls: Option<Arc<herd_tls::rustls::ClientConfig>>,
         discovery: &Discovery,
         hello: &AgentMsg,
+        stopping: &mut watch::Receiver<bool>,
     ) -> Result<(), String> {
         let mut request = discovery
             .bus_url
@@ -552,15 +701,29 @@ impl Session {
         // Over HTTPS the bus presents this host's certificate too: the server takes the
         // token only with it.
         let connector = tls.map(tokio_tungstenite::Connector::Rustls);
-        let (socket, _) =
-            tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector)
-                .await
-                .map_err(|e| format!("connecting to {}: {}", discovery.bus_url, error_chain(&e)))?;
+        let ws_config = WebSocketConfig::default().read_buffer_size(BUS_READ_BUFFER);
+        let connecting = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(ws_config),
+            false,
+            connector,
+        );
+        let (socket, _) = tokio::select! {
+            _ = stopped(stopping) => return Ok(()),
+            connected = connecting => connected.map_err(|e| {
+                format!("connecting to {}: {}", discovery.bus_url, error_chain(&e))
+            })?,
+        };
         let (mut tx, mut rx) = socket.split();
         tx.send(Message::Binary(wire::encode(hello).into()))
             .await
             .map_err(|e| e.to_string())?;
         info!(bus = %discovery.bus_url, "connected");
+        self.was_connected = true;
+        let _probe_connection = self.probe.clone().map(|probe| {
+            probe.connected(discovery.sync_interval_ms);
+            ProbeConnection(probe)
+        });
 
         // A new connection starts with a full report: the server may have restarted.
         self.reporter.request_full();
@@ -574,6 +737,12 @@ impl Session {
 
         loop {
             tokio::select! {
+                _ = stopped(stopping) => {
+                    // A clean stop: a close frame ends the session on the server
+                    // without an error.
+                    let _ = tx.close().await;
+                    return Ok(());
+                }
                 _ = sync_interval.tick() => self.report(&mut tx).await?,
                 Some((vm, msg)) = next_guest_event(&mut self.guest_events) => {
                     self.last_guest_word.insert(vm, unix_ms());
@@ -610,6 +779,7 @@ impl Session {
                     if error.is_none() {
                         let newest = self.applied.entry(id.vm).or_insert(0);
                         *newest = (*newest).max(id.generation);
+                        self.state_dirty = true;
                         self.save()?;
                     }
                     tx.send(Message::Binary(wire::encode(&AgentMsg::CommandDone { id, error }).into()))
@@ -630,7 +800,12 @@ impl Session {
                     match wire::decode::<ServerMsg>(&bytes) {
                         Err(e) => warn!("undecodable message from server: {e}"),
                         Ok(ServerMsg::Welcome { .. }) => {}
-                        Ok(ServerMsg::Ack { epoch, seq }) => self.reporter.on_ack(epoch, seq),
+                        Ok(ServerMsg::Ack { epoch, seq }) => {
+                            self.reporter.on_ack(epoch, seq);
+                            if let Some(probe) = &self.probe {
+                                probe.acked(epoch, seq);
+                            }
+                        }
                         Ok(ServerMsg::NeedFull { reason }) => {
                             debug!("server asks for a full report: {reason}");
                             self.reporter.request_full();
@@ -659,9 +834,22 @@ impl Session {
                   + Unpin),
     ) -> Result<(), String> {
         let observed = self.observe().await.map_err(|e| e.to_string())?;
+        let last_reported = self.reporter.last_reported();
+        // What this report changes in the saved state: nothing, for most heartbeats.
+        if *last_reported != observed || self.saved_epoch != Some(self.reporter.epoch()) {
+            self.state_dirty = true;
+        }
+        let changed: Vec<VmId> = match &self.probe {
+            Some(_) => observed
+                .iter()
+                .filter(|(vm, state)| last_reported.get(vm) != Some(state))
+                .map(|(vm, _)| *vm)
+                .collect(),
+            None => Vec::new(),
+        };
         // Every change is checked against the flow; the server derives the normal
         // events from the same table, so only anomalies are sent.
-        let events: Vec<_> = lifecycle_events(self.reporter.last_reported(), &observed)
+        let events: Vec<_> = lifecycle_events(last_reported, &observed)
             .into_iter()
             .filter(|e| e.event.is_none())
             .collect();
@@ -674,15 +862,22 @@ impl Session {
             n_vms: observed.len() as u32,
         };
         let report = self.reporter.tick(&observed, util, events);
+        // The backstop's evaluators move every round while it watches any VM.
+        if !self.backstop.vms.is_empty() {
+            self.state_dirty = true;
+        }
         let enforced = self.backstop_round(&observed).await;
         // Persist before sending: a crash after the send cannot leave the disk behind
         // what the server was told.
         self.save()?;
-        tx.send(Message::Binary(
-            wire::encode(&AgentMsg::Report(report)).into(),
-        ))
-        .await
-        .map_err(|e| e.to_string())?;
+        let (epoch, seq, full) = (report.epoch, report.seq, report.is_full());
+        let frame = wire::encode(&AgentMsg::Report(report));
+        if let Some(probe) = &self.probe {
+            probe.reported(epoch, seq, full, &changed, frame.len());
+        }
+        tx.send(Message::Binary(frame.into()))
+            .await
+            .map_err(|e| e.to_string())?;
         for e in enforced {
             let msg = AgentMsg::PolicyEnforced {
                 vm: e.vm,
@@ -743,6 +938,8 @@ impl Session {
         done: &mpsc::UnboundedSender<(CommandId, Option<String>)>,
     ) {
         let id = command.id;
+        // The backstop may start or stop watching the VM below.
+        self.state_dirty = true;
         let applied = self.applied.get(&id.vm).copied().unwrap_or(0);
         if id.generation <= applied {
             debug!(command = %id, "replayed command, already applied");
@@ -797,13 +994,7 @@ async fn converge(driver: &dyn Driver, command: &Command) -> Result<(), String> 
         if tokio::time::Instant::now() > deadline {
             return Err(format!("VM did not reach {} in time", command.target));
         }
-        let current = driver
-            .list()
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .find(|observed| observed.id == vm)
-            .map(|observed| observed.state);
+        let current = driver.state_of(vm).await.map_err(|e| e.to_string())?;
         let plan = next_step(current, command.target);
         let result = match plan {
             Plan::Done => return Ok(()),

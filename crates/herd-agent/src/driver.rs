@@ -52,6 +52,17 @@ pub trait Driver: Send + Sync {
     /// Every VM the driver holds, including ones that survived an agent restart.
     async fn list(&self) -> Result<Vec<ObservedVm>, DriverError>;
 
+    /// The state of one VM, `None` if the driver does not hold it. Drivers that can
+    /// answer without listing every VM should: converging a VM asks this often.
+    async fn state_of(&self, id: VmId) -> Result<Option<VmState>, DriverError> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .find(|observed| observed.id == id)
+            .map(|observed| observed.state))
+    }
+
     /// Resource counters of every VM that has any.
     async fn usage(&self) -> Result<Vec<VmUsage>, DriverError>;
 

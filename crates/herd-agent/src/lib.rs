@@ -14,6 +14,8 @@ pub mod driver;
 pub mod drivers;
 pub mod hostinfo;
 pub mod persist;
+pub mod probe;
 
 pub use agent::{Agent, AgentConfig, AgentError, GuestEvents};
 pub use driver::{Driver, DriverError, ObservedVm};
+pub use probe::SyncProbe;

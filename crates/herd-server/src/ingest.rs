@@ -36,6 +36,11 @@ const ACK_EVERY: u64 = 10;
 const ACK_BATCH: usize = 256;
 const ACK_FLUSH: Duration = Duration::from_millis(100);
 
+/// After asking an agent for a full report, deltas that arrive before it (they were in
+/// flight) are not answered with another request for this long: under load, asking
+/// again for every one of them only adds full reports to the backlog.
+const NEED_FULL_QUIET: Duration = Duration::from_secs(5);
+
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -153,6 +158,7 @@ async fn drain_and_serve(
     let mut check = tokio::time::interval(Duration::from_secs(1));
     let mut acks = tokio::time::interval(ACK_FLUSH);
     let mut done: Vec<CommandId> = Vec::new();
+    let mut asked_full: Option<tokio::time::Instant> = None;
     loop {
         // Drain whatever is queued for this host.
         loop {
@@ -197,7 +203,8 @@ async fn drain_and_serve(
                         return Err(format!("undecodable message: {e}"));
                     }
                 };
-                handle(cloud, host, session, view, socket, &mut done, msg).await?;
+                handle(cloud, host, session, view, socket, &mut done, &mut asked_full, msg)
+                    .await?;
             }
         }
     }
@@ -209,6 +216,7 @@ async fn flush_acks(cloud: &Cloud, host: HostId, done: &mut Vec<CommandId>) -> R
     cloud.bus.ack(host, &ids).await.map_err(|e| e.to_string())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     cloud: &Arc<Cloud>,
     host: HostId,
@@ -216,6 +224,7 @@ async fn handle(
     view: &mut HostView,
     socket: &mut WebSocket,
     done: &mut Vec<CommandId>,
+    asked_full: &mut Option<tokio::time::Instant>,
     msg: AgentMsg,
 ) -> Result<(), String> {
     match msg {
@@ -232,11 +241,24 @@ async fn handle(
                 cloud.host_back(host).map_err(|e| e.to_string())?;
                 *view = seed_view(cloud, host).map_err(|e| e.to_string())?;
             }
+            if report.is_full() {
+                *asked_full = None;
+            }
             match apply_report(cloud, host, view, &report)
                 .await
                 .map_err(|e| e.to_string())?
             {
-                Some(reply) => send(socket, &reply).await,
+                Some(ServerMsg::NeedFull { .. })
+                    if asked_full.is_some_and(|at| at.elapsed() < NEED_FULL_QUIET) =>
+                {
+                    Ok(())
+                }
+                Some(reply) => {
+                    if matches!(reply, ServerMsg::NeedFull { .. }) {
+                        *asked_full = Some(tokio::time::Instant::now());
+                    }
+                    send(socket, &reply).await
+                }
                 None => Ok(()),
             }
         }

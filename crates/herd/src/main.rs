@@ -7,6 +7,7 @@ mod config;
 mod images;
 mod policy;
 mod run;
+mod sim;
 mod table;
 mod tenants;
 mod vm;
@@ -66,6 +67,9 @@ enum Command {
     Token(tenants::TokenCommand),
     /// The audit log of mutating requests (admins).
     Audit(tenants::AuditArgs),
+    /// Run many simulated hosts in this process against a server and measure sync lag,
+    /// resync and failure detection (scale runs).
+    Sim(Box<sim::SimArgs>),
 }
 
 #[derive(Args)]
@@ -438,6 +442,7 @@ fn main() {
             Command::User(command) => tenants::user(command).await,
             Command::Token(command) => tenants::token(command).await,
             Command::Audit(args) => tenants::audit(args).await,
+            Command::Sim(args) => sim::sim(*args).await,
             Command::Image(ImageCommand::Build { name, data_dir }) => {
                 images::build_command(&data_dir.unwrap_or_else(config::default_data_dir), &name)
             }

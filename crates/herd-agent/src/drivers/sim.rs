@@ -1,9 +1,17 @@
 //! Simulated VMs, for tests and scale runs only (like Kubernetes' hollow nodes).
 //!
 //! A sim VM is a record with a state and, while it is between states, the time it
-//! reaches the next one. Records live in one file in the agent's data dir, written
-//! atomically on every change, so sim VMs outlive an agent restart exactly as real VMs
-//! do, and the agent's re-adoption path is exercised for real.
+//! reaches the next one. [`SimDriver::open`] keeps the records in one file in the
+//! agent's data dir, written atomically on every change, so sim VMs outlive an agent
+//! restart exactly as real VMs do, and the agent's re-adoption path is exercised for
+//! real.
+//!
+//! Scale runs (`herd sim`, thousands of agents in one process) cannot afford a synced
+//! write per change: [`SimDriver::in_memory`] never touches the disk, and the harness
+//! carries the VMs across runs itself with [`SimDriver::restore`] and
+//! [`SimDriver::save_to`]. It also plays the guest: [`SimDriver::flip`] pauses or
+//! resumes a VM behind the agent's back, and every record keeps when its state last
+//! changed, so the harness can tell how long the change took to reach the server.
 
 use crate::driver::{Driver, DriverError, ObservedVm};
 use crate::persist;
@@ -12,15 +20,18 @@ use herd_proto::wire::{HypervisorInfo, VmId, VmSpec, VmUsage};
 use herd_proto::VmState;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// How long simulated operations take.
+/// How long simulated operations take, and whether VMs use anything.
 #[derive(Debug, Clone, Copy)]
 pub struct SimConfig {
     pub boot_ms: u64,
     pub op_ms: u64,
+    /// Report simulated usage counters (CPU, memory, network). Scale runs turn this off
+    /// when they measure state sync alone.
+    pub usage: bool,
 }
 
 impl Default for SimConfig {
@@ -28,13 +39,24 @@ impl Default for SimConfig {
         SimConfig {
             boot_ms: 300,
             op_ms: 100,
+            usage: true,
         }
     }
 }
 
+/// The part of a VM's spec a sim VM uses. Files written with the whole `VmSpec` read
+/// back into it (unknown fields are ignored), and a million sim VMs in one process do
+/// not carry a million copies of fields nobody reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SimSpec {
+    name: String,
+    vcpus: u32,
+    memory_mib: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SimVm {
-    spec: VmSpec,
+    spec: SimSpec,
     state: VmState,
     /// The state the VM reaches at `settle_at_ms`, if it is between states.
     next: Option<(VmState, u64)>,
@@ -42,15 +64,21 @@ struct SimVm {
     run_ms_before: u64,
     /// When the current run began, if running.
     running_since_ms: Option<u64>,
+    /// When `state` last changed (unix ms).
+    #[serde(default)]
+    changed_at_ms: u64,
 }
 
 impl SimVm {
-    fn settle(&mut self, now_ms: u64) {
-        if let Some((next, at)) = self.next {
-            if now_ms >= at {
+    /// Reaches the next state if its time has come; says whether it did.
+    fn settle(&mut self, now_ms: u64) -> bool {
+        match self.next {
+            Some((next, at)) if now_ms >= at => {
                 self.set_state(next, at);
                 self.next = None;
+                true
             }
+            _ => false,
         }
     }
 
@@ -60,6 +88,9 @@ impl SimVm {
         }
         if state == VmState::Running {
             self.running_since_ms = Some(at_ms);
+        }
+        if state != self.state {
+            self.changed_at_ms = at_ms;
         }
         self.state = state;
     }
@@ -73,10 +104,18 @@ impl SimVm {
     }
 }
 
+/// The records, and whether they changed since they were last written.
+#[derive(Default)]
+struct Vms {
+    map: BTreeMap<VmId, SimVm>,
+    dirty: bool,
+}
+
 pub struct SimDriver {
     config: SimConfig,
-    path: PathBuf,
-    vms: Mutex<BTreeMap<VmId, SimVm>>,
+    /// Where the records are written on every change; `None` keeps them in memory.
+    path: Option<PathBuf>,
+    vms: Mutex<Vms>,
 }
 
 fn now_ms() -> u64 {
@@ -86,40 +125,109 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+fn load(path: &Path) -> Result<BTreeMap<VmId, SimVm>, DriverError> {
+    Ok(persist::load_json(path)
+        .map_err(|e| DriverError::Failed(format!("reading {}: {e}", path.display())))?
+        .unwrap_or_default())
+}
+
 impl SimDriver {
     /// Opens the driver, re-adopting the VMs recorded in `dir`.
     pub fn open(dir: PathBuf, config: SimConfig) -> Result<SimDriver, DriverError> {
         std::fs::create_dir_all(&dir).map_err(DriverError::io("creating the sim dir"))?;
         let path = dir.join("vms.json");
-        let vms = persist::load_json(&path)
-            .map_err(|e| DriverError::Failed(format!("reading {}: {e}", path.display())))?
-            .unwrap_or_default();
+        let map = load(&path)?;
         Ok(SimDriver {
             config,
-            path,
-            vms: Mutex::new(vms),
+            path: Some(path),
+            vms: Mutex::new(Vms { map, dirty: false }),
         })
     }
 
+    /// A driver whose VMs live in memory only.
+    pub fn in_memory(config: SimConfig) -> SimDriver {
+        SimDriver {
+            config,
+            path: None,
+            vms: Mutex::new(Vms::default()),
+        }
+    }
+
+    /// An in-memory driver holding the VMs of a snapshot written by
+    /// [`SimDriver::save_to`] (or of a file-backed driver's `vms.json`), if there is one.
+    pub fn restore(path: &Path, config: SimConfig) -> Result<SimDriver, DriverError> {
+        let driver = SimDriver::in_memory(config);
+        driver.lock()?.map = load(path)?;
+        Ok(driver)
+    }
+
+    /// Writes a snapshot of the VMs to `path` (atomically, not synced).
+    pub fn save_to(&self, path: &Path) -> Result<(), DriverError> {
+        let bytes = {
+            let vms = self.lock()?;
+            serde_json::to_vec(&vms.map)
+                .map_err(|e| DriverError::Failed(format!("encoding sim VMs: {e}")))?
+        };
+        persist::write_unsynced(path, &bytes).map_err(DriverError::io("saving sim VMs"))
+    }
+
+    /// Pauses a running VM or resumes a paused one, as if its guest had done it.
+    /// Returns the new state and when it changed (unix ms), or `None` if the VM is not
+    /// here, is between states, or is neither running nor paused.
+    pub fn flip(&self, id: VmId) -> Option<(VmState, u64)> {
+        self.with_vms(|vms, now| {
+            let Some(vm) = vms.map.get_mut(&id) else {
+                return Ok(None);
+            };
+            let to = match vm.state {
+                _ if vm.next.is_some() => return Ok(None),
+                VmState::Running => VmState::Paused,
+                VmState::Paused => VmState::Running,
+                _ => return Ok(None),
+            };
+            vm.set_state(to, now);
+            vms.dirty = true;
+            Ok(Some((to, now)))
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// When the VM's state last changed (unix ms), if the VM is here.
+    pub fn changed_at_ms(&self, id: VmId) -> Option<u64> {
+        self.with_vms(|vms, _| Ok(vms.map.get(&id).map(|vm| vm.changed_at_ms)))
+            .ok()
+            .flatten()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Vms>, DriverError> {
+        self.vms
+            .lock()
+            .map_err(|_| DriverError::Failed("sim driver lock poisoned".into()))
+    }
+
+    /// Runs `f` on the records after every VM due has reached its next state, then
+    /// writes them if they changed (`f` sets `dirty` when it changes anything).
     fn with_vms<T>(
         &self,
-        f: impl FnOnce(&mut BTreeMap<VmId, SimVm>, u64) -> Result<T, DriverError>,
+        f: impl FnOnce(&mut Vms, u64) -> Result<T, DriverError>,
     ) -> Result<T, DriverError> {
         let now = now_ms();
-        let mut vms = self
-            .vms
-            .lock()
-            .map_err(|_| DriverError::Failed("sim driver lock poisoned".into()))?;
-        for vm in vms.values_mut() {
-            vm.settle(now);
+        let mut vms = self.lock()?;
+        let mut settled = false;
+        for vm in vms.map.values_mut() {
+            settled |= vm.settle(now);
         }
-        let before = serde_json::to_vec(&*vms).unwrap_or_default();
-        let out = f(&mut vms, now)?;
-        let after = serde_json::to_vec(&*vms).unwrap_or_default();
-        if before != after {
-            persist::write_atomic(&self.path, &after).map_err(DriverError::io("saving sim VMs"))?;
+        vms.dirty |= settled;
+        let out = f(&mut vms, now);
+        if let Some(path) = &self.path {
+            if vms.dirty {
+                let bytes = serde_json::to_vec(&vms.map).unwrap_or_default();
+                persist::write_atomic(path, &bytes).map_err(DriverError::io("saving sim VMs"))?;
+                vms.dirty = false;
+            }
         }
-        Ok(out)
+        out
     }
 
     fn transition(
@@ -132,7 +240,7 @@ impl SimDriver {
     ) -> Result<(), DriverError> {
         let op_ms = self.config.op_ms;
         self.with_vms(|vms, now| {
-            let vm = vms.get_mut(&id).ok_or(DriverError::NoSuchVm(id))?;
+            let vm = vms.map.get_mut(&id).ok_or(DriverError::NoSuchVm(id))?;
             if vm.state == to || vm.next.map(|(next, _)| next) == Some(to) {
                 return Ok(());
             }
@@ -144,6 +252,7 @@ impl SimDriver {
             }
             vm.set_state(via, now);
             vm.next = Some((to, now + op_ms));
+            vms.dirty = true;
             Ok(())
         })
     }
@@ -168,6 +277,7 @@ impl Driver for SimDriver {
     async fn list(&self) -> Result<Vec<ObservedVm>, DriverError> {
         self.with_vms(|vms, _| {
             Ok(vms
+                .map
                 .iter()
                 .map(|(id, vm)| ObservedVm {
                     id: *id,
@@ -177,9 +287,17 @@ impl Driver for SimDriver {
         })
     }
 
+    async fn state_of(&self, id: VmId) -> Result<Option<VmState>, DriverError> {
+        self.with_vms(|vms, _| Ok(vms.map.get(&id).map(|vm| vm.state)))
+    }
+
     async fn usage(&self) -> Result<Vec<VmUsage>, DriverError> {
+        if !self.config.usage {
+            return Ok(Vec::new());
+        }
         self.with_vms(|vms, now| {
             Ok(vms
+                .map
                 .iter()
                 .map(|(id, vm)| {
                     // A VM's simulated load is fixed by its id: 0..100% of its vCPUs.
@@ -206,19 +324,25 @@ impl Driver for SimDriver {
     async fn create(&self, id: VmId, spec: &VmSpec) -> Result<(), DriverError> {
         let boot_ms = self.config.boot_ms;
         self.with_vms(|vms, now| {
-            if vms.contains_key(&id) {
+            if vms.map.contains_key(&id) {
                 return Ok(());
             }
-            vms.insert(
+            vms.map.insert(
                 id,
                 SimVm {
-                    spec: spec.clone(),
+                    spec: SimSpec {
+                        name: spec.name.clone(),
+                        vcpus: spec.vcpus,
+                        memory_mib: spec.memory_mib,
+                    },
                     state: VmState::Booting,
                     next: Some((VmState::Running, now + boot_ms)),
                     run_ms_before: 0,
                     running_since_ms: None,
+                    changed_at_ms: now,
                 },
             );
+            vms.dirty = true;
             Ok(())
         })
     }
@@ -226,12 +350,13 @@ impl Driver for SimDriver {
     async fn start(&self, id: VmId) -> Result<(), DriverError> {
         let boot_ms = self.config.boot_ms;
         self.with_vms(|vms, now| {
-            let vm = vms.get_mut(&id).ok_or(DriverError::NoSuchVm(id))?;
+            let vm = vms.map.get_mut(&id).ok_or(DriverError::NoSuchVm(id))?;
             match vm.state {
                 VmState::Running | VmState::Booting => Ok(()),
                 VmState::Stopped | VmState::Error if vm.next.is_none() => {
                     vm.set_state(VmState::Booting, now);
                     vm.next = Some((VmState::Running, now + boot_ms));
+                    vms.dirty = true;
                     Ok(())
                 }
                 state => Err(DriverError::WrongState { op: "start", state }),
@@ -241,11 +366,12 @@ impl Driver for SimDriver {
 
     async fn pause(&self, id: VmId) -> Result<(), DriverError> {
         self.with_vms(|vms, now| {
-            let vm = vms.get_mut(&id).ok_or(DriverError::NoSuchVm(id))?;
+            let vm = vms.map.get_mut(&id).ok_or(DriverError::NoSuchVm(id))?;
             match vm.state {
                 VmState::Paused => Ok(()),
                 VmState::Running if vm.next.is_none() => {
                     vm.set_state(VmState::Paused, now);
+                    vms.dirty = true;
                     Ok(())
                 }
                 state => Err(DriverError::WrongState { op: "pause", state }),
@@ -256,16 +382,18 @@ impl Driver for SimDriver {
     async fn resume(&self, id: VmId) -> Result<(), DriverError> {
         let op_ms = self.config.op_ms;
         self.with_vms(|vms, now| {
-            let vm = vms.get_mut(&id).ok_or(DriverError::NoSuchVm(id))?;
+            let vm = vms.map.get_mut(&id).ok_or(DriverError::NoSuchVm(id))?;
             match vm.state {
                 VmState::Running | VmState::Resuming => Ok(()),
                 VmState::Paused if vm.next.is_none() => {
                     vm.set_state(VmState::Running, now);
+                    vms.dirty = true;
                     Ok(())
                 }
                 VmState::Suspended if vm.next.is_none() => {
                     vm.set_state(VmState::Resuming, now);
                     vm.next = Some((VmState::Running, now + op_ms));
+                    vms.dirty = true;
                     Ok(())
                 }
                 state => Err(DriverError::WrongState {
@@ -298,14 +426,16 @@ impl Driver for SimDriver {
 
     async fn terminate(&self, id: VmId) -> Result<(), DriverError> {
         self.with_vms(|vms, _| {
-            vms.remove(&id);
+            if vms.map.remove(&id).is_some() {
+                vms.dirty = true;
+            }
             Ok(())
         })
     }
 
     async fn console(&self, id: VmId, _max_bytes: usize) -> Result<Vec<u8>, DriverError> {
         self.with_vms(|vms, _| {
-            let vm = vms.get(&id).ok_or(DriverError::NoSuchVm(id))?;
+            let vm = vms.map.get(&id).ok_or(DriverError::NoSuchVm(id))?;
             Ok(format!(
                 "[simulated VM {}: {}; it has no serial console]\n",
                 vm.spec.name, vm.state
@@ -338,6 +468,7 @@ mod tests {
         let config = SimConfig {
             boot_ms: 0,
             op_ms: 0,
+            ..SimConfig::default()
         };
         let id = VmId::from_u128(7);
         {
@@ -361,5 +492,64 @@ mod tests {
         driver.terminate(id).await.expect("terminate");
         driver.terminate(id).await.expect("terminate twice");
         assert!(driver.list().await.expect("list").is_empty());
+    }
+
+    #[tokio::test]
+    async fn in_memory_flips_record_when_and_snapshots_carry_vms() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = SimConfig {
+            boot_ms: 0,
+            op_ms: 0,
+            usage: false,
+        };
+        let driver = SimDriver::in_memory(config);
+        let id = VmId::from_u128(9);
+        assert_eq!(driver.flip(id), None);
+        driver.create(id, &spec()).await.expect("create");
+        assert_eq!(
+            driver.state_of(id).await.expect("state"),
+            Some(VmState::Running)
+        );
+        let (state, at) = driver.flip(id).expect("flip");
+        assert_eq!(state, VmState::Paused);
+        assert_eq!(driver.changed_at_ms(id), Some(at));
+        assert_eq!(driver.list().await.expect("list")[0].state, VmState::Paused);
+        assert_eq!(
+            driver.flip(id).map(|(state, _)| state),
+            Some(VmState::Running)
+        );
+        assert!(driver.usage().await.expect("usage").is_empty());
+        // Nothing was written; a snapshot carries the VMs to a new driver.
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+        let path = dir.path().join("vms.json");
+        driver.save_to(&path).expect("save");
+        let restored = SimDriver::restore(&path, config).expect("restore");
+        assert_eq!(
+            restored.state_of(id).await.expect("state"),
+            Some(VmState::Running)
+        );
+        let empty = SimDriver::restore(&dir.path().join("absent.json"), config).expect("empty");
+        assert!(empty.list().await.expect("list").is_empty());
+    }
+
+    /// A file written when records held the whole spec still reads.
+    #[test]
+    fn reads_records_with_whole_specs() {
+        let id = VmId::from_u128(3);
+        let old = serde_json::json!({
+            id.to_string(): {
+                "spec": spec(),
+                "state": "running",
+                "next": null,
+                "run_ms_before": 0,
+                "running_since_ms": 5
+            }
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vms.json");
+        std::fs::write(&path, serde_json::to_vec(&old).expect("json")).expect("write");
+        let driver = SimDriver::restore(&path, SimConfig::default()).expect("restore");
+        let vms = driver.lock().expect("lock");
+        assert_eq!(vms.map[&id].spec.memory_mib, 128);
     }
 }
