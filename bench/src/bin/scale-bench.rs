@@ -329,9 +329,11 @@ fn main() -> Result<()> {
         }
         let counts = server.vm_counts()?;
         let held: u64 = counts.iter().map(|(_, n)| n).sum();
+        // The sim starts churning (pausing and resuming VMs) as soon as it has seen
+        // every VM run, so paused ones count as up here.
         let running: u64 = counts
             .iter()
-            .filter(|(state, _)| state == "running")
+            .filter(|(state, _)| state == "running" || state == "paused")
             .map(|(_, n)| n)
             .sum();
         let rss = server.rss_kib()?;
