@@ -53,9 +53,20 @@ struct Args {
     out_dir: PathBuf,
 }
 
+/// A child process that is killed and reaped when dropped, so that a run failing
+/// half-way leaves neither server nor sim behind.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The server process and how to reach it.
 struct Server {
-    child: Child,
+    child: Reaped,
     url: String,
     token: String,
     http: reqwest::blocking::Client,
@@ -88,6 +99,7 @@ fn start_server(herd: &Path, data_dir: &Path, listen: &str) -> Result<Server> {
         .stderr(log)
         .spawn()
         .context("starting herd server")?;
+    let child = Reaped(child);
     let url = format!("https://{listen}");
     let deadline = Instant::now() + Duration::from_secs(300);
     // The CA and the admin token appear in the data dir at first start.
@@ -154,21 +166,7 @@ impl Server {
     }
 
     fn rss_kib(&self) -> Result<u64> {
-        rss_kib(self.child.id())
-    }
-
-    fn kill(mut self) -> Result<()> {
-        self.child.kill().context("killing the server")?;
-        self.child.wait().context("reaping the server")?;
-        Ok(())
-    }
-}
-
-impl Drop for Server {
-    /// A run that fails half-way must not leave a server behind.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        rss_kib(self.child.0.id())
     }
 }
 
@@ -293,14 +291,6 @@ fn main() -> Result<()> {
         .spawn()
         .context("starting herd sim")?;
     let sim_pid = sim.id();
-    // A failing run must not leave the sim behind either.
-    struct KillSim(u32);
-    impl Drop for KillSim {
-        fn drop(&mut self) {
-            let _ = Command::new("kill").arg(self.0.to_string()).status();
-        }
-    }
-    let _sim_guard = KillSim(sim_pid);
     // The sim's progress goes to the terminal and its log.
     let sim_err = sim.stderr.take().context("sim stderr")?;
     let log = Arc::new(Mutex::new(std::fs::File::create(&sim_log)?));
@@ -314,6 +304,7 @@ fn main() -> Result<()> {
         }
     });
     let sim_out = sim.stdout.take().context("sim stdout")?;
+    let mut sim = Reaped(sim);
     let sim_json = std::thread::spawn(move || -> String {
         let mut text = String::new();
         let _ = std::io::Read::read_to_string(&mut BufReader::new(sim_out), &mut text);
@@ -324,7 +315,7 @@ fn main() -> Result<()> {
     let mut memory_rows = Vec::new();
     let mut peak_sim_rss = 0u64;
     let all_running_at = loop {
-        if let Some(status) = sim.try_wait()? {
+        if let Some(status) = sim.0.try_wait()? {
             bail!("herd sim ended early ({status}); see {}", sim_log.display());
         }
         let counts = server.vm_counts()?;
@@ -378,14 +369,15 @@ fn main() -> Result<()> {
 
     // Crash and restart: the sim times the full resync of every host.
     eprintln!("  killing the server (SIGKILL) and starting it again");
-    server.kill()?;
+    // SIGKILL, as a crash would.
+    drop(server);
     let restarted_at = Instant::now();
     let server = start_server(&herd, &data_dir, &args.listen)?;
     let serving_s = restarted_at.elapsed().as_secs_f64();
     eprintln!("  server serving again after {serving_s:.1} s; the sim waits for resync");
     let mut restarted_peak_rss = 0u64;
     let status = loop {
-        if let Some(status) = sim.try_wait()? {
+        if let Some(status) = sim.0.try_wait()? {
             break status;
         }
         restarted_peak_rss = restarted_peak_rss.max(server.rss_kib().unwrap_or(0));
@@ -398,7 +390,7 @@ fn main() -> Result<()> {
     let sim_figures: Value = serde_json::from_str(sim_text.trim())
         .with_context(|| format!("herd sim printed no JSON: {sim_text:?}"))?;
     let after_restart_rss = server.rss_kib()?;
-    server.kill()?;
+    drop(server);
 
     let mut memory_csv = String::from("vms,server_rss_mib\n");
     for (vms, rss) in &memory_rows {

@@ -556,7 +556,8 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-fn unix_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -1464,14 +1464,21 @@ impl Cloud {
         Ok(())
     }
 
-    /// Marks hosts down whose last word is older than the grace period.
-    pub fn check_liveness(&self) -> Result<(), CloudError> {
+    /// Marks hosts down whose last word is older than the grace period. Returns when
+    /// the next host that is still up falls due if nobody hears from it.
+    pub fn check_liveness(&self) -> Result<Option<Instant>, CloudError> {
         let grace = self.config.host_grace;
-        let overdue: Vec<HostId> = lock(&self.live)
-            .iter()
-            .filter(|(_, live)| !live.down && live.last_seen.elapsed() >= grace)
-            .map(|(id, _)| *id)
-            .collect();
+        let now = Instant::now();
+        let mut overdue = Vec::new();
+        let mut next_deadline: Option<Instant> = None;
+        for (id, live) in lock(&self.live).iter().filter(|(_, live)| !live.down) {
+            let deadline = live.last_seen + grace;
+            if deadline <= now {
+                overdue.push(*id);
+            } else {
+                next_deadline = Some(next_deadline.map_or(deadline, |next| next.min(deadline)));
+            }
+        }
         for host in overdue {
             let why = format!("no report for {} s", grace.as_secs_f64());
             let marked = self.store.host_down(host, &why)?;
@@ -1483,17 +1490,7 @@ impl Cloud {
             }
             Metrics::inc(&self.metrics.hosts_marked_down);
         }
-        Ok(())
-    }
-
-    /// When the next host falls due if nobody hears from it: the earliest
-    /// `last_seen + grace` of a host that is up.
-    fn next_liveness_deadline(&self) -> Option<Instant> {
-        lock(&self.live)
-            .values()
-            .filter(|live| !live.down)
-            .map(|live| live.last_seen + self.config.host_grace)
-            .min()
+        Ok(next_deadline)
     }
 
     /// Runs the reconciler and the liveness check until the process ends.
@@ -1501,18 +1498,17 @@ impl Cloud {
         let cloud = self.clone();
         tokio::spawn(async move {
             loop {
-                if let Err(e) = cloud.check_liveness() {
+                let next_deadline = cloud.check_liveness().unwrap_or_else(|e| {
                     warn!("liveness check failed: {e}");
-                }
+                    None
+                });
                 // Wake at the next host's deadline, not on a coarse tick, so a dead host
                 // is marked down within its grace period (and at most every 100 ms: new
                 // hosts and hosts coming back move the deadline).
                 let now = Instant::now();
-                let wake = cloud
-                    .next_liveness_deadline()
-                    .map(|deadline| deadline.max(now + Duration::from_millis(1)))
+                let wake = next_deadline
                     .unwrap_or(now + LIVENESS_TICK)
-                    .min(now + LIVENESS_TICK);
+                    .clamp(now + Duration::from_millis(1), now + LIVENESS_TICK);
                 tokio::time::sleep_until(wake.into()).await;
             }
         });

@@ -157,8 +157,7 @@ async fn drain_and_serve(
     let mut sent_up_to = 0u64;
     let mut check = tokio::time::interval(Duration::from_secs(1));
     let mut acks = tokio::time::interval(ACK_FLUSH);
-    let mut done: Vec<CommandId> = Vec::new();
-    let mut asked_full: Option<tokio::time::Instant> = None;
+    let mut owed = Owed::default();
     loop {
         // Drain whatever is queued for this host.
         loop {
@@ -175,13 +174,15 @@ async fn drain_and_serve(
                 send(socket, &ServerMsg::Command(Box::new(item.command))).await?;
             }
         }
-        if done.len() >= ACK_BATCH {
-            flush_acks(cloud, host, &mut done).await?;
+        if owed.acks.len() >= ACK_BATCH {
+            flush_acks(cloud, host, &mut owed.acks).await?;
         }
         tokio::select! {
             _ = waker.notified() => {}
             Some(msg) = outbox.recv() => send(socket, &msg).await?,
-            _ = acks.tick(), if !done.is_empty() => flush_acks(cloud, host, &mut done).await?,
+            _ = acks.tick(), if !owed.acks.is_empty() => {
+                flush_acks(cloud, host, &mut owed.acks).await?;
+            }
             _ = check.tick() => {
                 if !cloud.session_current(host, session) {
                     return Err("replaced by a newer connection".into());
@@ -203,11 +204,19 @@ async fn drain_and_serve(
                         return Err(format!("undecodable message: {e}"));
                     }
                 };
-                handle(cloud, host, session, view, socket, &mut done, &mut asked_full, msg)
-                    .await?;
+                handle(cloud, host, session, view, socket, &mut owed, msg).await?;
             }
         }
     }
+}
+
+/// What a connection still owes: bus acks for commands the agent finished, written in
+/// batches, and whether a full report was asked for lately (deltas already in flight
+/// are not answered with another request).
+#[derive(Default)]
+struct Owed {
+    acks: Vec<CommandId>,
+    asked_full_at: Option<tokio::time::Instant>,
 }
 
 /// Drops the commands the agent finished from the host's queue, in one write.
@@ -216,15 +225,13 @@ async fn flush_acks(cloud: &Cloud, host: HostId, done: &mut Vec<CommandId>) -> R
     cloud.bus.ack(host, &ids).await.map_err(|e| e.to_string())
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn handle(
     cloud: &Arc<Cloud>,
     host: HostId,
     session: u64,
     view: &mut HostView,
     socket: &mut WebSocket,
-    done: &mut Vec<CommandId>,
-    asked_full: &mut Option<tokio::time::Instant>,
+    owed: &mut Owed,
     msg: AgentMsg,
 ) -> Result<(), String> {
     match msg {
@@ -242,20 +249,22 @@ async fn handle(
                 *view = seed_view(cloud, host).map_err(|e| e.to_string())?;
             }
             if report.is_full() {
-                *asked_full = None;
+                owed.asked_full_at = None;
             }
             match apply_report(cloud, host, view, &report)
                 .await
                 .map_err(|e| e.to_string())?
             {
                 Some(ServerMsg::NeedFull { .. })
-                    if asked_full.is_some_and(|at| at.elapsed() < NEED_FULL_QUIET) =>
+                    if owed
+                        .asked_full_at
+                        .is_some_and(|at| at.elapsed() < NEED_FULL_QUIET) =>
                 {
                     Ok(())
                 }
                 Some(reply) => {
                     if matches!(reply, ServerMsg::NeedFull { .. }) {
-                        *asked_full = Some(tokio::time::Instant::now());
+                        owed.asked_full_at = Some(tokio::time::Instant::now());
                     }
                     send(socket, &reply).await
                 }
@@ -318,7 +327,7 @@ async fn handle(
                 Metrics::inc(&cloud.metrics.rejected_reports);
                 return Ok(());
             }
-            done.push(id);
+            owed.acks.push(id);
             if let Some(error) = error {
                 Metrics::inc(&cloud.metrics.command_errors);
                 cloud

@@ -16,8 +16,13 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 fn init_logging() {
+    init_logging_with("info,tower_http=warn");
+}
+
+/// Logs to stderr, filtered by `HERD_LOG`, else by `default_filter`.
+pub(crate) fn init_logging_with(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HERD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -24,6 +24,7 @@ use crate::client::Client;
 use crate::config;
 use crate::Output;
 use anyhow::{anyhow, bail, Context, Result};
+use herd_agent::agent::unix_ms;
 use herd_agent::drivers::sim::{SimConfig, SimDriver};
 use herd_agent::{Agent, AgentConfig, AgentError, Driver, SyncProbe};
 use herd_proto::wire::VmId;
@@ -36,7 +37,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -96,13 +97,6 @@ fn parse_duration(what: &str, text: &str) -> Result<Duration> {
     humantime::parse_duration(text).map_err(|e| {
         anyhow!("--{what}: {text:?} is not a duration (seconds, or e.g. 90s, 5m): {e}")
     })
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -606,19 +600,10 @@ fn process_stats() -> (f64, f64, f64) {
     (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0, cpu_s)
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HERD_LOG")
-        // Thousands of agents each saying "connected" or "connection lost" drown
-        // the sim's own lines; HERD_LOG brings them back.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,herd_agent=error"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 pub async fn sim(args: SimArgs) -> Result<()> {
-    init_logging();
+    // Thousands of agents each saying "connected" or "connection lost" drown the sim's
+    // own lines; HERD_LOG brings them back.
+    crate::run::init_logging_with("warn,herd_agent=error");
     if args.hosts == 0 || args.vms_per_host == 0 {
         bail!("--hosts and --vms-per-host must be at least 1");
     }
