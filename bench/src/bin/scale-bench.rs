@@ -282,6 +282,8 @@ fn main() -> Result<()> {
         .args(["--churn", &churn])
         .args(["--duration", &args.phase_seconds.to_string()])
         .args(["--kill-hosts", &args.kill_hosts.to_string()])
+        // Launching a million VMs through one server on two cores takes minutes.
+        .args(["--setup-timeout", "3600s"])
         .env("HERD_URL", &server.url)
         .env("HERD_TOKEN", &server.token)
         .env("HERD_CA", data_dir.join("ca.pem"))

@@ -1,21 +1,84 @@
-//! The embedded bus: queues in a SQLite file, wake-ups through in-process notifiers.
+//! The embedded bus: queues in a SQLite file, mirrored in memory, with wake-ups
+//! through in-process notifiers.
+//!
+//! SQLite makes the queues durable; the mirror answers every read. A publish wakes
+//! each host it queued for, and ten thousand woken connections reading their queue
+//! from SQLite would wait in line behind each other and behind the next publish. From
+//! memory they read at once, and SQLite sees only writes.
+//!
+//! Writes run on tokio's blocking pool, one at a time (the `turn`): a publish of
+//! thousands of commands waits for an fsync, and done on an async worker it would
+//! stall every agent connection scheduled there. Acks are gathered: whoever gets the
+//! turn writes every ack handed in meanwhile in one transaction, since ten thousand
+//! hosts finishing commands would otherwise each cost an fsync. An ack is not durable
+//! when `ack` returns for everyone; a lost one only makes the agent see its command
+//! again after a restart, which it answers as a replay.
 
 use crate::{Bus, BusError, Queued};
 use async_trait::async_trait;
-use herd_proto::wire::{self, Command, CommandId, HostId};
+use herd_proto::wire::{self, Command, CommandId, HostId, VmId};
 use rusqlite::{params, Connection};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 pub struct EmbeddedBus {
-    db: Mutex<Connection>,
+    db: Arc<Mutex<Connection>>,
+    /// Writers wait here, as tasks, for their turn at the connection, and a publish
+    /// holds it until its mirror is updated: seqs appear in the mirror in order, so a
+    /// connection that drained up to a seq never misses a lower one.
+    turn: tokio::sync::Mutex<()>,
+    queues: Mutex<HashMap<HostId, HostQueue>>,
+    /// Acks handed in and not yet written: (host, vm, generation).
+    acks: Mutex<Vec<(String, String, i64)>>,
     wakers: Mutex<HashMap<HostId, Arc<Notify>>>,
 }
 
+/// One host's queue in memory: what SQLite holds for it, by seq.
+#[derive(Default)]
+struct HostQueue {
+    by_seq: BTreeMap<u64, Command>,
+    /// The generations queued per VM, with their seqs (rarely more than one).
+    by_vm: HashMap<VmId, Vec<(u64, u64)>>,
+}
+
+impl HostQueue {
+    /// Drops the VM's queued generations that `keep` rejects.
+    fn retain(&mut self, vm: VmId, keep: impl Fn(u64) -> bool) {
+        let Some(queued) = self.by_vm.get_mut(&vm) else {
+            return;
+        };
+        queued.retain(|&(generation, seq)| {
+            let kept = keep(generation);
+            if !kept {
+                self.by_seq.remove(&seq);
+            }
+            kept
+        });
+        if queued.is_empty() {
+            self.by_vm.remove(&vm);
+        }
+    }
+
+    fn insert(&mut self, seq: u64, command: Command) {
+        self.by_vm
+            .entry(command.id.vm)
+            .or_default()
+            .push((command.id.generation, seq));
+        self.by_seq.insert(seq, command);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves its data whole, even if it panics midway
+    // through a loop: keep using it.
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
 impl EmbeddedBus {
-    /// Opens (or creates) the queue file. Writes are durable before `publish` returns.
+    /// Opens (or creates) the queue file and loads it. Writes are durable before
+    /// `publish` returns.
     pub fn open(path: &Path) -> Result<EmbeddedBus, BusError> {
         let db = Connection::open(path)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
@@ -32,20 +95,44 @@ impl EmbeddedBus {
             );
             CREATE INDEX IF NOT EXISTS commands_by_host ON commands (host, seq);",
         )?;
+        let mut queues: HashMap<HostId, HostQueue> = HashMap::new();
+        {
+            let mut stmt = db.prepare("SELECT seq, host, body FROM commands ORDER BY seq")?;
+            let rows = stmt.query_map([], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, Vec<u8>>(2)?,
+                ))
+            })?;
+            for row in rows {
+                let (seq, host, body) = row?;
+                let host: HostId = host
+                    .parse()
+                    .map_err(|_| BusError::Corrupt(format!("seq {seq}: host {host:?}")))?;
+                let command: Command = wire::decode(&body)
+                    .map_err(|e| BusError::Corrupt(format!("seq {seq}: {e}")))?;
+                queues.entry(host).or_default().insert(seq as u64, command);
+            }
+        }
         Ok(EmbeddedBus {
-            db: Mutex::new(db),
+            db: Arc::new(Mutex::new(db)),
+            turn: tokio::sync::Mutex::new(()),
+            queues: Mutex::new(queues),
+            acks: Mutex::new(Vec::new()),
             wakers: Mutex::new(HashMap::new()),
         })
     }
 
-    fn with_db<T>(
+    /// Runs `f` on the connection, on the blocking pool. Callers hold the turn.
+    async fn with_db<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, BusError>,
+        f: impl FnOnce(&mut Connection) -> Result<T, BusError> + Send + 'static,
     ) -> Result<T, BusError> {
-        // A poisoned lock means a panic while holding it; the connection itself is
-        // still consistent (SQLite transactions roll back), so keep using it.
-        let mut db = self.db.lock().unwrap_or_else(|poison| poison.into_inner());
-        f(&mut db)
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&mut lock(&db)))
+            .await
+            .map_err(|e| BusError::Stopped(e.to_string()))?
     }
 }
 
@@ -55,26 +142,53 @@ impl Bus for EmbeddedBus {
         if commands.is_empty() {
             return Ok(());
         }
-        self.with_db(|db| {
-            let tx = db.transaction()?;
-            {
-                let mut supersede = tx.prepare_cached(
-                    "DELETE FROM commands WHERE host = ?1 AND vm = ?2 AND generation < ?3",
-                )?;
-                let mut insert = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO commands (host, vm, generation, body) \
-                     VALUES (?1, ?2, ?3, ?4)",
-                )?;
-                for (host, command) in commands {
-                    let (host, vm) = (host.to_string(), command.id.vm.to_string());
-                    let generation = command.id.generation as i64;
-                    supersede.execute(params![host, vm, generation])?;
-                    insert.execute(params![host, vm, generation, wire::encode(command)])?;
+        let rows: Vec<(String, String, i64, Vec<u8>)> = commands
+            .iter()
+            .map(|(host, command)| {
+                (
+                    host.to_string(),
+                    command.id.vm.to_string(),
+                    command.id.generation as i64,
+                    wire::encode(command),
+                )
+            })
+            .collect();
+        let _turn = self.turn.lock().await;
+        // The seq each command got, or None where the same one was queued already.
+        let seqs = self
+            .with_db(move |db| {
+                let tx = db.transaction()?;
+                let mut seqs = Vec::with_capacity(rows.len());
+                {
+                    let mut supersede = tx.prepare_cached(
+                        "DELETE FROM commands WHERE host = ?1 AND vm = ?2 AND generation < ?3",
+                    )?;
+                    let mut insert = tx.prepare_cached(
+                        "INSERT OR IGNORE INTO commands (host, vm, generation, body) \
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )?;
+                    for (host, vm, generation, body) in &rows {
+                        supersede.execute(params![host, vm, generation])?;
+                        let inserted = insert.execute(params![host, vm, generation, body])?;
+                        seqs.push((inserted == 1).then(|| tx.last_insert_rowid() as u64));
+                    }
+                }
+                tx.commit()?;
+                Ok(seqs)
+            })
+            .await?;
+        {
+            // The same steps, in the same order, on the mirror.
+            let mut queues = lock(&self.queues);
+            for ((host, command), seq) in commands.iter().zip(seqs) {
+                let queue = queues.entry(*host).or_default();
+                let generation = command.id.generation;
+                queue.retain(command.id.vm, |queued| queued >= generation);
+                if let Some(seq) = seq {
+                    queue.insert(seq, command.clone());
                 }
             }
-            tx.commit()?;
-            Ok(())
-        })?;
+        }
         let mut woken = HashSet::new();
         for (host, _) in commands {
             if woken.insert(*host) {
@@ -90,65 +204,68 @@ impl Bus for EmbeddedBus {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Queued>, BusError> {
-        self.with_db(|db| {
-            let mut stmt = db.prepare_cached(
-                "SELECT seq, body FROM commands WHERE host = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(
-                params![host.to_string(), after as i64, limit as i64],
-                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)),
-            )?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (seq, body) = row?;
-                let command: Command =
-                    wire::decode(&body).map_err(|e| BusError::Corrupt(e.to_string()))?;
-                out.push(Queued {
-                    seq: seq as u64,
-                    command,
-                });
-            }
-            Ok(out)
-        })
+        Ok(lock(&self.queues)
+            .get(&host)
+            .map(|queue| {
+                queue
+                    .by_seq
+                    .range(after.saturating_add(1)..)
+                    .take(limit)
+                    .map(|(seq, command)| Queued {
+                        seq: *seq,
+                        command: command.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     async fn ack(&self, host: HostId, ids: &[CommandId]) -> Result<(), BusError> {
         if ids.is_empty() {
             return Ok(());
         }
-        self.with_db(|db| {
+        if let Some(queue) = lock(&self.queues).get_mut(&host) {
+            for id in ids {
+                queue.retain(id.vm, |queued| queued > id.generation);
+            }
+        }
+        {
+            let host = host.to_string();
+            lock(&self.acks).extend(
+                ids.iter()
+                    .map(|id| (host.clone(), id.vm.to_string(), id.generation as i64)),
+            );
+        }
+        let _turn = self.turn.lock().await;
+        let owed = std::mem::take(&mut *lock(&self.acks));
+        if owed.is_empty() {
+            // Written by whoever had the turn before.
+            return Ok(());
+        }
+        self.with_db(move |db| {
             let tx = db.transaction()?;
             {
                 let mut delete = tx.prepare_cached(
                     "DELETE FROM commands WHERE host = ?1 AND vm = ?2 AND generation <= ?3",
                 )?;
-                let host = host.to_string();
-                for id in ids {
-                    delete.execute(params![host, id.vm.to_string(), id.generation as i64])?;
+                for (host, vm, generation) in &owed {
+                    delete.execute(params![host, vm, generation])?;
                 }
             }
             tx.commit()?;
             Ok(())
         })
+        .await
     }
 
     async fn depth(&self, host: HostId) -> Result<u64, BusError> {
-        self.with_db(|db| {
-            let n: i64 = db.query_row(
-                "SELECT COUNT(*) FROM commands WHERE host = ?1",
-                params![host.to_string()],
-                |row| row.get(0),
-            )?;
-            Ok(n as u64)
-        })
+        Ok(lock(&self.queues)
+            .get(&host)
+            .map_or(0, |queue| queue.by_seq.len() as u64))
     }
 
     fn waker(&self, host: HostId) -> Arc<Notify> {
-        let mut wakers = self
-            .wakers
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        wakers.entry(host).or_default().clone()
+        lock(&self.wakers).entry(host).or_default().clone()
     }
 }
 
@@ -209,5 +326,43 @@ mod tests {
         );
         bus.ack(host, &[command(1, 2).id]).await.expect("ack");
         assert_eq!(bus.depth(host).await.expect("depth"), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_acks_all_reach_the_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bus.db");
+        let hosts: Vec<HostId> = (0..8).map(|h| Uuid::from_u128(1000 + h)).collect();
+        {
+            let bus = Arc::new(EmbeddedBus::open(&path).expect("open"));
+            let mut batch = Vec::new();
+            for (h, host) in hosts.iter().enumerate() {
+                for vm in 0..20 {
+                    batch.push((*host, command((h * 100 + vm) as u128, 1)));
+                }
+            }
+            bus.publish(&batch).await.expect("publish");
+            let mut tasks = Vec::new();
+            for (h, host) in hosts.iter().enumerate() {
+                let bus = bus.clone();
+                let host = *host;
+                tasks.push(tokio::spawn(async move {
+                    for vm in 0..20 {
+                        let id = command((h * 100 + vm) as u128, 1).id;
+                        bus.ack(host, &[id]).await.expect("ack");
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.expect("task");
+            }
+            for host in &hosts {
+                assert_eq!(bus.depth(*host).await.expect("depth"), 0);
+            }
+        }
+        let bus = EmbeddedBus::open(&path).expect("reopen");
+        for host in &hosts {
+            assert_eq!(bus.depth(*host).await.expect("depth"), 0, "acks on disk");
+        }
     }
 }

@@ -23,6 +23,8 @@ pub enum BusError {
     Storage(#[from] rusqlite::Error),
     #[error("queued command {0} is corrupt")]
     Corrupt(String),
+    #[error("the bus's storage task stopped: {0}")]
+    Stopped(String),
 }
 
 /// A queued command and its position in the host's queue.

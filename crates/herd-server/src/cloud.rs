@@ -649,7 +649,7 @@ impl Cloud {
         let activation_pending = spec.policy.activation.is_some();
         let mut rows = Vec::with_capacity(names.len());
         for name in names {
-            let id = Uuid::new_v4();
+            let id = Uuid::now_v7();
             let choice = if activation_pending {
                 // Placed by the reconciler once its activation comes.
                 Err("waiting for its activation".to_owned())
@@ -1346,26 +1346,29 @@ impl Cloud {
     /// for desired states not yet sent. Works in slices of [`RECONCILE_SLICE`] VMs, each
     /// slice's commands queued and recorded in one write each.
     pub async fn reconcile_once(&self) -> Result<(), CloudError> {
-        self.enforce_lifespans()?;
+        crate::blocking(|| self.enforce_lifespans())?;
         let mut after = None;
         loop {
-            let slice = self.store.vms_needing_work(after, RECONCILE_SLICE)?;
+            let slice = crate::blocking(|| self.store.vms_needing_work(after, RECONCILE_SLICE))?;
             let Some(last) = slice.last() else {
                 return Ok(());
             };
             after = Some(last.id);
             let full = slice.len() == RECONCILE_SLICE;
-            let mut commands = Vec::new();
-            for vm in slice {
-                match vm.host {
-                    None => {
-                        if let Some(host) = self.place_pending(&vm)? {
-                            commands.push((host, vm));
+            let commands = crate::blocking(|| -> Result<_, CloudError> {
+                let mut commands = Vec::new();
+                for vm in slice {
+                    match vm.host {
+                        None => {
+                            if let Some(host) = self.place_pending(&vm)? {
+                                commands.push((host, vm));
+                            }
                         }
+                        Some(host) => commands.push((host, vm)),
                     }
-                    Some(host) => commands.push((host, vm)),
                 }
-            }
+                Ok(commands)
+            })?;
             self.publish(&commands).await?;
             if !full {
                 return Ok(());
@@ -1457,7 +1460,7 @@ impl Cloud {
         // the bus keeps once.
         self.bus.publish(&commands).await?;
         let issued: Vec<(VmId, u64)> = vms.iter().map(|(_, vm)| (vm.id, vm.generation)).collect();
-        self.store.mark_issued(&issued)?;
+        crate::blocking(|| self.store.mark_issued(&issued))?;
         self.metrics
             .commands_published
             .fetch_add(commands.len() as u64, Ordering::Relaxed);
@@ -1481,7 +1484,7 @@ impl Cloud {
         }
         for host in overdue {
             let why = format!("no report for {} s", grace.as_secs_f64());
-            let marked = self.store.host_down(host, &why)?;
+            let marked = crate::blocking(|| self.store.host_down(host, &why))?;
             warn!(%host, n_vms = marked.len(), "host marked down: {why}");
             lock(&self.placement).sched.set_up(host, false);
             if let Some(live) = lock(&self.live).get_mut(&host) {

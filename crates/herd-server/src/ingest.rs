@@ -41,6 +41,9 @@ const ACK_FLUSH: Duration = Duration::from_millis(100);
 /// again for every one of them only adds full reports to the backlog.
 const NEED_FULL_QUIET: Duration = Duration::from_secs(5);
 
+/// Commands read from the host's queue at a time.
+const DRAIN_PAGE: usize = 256;
+
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -66,14 +69,16 @@ pub async fn serve_agent(cloud: Arc<Cloud>, host: HostId, mut socket: WebSocket)
                 let _ = send(&mut socket, &ServerMsg::Refused { reason }).await;
                 return;
             }
-            match cloud.host_hello(
-                host,
-                &hostname,
-                &hypervisors,
-                capacity.cpus,
-                capacity.memory_mib,
-                &agent_version,
-            ) {
+            match crate::blocking(|| {
+                cloud.host_hello(
+                    host,
+                    &hostname,
+                    &hypervisors,
+                    capacity.cpus,
+                    capacity.memory_mib,
+                    &agent_version,
+                )
+            }) {
                 Ok(session) => session,
                 Err(e) => {
                     warn!(%host, hostname, "agent session refused: {e}");
@@ -158,17 +163,20 @@ async fn drain_and_serve(
     let mut check = tokio::time::interval(Duration::from_secs(1));
     let mut acks = tokio::time::interval(ACK_FLUSH);
     let mut owed = Owed::default();
+    // The queue is read when something was queued (and once at the start), not after
+    // every report: ten thousand hosts reporting each second would otherwise be ten
+    // thousand queue reads a second that find nothing.
+    let mut queued_since_drain = true;
     loop {
         // Drain whatever is queued for this host.
-        loop {
+        while std::mem::take(&mut queued_since_drain) {
             let queued = cloud
                 .bus
-                .pending(host, sent_up_to, 256)
+                .pending(host, sent_up_to, DRAIN_PAGE)
                 .await
                 .map_err(|e| e.to_string())?;
-            if queued.is_empty() {
-                break;
-            }
+            // A full page may have more behind it.
+            queued_since_drain = queued.len() == DRAIN_PAGE;
             for item in queued {
                 sent_up_to = item.seq;
                 send(socket, &ServerMsg::Command(Box::new(item.command))).await?;
@@ -178,7 +186,7 @@ async fn drain_and_serve(
             flush_acks(cloud, host, &mut owed.acks).await?;
         }
         tokio::select! {
-            _ = waker.notified() => {}
+            _ = waker.notified() => queued_since_drain = true,
             Some(msg) = outbox.recv() => send(socket, &msg).await?,
             _ = acks.tick(), if !owed.acks.is_empty() => {
                 flush_acks(cloud, host, &mut owed.acks).await?;
@@ -245,7 +253,7 @@ async fn handle(
                 // The host was marked down while this connection stayed open: the store
                 // says `unknown` for its VMs, so start over from the store and a full
                 // report.
-                cloud.host_back(host).map_err(|e| e.to_string())?;
+                crate::blocking(|| cloud.host_back(host)).map_err(|e| e.to_string())?;
                 *view = seed_view(cloud, host).map_err(|e| e.to_string())?;
             }
             if report.is_full() {
@@ -297,8 +305,7 @@ async fn handle(
             reason,
         } => {
             cloud.host_seen(host, session, None);
-            if !cloud
-                .record_backstop(host, vm, &rule, action, &reason)
+            if !crate::blocking(|| cloud.record_backstop(host, vm, &rule, action, &reason))
                 .map_err(|e| e.to_string())?
             {
                 warn!(%host, %vm, "backstop report for a VM not on this host dropped");
@@ -308,8 +315,7 @@ async fn handle(
         }
         AgentMsg::Guest { vm, report } => {
             cloud.host_seen(host, session, None);
-            if !cloud
-                .record_guest(host, vm, &report)
+            if !crate::blocking(|| cloud.record_guest(host, vm, &report))
                 .map_err(|e| e.to_string())?
             {
                 warn!(%host, %vm, "guest report for a VM not on this host dropped");
@@ -330,9 +336,8 @@ async fn handle(
             owed.acks.push(id);
             if let Some(error) = error {
                 Metrics::inc(&cloud.metrics.command_errors);
-                cloud
-                    .store
-                    .set_error(
+                crate::blocking(|| {
+                    cloud.store.set_error(
                         id.vm,
                         &error,
                         &NewEvent {
@@ -343,7 +348,8 @@ async fn handle(
                             ..NewEvent::default()
                         },
                     )
-                    .map_err(|e| e.to_string())?;
+                })
+                .map_err(|e| e.to_string())?;
             }
             Ok(())
         }

@@ -16,6 +16,19 @@ pub mod tenancy;
 
 pub use cloud::{Cloud, CloudError, ServerConfig};
 
+/// Runs a blocking store call from async code without stalling the worker's other
+/// tasks: on a multi-threaded runtime tokio hands them to another thread meanwhile. A
+/// 2-core server has two async workers serving thousands of agent connections; one
+/// commit's fsync on each would stop them all, and late heartbeats look like dead
+/// hosts. Elsewhere (a current-thread runtime in tests, or no runtime) it just runs.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 use herd_bus::EmbeddedBus;
 use std::net::SocketAddr;
 use std::sync::Arc;

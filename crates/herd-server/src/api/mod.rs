@@ -365,7 +365,7 @@ async fn metrics(_: CloudAdmin, State(cloud): State<AppState>) -> Result<Respons
         batching.writes.load(Ordering::Relaxed)
     ));
     out.push_str("# TYPE herd_vms gauge\n");
-    for (state, n) in cloud.store.vm_state_counts().map_err(CloudError::from)? {
+    for (state, n) in crate::blocking(|| cloud.store.vm_state_counts()).map_err(CloudError::from)? {
         out.push_str(&format!("herd_vms{{state=\"{state}\"}} {n}\n"));
     }
     let hosts = cloud.hosts()?;
@@ -413,7 +413,8 @@ async fn launch_vm(
     State(cloud): State<AppState>,
     ApiJson(request): ApiJson<LaunchRequest>,
 ) -> Result<(StatusCode, Json<VmView>), ApiError> {
-    let record = cloud.launch(launch_spec(&user, request)?)?;
+    let spec = launch_spec(&user, request)?;
+    let record = crate::blocking(|| cloud.launch(spec))?;
     user.note.created(record.id);
     Ok((StatusCode::CREATED, Json(VmView::of(&record, None, None))))
 }
@@ -428,7 +429,7 @@ async fn launch_batch(
     ApiJson(request): ApiJson<BatchLaunchRequest>,
 ) -> Result<(StatusCode, Json<BatchLaunched>), ApiError> {
     let spec = launch_spec(&user, request.vm)?;
-    let records = cloud.launch_batch(spec, Some(request.count))?;
+    let records = crate::blocking(|| cloud.launch_batch(spec, Some(request.count)))?;
     if let (Some(first), Some(last)) = (records.first(), records.last()) {
         user.note.created(format!(
             "{} VMs, {} to {}",
@@ -546,7 +547,7 @@ async fn delete_vm(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     vm_for(&cloud, &user, &id, Perm::OperateVms)?;
-    Ok(match cloud.delete(&id)? {
+    Ok(match crate::blocking(|| cloud.delete(&id))? {
         Some(record) => {
             (StatusCode::ACCEPTED, Json(VmView::of(&record, None, None))).into_response()
         }
@@ -570,7 +571,7 @@ async fn vm_action(
             "no action {action:?}; actions are start, stop, pause, resume, suspend, terminate"
         )));
     };
-    let record = cloud.act(&id, action)?;
+    let record = crate::blocking(|| cloud.act(&id, action))?;
     Ok((StatusCode::ACCEPTED, Json(VmView::of(&record, None, None))))
 }
 
@@ -779,13 +780,13 @@ async fn get_bill(
     let lines = match (&query.project, user.principal.scope(Perm::ReadBill)) {
         (Some(project), _) => {
             user.check(project, Perm::ReadBill, "project", project)?;
-            cloud.bill(Some(project), from, to)?
+            crate::blocking(|| cloud.bill(Some(project), from, to))?
         }
-        (None, None) => cloud.bill(None, from, to)?,
+        (None, None) => crate::blocking(|| cloud.bill(None, from, to))?,
         (None, Some(projects)) => {
             let mut lines = Vec::new();
             for project in projects {
-                lines.extend(cloud.bill(Some(&project), from, to)?);
+                lines.extend(crate::blocking(|| cloud.bill(Some(&project), from, to))?);
             }
             lines
         }
@@ -808,7 +809,7 @@ async fn agent_join(
         "joining host {:?}",
         request.hostname.chars().take(64).collect::<String>()
     ));
-    let response = cloud.join(&request)?;
+    let response = crate::blocking(|| cloud.join(&request))?;
     note.created(response.host_id);
     Ok((StatusCode::CREATED, Json(response)))
 }
