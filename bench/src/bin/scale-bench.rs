@@ -29,6 +29,9 @@ struct Args {
     /// Churn, in percent of all VMs per sync interval.
     #[arg(long, default_value_t = 1.0)]
     churn: f64,
+    /// More churn rates, each measured for --phase-seconds after the first.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.25, 2.0])]
+    churn_steps: Vec<f64>,
     /// Seconds of the churn phase.
     #[arg(long, default_value_t = 30)]
     phase_seconds: u64,
@@ -273,6 +276,12 @@ fn main() -> Result<()> {
     let server = start_server(&herd, &data_dir, &args.listen)?;
     let started = Instant::now();
     let churn = args.churn.to_string();
+    let churn_steps = args
+        .churn_steps
+        .iter()
+        .map(f64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     let sim_log = work.join("sim.log");
     let mut sim = Command::new(&herd)
         .args(["sim", "-o", "json", "--wait-resync", "--dir"])
@@ -284,6 +293,11 @@ fn main() -> Result<()> {
         .args(["--kill-hosts", &args.kill_hosts.to_string()])
         // Launching a million VMs through one server on two cores takes minutes.
         .args(["--setup-timeout", "3600s"])
+        .args(if churn_steps.is_empty() {
+            vec![]
+        } else {
+            vec!["--churn-steps".to_owned(), churn_steps.clone()]
+        })
         .env("HERD_URL", &server.url)
         .env("HERD_TOKEN", &server.token)
         .env("HERD_CA", data_dir.join("ca.pem"))
@@ -297,8 +311,14 @@ fn main() -> Result<()> {
     let sim_err = sim.stderr.take().context("sim stderr")?;
     let log = Arc::new(Mutex::new(std::fs::File::create(&sim_log)?));
     let log_writer = log.clone();
+    // The sim says when it has measured and waits for the server to go away.
+    let measured = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let measured_seen = measured.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(sim_err).lines().map_while(Result::ok) {
+            if line.contains("lose its server and resync") {
+                measured_seen.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             eprintln!("  sim: {line}");
             if let Ok(mut file) = log_writer.lock() {
                 let _ = writeln!(file, "{line}");
@@ -316,7 +336,7 @@ fn main() -> Result<()> {
     // Ramp: server memory against the VMs it holds, until all run.
     let mut memory_rows = Vec::new();
     let mut peak_sim_rss = 0u64;
-    let all_running_at = loop {
+    loop {
         if let Some(status) = sim.0.try_wait()? {
             bail!("herd sim ended early ({status}); see {}", sim_log.display());
         }
@@ -338,10 +358,10 @@ fn main() -> Result<()> {
             rss / 1024
         );
         if running >= total_vms {
-            break Instant::now();
+            break;
         }
         std::thread::sleep(Duration::from_secs(5));
-    };
+    }
     let ramp_s = started.elapsed().as_secs_f64();
 
     // Churn phases: memory, and listings timed under load, in the first phase.
@@ -358,9 +378,11 @@ fn main() -> Result<()> {
         listings["p50_ms"].as_f64().unwrap_or(f64::NAN),
         listings["p99_ms"].as_f64().unwrap_or(f64::NAN)
     );
-    let churn_end = all_running_at + Duration::from_secs(args.phase_seconds + 5);
     let mut peak_rss = memory_rows.iter().map(|(_, rss)| *rss).max().unwrap_or(0);
-    while Instant::now() < churn_end {
+    while !measured.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Some(status) = sim.0.try_wait()? {
+            bail!("herd sim ended early ({status}); see {}", sim_log.display());
+        }
         let rss = server.rss_kib()?;
         peak_rss = peak_rss.max(rss);
         peak_sim_rss = peak_sim_rss.max(rss_kib(sim_pid).unwrap_or(0));
@@ -400,13 +422,25 @@ fn main() -> Result<()> {
     }
     std::fs::write(args.out_dir.join("scale-memory.csv"), memory_csv)?;
     let mut lag_csv = String::from("churn_pct,lag_p50_ms,lag_p99_ms,interval_ms\n");
-    lag_csv.push_str(&format!(
-        "{},{},{},{}\n",
-        sim_figures["churn_pct"],
-        sim_figures["lag_ms"]["p50"],
-        sim_figures["lag_ms"]["p99"],
-        sim_figures["interval_ms"]
-    ));
+    let mut steps = sim_figures["churn_steps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    steps.push(sim_figures.clone());
+    // In order of churn, for the plot's line.
+    steps.sort_by(|a, b| {
+        let pct = |v: &Value| v["churn_pct"].as_f64().unwrap_or(0.0);
+        pct(a).total_cmp(&pct(b))
+    });
+    for step in &steps {
+        lag_csv.push_str(&format!(
+            "{},{},{},{}\n",
+            step["churn_pct"],
+            step["lag_ms"]["p50"],
+            step["lag_ms"]["p99"],
+            sim_figures["interval_ms"]
+        ));
+    }
     std::fs::write(args.out_dir.join("scale-lag.csv"), lag_csv)?;
 
     let figures = json!({

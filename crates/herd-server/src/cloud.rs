@@ -8,9 +8,10 @@
 
 use crate::auth;
 use crate::billing::{self, BillLine};
-use crate::group_commit::{CommitError, GroupCommit};
+use crate::group_commit::{CommitError, GroupCommit, Pending};
 use crate::store::{
-    now_ms, HostRecord, NewEvent, Observation, Store, StoreError, UsageRow, VmFilter, VmRecord,
+    now_ms, HostRecord, NewEvent, Observation, Store, StoreError, UsageRow, VmBrief, VmFilter,
+    VmRecord,
 };
 use crate::tenancy::Tenancy;
 use herd_bus::{Bus, BusError};
@@ -717,11 +718,16 @@ impl Cloud {
             id: id.to_owned(),
         };
         let uuid: Uuid = id.parse().map_err(|_| not_found())?;
-        self.store.vm(uuid)?.ok_or_else(not_found)
+        let vm = self.store.vm(uuid)?.ok_or_else(not_found)?;
+        Ok(self.current(vm))
     }
 
+    /// A page of VMs. Each shows its newest observed state; a filter on the state
+    /// matches what the store holds, which trails the newest reports by the
+    /// write-behind's backlog (normally well under a second).
     pub fn list_vms(&self, filter: &VmFilter) -> Result<Vec<VmRecord>, CloudError> {
-        Ok(self.store.list_vms(filter)?)
+        let page = self.store.list_vms(filter)?;
+        Ok(page.into_iter().map(|vm| self.current(vm)).collect())
     }
 
     pub fn act(&self, id: &str, action: Action) -> Result<VmRecord, CloudError> {
@@ -974,20 +980,7 @@ impl Cloud {
         let placement = lock(&self.placement);
         Ok(hosts
             .into_iter()
-            .map(|host| {
-                let used = placement
-                    .sched
-                    .host(host.id)
-                    .map(|slot| (slot.used_vcpus, slot.used_memory_mib))
-                    .unwrap_or((0, 0));
-                let live = live.get(&host.id).cloned();
-                HostStatus {
-                    record: host,
-                    live,
-                    allocated_vcpus: used.0,
-                    allocated_memory_mib: used.1,
-                }
-            })
+            .map(|host| self.status_of(host, &live, &placement))
             .collect())
     }
 
@@ -997,10 +990,33 @@ impl Cloud {
             id: id.to_owned(),
         };
         let uuid: Uuid = id.parse().map_err(|_| not_found())?;
-        self.hosts()?
-            .into_iter()
-            .find(|host| host.record.id == uuid)
-            .ok_or_else(not_found)
+        let host = self.store.host(uuid)?.ok_or_else(not_found)?;
+        Ok(self.status_of(host, &lock(&self.live), &lock(&self.placement)))
+    }
+
+    /// A host's record with what the server knows now: liveness is judged in memory
+    /// and reaches the store behind the reports before it, so memory has the word.
+    fn status_of(
+        &self,
+        mut record: HostRecord,
+        live: &HashMap<HostId, HostLive>,
+        placement: &Placement,
+    ) -> HostStatus {
+        let used = placement
+            .sched
+            .host(record.id)
+            .map(|slot| (slot.used_vcpus, slot.used_memory_mib))
+            .unwrap_or((0, 0));
+        let live = live.get(&record.id).cloned();
+        if let Some(live) = &live {
+            record.up = !live.down;
+        }
+        HostStatus {
+            record,
+            live,
+            allocated_vcpus: used.0,
+            allocated_memory_mib: used.1,
+        }
     }
 
     /// The last `max_bytes` of a VM's serial console, fetched from its host.
@@ -1109,9 +1125,10 @@ impl Cloud {
                 });
             }
         }
-        let came_back =
+        let came_back = self.commits.host_up(host, || {
             self.store
-                .host_hello(host, hostname, hypervisors, cpus, memory_mib, agent_version)?;
+                .host_hello(host, hostname, hypervisors, cpus, memory_mib, agent_version)
+        })?;
         {
             let mut placement = lock(&self.placement);
             // Keep what the host holds; take its new size and hypervisors.
@@ -1193,19 +1210,42 @@ impl Cloud {
         let Some(record) = self.store.host(host)? else {
             return Ok(());
         };
-        self.store.host_hello(
-            host,
-            &record.hostname,
-            &record.hypervisors,
-            record.cpus,
-            record.memory_mib,
-            record.agent_version.as_deref().unwrap_or(""),
-        )?;
+        self.commits.host_up(host, || {
+            self.store.host_hello(
+                host,
+                &record.hostname,
+                &record.hypervisors,
+                record.cpus,
+                record.memory_mib,
+                record.agent_version.as_deref().unwrap_or(""),
+            )
+        })?;
         lock(&self.placement).sched.set_up(host, true);
         if let Some(entry) = lock(&self.live).get_mut(&host) {
             entry.down = false;
         }
         Ok(())
+    }
+
+    /// What the ingest checks a reported VM against, with a reported state that is
+    /// still on its way to the store laid over it.
+    pub fn vm_brief(&self, vm: VmId) -> Result<Option<VmBrief>, CloudError> {
+        let Some(mut brief) = self.store.vm_brief(vm)? else {
+            return Ok(None);
+        };
+        if let Some(observed) = self.commits.observed(vm) {
+            brief.observed = observed;
+        }
+        Ok(Some(brief))
+    }
+
+    /// Lays the reported states still on their way to the store over records read
+    /// from it, so the API shows what the server knows now.
+    pub fn current(&self, mut vm: VmRecord) -> VmRecord {
+        if let Some(observed) = self.commits.observed(vm.id) {
+            vm.observed = observed;
+        }
+        vm
     }
 
     /// Whether the VM is currently placed on this host (node restriction).
@@ -1231,6 +1271,19 @@ impl Cloud {
         sampled_at_ms: u64,
         usage: &[VmUsage],
     ) -> Result<usize, CloudError> {
+        let (n_rejected, written) = self.hand_over_usage(host, sampled_at_ms, usage);
+        written.durable().await?;
+        Ok(n_rejected)
+    }
+
+    /// Like [`Cloud::record_usage`], returning at once: the samples are on disk when
+    /// the returned handle resolves.
+    pub fn hand_over_usage(
+        &self,
+        host: HostId,
+        sampled_at_ms: u64,
+        usage: &[VmUsage],
+    ) -> (usize, Pending) {
         let now = now_ms();
         let mut n_rejected = 0;
         let mut rows = Vec::with_capacity(usage.len());
@@ -1261,8 +1314,7 @@ impl Cloud {
                 }
             }
         }
-        self.commits.commit(Vec::new(), rows).await?;
-        Ok(n_rejected)
+        (n_rejected, self.commits.hand_over(None, Vec::new(), rows))
     }
 
     // ---- billing --------------------------------------------------------------------
@@ -1483,9 +1535,9 @@ impl Cloud {
             }
         }
         for host in overdue {
+            // Written in order with the reports before it; the writer logs it.
             let why = format!("no report for {} s", grace.as_secs_f64());
-            let marked = crate::blocking(|| self.store.host_down(host, &why))?;
-            warn!(%host, n_vms = marked.len(), "host marked down: {why}");
+            drop(self.commits.host_down(host, why));
             lock(&self.placement).sched.set_up(host, false);
             if let Some(live) = lock(&self.live).get_mut(&host) {
                 live.down = true;

@@ -1,19 +1,45 @@
-//! Group commit: the writes of many agent connections in one transaction.
+//! Group commit and write-behind: the writes of many agent connections in one
+//! transaction, written behind the server's in-memory view.
 //!
-//! Each report that changes something and each usage batch must be durable before the
-//! server acknowledges it, and a durable SQLite commit costs an fsync (about 0.2 ms on
-//! a good disk, far more on a busy one). Ten thousand hosts reporting every second
-//! would need ten thousand fsyncs a second if each wrote alone. Here a connection hands
-//! its write over and waits; whoever finds no write in progress becomes the writer and
-//! commits everything handed over meanwhile in one transaction, again and again until
-//! nothing is left. Under load the batches grow by themselves; with one host the wait is
-//! one commit, as before. Nothing is acknowledged before its batch is on disk, so a
-//! crash loses only writes no agent was told about, and agents resend those.
+//! A durable SQLite commit costs an fsync, and at a million VMs each changed VM also
+//! costs random pages of its row, its indexes and its event: a few hundred changes per
+//! transaction run at about 6,000 a second on this class of machine, tens of thousands
+//! per transaction at twice that (`store-bench`). One per report could not keep up with
+//! ten thousand hosts, and waiting for the disk before acknowledging would put the disk
+//! in every change's latency.
+//!
+//! So a connection hands its changes over and goes on. Whoever finds no write in
+//! progress becomes the writer and commits everything handed over meanwhile in one
+//! transaction, again and again until nothing is left: under load the batches grow by
+//! themselves, which is what makes them cheaper. Until its batch is on disk, a change
+//! lives in the **overlay**, which every read of a VM's observed state consults first,
+//! so the server's view is current the moment a report is applied.
+//!
+//! What a crash can lose is the overlay: the last moments of reported changes. An
+//! agent's state is the truth about its VMs, and after a restart every agent sends a
+//! full report that the server compares with the store, so the states come back; the
+//! events of those moments come back as inferred ones. Usage samples are different (an
+//! agent does not send them twice), so usage waits for the disk before it is taken as
+//! received. And the backlog is bounded: past [`MAX_BACKLOG`] changes not yet written,
+//! connections wait for the disk, so memory stays bounded and an overloaded store
+//! shows as lag rather than loss.
+//!
+//! Marking a host down (its VMs `unknown`) goes through the same queue, in order: a
+//! report handed over before it cannot land after it and undo it, and the liveness
+//! check never waits for the disk, so a dead host is marked within its grace period
+//! however far behind the store is.
 
 use crate::store::{Observation, Store, StoreError, UsageRow};
-use herd_proto::wire::VmId;
+use herd_proto::wire::{HostId, VmId};
+use herd_proto::VmState;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
+use tracing::warn;
+
+/// Changes handed over and not yet written past which connections wait for the disk.
+pub const MAX_BACKLOG: usize = 200_000;
 
 /// Why a handed-over write did not reach the disk.
 #[derive(Debug, thiserror::Error)]
@@ -25,16 +51,27 @@ pub enum CommitError {
 }
 
 struct Job {
+    ticket: u64,
     observations: Vec<Observation>,
     samples: Vec<(VmId, UsageRow)>,
+    /// Mark this host down (and its VMs unknown) after everything handed over before,
+    /// unless it came back meanwhile: (host, why, mark).
+    host_down: Option<(HostId, String, u64)>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
 #[derive(Default)]
 struct Queue {
     jobs: Vec<Job>,
+    /// Observations in `jobs`.
+    backlog: usize,
     /// A writer is running and will take whatever is queued before it stops.
     writing: bool,
+    /// The last ticket handed out.
+    issued: u64,
+    /// Observed states not yet on disk: the newest per VM, with its host and the
+    /// ticket of the job that carries it.
+    overlay: HashMap<VmId, (HostId, VmState, u64)>,
 }
 
 /// Counters of the batching, for /metrics.
@@ -47,12 +84,44 @@ pub struct CommitStats {
 pub struct GroupCommit {
     store: Arc<Store>,
     queue: Arc<Mutex<Queue>>,
+    /// Hosts with a host-down mark queued, and the mark's number. Held while either
+    /// kind of write runs, so a host that comes back and the mark cannot interleave.
+    down: Arc<Mutex<HashMap<HostId, u64>>>,
     pub stats: Arc<CommitStats>,
 }
 
 fn lock(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
-    // Only pushes and takes happen under the lock; a panic cannot leave it half-done.
+    // Only pushes, takes and map updates happen under the lock; a panic cannot leave it
+    // half-done.
     queue.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// A handed-over write: resolves once its batch is on disk.
+pub struct Pending {
+    committed: oneshot::Receiver<Result<(), String>>,
+    /// The backlog was full when it was handed over: the caller should wait.
+    pub must_wait: bool,
+}
+
+impl Pending {
+    /// Whether the write reached the disk: `None` while it is on its way.
+    pub fn poll_written(&mut self) -> Option<Result<(), CommitError>> {
+        use tokio::sync::oneshot::error::TryRecvError;
+        match self.committed.try_recv() {
+            Ok(Ok(())) => Some(Ok(())),
+            Ok(Err(e)) => Some(Err(CommitError::Failed(e))),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Closed) => Some(Err(CommitError::Lost)),
+        }
+    }
+
+    pub async fn durable(self) -> Result<(), CommitError> {
+        match self.committed.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(CommitError::Failed(e)),
+            Err(_) => Err(CommitError::Lost),
+        }
+    }
 }
 
 impl GroupCommit {
@@ -60,7 +129,91 @@ impl GroupCommit {
         GroupCommit {
             store,
             queue: Arc::default(),
+            down: Arc::default(),
             stats: Arc::default(),
+        }
+    }
+
+    /// Hands observed states (all from `host`) and usage samples to the writer. The
+    /// states are in the overlay when this returns; the returned handle tells when
+    /// they are on disk.
+    pub fn hand_over(
+        &self,
+        host: Option<HostId>,
+        observations: Vec<Observation>,
+        samples: Vec<(VmId, UsageRow)>,
+    ) -> Pending {
+        if observations.is_empty() && samples.is_empty() {
+            let (done, committed) = oneshot::channel();
+            let _ = done.send(Ok(()));
+            return Pending {
+                committed,
+                must_wait: false,
+            };
+        }
+        self.enqueue(host, observations, samples, None)
+    }
+
+    /// Marks a host down and its VMs `unknown`, after every write handed over before,
+    /// unless the host is back (see [`GroupCommit::host_up`]) by the time it is written.
+    pub fn host_down(&self, host: HostId, why: String) -> Pending {
+        let mark = {
+            let mut down = lock_map(&self.down);
+            let mark = down.get(&host).map_or(1, |mark| mark + 1);
+            down.insert(host, mark);
+            mark
+        };
+        self.enqueue(None, Vec::new(), Vec::new(), Some((host, why, mark)))
+    }
+
+    /// Runs `write`, which records a host as up, so that a host-down mark queued
+    /// before it is dropped instead of landing after it.
+    pub fn host_up<T>(&self, host: HostId, write: impl FnOnce() -> T) -> T {
+        let mut down = lock_map(&self.down);
+        down.remove(&host);
+        write()
+    }
+
+    fn enqueue(
+        &self,
+        host: Option<HostId>,
+        observations: Vec<Observation>,
+        samples: Vec<(VmId, UsageRow)>,
+        host_down: Option<(HostId, String, u64)>,
+    ) -> Pending {
+        let (done, committed) = oneshot::channel();
+        let (lead, must_wait) = {
+            let mut queue = lock(&self.queue);
+            queue.issued += 1;
+            let ticket = queue.issued;
+            if let Some(host) = host {
+                for obs in &observations {
+                    queue.overlay.insert(obs.vm, (host, obs.state, ticket));
+                }
+            }
+            queue.backlog += observations.len();
+            let must_wait = queue.backlog > MAX_BACKLOG;
+            queue.jobs.push(Job {
+                ticket,
+                observations,
+                samples,
+                host_down,
+                done,
+            });
+            (!std::mem::replace(&mut queue.writing, true), must_wait)
+        };
+        if lead {
+            let writer = Writer {
+                store: self.store.clone(),
+                queue: self.queue.clone(),
+                down: self.down.clone(),
+                stats: self.stats.clone(),
+            };
+            tokio::task::spawn_blocking(move || writer.write_until_empty());
+        }
+        Pending {
+            committed,
+            must_wait,
         }
     }
 
@@ -71,61 +224,116 @@ impl GroupCommit {
         observations: Vec<Observation>,
         samples: Vec<(VmId, UsageRow)>,
     ) -> Result<(), CommitError> {
-        if observations.is_empty() && samples.is_empty() {
-            return Ok(());
-        }
-        let (done, committed) = oneshot::channel();
-        let lead = {
-            let mut queue = lock(&self.queue);
-            queue.jobs.push(Job {
-                observations,
-                samples,
-                done,
-            });
-            !std::mem::replace(&mut queue.writing, true)
-        };
-        if lead {
-            let (store, queue, stats) =
-                (self.store.clone(), self.queue.clone(), self.stats.clone());
-            tokio::task::spawn_blocking(move || write_until_empty(&store, &queue, &stats));
-        }
-        match committed.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(CommitError::Failed(e)),
-            Err(_) => Err(CommitError::Lost),
-        }
+        self.hand_over(None, observations, samples).durable().await
+    }
+
+    /// The VM's observed state if a newer one than the store's is on its way there.
+    pub fn observed(&self, vm: VmId) -> Option<VmState> {
+        lock(&self.queue)
+            .overlay
+            .get(&vm)
+            .map(|(_, state, _)| *state)
+    }
+
+    /// The not yet written observed states of a host's VMs.
+    pub fn observed_on(&self, host: HostId) -> Vec<(VmId, VmState)> {
+        lock(&self.queue)
+            .overlay
+            .iter()
+            .filter(|(_, (on, _, _))| *on == host)
+            .map(|(vm, (_, state, _))| (*vm, *state))
+            .collect()
     }
 }
 
-/// The writer: commits batches until the queue is empty, then stops.
-fn write_until_empty(store: &Store, queue: &Mutex<Queue>, stats: &CommitStats) {
-    use std::sync::atomic::Ordering;
-    loop {
-        let jobs = {
-            let mut queue = lock(queue);
-            if queue.jobs.is_empty() {
-                queue.writing = false;
-                return;
+fn lock_map(map: &Mutex<HashMap<HostId, u64>>) -> MutexGuard<'_, HashMap<HostId, u64>> {
+    map.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// What the writer works with.
+struct Writer {
+    store: Arc<Store>,
+    queue: Arc<Mutex<Queue>>,
+    down: Arc<Mutex<HashMap<HostId, u64>>>,
+    stats: Arc<CommitStats>,
+}
+
+impl Writer {
+    /// Commits batches until the queue is empty, then stops.
+    fn write_until_empty(&self) {
+        loop {
+            let jobs = {
+                let mut queue = lock(&self.queue);
+                if queue.jobs.is_empty() {
+                    queue.writing = false;
+                    return;
+                }
+                queue.backlog = 0;
+                std::mem::take(&mut queue.jobs)
+            };
+            let last_ticket = jobs.last().map_or(0, |job| job.ticket);
+            // Everything between two host-down marks goes in one transaction.
+            let mut observations = Vec::new();
+            let mut samples = Vec::new();
+            let mut waiters = Vec::with_capacity(jobs.len());
+            let mut failed: Option<String> = None;
+            for job in jobs {
+                observations.extend(job.observations);
+                samples.extend(job.samples);
+                if let Some((host, why, mark)) = job.host_down {
+                    self.write(&mut observations, &mut samples, &mut failed);
+                    self.mark_down(host, &why, mark, &mut failed);
+                }
+                waiters.push(job.done);
             }
-            std::mem::take(&mut queue.jobs)
-        };
-        let mut observations = Vec::new();
-        let mut samples = Vec::new();
-        let mut waiters = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            observations.extend(job.observations);
-            samples.extend(job.samples);
-            waiters.push(job.done);
+            self.write(&mut observations, &mut samples, &mut failed);
+            self.stats
+                .writes
+                .fetch_add(waiters.len() as u64, Ordering::Relaxed);
+            // Written (or failed, and then the next full report repairs it): the store
+            // answers for these VMs again, unless a newer change is on its way.
+            lock(&self.queue)
+                .overlay
+                .retain(|_, (_, _, ticket)| *ticket > last_ticket);
+            let result = failed.map_or(Ok(()), Err);
+            for waiter in waiters {
+                // A connection that went away no longer waits; its write is in anyway.
+                let _ = waiter.send(result.clone());
+            }
         }
-        let result: Result<usize, StoreError> = store.write_batch(&observations, &samples);
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats
-            .writes
-            .fetch_add(waiters.len() as u64, Ordering::Relaxed);
-        let result = result.map(|_| ()).map_err(|e| e.to_string());
-        for waiter in waiters {
-            // A connection that went away no longer waits; its write is in anyway.
-            let _ = waiter.send(result.clone());
+    }
+
+    fn write(
+        &self,
+        observations: &mut Vec<Observation>,
+        samples: &mut Vec<(VmId, UsageRow)>,
+        failed: &mut Option<String>,
+    ) {
+        if observations.is_empty() && samples.is_empty() {
+            return;
+        }
+        let result: Result<usize, StoreError> = self.store.write_batch(observations, samples);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = result {
+            failed.get_or_insert(e.to_string());
+        }
+        observations.clear();
+        samples.clear();
+    }
+
+    fn mark_down(&self, host: HostId, why: &str, mark: u64, failed: &mut Option<String>) {
+        let mut down = lock_map(&self.down);
+        if down.get(&host) != Some(&mark) {
+            // Back already, or marked again later: that later mark does the work.
+            return;
+        }
+        down.remove(&host);
+        match self.store.host_down(host, why) {
+            Ok(marked) => warn!(%host, n_vms = marked.len(), "host marked down: {why}"),
+            Err(e) => {
+                warn!(%host, "could not mark the host down: {e}");
+                failed.get_or_insert(e.to_string());
+            }
         }
     }
 }
@@ -189,5 +397,125 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             200
         );
+    }
+
+    /// A handed-over change is the server's view at once, and the store's once it is
+    /// written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handed_over_states_show_at_once_and_land_in_the_store() {
+        let (_dir, store) = store();
+        let commits = GroupCommit::new(store.clone());
+        let host = uuid::Uuid::from_u128(1);
+        let vm = uuid::Uuid::from_u128(2);
+        let flip = |state| Observation {
+            vm,
+            state,
+            purge: false,
+            events: vec![],
+        };
+        let first = commits.hand_over(Some(host), vec![flip(VmState::Running)], vec![]);
+        let second = commits.hand_over(Some(host), vec![flip(VmState::Paused)], vec![]);
+        assert!(!first.must_wait && !second.must_wait);
+        // Newest wins in the overlay, until its own batch is written.
+        let seen = commits.observed(vm);
+        assert!(
+            seen == Some(VmState::Paused) || seen.is_none(),
+            "overlay shows {seen:?}"
+        );
+        first.durable().await.expect("first written");
+        second.durable().await.expect("second written");
+        assert_eq!(commits.observed(vm), None, "written: the store answers");
+        assert!(commits.observed_on(host).is_empty());
+    }
+
+    /// A store with one up host holding one running VM.
+    fn store_with_vm() -> (tempfile::TempDir, Arc<Store>, HostId, VmId) {
+        let (dir, store) = store();
+        let host = uuid::Uuid::from_u128(10);
+        store
+            .insert_token("join-hash", "join", "join", None)
+            .expect("token");
+        assert!(store
+            .join_host("join-hash", host, "h", "agent-hash")
+            .expect("join"));
+        store
+            .host_hello(host, "h", &[], 4, 4096, "test")
+            .expect("hello");
+        let vm = uuid::Uuid::now_v7();
+        let now = crate::store::now_ms();
+        let record = crate::store::VmRecord {
+            id: vm,
+            name: "a".into(),
+            project: "default".into(),
+            hypervisor: "sim".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            image: "default".into(),
+            command: vec![],
+            policy: Default::default(),
+            keep_running: false,
+            host: Some(host),
+            desired: VmState::Running,
+            generation: 1,
+            issued_generation: 1,
+            observed: VmState::Booting,
+            observed_at_ms: now,
+            last_error: None,
+            deleting: false,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let event = NewEvent {
+            vm: Some(vm),
+            kind: "test",
+            message: "made".into(),
+            ..NewEvent::default()
+        };
+        store.insert_vms(&[(record, event)]).expect("insert");
+        (dir, store, host, vm)
+    }
+
+    fn observed_in_store(store: &Store, vm: VmId) -> VmState {
+        store.vm(vm).expect("read").expect("row").observed
+    }
+
+    /// A host-down mark lands after the reports handed over before it, so an older
+    /// report cannot undo it; and a host back before the mark is written drops it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn host_down_marks_keep_their_place_and_yield_to_a_return() {
+        let (_dir, store, host, vm) = store_with_vm();
+        let commits = GroupCommit::new(store.clone());
+        let running = Observation {
+            vm,
+            state: VmState::Running,
+            purge: false,
+            events: vec![],
+        };
+        let report = commits.hand_over(Some(host), vec![running.clone()], vec![]);
+        let down = commits.host_down(host, "silent".into());
+        report.durable().await.expect("report");
+        down.durable().await.expect("mark");
+        assert_eq!(observed_in_store(&store, vm), VmState::Unknown);
+
+        // Back: the host reports again, then a mark queued before its return is dropped.
+        commits
+            .hand_over(Some(host), vec![running], vec![])
+            .durable()
+            .await
+            .expect("report");
+        let stale_mark = {
+            // The writer may take the mark before or after the return: either way
+            // the return must win.
+            let mark = commits.host_down(host, "silent again".into());
+            commits.host_up(host, || {
+                store
+                    .host_hello(host, "h", &[], 4, 4096, "test")
+                    .expect("hello")
+            });
+            mark
+        };
+        stale_mark.durable().await.expect("mark");
+        let up = store.host(host).expect("host").expect("row").up;
+        assert!(up, "the host that came back is up");
     }
 }

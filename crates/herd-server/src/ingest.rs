@@ -14,6 +14,7 @@
 //! map; anything about another host's VM is dropped and counted.
 
 use crate::cloud::{Cloud, CloudError, Metrics};
+use crate::group_commit::Pending;
 use crate::store::{NewEvent, Observation};
 use axum::extract::ws::{Message, WebSocket};
 use herd_proto::lifecycle::{explain, Step, Transition};
@@ -121,8 +122,20 @@ async fn send(socket: &mut WebSocket, msg: &ServerMsg) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// The host's VMs as the server knows them: the store, with the changes still on
+/// their way there laid over it.
 fn seed_view(cloud: &Cloud, host: HostId) -> Result<HostView, CloudError> {
-    let seeded: BTreeMap<_, _> = cloud.store.reported_vms_on(host)?.into_iter().collect();
+    let mut seeded: BTreeMap<_, _> = cloud.store.reported_vms_on(host)?.into_iter().collect();
+    for (vm, state) in cloud.commits.observed_on(host) {
+        if !matches!(
+            state,
+            VmState::Pending | VmState::Scheduled | VmState::Terminated | VmState::Purged
+        ) {
+            seeded.insert(vm, state);
+        } else {
+            seeded.remove(&vm);
+        }
+    }
     Ok(HostView::from_store(seeded))
 }
 
@@ -132,7 +145,7 @@ async fn session_loop(
     session: u64,
     socket: &mut WebSocket,
 ) -> Result<(), String> {
-    let mut view = seed_view(cloud, host).map_err(|e| e.to_string())?;
+    let mut view = crate::blocking(|| seed_view(cloud, host)).map_err(|e| e.to_string())?;
     send(
         socket,
         &ServerMsg::Welcome {
@@ -185,6 +198,7 @@ async fn drain_and_serve(
         if owed.acks.len() >= ACK_BATCH {
             flush_acks(cloud, host, &mut owed.acks).await?;
         }
+        owed.check_written()?;
         tokio::select! {
             _ = waker.notified() => queued_since_drain = true,
             Some(msg) = outbox.recv() => send(socket, &msg).await?,
@@ -225,6 +239,51 @@ async fn drain_and_serve(
 struct Owed {
     acks: Vec<CommandId>,
     asked_full_at: Option<tokio::time::Instant>,
+    /// Changes handed to the write-behind and not yet known to be on disk. If one
+    /// fails, the session ends: the agent reconnects and its full report brings the
+    /// store up to date again.
+    unwritten: Vec<Pending>,
+}
+
+impl Owed {
+    /// Forgets writes that reached the disk; fails if one did not.
+    fn check_written(&mut self) -> Result<(), String> {
+        let mut failed = None;
+        self.unwritten
+            .retain_mut(|pending| match pending.poll_written() {
+                None => true,
+                Some(Ok(())) => false,
+                Some(Err(e)) => {
+                    failed = Some(e);
+                    false
+                }
+            });
+        match failed {
+            Some(e) => Err(format!("reported changes could not be stored: {e}")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Waits until a handed-over write is on disk. Meanwhile the host counts as heard
+/// from: it is connected and talking, and the store is what is slow, so a backlog must
+/// not get hosts marked down (which would only add writes to it).
+async fn wait_for_disk(
+    cloud: &Cloud,
+    host: HostId,
+    session: u64,
+    written: Pending,
+) -> Result<(), String> {
+    let durable = written.durable();
+    tokio::pin!(durable);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), &mut durable).await {
+            Ok(result) => return result.map_err(|e| e.to_string()),
+            Err(_) => {
+                cloud.host_seen(host, session, None);
+            }
+        }
+    }
 }
 
 /// Drops the commands the agent finished from the host's queue, in one write.
@@ -254,15 +313,20 @@ async fn handle(
                 // says `unknown` for its VMs, so start over from the store and a full
                 // report.
                 crate::blocking(|| cloud.host_back(host)).map_err(|e| e.to_string())?;
-                *view = seed_view(cloud, host).map_err(|e| e.to_string())?;
+                *view = crate::blocking(|| seed_view(cloud, host)).map_err(|e| e.to_string())?;
             }
             if report.is_full() {
                 owed.asked_full_at = None;
             }
-            match apply_report(cloud, host, view, &report)
-                .await
-                .map_err(|e| e.to_string())?
-            {
+            let (reply, written) = apply_report_behind(cloud, host, view, &report);
+            let reply = reply.map_err(|e| e.to_string())?;
+            if written.must_wait {
+                // The store is behind by more than the backlog allows: wait for it.
+                wait_for_disk(cloud, host, session, written).await?;
+            } else {
+                owed.unwritten.push(written);
+            }
+            match reply {
                 Some(ServerMsg::NeedFull { .. })
                     if owed
                         .asked_full_at
@@ -281,10 +345,9 @@ async fn handle(
         }
         AgentMsg::Usage { sampled_at_ms, vms } => {
             cloud.host_seen(host, session, None);
-            let n_rejected = cloud
-                .record_usage(host, sampled_at_ms, &vms)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (n_rejected, written) = cloud.hand_over_usage(host, sampled_at_ms, &vms);
+            // No agent sends a sample twice: it is received when it is on disk.
+            wait_for_disk(cloud, host, session, written).await?;
             if n_rejected > 0 {
                 warn!(%host, n_rejected, "usage for VMs not on this host dropped");
                 Metrics::inc(&cloud.metrics.rejected_reports);
@@ -325,7 +388,7 @@ async fn handle(
         }
         AgentMsg::CommandDone { id, error } => {
             cloud.host_seen(host, session, None);
-            let Some(vm) = cloud.store.vm_brief(id.vm).map_err(|e| e.to_string())? else {
+            let Some(vm) = cloud.vm_brief(id.vm).map_err(|e| e.to_string())? else {
                 return Ok(());
             };
             if vm.host != Some(host) {
@@ -388,6 +451,34 @@ pub async fn apply_report(
     view: &mut HostView,
     report: &Report,
 ) -> Result<Option<ServerMsg>, CloudError> {
+    let (reply, written) = apply_report_behind(cloud, host, view, report);
+    written.durable().await?;
+    reply
+}
+
+/// Applies one state report to the host's view and hands its changes to the
+/// write-behind: they are the server's view when this returns, and on disk when the
+/// returned [`Pending`] resolves.
+pub fn apply_report_behind(
+    cloud: &Cloud,
+    host: HostId,
+    view: &mut HostView,
+    report: &Report,
+) -> (Result<Option<ServerMsg>, CloudError>, Pending) {
+    let mut written = None;
+    let reply = apply_into(cloud, host, view, report, &mut written);
+    let written =
+        written.unwrap_or_else(|| cloud.commits.hand_over(Some(host), Vec::new(), Vec::new()));
+    (reply, written)
+}
+
+fn apply_into(
+    cloud: &Cloud,
+    host: HostId,
+    view: &mut HostView,
+    report: &Report,
+    written: &mut Option<Pending>,
+) -> Result<Option<ServerMsg>, CloudError> {
     if report.is_full() {
         Metrics::inc(&cloud.metrics.reports_full);
     } else {
@@ -402,7 +493,7 @@ pub async fn apply_report(
             // Acks are cumulative: a heartbeat that changed nothing is acknowledged by
             // the next ack, or every tenth report, which keeps heartbeats one-way.
             let ack = !changes.is_empty() || report.is_full() || seq % ACK_EVERY == 0;
-            apply_changes(cloud, host, report, changes).await?;
+            *written = Some(apply_changes(cloud, host, report, changes)?);
             ack.then_some(ServerMsg::Ack { epoch, seq })
         }
         Applied::Stale => None,
@@ -457,20 +548,20 @@ fn derived_events(host: HostId, vm: VmId, from: VmState, to: VmState) -> Vec<New
     }
 }
 
-/// Writes the view's changes to the store, with the events that explain them.
-async fn apply_changes(
+/// Hands the view's changes to the write-behind, with the events that explain them.
+fn apply_changes(
     cloud: &Cloud,
     host: HostId,
     report: &Report,
     changes: Vec<ViewChange>,
-) -> Result<(), CloudError> {
+) -> Result<Pending, CloudError> {
     let mut observations = Vec::new();
     let mut released = Vec::new();
     for change in changes {
         let vm_id = match &change {
             ViewChange::Upsert { vm, .. } | ViewChange::Removed { vm, .. } => *vm,
         };
-        let Some(record) = cloud.store.vm_brief(vm_id)? else {
+        let Some(record) = cloud.vm_brief(vm_id)? else {
             warn!(%host, vm = %vm_id, "report about a VM the server does not know; ignored");
             Metrics::inc(&cloud.metrics.rejected_reports);
             continue;
@@ -559,9 +650,11 @@ async fn apply_changes(
             }
         }
     }
-    cloud.commits.commit(observations, Vec::new()).await?;
+    let written = cloud
+        .commits
+        .hand_over(Some(host), observations, Vec::new());
     for vm in released {
         cloud.release(vm);
     }
-    Ok(())
+    Ok(written)
 }

@@ -53,6 +53,10 @@ pub struct SimArgs {
     /// interval while measuring.
     #[arg(long, default_value_t = 1.0)]
     pub churn: f64,
+    /// More churn rates to measure after the first, each for --duration on the same
+    /// VMs: sync lag against churn, in one launch.
+    #[arg(long, value_delimiter = ',')]
+    pub churn_steps: Vec<f64>,
     /// How long to measure: seconds, or a duration like `90s`, `5m`.
     #[arg(long, default_value = "30")]
     pub duration: String,
@@ -539,6 +543,22 @@ struct Kill {
     detect_ms: Option<u64>,
 }
 
+/// Lag measured at one of `--churn-steps`.
+#[derive(Debug, Serialize)]
+struct ChurnStep {
+    churn_pct: f64,
+    changes_made: u64,
+    changes_acked: usize,
+    lag_ms: Option<Percentiles>,
+}
+
+/// The lags measured since the last call, sorted.
+fn take_lags(shared: &Shared) -> Vec<u32> {
+    let mut lags = std::mem::take(&mut *lock(&shared.lags_ms));
+    lags.sort_unstable();
+    lags
+}
+
 #[derive(Debug, Serialize)]
 struct SimReport {
     hosts: usize,
@@ -559,6 +579,8 @@ struct SimReport {
     changes_acked: usize,
     lag_ms: Option<Percentiles>,
     lag_intervals: Option<Percentiles>,
+    /// Further churn rates, measured after the first (`--churn-steps`).
+    churn_steps: Vec<ChurnStep>,
     reports_per_s: f64,
     report_bytes_per_s: f64,
     acks_per_s: f64,
@@ -607,8 +629,11 @@ pub async fn sim(args: SimArgs) -> Result<()> {
     if args.hosts == 0 || args.vms_per_host == 0 {
         bail!("--hosts and --vms-per-host must be at least 1");
     }
-    if !(0.0..=100.0).contains(&args.churn) {
-        bail!("--churn is a percentage: 0 to 100");
+    if std::iter::once(&args.churn)
+        .chain(&args.churn_steps)
+        .any(|pct| !(0.0..=100.0).contains(pct))
+    {
+        bail!("--churn and --churn-steps are percentages: 0 to 100");
     }
     if args.kill_hosts > args.hosts {
         bail!("--kill-hosts cannot exceed --hosts");
@@ -712,14 +737,21 @@ impl Run<'_> {
         let settle_s = started.elapsed().as_secs_f64();
 
         // Measure.
-        let (n_changes, window) = self.churn(fleet, interval_ms).await?;
-        let lags = {
-            let mut lags = lock(&fleet.shared.lags_ms).clone();
-            lags.sort_unstable();
-            lags
-        };
+        let (n_changes, window) = self.churn(fleet, interval_ms, args.churn).await?;
+        let lags = take_lags(&fleet.shared);
         let seconds = window.seconds.max(0.001);
         let per_s = |n: u64| n as f64 / seconds;
+        let mut churn_steps = Vec::new();
+        for &churn_pct in &args.churn_steps {
+            let (changes_made, _) = self.churn(fleet, interval_ms, churn_pct).await?;
+            let lags = take_lags(&fleet.shared);
+            churn_steps.push(ChurnStep {
+                churn_pct,
+                changes_made,
+                changes_acked: lags.len(),
+                lag_ms: Percentiles::of(&lags, 1.0),
+            });
+        }
 
         if args.wait_resync {
             self.wait_resync(fleet).await?;
@@ -763,6 +795,7 @@ impl Run<'_> {
             changes_acked: lags.len(),
             lag_ms: Percentiles::of(&lags, 1.0),
             lag_intervals: Percentiles::of(&lags, 1.0 / interval_ms as f64),
+            churn_steps,
             reports_per_s: per_s(window.reports),
             report_bytes_per_s: per_s(window.report_bytes),
             acks_per_s: per_s(window.acks),
@@ -1063,10 +1096,10 @@ impl Run<'_> {
         }
     }
 
-    /// Flips `--churn` percent of all VMs per interval for `--duration`, spread evenly
+    /// Flips `churn` percent of all VMs per interval for `--duration`, spread evenly
     /// over the interval and uniformly over the VMs, then waits until the flips are
     /// acked. Returns the number of flips and what the window saw.
-    async fn churn(&self, fleet: &Fleet, interval_ms: u64) -> Result<(u64, Window)> {
+    async fn churn(&self, fleet: &Fleet, interval_ms: u64, churn: f64) -> Result<(u64, Window)> {
         let shared = &fleet.shared;
         // Every VM once, indexed: the k-th VM overall is in the host whose prefix
         // count passes k.
@@ -1087,7 +1120,7 @@ impl Run<'_> {
             vms.push((at, held));
         }
         let slice = Duration::from_millis((interval_ms / 10).max(10));
-        let per_ms = n_total as f64 * self.args.churn / 100.0 / interval_ms as f64;
+        let per_ms = n_total as f64 * churn / 100.0 / interval_ms as f64;
         let mut rng = rand::rngs::StdRng::from_entropy();
         let mut tick = tokio::time::interval(slice);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1096,7 +1129,7 @@ impl Run<'_> {
         eprintln!(
             "herd sim: measuring for {:.0} s: {:.1}% of {n_total} VMs flipped per {interval_ms} ms interval",
             self.duration.as_secs_f64(),
-            self.args.churn
+            churn
         );
         let from = Window::start(shared);
         let started = Instant::now();
@@ -1263,6 +1296,8 @@ struct WindowStart {
 
 impl Window {
     fn start(shared: &Shared) -> WindowStart {
+        // Open-ended until `churn` closes it; an earlier phase may have closed it.
+        shared.window_to_ms.store(u64::MAX, Ordering::Relaxed);
         shared.window_from_ms.store(unix_ms(), Ordering::Relaxed);
         WindowStart {
             at: Instant::now(),
@@ -1309,6 +1344,15 @@ fn print_report(r: &SimReport) {
             ms.p50, ms.p90, ms.p99, ms.max, iv.p50, iv.p90, iv.p99, iv.max
         ),
         _ => println!("sync lag        no changes measured"),
+    }
+    for step in &r.churn_steps {
+        match &step.lag_ms {
+            Some(ms) => println!(
+                "  at {:>5}%     p50 {:.0}  p99 {:.0}  max {:.0} ms ({} made, {} acked)",
+                step.churn_pct, ms.p50, ms.p99, ms.max, step.changes_made, step.changes_acked
+            ),
+            None => println!("  at {:>5}%     no changes measured", step.churn_pct),
+        }
     }
     println!(
         "traffic         {:.0} reports/s ({:.0} B/s), {:.0} acks/s",

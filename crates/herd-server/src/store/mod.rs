@@ -156,7 +156,10 @@ pub struct VmFilter {
 /// so agents' lookups and API listings do not queue behind the ingest's batches.
 pub struct Store {
     db: Mutex<Connection>,
-    reader: Mutex<Connection>,
+    /// Read-only connections: lookups and listings run side by side (WAL lets them),
+    /// and never wait behind the writer's fsync.
+    readers: Vec<Mutex<Connection>>,
+    next_reader: std::sync::atomic::AtomicUsize,
 }
 
 /// What the ingest needs of a VM to judge a report about it.
@@ -471,7 +474,10 @@ pub struct Observation {
 
 /// Page cache sizes, in KiB as negative `cache_size` values.
 const WRITER_CACHE_KIB: i64 = -128 * 1024;
-const READER_CACHE_KIB: i64 = -64 * 1024;
+const READER_CACHE_KIB: i64 = -32 * 1024;
+/// Read connections. Each costs its page cache; three keep the ingest's lookups, a
+/// reconnect wave's seeding and the API's listings from queueing behind each other.
+const READERS: usize = 3;
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -488,15 +494,22 @@ impl Store {
         migrate(&db)?;
         db.execute_batch(tenancy::SCHEMA)?;
         tenancy::bootstrap(&db)?;
-        let reader = Connection::open_with_flags(
-            path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        reader.busy_timeout(std::time::Duration::from_secs(5))?;
-        reader.pragma_update(None, "cache_size", READER_CACHE_KIB)?;
+        let readers = (0..READERS)
+            .map(|_| -> Result<Mutex<Connection>, StoreError> {
+                let reader = Connection::open_with_flags(
+                    path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                reader.busy_timeout(std::time::Duration::from_secs(5))?;
+                reader.pragma_update(None, "cache_size", READER_CACHE_KIB)?;
+                Ok(Mutex::new(reader))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Store {
             db: Mutex::new(db),
-            reader: Mutex::new(reader),
+            readers,
+            next_reader: Default::default(),
         })
     }
 
@@ -506,9 +519,18 @@ impl Store {
         self.db.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// The read-only connection, for lookups and listings.
+    /// A read-only connection, for lookups and listings.
     fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.reader
+        // A free one if there is one, else wait for the next in turn.
+        for reader in &self.readers {
+            if let Ok(guard) = reader.try_lock() {
+                return guard;
+            }
+        }
+        let turn = self
+            .next_reader
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.readers[turn % self.readers.len()]
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
     }
@@ -533,7 +555,7 @@ impl Store {
     /// tokens) has not been used.
     pub fn find_token(&self, hash: &str) -> Result<Option<(String, String)>, StoreError> {
         Ok(self
-            .db()
+            .reader()
             .prepare_cached(
                 "SELECT name, kind FROM tokens WHERE hash = ?1 \
                  AND (expires_at IS NULL OR expires_at > ?2) AND used_at IS NULL",
@@ -593,7 +615,7 @@ impl Store {
 
     pub fn host_by_token(&self, hash: &str) -> Result<Option<HostId>, StoreError> {
         let id: Option<String> = self
-            .db()
+            .reader()
             .prepare_cached("SELECT id FROM hosts WHERE token_hash = ?1")?
             .query_row(params![hash], |row| row.get(0))
             .optional()?;
@@ -603,7 +625,7 @@ impl Store {
     // ---- hosts --------------------------------------------------------------------
 
     pub fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
-        let db = self.db();
+        let db = self.reader();
         let mut stmt = db.prepare_cached(
             "SELECT id, hostname, hypervisors, cpus, memory_mib, up, joined_at, agent_version \
              FROM hosts ORDER BY hostname, id",
@@ -894,7 +916,7 @@ impl Store {
     /// VMs with a lifespan whose desired state still keeps them up. Filtered in SQL:
     /// the reconciler asks every pass, and most VMs have no lifespan.
     pub fn vms_with_lifespan(&self) -> Result<Vec<VmRecord>, StoreError> {
-        let db = self.db();
+        let db = self.reader();
         let mut stmt = db.prepare_cached(&format!(
             "SELECT {VM_COLUMNS} FROM vms INDEXED BY vms_with_lifespan \
              WHERE json_extract(policy, '$.lifespan') IS NOT NULL \
@@ -1093,7 +1115,7 @@ impl Store {
 
     /// VMs billing knows of, in one project or all.
     pub fn ledger(&self, project: Option<&str>) -> Result<Vec<LedgerVm>, StoreError> {
-        let db = self.db();
+        let db = self.reader();
         let mut stmt = db.prepare_cached(
             "SELECT vm, name, project, vcpus, memory_mib FROM vm_ledger \
              WHERE (?1 IS NULL OR project = ?1) ORDER BY project, name, vm",
@@ -1123,7 +1145,7 @@ impl Store {
 
     /// A VM's usage samples up to `to_ms`, oldest first.
     pub fn usage_samples(&self, vm: VmId, to_ms: i64) -> Result<Vec<UsageRow>, StoreError> {
-        let db = self.db();
+        let db = self.reader();
         let mut stmt = db.prepare_cached(
             "SELECT sampled_at, cpu_ms, mem_kib, net_bytes, disk_bytes FROM usage_samples \
              WHERE vm = ?1 AND sampled_at <= ?2 ORDER BY sampled_at",
@@ -1142,7 +1164,7 @@ impl Store {
 
     /// A VM's observed states over time, from its lifecycle events, oldest first.
     pub fn state_history(&self, vm: VmId) -> Result<Vec<(i64, VmState)>, StoreError> {
-        let db = self.db();
+        let db = self.reader();
         let mut stmt = db.prepare_cached(
             "SELECT time, to_state FROM events WHERE vm = ?1 AND to_state IS NOT NULL ORDER BY id",
         )?;
@@ -1168,7 +1190,7 @@ impl Store {
 
     pub fn rate_card(&self, project: &str) -> Result<Option<String>, StoreError> {
         Ok(self
-            .db()
+            .reader()
             .prepare_cached("SELECT card FROM rate_cards WHERE project = ?1")?
             .query_row(params![project], |row| row.get(0))
             .optional()?)
@@ -1198,7 +1220,7 @@ impl Store {
             ),
         };
         let sql = format!("{sql} ORDER BY id LIMIT {limit}");
-        let db = self.db();
+        let db = self.reader();
         let mut stmt = db.prepare_cached(&sql)?;
         let mut out = Vec::new();
         for row in stmt.query_map(rusqlite::params_from_iter(args), event_from_row)? {
@@ -1209,7 +1231,7 @@ impl Store {
 
     /// Counts of VMs per observed state, for /metrics.
     pub fn vm_state_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let db = self.db();
+        let db = self.reader();
         let mut stmt = db.prepare_cached(
             "SELECT observed_state, COUNT(*) FROM vms GROUP BY observed_state ORDER BY 1",
         )?;

@@ -342,7 +342,7 @@ impl Store {
     /// Admin tokens of a herd that had no users yet, as (sha256 hex) hashes.
     pub fn legacy_admin_token(&self, hash: &str) -> Result<bool, StoreError> {
         Ok(self
-            .db()
+            .reader()
             .prepare_cached("SELECT 1 FROM tokens WHERE hash = ?1 AND kind = 'admin'")?
             .query_row(params![hash], |_| Ok(()))
             .optional()?
@@ -352,7 +352,7 @@ impl Store {
     /// VMs, vCPUs and MiB a project holds now (every VM not yet purged counts).
     pub fn project_usage(&self, project: &str) -> Result<(u64, u64, u64), StoreError> {
         let (n, vcpus, mem): (i64, i64, i64) = self
-            .db()
+            .reader()
             .prepare_cached(
                 "SELECT COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0) \
                  FROM vms WHERE project = ?1",
