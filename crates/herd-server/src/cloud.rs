@@ -1239,11 +1239,19 @@ impl Cloud {
         Ok(Some(brief))
     }
 
-    /// Lays the reported states still on their way to the store over records read
-    /// from it, so the API shows what the server knows now.
+    /// Lays what is still on its way to the store over a record read from it, so the
+    /// API shows what the server knows now: a newer reported state, or `unknown` for a
+    /// VM whose host was just marked down (as the store will say once the mark is
+    /// written).
     pub fn current(&self, mut vm: VmRecord) -> VmRecord {
         if let Some(observed) = self.commits.observed(vm.id) {
             vm.observed = observed;
+        }
+        let host_down = vm
+            .host
+            .is_some_and(|host| lock(&self.live).get(&host).is_some_and(|live| live.down));
+        if host_down && reported_by_host(vm.observed) {
+            vm.observed = VmState::Unknown;
         }
         vm
     }
@@ -1577,6 +1585,16 @@ impl Cloud {
             }
         }
     }
+}
+
+/// Whether a VM in this state is on its host, as the host reports it (not waiting for
+/// a host, nor gone from one): the states a host's view starts from and a host-down
+/// mark turns into `unknown`.
+pub(crate) fn reported_by_host(state: VmState) -> bool {
+    !matches!(
+        state,
+        VmState::Pending | VmState::Scheduled | VmState::Terminated | VmState::Purged
+    )
 }
 
 pub fn spec_of(vm: &VmRecord) -> VmSpec {

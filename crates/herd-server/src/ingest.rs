@@ -23,7 +23,7 @@ use herd_proto::wire::{
 };
 use herd_proto::VmState;
 use herd_sync::{Applied, HostView, ViewChange};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +41,9 @@ const ACK_FLUSH: Duration = Duration::from_millis(100);
 /// flight) are not answered with another request for this long: under load, asking
 /// again for every one of them only adds full reports to the backlog.
 const NEED_FULL_QUIET: Duration = Duration::from_secs(5);
+
+/// Frames read ahead while a report waits for the disk.
+const MAX_DEFERRED: usize = 64;
 
 /// Commands read from the host's queue at a time.
 const DRAIN_PAGE: usize = 256;
@@ -127,10 +130,7 @@ async fn send(socket: &mut WebSocket, msg: &ServerMsg) -> Result<(), String> {
 fn seed_view(cloud: &Cloud, host: HostId) -> Result<HostView, CloudError> {
     let mut seeded: BTreeMap<_, _> = cloud.store.reported_vms_on(host)?.into_iter().collect();
     for (vm, state) in cloud.commits.observed_on(host) {
-        if !matches!(
-            state,
-            VmState::Pending | VmState::Scheduled | VmState::Terminated | VmState::Purged
-        ) {
+        if crate::cloud::reported_by_host(state) {
             seeded.insert(vm, state);
         } else {
             seeded.remove(&vm);
@@ -218,18 +218,37 @@ async fn drain_and_serve(
                     Some(Ok(Message::Close(_))) => return Ok(()),
                     Some(Ok(_)) => continue,
                 };
-                cloud.metrics.report_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
-                let msg = match wire::decode::<AgentMsg>(&frame) {
-                    Ok(msg) => msg,
-                    Err(e) => {
-                        Metrics::inc(&cloud.metrics.rejected_reports);
-                        return Err(format!("undecodable message: {e}"));
-                    }
-                };
-                handle(cloud, host, session, view, socket, &mut owed, msg).await?;
+                on_frame(cloud, host, session, view, socket, &mut owed, &frame).await?;
             }
         }
+        // Frames read while a report waited for the disk, in order.
+        while let Some(frame) = owed.deferred.pop_front() {
+            on_frame(cloud, host, session, view, socket, &mut owed, &frame).await?;
+        }
     }
+}
+
+async fn on_frame(
+    cloud: &Arc<Cloud>,
+    host: HostId,
+    session: u64,
+    view: &mut HostView,
+    socket: &mut WebSocket,
+    owed: &mut Owed,
+    frame: &[u8],
+) -> Result<(), String> {
+    cloud
+        .metrics
+        .report_bytes
+        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+    let msg = match wire::decode::<AgentMsg>(frame) {
+        Ok(msg) => msg,
+        Err(e) => {
+            Metrics::inc(&cloud.metrics.rejected_reports);
+            return Err(format!("undecodable message: {e}"));
+        }
+    };
+    handle(cloud, host, session, view, socket, owed, msg).await
 }
 
 /// What a connection still owes: bus acks for commands the agent finished, written in
@@ -243,6 +262,8 @@ struct Owed {
     /// fails, the session ends: the agent reconnects and its full report brings the
     /// store up to date again.
     unwritten: Vec<Pending>,
+    /// Frames that arrived while a write waited for the disk, not yet handled.
+    deferred: VecDeque<axum::body::Bytes>,
 }
 
 impl Owed {
@@ -265,23 +286,35 @@ impl Owed {
     }
 }
 
-/// Waits until a handed-over write is on disk. Meanwhile the host counts as heard
-/// from: it is connected and talking, and the store is what is slow, so a backlog must
-/// not get hosts marked down (which would only add writes to it).
+/// Waits until a handed-over write is on disk, reading on meanwhile: a frame that
+/// arrives proves the host alive (the store is what is slow, and a backlog must not get
+/// hosts marked down, which would only add to it), and is kept for later, in order. A
+/// host that really went silent is marked down as usual.
 async fn wait_for_disk(
     cloud: &Cloud,
     host: HostId,
     session: u64,
+    socket: &mut WebSocket,
+    deferred: &mut VecDeque<axum::body::Bytes>,
     written: Pending,
 ) -> Result<(), String> {
     let durable = written.durable();
     tokio::pin!(durable);
     loop {
-        match tokio::time::timeout(Duration::from_secs(1), &mut durable).await {
-            Ok(result) => return result.map_err(|e| e.to_string()),
-            Err(_) => {
-                cloud.host_seen(host, session, None);
-            }
+        tokio::select! {
+            result = &mut durable => return result.map_err(|e| e.to_string()),
+            // Past this many, stop reading: TCP holds the rest.
+            frame = socket.recv(), if deferred.len() < MAX_DEFERRED => match frame {
+                None | Some(Ok(Message::Close(_))) => {
+                    return Err("connection closed while a report waited for the disk".into())
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(Message::Binary(frame))) => {
+                    cloud.host_seen(host, session, None);
+                    deferred.push_back(frame);
+                }
+                Some(Ok(_)) => {}
+            },
         }
     }
 }
@@ -322,7 +355,7 @@ async fn handle(
             let reply = reply.map_err(|e| e.to_string())?;
             if written.must_wait {
                 // The store is behind by more than the backlog allows: wait for it.
-                wait_for_disk(cloud, host, session, written).await?;
+                wait_for_disk(cloud, host, session, socket, &mut owed.deferred, written).await?;
             } else {
                 owed.unwritten.push(written);
             }
@@ -347,7 +380,7 @@ async fn handle(
             cloud.host_seen(host, session, None);
             let (n_rejected, written) = cloud.hand_over_usage(host, sampled_at_ms, &vms);
             // No agent sends a sample twice: it is received when it is on disk.
-            wait_for_disk(cloud, host, session, written).await?;
+            wait_for_disk(cloud, host, session, socket, &mut owed.deferred, written).await?;
             if n_rejected > 0 {
                 warn!(%host, n_rejected, "usage for VMs not on this host dropped");
                 Metrics::inc(&cloud.metrics.rejected_reports);
