@@ -30,7 +30,7 @@ struct Args {
     #[arg(long, default_value_t = 1.0)]
     churn: f64,
     /// More churn rates, each measured for --phase-seconds after the first.
-    #[arg(long, value_delimiter = ',', default_values_t = [0.25, 2.0])]
+    #[arg(long, value_delimiter = ',', default_values_t = [0.25, 0.5])]
     churn_steps: Vec<f64>,
     /// Seconds of the churn phase.
     #[arg(long, default_value_t = 30)]
