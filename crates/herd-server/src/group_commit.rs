@@ -2,11 +2,11 @@
 //! transaction, written behind the server's in-memory view.
 //!
 //! A durable SQLite commit costs an fsync, and at a million VMs each changed VM also
-//! costs random pages of its row, its indexes and its event: a few hundred changes per
-//! transaction run at about 6,000 a second on this class of machine, tens of thousands
-//! per transaction at twice that (`store-bench`). One per report could not keep up with
-//! ten thousand hosts, and waiting for the disk before acknowledging would put the disk
-//! in every change's latency.
+//! costs random pages of its row, its indexes and its event: on a 2-core machine, 500
+//! changes per transaction run at about 6,000 a second and 30,000 per transaction at
+//! about 10,000 (`store-bench`). One transaction per report could not keep up with ten
+//! thousand hosts, and waiting for the disk before acknowledging would put the disk in
+//! every change's latency.
 //!
 //! So a connection hands its changes over and goes on. Whoever finds no write in
 //! progress becomes the writer and commits everything handed over meanwhile in one
@@ -32,7 +32,7 @@
 use crate::store::{Observation, Store, StoreError, UsageRow};
 use herd_proto::wire::{HostId, VmId};
 use herd_proto::VmState;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
@@ -69,9 +69,51 @@ struct Queue {
     writing: bool,
     /// The last ticket handed out.
     issued: u64,
-    /// Observed states not yet on disk: the newest per VM, with its host and the
-    /// ticket of the job that carries it.
-    overlay: HashMap<VmId, (HostId, VmState, u64)>,
+    overlay: Overlay,
+}
+
+/// Observed states not yet on disk: the newest per VM, with its host and the ticket of
+/// the job that carries it; and per host, its VMs in there (a reconnecting host's seed
+/// asks for those, and must not scan a backlog of thousands of hosts).
+#[derive(Default)]
+struct Overlay {
+    by_vm: HashMap<VmId, (HostId, VmState, u64)>,
+    by_host: HashMap<HostId, HashSet<VmId>>,
+}
+
+impl Overlay {
+    fn insert(&mut self, vm: VmId, host: HostId, state: VmState, ticket: u64) {
+        if let Some((before, _, _)) = self.by_vm.insert(vm, (host, state, ticket)) {
+            if before != host {
+                self.forget_on(before, vm);
+            }
+        }
+        self.by_host.entry(host).or_default().insert(vm);
+    }
+
+    fn forget_on(&mut self, host: HostId, vm: VmId) {
+        if let Some(vms) = self.by_host.get_mut(&host) {
+            vms.remove(&vm);
+            if vms.is_empty() {
+                self.by_host.remove(&host);
+            }
+        }
+    }
+
+    /// Drops what batches up to `ticket` wrote.
+    fn written_up_to(&mut self, ticket: u64) {
+        let mut gone = Vec::new();
+        self.by_vm.retain(|vm, (host, _, queued)| {
+            let keep = *queued > ticket;
+            if !keep {
+                gone.push((*host, *vm));
+            }
+            keep
+        });
+        for (host, vm) in gone {
+            self.forget_on(host, vm);
+        }
+    }
 }
 
 /// Counters of the batching, for /metrics.
@@ -188,7 +230,7 @@ impl GroupCommit {
             let ticket = queue.issued;
             if let Some(host) = host {
                 for obs in &observations {
-                    queue.overlay.insert(obs.vm, (host, obs.state, ticket));
+                    queue.overlay.insert(obs.vm, host, obs.state, ticket);
                 }
             }
             queue.backlog += observations.len();
@@ -231,17 +273,22 @@ impl GroupCommit {
     pub fn observed(&self, vm: VmId) -> Option<VmState> {
         lock(&self.queue)
             .overlay
+            .by_vm
             .get(&vm)
             .map(|(_, state, _)| *state)
     }
 
     /// The not yet written observed states of a host's VMs.
     pub fn observed_on(&self, host: HostId) -> Vec<(VmId, VmState)> {
-        lock(&self.queue)
-            .overlay
-            .iter()
-            .filter(|(_, (on, _, _))| *on == host)
-            .map(|(vm, (_, state, _))| (*vm, *state))
+        let queue = lock(&self.queue);
+        let Some(vms) = queue.overlay.by_host.get(&host) else {
+            return Vec::new();
+        };
+        vms.iter()
+            .filter_map(|vm| {
+                let (_, state, _) = queue.overlay.by_vm.get(vm)?;
+                Some((*vm, *state))
+            })
             .collect()
     }
 }
@@ -292,9 +339,7 @@ impl Writer {
                 .fetch_add(waiters.len() as u64, Ordering::Relaxed);
             // Written (or failed, and then the next full report repairs it): the store
             // answers for these VMs again, unless a newer change is on its way.
-            lock(&self.queue)
-                .overlay
-                .retain(|_, (_, _, ticket)| *ticket > last_ticket);
+            lock(&self.queue).overlay.written_up_to(last_ticket);
             let result = failed.map_or(Ok(()), Err);
             for waiter in waiters {
                 // A connection that went away no longer waits; its write is in anyway.
@@ -517,5 +562,26 @@ mod tests {
         stale_mark.durable().await.expect("mark");
         let up = store.host(host).expect("host").expect("row").up;
         assert!(up, "the host that came back is up");
+    }
+
+    /// The per-host index follows the per-VM map through inserts, moves and writes.
+    #[test]
+    fn overlay_index_by_host_stays_in_step() {
+        let (a, b) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+        let (vm1, vm2) = (uuid::Uuid::from_u128(11), uuid::Uuid::from_u128(12));
+        let mut overlay = Overlay::default();
+        overlay.insert(vm1, a, VmState::Running, 1);
+        overlay.insert(vm2, a, VmState::Paused, 2);
+        overlay.insert(vm1, b, VmState::Running, 3);
+        assert_eq!(overlay.by_host[&a], HashSet::from([vm2]));
+        assert_eq!(overlay.by_host[&b], HashSet::from([vm1]));
+        overlay.written_up_to(2);
+        assert!(
+            !overlay.by_host.contains_key(&a),
+            "host a's only VM was written"
+        );
+        assert_eq!(overlay.by_vm.len(), 1);
+        overlay.written_up_to(3);
+        assert!(overlay.by_host.is_empty() && overlay.by_vm.is_empty());
     }
 }
