@@ -259,16 +259,6 @@ impl GroupCommit {
         }
     }
 
-    /// Writes observed states and usage samples durably, together with whatever other
-    /// connections hand over at the same time. Returns once they are committed.
-    pub async fn commit(
-        &self,
-        observations: Vec<Observation>,
-        samples: Vec<(VmId, UsageRow)>,
-    ) -> Result<(), CommitError> {
-        self.hand_over(None, observations, samples).durable().await
-    }
-
     /// The VM's observed state if a newer one than the store's is on its way there.
     pub fn observed(&self, vm: VmId) -> Option<VmState> {
         lock(&self.queue)
@@ -422,7 +412,10 @@ mod tests {
                         ..NewEvent::default()
                     }],
                 };
-                commits.commit(vec![event], vec![(vm, sample)]).await
+                commits
+                    .hand_over(None, vec![event], vec![(vm, sample)])
+                    .durable()
+                    .await
             }));
         }
         for task in tasks {

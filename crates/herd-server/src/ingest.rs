@@ -351,13 +351,16 @@ async fn handle(
             if report.is_full() {
                 owed.asked_full_at = None;
             }
-            let (reply, written) = apply_report_behind(cloud, host, view, &report);
-            let reply = reply.map_err(|e| e.to_string())?;
-            if written.must_wait {
+            let (reply, written) =
+                apply_report_behind(cloud, host, view, &report).map_err(|e| e.to_string())?;
+            match written {
                 // The store is behind by more than the backlog allows: wait for it.
-                wait_for_disk(cloud, host, session, socket, &mut owed.deferred, written).await?;
-            } else {
-                owed.unwritten.push(written);
+                Some(written) if written.must_wait => {
+                    wait_for_disk(cloud, host, session, socket, &mut owed.deferred, written)
+                        .await?;
+                }
+                Some(written) => owed.unwritten.push(written),
+                None => {}
             }
             match reply {
                 Some(ServerMsg::NeedFull { .. })
@@ -484,12 +487,14 @@ pub async fn apply_report(
     view: &mut HostView,
     report: &Report,
 ) -> Result<Option<ServerMsg>, CloudError> {
-    let (reply, written) = apply_report_behind(cloud, host, view, report);
-    written.durable().await?;
-    reply
+    let (reply, written) = apply_report_behind(cloud, host, view, report)?;
+    if let Some(written) = written {
+        written.durable().await?;
+    }
+    Ok(reply)
 }
 
-/// Applies one state report to the host's view and hands its changes to the
+/// Applies one state report to the host's view and hands its changes, if any, to the
 /// write-behind: they are the server's view when this returns, and on disk when the
 /// returned [`Pending`] resolves.
 pub fn apply_report_behind(
@@ -497,21 +502,7 @@ pub fn apply_report_behind(
     host: HostId,
     view: &mut HostView,
     report: &Report,
-) -> (Result<Option<ServerMsg>, CloudError>, Pending) {
-    let mut written = None;
-    let reply = apply_into(cloud, host, view, report, &mut written);
-    let written =
-        written.unwrap_or_else(|| cloud.commits.hand_over(Some(host), Vec::new(), Vec::new()));
-    (reply, written)
-}
-
-fn apply_into(
-    cloud: &Cloud,
-    host: HostId,
-    view: &mut HostView,
-    report: &Report,
-    written: &mut Option<Pending>,
-) -> Result<Option<ServerMsg>, CloudError> {
+) -> Result<(Option<ServerMsg>, Option<Pending>), CloudError> {
     if report.is_full() {
         Metrics::inc(&cloud.metrics.reports_full);
     } else {
@@ -526,14 +517,18 @@ fn apply_into(
             // Acks are cumulative: a heartbeat that changed nothing is acknowledged by
             // the next ack, or every tenth report, which keeps heartbeats one-way.
             let ack = !changes.is_empty() || report.is_full() || seq % ACK_EVERY == 0;
-            *written = Some(apply_changes(cloud, host, report, changes)?);
-            ack.then_some(ServerMsg::Ack { epoch, seq })
+            let written = if changes.is_empty() {
+                None
+            } else {
+                Some(apply_changes(cloud, host, report, changes)?)
+            };
+            (ack.then_some(ServerMsg::Ack { epoch, seq }), written)
         }
-        Applied::Stale => None,
+        Applied::Stale => (None, None),
         Applied::NeedFull { reason } => {
             debug!(%host, "asking for a full report: {reason}");
             Metrics::inc(&cloud.metrics.full_requests);
-            Some(ServerMsg::NeedFull { reason })
+            (Some(ServerMsg::NeedFull { reason }), None)
         }
     })
 }
