@@ -36,6 +36,9 @@ use uuid::Uuid;
 /// The longest the liveness check sleeps.
 const LIVENESS_TICK: Duration = Duration::from_millis(100);
 
+/// Hosts not yet back after a server start get this many grace periods to reconnect.
+const RESTART_GRACE_FACTOR: u32 = 3;
+
 /// How many VMs the reconciler takes from the store at a time.
 const RECONCILE_SLICE: usize = 5_000;
 
@@ -170,6 +173,12 @@ struct Placement {
 }
 
 impl Placement {
+    fn holds(&self, vm: VmId, host: HostId) -> bool {
+        self.vms
+            .get(&vm)
+            .is_some_and(|(placed, _, _)| *placed == host)
+    }
+
     fn new(policy: SchedPolicy) -> Placement {
         Placement {
             sched: Scheduler::new(policy),
@@ -302,7 +311,8 @@ impl Cloud {
         let now = Instant::now();
         for host in hosts {
             placement.sched.upsert_host(slot_of(&host));
-            // Hosts get a full grace period after a server restart to reconnect.
+            // Hosts get a longer grace after a server restart to reconnect (see
+            // `check_liveness`).
             live.insert(
                 host.id,
                 HostLive {
@@ -1114,7 +1124,7 @@ impl Cloud {
         // gone quiet for a few intervals is presumed dead and may be replaced, so an
         // agent whose old connection broke without a close gets back in.
         let quiet_after = (self.config.sync_interval * 3).min(self.config.host_grace);
-        if let Some(live) = lock(&self.live).get(&host) {
+        if let Some(live) = lock(&self.live).get_mut(&host) {
             if live.connected && live.last_seen.elapsed() < quiet_after {
                 return Err(CloudError::Conflict {
                     code: "host_connected",
@@ -1124,6 +1134,9 @@ impl Cloud {
                     ),
                 });
             }
+            // The hello is a word from the host: no host-down mark may be queued
+            // while the store records it up (see `GroupCommit::host_up`).
+            live.last_seen = Instant::now();
         }
         let came_back = self.commits.host_up(host, || {
             self.store
@@ -1188,6 +1201,16 @@ impl Cloud {
         }
         let resync = std::mem::take(&mut entry.needs_resync);
         (true, resync)
+    }
+
+    /// Records that a host was heard from, without taking its resync flag: for a frame
+    /// read ahead, which is handled (and sees the flag) later.
+    pub fn host_heard(&self, host: HostId, session: u64) {
+        if let Some(entry) = lock(&self.live).get_mut(&host) {
+            if entry.session == session {
+                entry.last_seen = Instant::now();
+            }
+        }
     }
 
     /// Whether `session` is still the host's newest connection.
@@ -1256,12 +1279,21 @@ impl Cloud {
         vm
     }
 
+    /// Whether the VM is placed on this host, if the placement map is free to look at:
+    /// `false` also when a launch holds it while writing its batch, and the ingest,
+    /// which asks for every reported change, then asks the store instead of waiting.
+    pub fn vm_on_host_now(&self, vm: VmId, host: HostId) -> bool {
+        let placement = match self.placement.try_lock() {
+            Ok(placement) => placement,
+            Err(std::sync::TryLockError::Poisoned(poison)) => poison.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        placement.holds(vm, host)
+    }
+
     /// Whether the VM is currently placed on this host (node restriction).
     pub fn vm_on_host(&self, vm: VmId, host: HostId) -> bool {
-        lock(&self.placement)
-            .vms
-            .get(&vm)
-            .is_some_and(|(placed, _, _)| *placed == host)
+        lock(&self.placement).holds(vm, host)
     }
 
     pub fn release(&self, vm: VmId) {
@@ -1535,6 +1567,14 @@ impl Cloud {
         let mut overdue = Vec::new();
         let mut next_deadline: Option<Instant> = None;
         for (id, live) in lock(&self.live).iter().filter(|(_, live)| !live.down) {
+            // Not heard from since this server started: every agent reconnects at
+            // once after a restart, which takes a while for thousands of them, and
+            // marking the late ones down would only add to the work.
+            let grace = if live.session == 0 {
+                grace * RESTART_GRACE_FACTOR
+            } else {
+                grace
+            };
             let deadline = live.last_seen + grace;
             if deadline <= now {
                 overdue.push(*id);
@@ -1558,6 +1598,14 @@ impl Cloud {
 
     /// Runs the reconciler and the liveness check until the process ends.
     pub async fn run_background(self: std::sync::Arc<Self>) {
+        {
+            // The grace after a start counts from when agents can reach the server,
+            // not from when the store was opened.
+            let now = Instant::now();
+            for live in lock(&self.live).values_mut().filter(|l| l.session == 0) {
+                live.last_seen = now;
+            }
+        }
         let cloud = self.clone();
         tokio::spawn(async move {
             loop {

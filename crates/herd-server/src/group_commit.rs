@@ -209,10 +209,14 @@ impl GroupCommit {
     }
 
     /// Runs `write`, which records a host as up, so that a host-down mark queued
-    /// before it is dropped instead of landing after it.
+    /// before it is dropped instead of landing after it. The caller keeps new marks
+    /// from being queued meanwhile (the host counts as heard from, or as down).
+    ///
+    /// The mark is cancelled before the write, not held across it: the write waits
+    /// for the store, which may be busy with a large batch for seconds, and the
+    /// liveness check must not wait that long to mark another host.
     pub fn host_up<T>(&self, host: HostId, write: impl FnOnce() -> T) -> T {
-        let mut down = lock_map(&self.down);
-        down.remove(&host);
+        lock_map(&self.down).remove(&host);
         write()
     }
 

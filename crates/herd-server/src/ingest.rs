@@ -3,11 +3,16 @@
 //! The connection is the embedded bus's transport (design §8): the host's durable
 //! queue is drained down the same socket its reports come up. Reports are applied
 //! through the host's [`HostView`], so only real changes touch the store, and those go
-//! through the group commit (`crate::group_commit`): many hosts' changes share one
-//! transaction, and a report is acknowledged only once its changes are durable. A
-//! heartbeat that changes nothing costs no store access at all. Command results are
-//! acknowledged to the bus in batches too: an ack lost in a crash only makes the agent
-//! see the command again, which it answers as a replay.
+//! behind to the store (`crate::group_commit`): a report is acknowledged once it is
+//! the server's view, and many hosts' changes share one transaction. A heartbeat that
+//! changes nothing costs no store access at all. Command results are acknowledged to
+//! the bus in batches too: an ack lost in a crash only makes the agent see the command
+//! again, which it answers as a replay.
+//!
+//! A connection never stops reading for long: whatever waits for the store (a write
+//! past the backlog, a host coming back) reads frames meanwhile, since a frame is what
+//! proves the host alive. Otherwise a busy store would get live hosts marked down,
+//! and marking them down and up again would only add to its work.
 //!
 //! **Architecture Invariant:** an agent speaks only for its own host. Every VM named
 //! in a report, a usage batch or a command result is checked against the placement
@@ -50,6 +55,40 @@ const DRAIN_PAGE: usize = 256;
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one agent connection on the ingest runtime (see [`ingest_runtime`]) until it
+/// closes or is replaced.
+pub async fn serve_agent_apart(cloud: Arc<Cloud>, host: HostId, socket: WebSocket) {
+    let served = ingest_runtime().spawn(serve_agent(cloud, host, socket));
+    if let Err(e) = served.await {
+        warn!(%host, "agent connection task failed: {e}");
+    }
+}
+
+/// The runtime agent connections are served on, apart from the API's. Ten thousand
+/// agents keep the ingest's tasks runnable all the time; an API request (or a TLS
+/// handshake) queued on the same workers would wait behind hundreds of them. On
+/// runtimes of their own, the operating system shares the cores between the two, and
+/// an API request, which wakes a mostly idle runtime, is served at once.
+///
+/// One per process, made on first use; if it cannot be made, connections are served
+/// where they arrive.
+fn ingest_runtime() -> tokio::runtime::Handle {
+    static INGEST: std::sync::OnceLock<Option<tokio::runtime::Runtime>> =
+        std::sync::OnceLock::new();
+    let made = INGEST.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(2, usize::from);
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("herd-ingest")
+            .enable_all()
+            .build()
+            .map_err(|e| warn!("no separate runtime for agent connections: {e}"))
+            .ok()
+    });
+    made.as_ref()
+        .map_or_else(tokio::runtime::Handle::current, |rt| rt.handle().clone())
+}
 
 /// Serves one agent connection until it closes or is replaced.
 pub async fn serve_agent(cloud: Arc<Cloud>, host: HostId, mut socket: WebSocket) {
@@ -196,15 +235,13 @@ async fn drain_and_serve(
             }
         }
         if owed.acks.len() >= ACK_BATCH {
-            flush_acks(cloud, host, &mut owed.acks).await?;
+            flush_acks(cloud, host, &mut owed.acks);
         }
         owed.check_written()?;
         tokio::select! {
             _ = waker.notified() => queued_since_drain = true,
             Some(msg) = outbox.recv() => send(socket, &msg).await?,
-            _ = acks.tick(), if !owed.acks.is_empty() => {
-                flush_acks(cloud, host, &mut owed.acks).await?;
-            }
+            _ = acks.tick(), if !owed.acks.is_empty() => flush_acks(cloud, host, &mut owed.acks),
             _ = check.tick() => {
                 if !cloud.session_current(host, session) {
                     return Err("replaced by a newer connection".into());
@@ -286,10 +323,8 @@ impl Owed {
     }
 }
 
-/// Waits until a handed-over write is on disk, reading on meanwhile: a frame that
-/// arrives proves the host alive (the store is what is slow, and a backlog must not get
-/// hosts marked down, which would only add to it), and is kept for later, in order. A
-/// host that really went silent is marked down as usual.
+/// Waits until a handed-over write is on disk, reading on meanwhile (see
+/// [`wait_reading`]).
 async fn wait_for_disk(
     cloud: &Cloud,
     host: HostId,
@@ -298,19 +333,34 @@ async fn wait_for_disk(
     deferred: &mut VecDeque<axum::body::Bytes>,
     written: Pending,
 ) -> Result<(), String> {
-    let durable = written.durable();
-    tokio::pin!(durable);
+    let durable = async { written.durable().await.map_err(|e| e.to_string()) };
+    wait_reading(cloud, host, session, socket, deferred, durable).await
+}
+
+/// Waits for `work`, which waits for the store, reading on meanwhile: a frame that
+/// arrives proves the host alive (the server is what is slow, and a backlog must not
+/// get hosts marked down, which would only add to it), and is kept for later, in
+/// order. A host that really went silent is marked down as usual.
+async fn wait_reading<T>(
+    cloud: &Cloud,
+    host: HostId,
+    session: u64,
+    socket: &mut WebSocket,
+    deferred: &mut VecDeque<axum::body::Bytes>,
+    work: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::pin!(work);
     loop {
         tokio::select! {
-            result = &mut durable => return result.map_err(|e| e.to_string()),
+            result = &mut work => return result,
             // Past this many, stop reading: TCP holds the rest.
             frame = socket.recv(), if deferred.len() < MAX_DEFERRED => match frame {
                 None | Some(Ok(Message::Close(_))) => {
-                    return Err("connection closed while a report waited for the disk".into())
+                    return Err("connection closed while the server was busy".into())
                 }
                 Some(Err(e)) => return Err(e.to_string()),
                 Some(Ok(Message::Binary(frame))) => {
-                    cloud.host_seen(host, session, None);
+                    cloud.host_heard(host, session);
                     deferred.push_back(frame);
                 }
                 Some(Ok(_)) => {}
@@ -319,10 +369,19 @@ async fn wait_for_disk(
     }
 }
 
-/// Drops the commands the agent finished from the host's queue, in one write.
-async fn flush_acks(cloud: &Cloud, host: HostId, done: &mut Vec<CommandId>) -> Result<(), String> {
+/// Hands the commands the agent finished to the bus, which drops them from the host's
+/// queue. Not waited for: the bus writes everyone's acks together, behind whatever
+/// else it is writing, and a connection that waited would stop reading its host's
+/// reports meanwhile. An ack lost in a crash only makes the agent see its command
+/// again, which it answers as a replay.
+fn flush_acks(cloud: &Arc<Cloud>, host: HostId, done: &mut Vec<CommandId>) {
     let ids = std::mem::take(done);
-    cloud.bus.ack(host, &ids).await.map_err(|e| e.to_string())
+    let cloud = cloud.clone();
+    tokio::spawn(async move {
+        if let Err(e) = cloud.bus.ack(host, &ids).await {
+            warn!(%host, "finished commands not dropped from the queue: {e}");
+        }
+    });
 }
 
 async fn handle(
@@ -345,8 +404,20 @@ async fn handle(
                 // The host was marked down while this connection stayed open: the store
                 // says `unknown` for its VMs, so start over from the store and a full
                 // report.
-                crate::blocking(|| cloud.host_back(host)).map_err(|e| e.to_string())?;
-                *view = crate::blocking(|| seed_view(cloud, host)).map_err(|e| e.to_string())?;
+                let back = {
+                    let cloud = cloud.clone();
+                    async move {
+                        tokio::task::spawn_blocking(move || {
+                            cloud.host_back(host)?;
+                            seed_view(&cloud, host)
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())
+                    }
+                };
+                *view =
+                    wait_reading(cloud, host, session, socket, &mut owed.deferred, back).await?;
             }
             if report.is_full() {
                 owed.asked_full_at = None;
@@ -424,10 +495,14 @@ async fn handle(
         }
         AgentMsg::CommandDone { id, error } => {
             cloud.host_seen(host, session, None);
-            let Some(vm) = cloud.vm_brief(id.vm).map_err(|e| e.to_string())? else {
-                return Ok(());
-            };
-            if vm.host != Some(host) {
+            // Placed here (in memory), or else ask the store: a VM that ended is no
+            // longer placed, and its last command's result still counts.
+            let on_host = cloud.vm_on_host_now(id.vm, host)
+                || match cloud.vm_brief(id.vm).map_err(|e| e.to_string())? {
+                    None => return Ok(()),
+                    Some(vm) => vm.host == Some(host),
+                };
+            if !on_host {
                 warn!(%host, command = %id, "result for a VM not on this host dropped");
                 Metrics::inc(&cloud.metrics.rejected_reports);
                 return Ok(());
@@ -435,6 +510,9 @@ async fn handle(
             owed.acks.push(id);
             if let Some(error) = error {
                 Metrics::inc(&cloud.metrics.command_errors);
+                let Some(vm) = cloud.vm_brief(id.vm).map_err(|e| e.to_string())? else {
+                    return Ok(());
+                };
                 crate::blocking(|| {
                     cloud.store.set_error(
                         id.vm,
@@ -577,6 +655,26 @@ fn derived_events(host: HostId, vm: VmId, from: VmState, to: VmState) -> Vec<New
 }
 
 /// Hands the view's changes to the write-behind, with the events that explain them.
+/// The server's record of a VM a host reported, if it is that host's: anything else is
+/// dropped and counted.
+fn checked_brief(
+    cloud: &Cloud,
+    host: HostId,
+    vm: VmId,
+) -> Result<Option<crate::store::VmBrief>, CloudError> {
+    let Some(record) = cloud.vm_brief(vm)? else {
+        warn!(%host, %vm, "report about a VM the server does not know; ignored");
+        Metrics::inc(&cloud.metrics.rejected_reports);
+        return Ok(None);
+    };
+    if record.host != Some(host) {
+        warn!(%host, %vm, "report about another host's VM; ignored");
+        Metrics::inc(&cloud.metrics.rejected_reports);
+        return Ok(None);
+    }
+    Ok(Some(record))
+}
+
 fn apply_changes(
     cloud: &Cloud,
     host: HostId,
@@ -586,23 +684,25 @@ fn apply_changes(
     let mut observations = Vec::new();
     let mut released = Vec::new();
     for change in changes {
-        let vm_id = match &change {
-            ViewChange::Upsert { vm, .. } | ViewChange::Removed { vm, .. } => *vm,
-        };
-        let Some(record) = cloud.vm_brief(vm_id)? else {
-            warn!(%host, vm = %vm_id, "report about a VM the server does not know; ignored");
-            Metrics::inc(&cloud.metrics.rejected_reports);
-            continue;
-        };
-        if record.host != Some(host) {
-            warn!(%host, vm = %vm_id, "report about another host's VM; ignored");
-            Metrics::inc(&cloud.metrics.rejected_reports);
-            continue;
-        }
-        Metrics::inc(&cloud.metrics.vm_state_changes);
         match change {
-            ViewChange::Upsert { state, .. } => {
-                let mut events = derived_events(host, vm_id, record.observed, state);
+            ViewChange::Upsert {
+                vm: vm_id,
+                before,
+                state,
+            } => {
+                // A VM placed on this host that changes state needs no store read: the
+                // view's state before the change is the server's, since the view starts
+                // from it and the only other writer of a placed VM's state, a host-down
+                // mark, makes the view start over. So a burst of changes costs no disk.
+                let from = match before {
+                    Some(before) if cloud.vm_on_host_now(vm_id, host) => before,
+                    _ => match checked_brief(cloud, host, vm_id)? {
+                        Some(record) => record.observed,
+                        None => continue,
+                    },
+                };
+                Metrics::inc(&cloud.metrics.vm_state_changes);
+                let mut events = derived_events(host, vm_id, from, state);
                 // What the agent found anomalous (and the server cannot derive if the
                 // agent saw states the server never did) comes with the report.
                 events.extend(
@@ -617,11 +717,10 @@ fn apply_changes(
                         vm: Some(vm_id),
                         host: Some(host),
                         kind: "vm.state_error",
-                        from: Some(record.observed),
+                        from: Some(from),
                         to: Some(state),
                         message: format!(
-                            "now {state}, which the flow does not lead to from {} in a unique way",
-                            record.observed
+                            "now {state}, which the flow does not lead to from {from} in a unique way"
                         ),
                     });
                 }
@@ -632,7 +731,11 @@ fn apply_changes(
                     events,
                 });
             }
-            ViewChange::Removed { before, .. } => {
+            ViewChange::Removed { vm: vm_id, before } => {
+                let Some(record) = checked_brief(cloud, host, vm_id)? else {
+                    continue;
+                };
+                Metrics::inc(&cloud.metrics.vm_state_changes);
                 if record.desired == VmState::Terminated {
                     released.push(vm_id);
                     observations.push(Observation {

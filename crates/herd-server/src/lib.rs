@@ -91,10 +91,25 @@ pub struct Bound {
     pub tls: Option<Arc<herd_tls::rustls::ServerConfig>>,
 }
 
+/// Connections the kernel holds for the server to accept (capped by
+/// `net.core.somaxconn`). After a restart every agent connects again at once: with
+/// the usual 128, ten thousand of them overflow the queue, the kernel drops their
+/// SYNs, and each waits a second or more to try again.
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As std's bind does on Unix: a restarted server takes its port back at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 pub async fn bind(cloud: Arc<Cloud>, addr: SocketAddr) -> Result<Bound, ServerError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Listen { addr, source })?;
+    let listener = listen(addr).map_err(|source| ServerError::Listen { addr, source })?;
     let addr = listener
         .local_addr()
         .map_err(|source| ServerError::Listen { addr, source })?;

@@ -836,5 +836,5 @@ async fn agent_bus(
         .max_frame_size(MAX_FRAME_BYTES)
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .on_upgrade(move |socket| crate::ingest::serve_agent(cloud, agent.0, socket))
+        .on_upgrade(move |socket| crate::ingest::serve_agent_apart(cloud, agent.0, socket))
 }

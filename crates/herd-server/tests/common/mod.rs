@@ -92,6 +92,12 @@ pub fn sim_host(cloud: &Cloud, name: &str) -> herd_proto::wire::HostId {
         })
         .expect("join")
         .host_id;
+    sim_hello(cloud, host, name);
+    host
+}
+
+/// Says hello for a joined host, as its agent does on every connection.
+pub fn sim_hello(cloud: &Cloud, host: herd_proto::wire::HostId, name: &str) {
     let sim = [herd_proto::wire::HypervisorInfo {
         kind: "sim".into(),
         detail: String::new(),
@@ -99,7 +105,6 @@ pub fn sim_host(cloud: &Cloud, name: &str) -> herd_proto::wire::HostId {
     cloud
         .host_hello(host, name, &sim, 64, 65536, "test")
         .expect("hello");
-    host
 }
 
 /// A small sim VM launched straight through the core.
