@@ -126,8 +126,9 @@ pub struct CommitStats {
 pub struct GroupCommit {
     store: Arc<Store>,
     queue: Arc<Mutex<Queue>>,
-    /// Hosts with a host-down mark queued, and the mark's number. Held while either
-    /// kind of write runs, so a host that comes back and the mark cannot interleave.
+    /// Hosts with a host-down mark queued, and the mark's number. A host that comes
+    /// back drops its mark before its write, and the writer skips a mark that is gone,
+    /// holding this while it writes one, so the two cannot interleave.
     down: Arc<Mutex<HashMap<HostId, u64>>>,
     pub stats: Arc<CommitStats>,
 }
