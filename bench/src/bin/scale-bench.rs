@@ -314,10 +314,16 @@ fn main() -> Result<()> {
     // The sim says when it has measured and waits for the server to go away.
     let measured = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let measured_seen = measured.clone();
+    // And when it starts churning: listings are timed under that load.
+    let churning = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churning_seen = churning.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(sim_err).lines().map_while(Result::ok) {
             if line.contains("lose its server and resync") {
                 measured_seen.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            if line.contains("measuring for") {
+                churning_seen.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             eprintln!("  sim: {line}");
             if let Ok(mut file) = log_writer.lock() {
@@ -365,6 +371,12 @@ fn main() -> Result<()> {
     let ramp_s = started.elapsed().as_secs_f64();
 
     // Churn phases: memory, and listings timed under load, in the first phase.
+    while !churning.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Some(status) = sim.0.try_wait()? {
+            bail!("herd sim ended early ({status}); see {}", sim_log.display());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     std::thread::sleep(Duration::from_secs(3));
     let host_for_filter: Option<String> = server
         .get("/v1/hosts")?

@@ -264,6 +264,12 @@ impl GroupCommit {
         }
     }
 
+    /// How many VMs have an observed state not yet written: the write-behind's
+    /// backlog, as /metrics shows it.
+    pub fn unwritten(&self) -> usize {
+        lock(&self.queue).overlay.by_vm.len()
+    }
+
     /// The VM's observed state if a newer one than the store's is on its way there.
     pub fn observed(&self, vm: VmId) -> Option<VmState> {
         lock(&self.queue)

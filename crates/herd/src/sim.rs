@@ -734,6 +734,7 @@ impl Run<'_> {
         // Measure the steady state, not the tail of the launch.
         let started = Instant::now();
         self.wait_caught_up(fleet).await?;
+        self.wait_server_settled().await?;
         let settle_s = started.elapsed().as_secs_f64();
 
         // Measure.
@@ -1082,7 +1083,8 @@ impl Run<'_> {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "the server had not acked every host's reports after --setup-timeout                      ({n_caught_up}/{} caught up)",
+                    "the server had not acked every host's reports after --setup-timeout \
+                     ({n_caught_up}/{} caught up)",
                     fleet.hosts.len()
                 );
             }
@@ -1093,6 +1095,38 @@ impl Run<'_> {
                 )
             });
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the server has written behind everything its agents reported (its
+    /// `herd_store_unwritten_states` gauge is zero), so that a churn phase measures
+    /// the steady state and not the tail of the launch: the last boots of a million
+    /// VMs are still being written when their agents have been acknowledged. Gives up
+    /// (and says so) after a minute; a server without the gauge is not waited for.
+    async fn wait_server_settled(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut progress = Progress::new();
+        loop {
+            let (_, body) = self.api.call_status(Method::GET, "/metrics").await?;
+            let text = String::from_utf8_lossy(&body);
+            let Some(unwritten) = text.lines().find_map(|line| {
+                line.strip_prefix("herd_store_unwritten_states ")
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+            }) else {
+                return Ok(());
+            };
+            if unwritten == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                eprintln!(
+                    "herd sim: the server still has {unwritten} states to write after 60 s; \
+                     measuring anyway"
+                );
+                return Ok(());
+            }
+            progress.say(|| format!("waiting for the server to write {unwritten} states"));
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 

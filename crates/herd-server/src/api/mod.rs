@@ -364,6 +364,11 @@ async fn metrics(_: CloudAdmin, State(cloud): State<AppState>) -> Result<Respons
         "herd_store_batched_writes_total {}\n",
         batching.writes.load(Ordering::Relaxed)
     ));
+    out.push_str("# TYPE herd_store_unwritten_states gauge\n");
+    out.push_str(&format!(
+        "herd_store_unwritten_states {}\n",
+        cloud.commits.unwritten()
+    ));
     out.push_str("# TYPE herd_vms gauge\n");
     for (state, n) in crate::blocking(|| cloud.store.vm_state_counts()).map_err(CloudError::from)? {
         out.push_str(&format!("herd_vms{{state=\"{state}\"}} {n}\n"));
