@@ -67,6 +67,14 @@ impl Drop for Reaped {
     }
 }
 
+/// Fails if the sim has ended: it runs until the whole measurement is done.
+fn sim_still_running(sim: &mut Reaped, log: &Path) -> Result<()> {
+    match sim.0.try_wait()? {
+        Some(status) => bail!("herd sim ended early ({status}); see {}", log.display()),
+        None => Ok(()),
+    }
+}
+
 /// The server process and how to reach it.
 struct Server {
     child: Reaped,
@@ -343,9 +351,7 @@ fn main() -> Result<()> {
     let mut memory_rows = Vec::new();
     let mut peak_sim_rss = 0u64;
     loop {
-        if let Some(status) = sim.0.try_wait()? {
-            bail!("herd sim ended early ({status}); see {}", sim_log.display());
-        }
+        sim_still_running(&mut sim, &sim_log)?;
         let counts = server.vm_counts()?;
         let held: u64 = counts.iter().map(|(_, n)| n).sum();
         // The sim starts churning (pausing and resuming VMs) as soon as it has seen
@@ -372,9 +378,7 @@ fn main() -> Result<()> {
 
     // Churn phases: memory, and listings timed under load, in the first phase.
     while !churning.load(std::sync::atomic::Ordering::Relaxed) {
-        if let Some(status) = sim.0.try_wait()? {
-            bail!("herd sim ended early ({status}); see {}", sim_log.display());
-        }
+        sim_still_running(&mut sim, &sim_log)?;
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(3));
@@ -392,9 +396,7 @@ fn main() -> Result<()> {
     );
     let mut peak_rss = memory_rows.iter().map(|(_, rss)| *rss).max().unwrap_or(0);
     while !measured.load(std::sync::atomic::Ordering::Relaxed) {
-        if let Some(status) = sim.0.try_wait()? {
-            bail!("herd sim ended early ({status}); see {}", sim_log.display());
-        }
+        sim_still_running(&mut sim, &sim_log)?;
         let rss = server.rss_kib()?;
         peak_rss = peak_rss.max(rss);
         peak_sim_rss = peak_sim_rss.max(rss_kib(sim_pid).unwrap_or(0));

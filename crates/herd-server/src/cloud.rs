@@ -1138,10 +1138,10 @@ impl Cloud {
             // while the store records it up (see `GroupCommit::host_up`).
             live.last_seen = Instant::now();
         }
-        let came_back = self.commits.host_up(host, || {
+        self.commits.host_up(host);
+        let came_back =
             self.store
-                .host_hello(host, hostname, hypervisors, cpus, memory_mib, agent_version)
-        })?;
+                .host_hello(host, hostname, hypervisors, cpus, memory_mib, agent_version)?;
         {
             let mut placement = lock(&self.placement);
             // Keep what the host holds; take its new size and hypervisors.
@@ -1233,16 +1233,15 @@ impl Cloud {
         let Some(record) = self.store.host(host)? else {
             return Ok(());
         };
-        self.commits.host_up(host, || {
-            self.store.host_hello(
-                host,
-                &record.hostname,
-                &record.hypervisors,
-                record.cpus,
-                record.memory_mib,
-                record.agent_version.as_deref().unwrap_or(""),
-            )
-        })?;
+        self.commits.host_up(host);
+        self.store.host_hello(
+            host,
+            &record.hostname,
+            &record.hypervisors,
+            record.cpus,
+            record.memory_mib,
+            record.agent_version.as_deref().unwrap_or(""),
+        )?;
         lock(&self.placement).sched.set_up(host, true);
         if let Some(entry) = lock(&self.live).get_mut(&host) {
             entry.down = false;
@@ -1577,12 +1576,12 @@ impl Cloud {
             };
             let deadline = live.last_seen + grace;
             if deadline <= now {
-                overdue.push(*id);
+                overdue.push((*id, grace));
             } else {
                 next_deadline = Some(next_deadline.map_or(deadline, |next| next.min(deadline)));
             }
         }
-        for host in overdue {
+        for (host, grace) in overdue {
             // Written in order with the reports before it; the writer logs it.
             let why = format!("no report for {} s", grace.as_secs_f64());
             drop(self.commits.host_down(host, why));

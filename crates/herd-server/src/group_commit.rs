@@ -209,16 +209,13 @@ impl GroupCommit {
         self.enqueue(None, Vec::new(), Vec::new(), Some((host, why, mark)))
     }
 
-    /// Runs `write`, which records a host as up, so that a host-down mark queued
-    /// before it is dropped instead of landing after it. The caller keeps new marks
-    /// from being queued meanwhile (the host counts as heard from, or as down).
-    ///
-    /// The mark is cancelled before the write, not held across it: the write waits
-    /// for the store, which may be busy with a large batch for seconds, and the
-    /// liveness check must not wait that long to mark another host.
-    pub fn host_up<T>(&self, host: HostId, write: impl FnOnce() -> T) -> T {
+    /// Drops the host's queued host-down mark, if any: call it before writing the host
+    /// up, so that a mark queued before the return cannot land after it. The caller
+    /// keeps new marks from being queued meanwhile (the host counts as heard from, or
+    /// as down). Nothing is held across the write, which may wait seconds behind a
+    /// large batch: the liveness check must not wait that long to mark another host.
+    pub fn host_up(&self, host: HostId) {
         lock_map(&self.down).remove(&host);
-        write()
     }
 
     fn enqueue(
@@ -556,11 +553,10 @@ mod tests {
             // The writer may take the mark before or after the return: either way
             // the return must win.
             let mark = commits.host_down(host, "silent again".into());
-            commits.host_up(host, || {
-                store
-                    .host_hello(host, "h", &[], 4, 4096, "test")
-                    .expect("hello")
-            });
+            commits.host_up(host);
+            store
+                .host_hello(host, "h", &[], 4, 4096, "test")
+                .expect("hello");
             mark
         };
         stale_mark.durable().await.expect("mark");

@@ -265,29 +265,6 @@ async fn drain_and_serve(
     }
 }
 
-async fn on_frame(
-    cloud: &Arc<Cloud>,
-    host: HostId,
-    session: u64,
-    view: &mut HostView,
-    socket: &mut WebSocket,
-    owed: &mut Owed,
-    frame: &[u8],
-) -> Result<(), String> {
-    cloud
-        .metrics
-        .report_bytes
-        .fetch_add(frame.len() as u64, Ordering::Relaxed);
-    let msg = match wire::decode::<AgentMsg>(frame) {
-        Ok(msg) => msg,
-        Err(e) => {
-            Metrics::inc(&cloud.metrics.rejected_reports);
-            return Err(format!("undecodable message: {e}"));
-        }
-    };
-    handle(cloud, host, session, view, socket, owed, msg).await
-}
-
 /// What a connection still owes: bus acks for commands the agent finished, written in
 /// batches, and whether a full report was asked for lately (deltas already in flight
 /// are not answered with another request).
@@ -384,15 +361,28 @@ fn flush_acks(cloud: &Arc<Cloud>, host: HostId, done: &mut Vec<CommandId>) {
     });
 }
 
-async fn handle(
+/// Handles one frame from the agent, read now or read ahead while the connection
+/// waited.
+async fn on_frame(
     cloud: &Arc<Cloud>,
     host: HostId,
     session: u64,
     view: &mut HostView,
     socket: &mut WebSocket,
     owed: &mut Owed,
-    msg: AgentMsg,
+    frame: &[u8],
 ) -> Result<(), String> {
+    cloud
+        .metrics
+        .report_bytes
+        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+    let msg = match wire::decode::<AgentMsg>(frame) {
+        Ok(msg) => msg,
+        Err(e) => {
+            Metrics::inc(&cloud.metrics.rejected_reports);
+            return Err(format!("undecodable message: {e}"));
+        }
+    };
     match msg {
         AgentMsg::Hello { .. } => Err("hello sent twice".into()),
         AgentMsg::Report(report) => {
