@@ -34,7 +34,7 @@ use herd_proto::wire::{
     VmUsage, PROTOCOL_VERSION,
 };
 use herd_proto::VmState;
-use herd_sync::{lifecycle_events, Reporter, ReporterState};
+use herd_sync::{events_of, Diff, Reporter, ReporterState};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -131,8 +131,9 @@ struct Transport {
 /// when thousands run in one process. Larger frames still fit: the buffer grows.
 const BUS_READ_BUFFER: usize = 8 * 1024;
 
-/// The agent's HTTP client. It makes one request per connection (discovery), so an
-/// idle pooled connection would only hold a socket on both ends until it times out.
+/// The agent's HTTP client. It makes one request (discovery) before a connection to the
+/// bus, and not even that on a quick reconnect, so an idle pooled connection would only
+/// hold a socket on both ends until it times out.
 fn http_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder().pool_max_idle_per_host(0)
 }
@@ -460,14 +461,22 @@ impl Agent {
         mut stopping: watch::Receiver<bool>,
     ) {
         let mut backoff = MIN_BACKOFF;
+        // The discovery of the last connection that came up, and until when it is used
+        // again rather than discovering anew.
+        let mut known: Option<(Discovery, tokio::time::Instant)> = None;
         loop {
-            let discovery = tokio::select! {
-                _ = stopped(&mut stopping) => return,
-                discovery = self.discover(transport, creds) => discovery,
+            let discovery = match &known {
+                Some((discovery, until)) if tokio::time::Instant::now() < *until => {
+                    Ok(discovery.clone())
+                }
+                _ => tokio::select! {
+                    _ = stopped(&mut stopping) => return,
+                    discovery = self.discover(transport, creds) => discovery,
+                },
             };
             let result = match discovery {
                 Ok(discovery) => {
-                    session
+                    let result = session
                         .connect_and_serve(
                             creds,
                             transport.tls.clone(),
@@ -475,7 +484,11 @@ impl Agent {
                             hello,
                             &mut stopping,
                         )
-                        .await
+                        .await;
+                    if session.was_connected {
+                        known = Some((discovery, tokio::time::Instant::now() + REUSE_DISCOVERY));
+                    }
+                    result
                 }
                 Err(e) => Err(e),
             };
@@ -503,6 +516,12 @@ impl Agent {
 /// Reconnection backoff after losing the server: doubles from the first to the last.
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// How long after losing the server an agent reconnects with what it discovered
+/// before, rather than asking again. A restarted server has ten thousand agents coming
+/// back at once: discovering first would double their handshakes. A bus that moved is
+/// found once this has passed.
+const REUSE_DISCOVERY: Duration = Duration::from_secs(30);
 
 /// How long a stopping agent waits for its connection to close politely.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -835,22 +854,20 @@ impl Session {
                   + Unpin),
     ) -> Result<(), String> {
         let observed = self.observe().await.map_err(|e| e.to_string())?;
-        let last_reported = self.reporter.last_reported();
+        // One comparison with the last report serves the report, the flow check and
+        // the saved state.
+        let diff = Diff::between(self.reporter.last_reported(), &observed);
         // What this report changes in the saved state: nothing, for most heartbeats.
-        if *last_reported != observed || self.saved_epoch != Some(self.reporter.epoch()) {
+        if !diff.is_empty() || self.saved_epoch != Some(self.reporter.epoch()) {
             self.state_dirty = true;
         }
         let changed: Vec<VmId> = match &self.probe {
-            Some(_) => observed
-                .iter()
-                .filter(|(vm, state)| last_reported.get(vm) != Some(state))
-                .map(|(vm, _)| *vm)
-                .collect(),
+            Some(_) => diff.changed.iter().map(|change| change.vm).collect(),
             None => Vec::new(),
         };
         // Every change is checked against the flow; the server derives the normal
         // events from the same table, so only anomalies are sent.
-        let events: Vec<_> = lifecycle_events(last_reported, &observed)
+        let events: Vec<_> = events_of(&diff.changed)
             .into_iter()
             .filter(|e| e.event.is_none())
             .collect();
@@ -862,12 +879,12 @@ impl Session {
             mem_used_mib: hostinfo::mem_used_mib(),
             n_vms: observed.len() as u32,
         };
-        let report = self.reporter.tick(&observed, util, events);
         // The backstop's evaluators move every round while it watches any VM.
         if !self.backstop.vms.is_empty() {
             self.state_dirty = true;
         }
         let enforced = self.backstop_round(&observed).await;
+        let report = self.reporter.tick_with(observed, &diff, util, events);
         // Persist before sending: a crash after the send cannot leave the disk behind
         // what the server was told.
         self.save()?;

@@ -221,6 +221,7 @@ pub struct Metrics {
     pub rejected_reports: AtomicU64,
     pub api_requests: AtomicU64,
     pub hosts_marked_down: AtomicU64,
+    pub agent_discoveries: AtomicU64,
 }
 
 impl Metrics {

@@ -14,10 +14,12 @@
 //! visible: the next heartbeat arrives with a gap, and the server asks for a full report.
 //! No timers are needed for convergence.
 
+mod diff;
 mod reporter;
 mod transitions;
 mod view;
 
+pub use diff::{Change, Diff};
 pub use reporter::{Reporter, ReporterState};
-pub use transitions::lifecycle_events;
+pub use transitions::{events_of, lifecycle_events};
 pub use view::{Applied, HostView, ViewChange};

@@ -1,5 +1,6 @@
 //! The agent side of delta sync.
 
+use crate::diff::Diff;
 use herd_proto::wire::{HostUtil, Report, ReportBody, VmEvent, VmId, VmStatus};
 use herd_proto::VmState;
 use serde::{Deserialize, Serialize};
@@ -89,6 +90,20 @@ impl Reporter {
         util: HostUtil,
         events: Vec<VmEvent>,
     ) -> Report {
+        let diff = Diff::between(&self.last_reported, observed);
+        self.tick_with(observed.clone(), &diff, util, events)
+    }
+
+    /// [`Reporter::tick`] for a caller that already compared `observed` with
+    /// [`Reporter::last_reported`]: `diff` must be that comparison.
+    pub fn tick_with(
+        &mut self,
+        observed: BTreeMap<VmId, VmState>,
+        diff: &Diff,
+        util: HostUtil,
+        events: Vec<VmEvent>,
+    ) -> Report {
+        debug_assert_eq!(*diff, Diff::between(&self.last_reported, &observed));
         let seq = self.next_seq;
         self.next_seq += 1;
         let body = if std::mem::take(&mut self.full_requested) {
@@ -105,26 +120,20 @@ impl Reporter {
                 .collect();
             ReportBody::Full { vms }
         } else {
-            let mut changed = Vec::new();
-            for (vm, state) in observed {
-                if self.last_reported.get(vm) == Some(state) {
-                    continue;
-                }
-                let (slot, vm) = match self.slots.get(vm) {
+            let mut changed = Vec::with_capacity(diff.changed.len());
+            for change in &diff.changed {
+                let (slot, vm) = match self.slots.get(&change.vm) {
                     Some(slot) => (*slot, None),
-                    None => (self.map(*vm), Some(*vm)),
+                    None => (self.map(change.vm), Some(change.vm)),
                 };
                 changed.push(VmStatus {
                     slot,
                     vm,
-                    state: *state,
+                    state: change.to,
                 });
             }
-            let mut removed = Vec::new();
-            for vm in self.last_reported.keys() {
-                if observed.contains_key(vm) {
-                    continue;
-                }
+            let mut removed = Vec::with_capacity(diff.removed.len());
+            for vm in &diff.removed {
                 match self.slots.remove(vm) {
                     Some(slot) => removed.push(slot),
                     // Never mapped: only a full report can tell the server.
@@ -133,7 +142,7 @@ impl Reporter {
             }
             ReportBody::Delta { changed, removed }
         };
-        self.last_reported = observed.clone();
+        self.last_reported = observed;
         Report {
             epoch: self.epoch,
             seq,

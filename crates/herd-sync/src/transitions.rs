@@ -1,5 +1,6 @@
 //! Checks observed changes against the lifecycle state flow.
 
+use crate::diff::{Change, Diff};
 use herd_proto::lifecycle::{explain, Transition};
 use herd_proto::wire::{VmEvent, VmId};
 use herd_proto::VmState;
@@ -15,13 +16,18 @@ pub fn lifecycle_events(
     before: &BTreeMap<VmId, VmState>,
     now: &BTreeMap<VmId, VmState>,
 ) -> Vec<VmEvent> {
+    events_of(&Diff::between(before, now).changed)
+}
+
+/// The lifecycle events that explain `changes` (see [`lifecycle_events`]).
+pub fn events_of(changes: &[Change]) -> Vec<VmEvent> {
     let mut events = Vec::new();
-    for (vm, to) in now {
-        let from = before.get(vm).copied().unwrap_or(VmState::Scheduled);
-        match explain(from, *to) {
+    for &Change { vm, from, to } in changes {
+        let from = from.unwrap_or(VmState::Scheduled);
+        match explain(from, to) {
             Transition::Same => {}
             Transition::Direct(step) => events.push(VmEvent {
-                vm: *vm,
+                vm,
                 from: step.from,
                 to: step.to,
                 event: Some(step.event),
@@ -32,7 +38,7 @@ pub fn lifecycle_events(
                 let last = steps.len().saturating_sub(1);
                 for (idx, step) in steps.into_iter().enumerate() {
                     events.push(VmEvent {
-                        vm: *vm,
+                        vm,
                         from: step.from,
                         to: step.to,
                         event: Some(step.event),
@@ -42,9 +48,9 @@ pub fn lifecycle_events(
                 }
             }
             Transition::Ambiguous => events.push(VmEvent {
-                vm: *vm,
+                vm,
                 from,
-                to: *to,
+                to,
                 event: None,
                 inferred: false,
                 message: Some(format!(
@@ -52,9 +58,9 @@ pub fn lifecycle_events(
                 )),
             }),
             Transition::Invalid => events.push(VmEvent {
-                vm: *vm,
+                vm,
                 from,
-                to: *to,
+                to,
                 event: None,
                 inferred: false,
                 message: Some(format!(

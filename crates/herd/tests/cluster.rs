@@ -166,6 +166,23 @@ async fn server_killed_mid_launch_loses_nothing() {
     }
     let names: std::collections::HashSet<_> = vms.iter().map(|v| v["name"].to_string()).collect();
     assert_eq!(names.len(), vms.len(), "duplicate VM records");
+
+    // The agent came back with what it had discovered before: a restarted server's
+    // agents all reconnect at once, and each discovery is one more TLS handshake.
+    let metrics = api
+        .http
+        .get(format!("{}/metrics", api.url))
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("\nherd_agent_discoveries_total 0\n"),
+        "the agent discovered again after the restart:\n{metrics}"
+    );
 }
 
 /// kill -9 of an agent: its host is marked down within the grace period and its VMs

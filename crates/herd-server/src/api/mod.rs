@@ -345,6 +345,7 @@ async fn metrics(_: CloudAdmin, State(cloud): State<AppState>) -> Result<Respons
         ("herd_agent_messages_rejected_total", &m.rejected_reports),
         ("herd_api_requests_total", &m.api_requests),
         ("herd_hosts_marked_down_total", &m.hosts_marked_down),
+        ("herd_agent_discoveries_total", &m.agent_discoveries),
     ];
     for (name, counter) in counters {
         let base = name.split('{').next().unwrap_or(name);
@@ -822,6 +823,7 @@ async fn agent_join(
 /// What an agent needs to configure itself.
 #[utoipa::path(get, path = "/v1/agent/discovery", responses((status = 200, body = Discovery)))]
 async fn agent_discovery(_agent: AgentHost, State(cloud): State<AppState>) -> Json<Discovery> {
+    Metrics::inc(&cloud.metrics.agent_discoveries);
     Json(cloud.discovery())
 }
 
