@@ -644,7 +644,6 @@ fn derived_events(host: HostId, vm: VmId, from: VmState, to: VmState) -> Vec<New
     }
 }
 
-/// Hands the view's changes to the write-behind, with the events that explain them.
 /// The server's record of a VM a host reported, if it is that host's: anything else is
 /// dropped and counted.
 fn checked_brief(
@@ -665,6 +664,7 @@ fn checked_brief(
     Ok(Some(record))
 }
 
+/// Hands the view's changes to the write-behind, with the events that explain them.
 fn apply_changes(
     cloud: &Cloud,
     host: HostId,

@@ -119,8 +119,7 @@ impl Vms {
     fn new(map: BTreeMap<VmId, SimVm>) -> Vms {
         Vms {
             map,
-            dirty: false,
-            settle_from_ms: 0,
+            ..Vms::default()
         }
     }
 
@@ -139,10 +138,9 @@ impl Vms {
         self.settle_from_ms = next_due;
     }
 
-    /// Puts a VM between states, reaching `to` at `at_ms`.
-    fn schedule(vm: &mut SimVm, settle_from_ms: &mut u64, to: VmState, at_ms: u64) {
-        vm.next = Some((to, at_ms));
-        *settle_from_ms = (*settle_from_ms).min(at_ms);
+    /// Notes that a VM was put between states, reaching the next at `at_ms`.
+    fn due_by(&mut self, at_ms: u64) {
+        self.settle_from_ms = self.settle_from_ms.min(at_ms);
     }
 }
 
@@ -282,7 +280,8 @@ impl SimDriver {
                 });
             }
             vm.set_state(via, now);
-            Vms::schedule(vm, &mut vms.settle_from_ms, to, now + op_ms);
+            vm.next = Some((to, now + op_ms));
+            vms.due_by(now + op_ms);
             vms.dirty = true;
             Ok(())
         })
@@ -373,7 +372,7 @@ impl Driver for SimDriver {
                     changed_at_ms: now,
                 },
             );
-            vms.settle_from_ms = vms.settle_from_ms.min(now + boot_ms);
+            vms.due_by(now + boot_ms);
             vms.dirty = true;
             Ok(())
         })
@@ -387,7 +386,8 @@ impl Driver for SimDriver {
                 VmState::Running | VmState::Booting => Ok(()),
                 VmState::Stopped | VmState::Error if vm.next.is_none() => {
                     vm.set_state(VmState::Booting, now);
-                    Vms::schedule(vm, &mut vms.settle_from_ms, VmState::Running, now + boot_ms);
+                    vm.next = Some((VmState::Running, now + boot_ms));
+                    vms.due_by(now + boot_ms);
                     vms.dirty = true;
                     Ok(())
                 }
@@ -424,7 +424,8 @@ impl Driver for SimDriver {
                 }
                 VmState::Suspended if vm.next.is_none() => {
                     vm.set_state(VmState::Resuming, now);
-                    Vms::schedule(vm, &mut vms.settle_from_ms, VmState::Running, now + op_ms);
+                    vm.next = Some((VmState::Running, now + op_ms));
+                    vms.due_by(now + op_ms);
                     vms.dirty = true;
                     Ok(())
                 }
@@ -593,14 +594,10 @@ mod tests {
         assert_eq!(vms.map[&a].state, VmState::Running);
         assert_eq!(vms.settle_from_ms, u64::MAX, "nothing left between states");
         // Scheduled after the pass: the bound comes down with it.
-        let Vms {
-            map,
-            settle_from_ms,
-            ..
-        } = &mut vms;
-        let b_vm = map.get_mut(&b).expect("b");
+        let b_vm = vms.map.get_mut(&b).expect("b");
         b_vm.set_state(VmState::Stopping, 150);
-        Vms::schedule(b_vm, settle_from_ms, VmState::Stopped, 200);
+        b_vm.next = Some((VmState::Stopped, 200));
+        vms.due_by(200);
         vms.settle(199);
         assert_eq!(vms.map[&b].state, VmState::Stopping);
         vms.settle(200);
