@@ -2,9 +2,9 @@
 //! transaction, written behind the server's in-memory view.
 //!
 //! A durable SQLite commit costs an fsync, and at a million VMs each changed VM also
-//! costs random pages of its row, its indexes and its event: on a 2-core machine, 500
-//! changes per transaction run at about 6,000 a second and 30,000 per transaction at
-//! about 10,000 (`store-bench`). One transaction per report could not keep up with ten
+//! costs random pages of its row, its id index and its event: on a 2-core machine, 500
+//! changes per transaction run at about 8,000 a second and 30,000 per transaction at
+//! about 18,000 (`store-bench`). One transaction per report could not keep up with ten
 //! thousand hosts, and waiting for the disk before acknowledging would put the disk in
 //! every change's latency.
 //!

@@ -166,8 +166,8 @@ async fn send(socket: &mut WebSocket, msg: &ServerMsg) -> Result<(), String> {
 
 /// The host's VMs as the server knows them: the store, with the changes still on
 /// their way there laid over it.
-fn seed_view(cloud: &Cloud, host: HostId) -> Result<HostView, CloudError> {
-    let mut seeded: BTreeMap<_, _> = cloud.store.reported_vms_on(host)?.into_iter().collect();
+fn seed_view(cloud: &Cloud, host: HostId) -> HostView {
+    let mut seeded: BTreeMap<_, _> = cloud.store.reported_vms_on(host).into_iter().collect();
     for (vm, state) in cloud.commits.observed_on(host) {
         if crate::cloud::reported_by_host(state) {
             seeded.insert(vm, state);
@@ -175,7 +175,7 @@ fn seed_view(cloud: &Cloud, host: HostId) -> Result<HostView, CloudError> {
             seeded.remove(&vm);
         }
     }
-    Ok(HostView::from_store(seeded))
+    HostView::from_store(seeded)
 }
 
 async fn session_loop(
@@ -184,7 +184,7 @@ async fn session_loop(
     session: u64,
     socket: &mut WebSocket,
 ) -> Result<(), String> {
-    let mut view = crate::blocking(|| seed_view(cloud, host)).map_err(|e| e.to_string())?;
+    let mut view = seed_view(cloud, host);
     send(
         socket,
         &ServerMsg::Welcome {
@@ -399,7 +399,7 @@ async fn on_frame(
                     async move {
                         tokio::task::spawn_blocking(move || {
                             cloud.host_back(host)?;
-                            seed_view(&cloud, host)
+                            Ok::<_, CloudError>(seed_view(&cloud, host))
                         })
                         .await
                         .map_err(|e| e.to_string())?

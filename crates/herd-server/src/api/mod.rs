@@ -371,8 +371,8 @@ async fn metrics(_: CloudAdmin, State(cloud): State<AppState>) -> Result<Respons
         cloud.commits.unwritten()
     ));
     out.push_str("# TYPE herd_vms gauge\n");
-    for (state, n) in crate::blocking(|| cloud.store.vm_state_counts()).map_err(CloudError::from)? {
-        out.push_str(&format!("herd_vms{{state=\"{state}\"}} {n}\n"));
+    for (state, n) in cloud.store.vm_state_counts() {
+        out.push_str(&format!("herd_vms{{state=\"{}\"}} {n}\n", state.as_str()));
     }
     let hosts = cloud.hosts()?;
     let n_up = hosts.iter().filter(|host| host.record.up).count();

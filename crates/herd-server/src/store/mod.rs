@@ -15,9 +15,11 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 mod tenancy;
+mod vm_index;
 pub use tenancy::{
     AuditFilter, AuditRow, MemberRow, ProjectRow, Quota, TenancyRows, TokenRow, UserRow,
 };
+use vm_index::{IndexedVm, VmIndex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -160,6 +162,9 @@ pub struct Store {
     /// and never wait behind the writer's fsync.
     readers: Vec<Mutex<Connection>>,
     next_reader: std::sync::atomic::AtomicUsize,
+    /// VMs by observed state, project and host, in step with the rows: changed under
+    /// the writer's lock after each commit. See [`vm_index`].
+    index: Mutex<VmIndex>,
 }
 
 /// What the ingest needs of a VM to judge a report about it.
@@ -196,11 +201,11 @@ CREATE TABLE IF NOT EXISTS vms (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS vms_by_name ON vms (project, name);
 CREATE INDEX IF NOT EXISTS vms_by_host ON vms (host);
--- Listing pages are ordered by id; these let a filtered page stop after `limit` rows
--- instead of scanning a million.
-CREATE INDEX IF NOT EXISTS vms_by_state ON vms (observed_state, id);
+-- Listing pages are ordered by id; this lets a project's page stop after `limit` rows
+-- instead of scanning a million. Pages by observed state come from the in-memory
+-- index (vm_index.rs): an SQL index on it would cost every reported change two
+-- random pages.
 CREATE INDEX IF NOT EXISTS vms_by_project ON vms (project, id);
-CREATE INDEX IF NOT EXISTS vms_by_project_state ON vms (project, observed_state, id);
 -- By name across projects (an admin's search); within a project vms_by_name answers.
 CREATE INDEX IF NOT EXISTS vms_by_name_any ON vms (name, id);
 -- Partial indexes for the reconciler's questions, asked every pass: the rows they hold
@@ -282,7 +287,38 @@ fn migrate(db: &Connection) -> Result<(), StoreError> {
     if has_keep == 0 {
         db.execute_batch("ALTER TABLE vms ADD COLUMN keep_running INTEGER NOT NULL DEFAULT 0")?;
     }
+    // Observed-state indexes of herd before the in-memory index: dropped, or every
+    // change would still pay for them.
+    db.execute_batch(
+        "DROP INDEX IF EXISTS vms_by_state; DROP INDEX IF EXISTS vms_by_project_state;",
+    )?;
     Ok(())
+}
+
+/// Every VM's id, project, host and observed state: what [`VmIndex`] is built from.
+/// Read by reference, without a string allocated per column: at a million VMs this is
+/// most of the time a restart takes before the server answers.
+fn load_index(db: &Connection) -> Result<VmIndex, StoreError> {
+    let n: i64 = db.query_row("SELECT COUNT(*) FROM vms", [], |row| row.get(0))?;
+    let mut builder = vm_index::Builder::with_capacity(n.max(0) as usize);
+    let mut stmt = db.prepare("SELECT id, project, host, observed_state FROM vms")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let str_at = |i: usize| -> Result<&str, StoreError> {
+            Ok(row.get_ref(i)?.as_str().map_err(rusqlite::Error::from)?)
+        };
+        let host = match row.get_ref(2)? {
+            rusqlite::types::ValueRef::Null => None,
+            value => Some(parse_uuid(value.as_str().map_err(rusqlite::Error::from)?)?),
+        };
+        builder.add(
+            parse_uuid(str_at(0)?)?,
+            str_at(1)?,
+            host,
+            parse_state(str_at(3)?)?,
+        );
+    }
+    Ok(builder.finish())
 }
 
 const VM_COLUMNS: &str = "id, name, project, hypervisor, vcpus, memory_mib, image, command, host, \
@@ -478,6 +514,8 @@ const READER_CACHE_KIB: i64 = -32 * 1024;
 /// Read connections. Each costs its page cache; three keep the ingest's lookups, a
 /// reconnect wave's seeding and the API's listings from queueing behind each other.
 const READERS: usize = 3;
+/// Changes applied to the in-memory index per hold of its lock.
+const INDEX_SLICE: usize = 2_000;
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -494,6 +532,7 @@ impl Store {
         migrate(&db)?;
         db.execute_batch(tenancy::SCHEMA)?;
         tenancy::bootstrap(&db)?;
+        let index = Mutex::new(load_index(&db)?);
         let readers = (0..READERS)
             .map(|_| -> Result<Mutex<Connection>, StoreError> {
                 let reader = Connection::open_with_flags(
@@ -510,7 +549,15 @@ impl Store {
             db: Mutex::new(db),
             readers,
             next_reader: Default::default(),
+            index,
         })
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, VmIndex> {
+        // Its changes are plain collection updates that do not panic midway.
+        self.index
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -769,6 +816,10 @@ impl Store {
             )?;
         }
         tx.commit()?;
+        let mut index = self.index();
+        for (vm, _) in &marked {
+            index.set_state(*vm, VmState::Unknown);
+        }
         Ok(marked.into_iter().map(|(vm, _)| vm).collect())
     }
 
@@ -838,6 +889,15 @@ impl Store {
             insert_event(&tx, event, vm.created_at_ms)?;
         }
         tx.commit()?;
+        let mut index = self.index();
+        for (vm, _) in vms {
+            index.insert(IndexedVm {
+                id: vm.id,
+                project: vm.project.clone(),
+                host: vm.host,
+                state: vm.observed,
+            });
+        }
         Ok(())
     }
 
@@ -850,7 +910,20 @@ impl Store {
         row.transpose()
     }
 
+    /// A page of VMs in id order. A filter on the state alone (or with projects) pages
+    /// through the in-memory index and reads just the page's rows; with a host or a
+    /// name, whose SQL indexes narrow to a few rows, the state is checked on those.
     pub fn list_vms(&self, filter: &VmFilter) -> Result<Vec<VmRecord>, StoreError> {
+        if let (Some(state), None, None) = (filter.state, filter.host, &filter.name) {
+            let ids = self.index().page(
+                state,
+                filter.project.as_deref(),
+                filter.projects.as_deref(),
+                filter.after,
+                filter.limit,
+            );
+            return self.vms_by_id(&ids);
+        }
         let mut sql = format!("SELECT {VM_COLUMNS} FROM vms WHERE 1=1");
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         if let Some(projects) = &filter.projects {
@@ -879,6 +952,22 @@ impl Store {
         sql.push_str(&format!(" ORDER BY id LIMIT {}", filter.limit));
         let db = self.reader();
         let mut stmt = db.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), vm_from_row)?;
+        collect_vms(rows)
+    }
+
+    /// These VMs' rows, in id order; a VM deleted since is left out.
+    fn vms_by_id(&self, ids: &[VmId]) -> Result<Vec<VmRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = Vec::new();
+        let ids: Vec<String> = ids.iter().map(VmId::to_string).collect();
+        let marks = in_list(&mut args, &ids);
+        let db = self.reader();
+        let mut stmt = db.prepare(&format!(
+            "SELECT {VM_COLUMNS} FROM vms WHERE id IN ({marks}) ORDER BY id"
+        ))?;
         let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), vm_from_row)?;
         collect_vms(rows)
     }
@@ -975,21 +1064,17 @@ impl Store {
 
     /// The VMs on a host with the state its agent last reported, for seeding the
     /// server's view of the host on a new connection.
-    pub fn reported_vms_on(&self, host: HostId) -> Result<Vec<(VmId, VmState)>, StoreError> {
-        let db = self.reader();
-        let mut stmt = db.prepare_cached(
-            "SELECT id, observed_state FROM vms WHERE host = ?1 \
-             AND observed_state NOT IN ('pending', 'scheduled', 'terminated', 'purged')",
-        )?;
-        let rows = stmt.query_map(params![host.to_string()], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, state) = row?;
-            out.push((parse_uuid(&id)?, parse_state(&state)?));
-        }
-        Ok(out)
+    /// From memory: a reconnect wave of thousands of hosts would otherwise read a
+    /// hundred random rows per host.
+    pub fn reported_vms_on(&self, host: HostId) -> Vec<(VmId, VmState)> {
+        let mut vms = self.index().on_host(host);
+        vms.retain(|(_, state)| {
+            !matches!(
+                state,
+                VmState::Pending | VmState::Scheduled | VmState::Terminated | VmState::Purged
+            )
+        });
+        vms
     }
 
     /// Sets a new desired state, bumping the generation. Returns the new generation.
@@ -1022,13 +1107,16 @@ impl Store {
         let mut db = self.db();
         let tx = db.transaction()?;
         let now = now_ms();
-        tx.execute(
+        let placed = tx.execute(
             "UPDATE vms SET host = ?2, observed_state = 'scheduled', observed_at = ?3, \
              updated_at = ?3 WHERE id = ?1 AND host IS NULL",
             params![id.to_string(), host.to_string(), now],
         )?;
         insert_event(&tx, event, now)?;
         tx.commit()?;
+        if placed == 1 {
+            self.index().place(id, host);
+        }
         Ok(())
     }
 
@@ -1098,6 +1186,18 @@ impl Store {
         }
         let n_new = insert_usage_rows(&tx, samples)?;
         tx.commit()?;
+        // In slices: a batch of a hundred thousand changes would hold the index from
+        // listings and reconnecting hosts for a good part of a second.
+        for slice in observations.chunks(INDEX_SLICE) {
+            let mut index = self.index();
+            for obs in slice {
+                if obs.purge {
+                    index.remove(obs.vm);
+                } else {
+                    index.set_state(obs.vm, obs.state);
+                }
+            }
+        }
         Ok(n_new)
     }
 
@@ -1230,19 +1330,177 @@ impl Store {
     }
 
     /// Counts of VMs per observed state, for /metrics.
-    pub fn vm_state_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let db = self.reader();
-        let mut stmt = db.prepare_cached(
-            "SELECT observed_state, COUNT(*) FROM vms GROUP BY observed_state ORDER BY 1",
-        )?;
-        let rows = stmt.query_map([], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (state, n) = row?;
-            out.push((state, n as u64));
+    pub fn vm_state_counts(&self) -> Vec<(VmState, u64)> {
+        self.index().counts().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(n: u128, project: &str) -> (VmRecord, NewEvent) {
+        let record = VmRecord {
+            id: VmId::from_u128(n),
+            name: format!("vm-{n}"),
+            project: project.into(),
+            hypervisor: "sim".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            image: "default".into(),
+            command: vec![],
+            policy: PolicySpec::default(),
+            keep_running: false,
+            host: None,
+            desired: VmState::Running,
+            generation: 1,
+            issued_generation: 0,
+            observed: VmState::Pending,
+            observed_at_ms: 0,
+            last_error: None,
+            deleting: false,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        };
+        (record, NewEvent::default())
+    }
+
+    fn observed(n: u128, state: VmState, purge: bool) -> Observation {
+        Observation {
+            vm: VmId::from_u128(n),
+            state,
+            purge,
+            events: vec![],
         }
-        Ok(out)
+    }
+
+    /// Pages per state (all projects, and project `b`) and the host's reported VMs.
+    type Answers = (Vec<(VmState, Vec<VmId>, Vec<VmId>)>, Vec<(VmId, VmState)>);
+
+    /// What the store answers from its in-memory index.
+    fn answers(store: &Store, host: HostId) -> Answers {
+        let ids = |filter: VmFilter| -> Vec<VmId> {
+            let page = store.list_vms(&filter).expect("list");
+            page.into_iter().map(|vm| vm.id).collect()
+        };
+        let mut on_host = store.reported_vms_on(host);
+        on_host.sort();
+        let pages = [
+            VmState::Pending,
+            VmState::Scheduled,
+            VmState::Running,
+            VmState::Paused,
+            VmState::Unknown,
+        ]
+        .into_iter()
+        .map(|state| {
+            let all = ids(VmFilter {
+                state: Some(state),
+                limit: 100,
+                ..VmFilter::default()
+            });
+            let in_b = ids(VmFilter {
+                state: Some(state),
+                projects: Some(vec!["b".into()]),
+                limit: 100,
+                ..VmFilter::default()
+            });
+            (state, all, in_b)
+        })
+        .collect();
+        (pages, on_host)
+    }
+
+    /// Placement, reports, a host marked down and a purge keep the in-memory index as a
+    /// fresh load from the rows would build it, and as SQL over the rows answers.
+    #[test]
+    fn index_kept_in_step_answers_as_the_rows_do() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("herd.db");
+        let store = Store::open(&path).expect("open");
+        let vms: Vec<_> = (1..=6)
+            .map(|n| vm(n, if n % 2 == 0 { "a" } else { "b" }))
+            .collect();
+        store.insert_vms(&vms).expect("insert");
+        let (host, other) = (HostId::from_u128(100), HostId::from_u128(200));
+        for (n, on) in [(1, host), (2, host), (3, host), (4, other)] {
+            store
+                .assign_host(VmId::from_u128(n), on, &NewEvent::default())
+                .expect("place");
+        }
+        store
+            .assign_host(VmId::from_u128(1), other, &NewEvent::default())
+            .expect("placing twice changes nothing");
+        store
+            .observe(&[
+                observed(1, VmState::Running, false),
+                observed(2, VmState::Paused, false),
+                observed(3, VmState::Running, false),
+                observed(4, VmState::Running, false),
+            ])
+            .expect("observe");
+        store.host_down(host, "test").expect("down");
+        store
+            .observe(&[
+                observed(3, VmState::Running, true),
+                observed(9, VmState::Running, false),
+            ])
+            .expect("purge");
+        let kept = answers(&store, host);
+        let (pages, on_host) = &kept;
+        assert_eq!(
+            on_host,
+            &[
+                (VmId::from_u128(1), VmState::Unknown),
+                (VmId::from_u128(2), VmState::Unknown)
+            ],
+            "the host's VMs are unknown once it is marked down"
+        );
+        assert_eq!(pages[2].1, vec![VmId::from_u128(4)]);
+        assert_eq!(pages[0].2, vec![VmId::from_u128(5)], "pending in project b");
+        let db = store.reader();
+        for (state, ids, _) in pages {
+            let mut stmt = db
+                .prepare("SELECT id FROM vms WHERE observed_state = ?1 ORDER BY id")
+                .expect("prepare");
+            let rows: Vec<VmId> = stmt
+                .query_map(params![state.as_str()], |row| row.get::<_, String>(0))
+                .expect("query")
+                .map(|id| parse_uuid(&id.expect("row")).expect("uuid"))
+                .collect();
+            assert_eq!(&rows, ids, "{state:?}");
+        }
+        drop(db);
+        let counts = store.vm_state_counts();
+        drop(store);
+        let reopened = Store::open(&path).expect("reopen");
+        assert_eq!(answers(&reopened, host), kept);
+        assert_eq!(reopened.vm_state_counts(), counts);
+    }
+
+    #[test]
+    fn opening_an_older_database_drops_its_state_indexes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("herd.db");
+        {
+            let db = Connection::open(&path).expect("open");
+            db.execute_batch(SCHEMA).expect("schema");
+            db.execute_batch(
+                "CREATE INDEX vms_by_state ON vms (observed_state, id);
+                 CREATE INDEX vms_by_project_state ON vms (project, observed_state, id);",
+            )
+            .expect("old indexes");
+        }
+        let store = Store::open(&path).expect("open");
+        let left: i64 = store
+            .reader()
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' \
+                 AND name IN ('vms_by_state', 'vms_by_project_state')",
+                [],
+                |row| row.get(0),
+            )
+            .expect("count");
+        assert_eq!(left, 0);
     }
 }
