@@ -306,7 +306,7 @@ impl Cloud {
     /// Rebuilds capacity accounting and liveness from the store after a start.
     fn rebuild(&self) -> Result<(), CloudError> {
         let hosts = self.store.hosts()?;
-        let placed = self.store.placed_shares()?;
+        let placed = self.store.placed_shares();
         let mut placement = lock(&self.placement);
         let mut live = lock(&self.live);
         let now = Instant::now();

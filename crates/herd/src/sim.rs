@@ -764,6 +764,11 @@ impl Run<'_> {
             eprintln!("herd sim: resumed the {n_resumed} VMs the churn left paused");
         }
 
+        // Timed on a settled server, as the churn phases are: right after the resume
+        // the store is still writing a third of the fleet's states, the writer takes a
+        // core, and the ingest reads a dead host's last frames late, which the
+        // detection time would count.
+        self.wait_server_settled().await?;
         let kills = self.kill_hosts(fleet).await?;
         let detected: Vec<u64> = kills.iter().filter_map(|k| k.detect_ms).collect();
         let (completed, partial_resyncs) = {

@@ -295,13 +295,15 @@ fn migrate(db: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Every VM's id, project, host and observed state: what [`VmIndex`] is built from.
+/// Every VM's id, project, host, observed state and share: what [`VmIndex`] is built
+/// from.
 /// Read by reference, without a string allocated per column: at a million VMs this is
 /// most of the time a restart takes before the server answers.
 fn load_index(db: &Connection) -> Result<VmIndex, StoreError> {
     let n: i64 = db.query_row("SELECT COUNT(*) FROM vms", [], |row| row.get(0))?;
     let mut builder = vm_index::Builder::with_capacity(n.max(0) as usize);
-    let mut stmt = db.prepare("SELECT id, project, host, observed_state FROM vms")?;
+    let mut stmt =
+        db.prepare("SELECT id, project, host, observed_state, vcpus, memory_mib FROM vms")?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
         let str_at = |i: usize| -> Result<&str, StoreError> {
@@ -311,12 +313,14 @@ fn load_index(db: &Connection) -> Result<VmIndex, StoreError> {
             rusqlite::types::ValueRef::Null => None,
             value => Some(parse_uuid(value.as_str().map_err(rusqlite::Error::from)?)?),
         };
-        builder.add(
-            parse_uuid(str_at(0)?)?,
-            str_at(1)?,
+        builder.add(IndexedVm {
+            id: parse_uuid(str_at(0)?)?,
+            project: str_at(1)?,
             host,
-            parse_state(str_at(3)?)?,
-        );
+            state: parse_state(str_at(3)?)?,
+            vcpus: row.get::<_, i64>(4)? as u32,
+            memory_mib: row.get::<_, i64>(5)? as u64,
+        });
     }
     Ok(builder.finish())
 }
@@ -893,9 +897,11 @@ impl Store {
         for (vm, _) in vms {
             index.insert(IndexedVm {
                 id: vm.id,
-                project: vm.project.clone(),
+                project: &vm.project,
                 host: vm.host,
                 state: vm.observed,
+                vcpus: vm.vcpus,
+                memory_mib: vm.memory_mib,
             });
         }
         Ok(())
@@ -973,33 +979,10 @@ impl Store {
     }
 
     /// What each VM that holds capacity holds, and where: (VM, host, vCPUs, MiB), for
-    /// rebuilding the scheduler's accounting at start. Only these columns: a million
-    /// full rows would cost seconds to parse.
-    pub fn placed_shares(&self) -> Result<Vec<(VmId, HostId, u32, u64)>, StoreError> {
-        let db = self.reader();
-        let mut stmt = db.prepare(
-            "SELECT id, host, vcpus, memory_mib FROM vms WHERE host IS NOT NULL \
-             AND observed_state NOT IN ('terminated', 'purged')",
-        )?;
-        let rows = stmt.query_map([], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, i64>(2)?,
-                row.get::<_, i64>(3)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (vm, host, vcpus, memory_mib) = row?;
-            out.push((
-                parse_uuid(&vm)?,
-                parse_uuid(&host)?,
-                vcpus as u32,
-                memory_mib as u64,
-            ));
-        }
-        Ok(out)
+    /// rebuilding the scheduler's accounting at start. From the in-memory index, which
+    /// the open's one pass over the rows built.
+    pub fn placed_shares(&self) -> Vec<(VmId, HostId, u32, u64)> {
+        self.index().placed_shares()
     }
 
     /// VMs with a lifespan whose desired state still keeps them up. Filtered in SQL:
@@ -1470,6 +1453,32 @@ mod tests {
                 .collect();
             assert_eq!(&rows, ids, "{state:?}");
         }
+        let mut stmt = db
+            .prepare(
+                "SELECT id, host, vcpus, memory_mib FROM vms WHERE host IS NOT NULL \
+                 AND observed_state NOT IN ('terminated', 'purged') ORDER BY id",
+            )
+            .expect("prepare");
+        let rows: Vec<(VmId, HostId, u32, u64)> = stmt
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, u32>(2)?,
+                    row.get::<_, u64>(3)?,
+                ))
+            })
+            .expect("query")
+            .map(|row| {
+                let (vm, host, vcpus, memory_mib) = row.expect("row");
+                let vm = parse_uuid(&vm).expect("uuid");
+                (vm, parse_uuid(&host).expect("uuid"), vcpus, memory_mib)
+            })
+            .collect();
+        let mut shares = store.placed_shares();
+        shares.sort();
+        assert_eq!(shares, rows);
+        drop(stmt);
         drop(db);
         let counts = store.vm_state_counts();
         drop(store);

@@ -1,4 +1,4 @@
-//! Which VMs are in which observed state, and on which host, in memory.
+//! Which VMs are in which observed state, and on which host with what share, in memory.
 //!
 //! An SQL index on the observed state costs every reported change two random leaf pages
 //! per index (the old key out, the new key in). At a million VMs those leaves are not
@@ -7,7 +7,9 @@
 //! the ingest. The facts those indexes answered (a page of VMs in a state, how many are
 //! in each state, which VMs a host runs) fit in about a hundred bytes a VM, so the
 //! store keeps them here instead, changed by the same writes that change the rows,
-//! under the writer's lock, after each commit.
+//! under the writer's lock, after each commit. It also keeps each VM's vCPUs and
+//! memory, so that a restart rebuilds the scheduler's accounting from the same single
+//! pass over the rows that builds the index (a second pass cost a second).
 //!
 //! Pure data: the store loads it at open and keeps it in step; nothing here does I/O.
 
@@ -20,15 +22,19 @@ struct Entry {
     state: VmState,
     project: u32,
     host: Option<HostId>,
+    vcpus: u32,
+    memory_mib: u64,
 }
 
 /// One VM as the index learns it at load or on insert.
-#[derive(Debug, Clone)]
-pub struct IndexedVm {
+#[derive(Debug, Clone, Copy)]
+pub struct IndexedVm<'a> {
     pub id: VmId,
-    pub project: String,
+    pub project: &'a str,
     pub host: Option<HostId>,
     pub state: VmState,
+    pub vcpus: u32,
+    pub memory_mib: u64,
 }
 
 #[derive(Debug, Default)]
@@ -52,6 +58,18 @@ pub struct Builder {
     by_project_state: Vec<(u32, VmState, VmId)>,
 }
 
+impl Entry {
+    fn of(vm: &IndexedVm<'_>, project: u32) -> Entry {
+        Entry {
+            state: vm.state,
+            project,
+            host: vm.host,
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+        }
+    }
+}
+
 impl Builder {
     pub fn with_capacity(vms: usize) -> Builder {
         Builder {
@@ -65,23 +83,19 @@ impl Builder {
     }
 
     /// One VM; a second with the same id is ignored.
-    pub fn add(&mut self, id: VmId, project: &str, host: Option<HostId>, state: VmState) {
+    pub fn add(&mut self, vm: IndexedVm<'_>) {
         let index = &mut self.index;
-        let project = index.project_number(project);
-        let entry = Entry {
-            state,
-            project,
-            host,
-        };
-        if index.vms.insert(id, entry).is_some() {
+        if index.vms.contains_key(&vm.id) {
             return;
         }
-        self.by_state.push((state, id));
-        self.by_project_state.push((project, state, id));
-        if let Some(host) = host {
-            index.by_host.entry(host).or_default().push(id);
+        let project = index.project_number(vm.project);
+        index.vms.insert(vm.id, Entry::of(&vm, project));
+        self.by_state.push((vm.state, vm.id));
+        self.by_project_state.push((project, vm.state, vm.id));
+        if let Some(host) = vm.host {
+            index.by_host.entry(host).or_default().push(vm.id);
         }
-        *index.counts.entry(state).or_default() += 1;
+        *index.counts.entry(vm.state).or_default() += 1;
     }
 
     pub fn finish(self) -> VmIndex {
@@ -94,10 +108,10 @@ impl Builder {
 
 impl VmIndex {
     #[cfg(test)]
-    pub fn build(rows: impl IntoIterator<Item = IndexedVm>) -> VmIndex {
+    pub fn build<'a>(rows: impl IntoIterator<Item = IndexedVm<'a>>) -> VmIndex {
         let mut builder = Builder::default();
         for vm in rows {
-            builder.add(vm.id, &vm.project, vm.host, vm.state);
+            builder.add(vm);
         }
         builder.finish()
     }
@@ -114,19 +128,12 @@ impl VmIndex {
 
     /// A new VM; one already indexed is left as it is (the store's insert would have
     /// failed on its primary key).
-    pub fn insert(&mut self, vm: IndexedVm) {
+    pub fn insert(&mut self, vm: IndexedVm<'_>) {
         if self.vms.contains_key(&vm.id) {
             return;
         }
-        let project = self.project_number(&vm.project);
-        self.vms.insert(
-            vm.id,
-            Entry {
-                state: vm.state,
-                project,
-                host: vm.host,
-            },
-        );
+        let project = self.project_number(vm.project);
+        self.vms.insert(vm.id, Entry::of(&vm, project));
         self.by_state.insert((vm.state, vm.id));
         self.by_project_state.insert((project, vm.state, vm.id));
         if let Some(host) = vm.host {
@@ -263,6 +270,16 @@ impl VmIndex {
         })
     }
 
+    /// What each VM that holds capacity holds, and where: (VM, host, vCPUs, MiB). A VM
+    /// holds its share from placement until it is terminated.
+    pub fn placed_shares(&self) -> Vec<(VmId, HostId, u32, u64)> {
+        self.vms
+            .iter()
+            .filter(|(_, entry)| !matches!(entry.state, VmState::Terminated | VmState::Purged))
+            .filter_map(|(vm, entry)| Some((*vm, entry.host?, entry.vcpus, entry.memory_mib)))
+            .collect()
+    }
+
     /// How many VMs are in each state; states with none are left out.
     pub fn counts(&self) -> impl Iterator<Item = (VmState, u64)> + '_ {
         self.counts.iter().map(|(state, n)| (*state, *n))
@@ -279,19 +296,22 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const STATES: [VmState; 4] = [
+    const STATES: [VmState; 5] = [
         VmState::Pending,
         VmState::Running,
         VmState::Paused,
         VmState::Unknown,
+        VmState::Terminated,
     ];
 
-    fn vm(n: u8, project: &str, host: Option<u8>, state: VmState) -> IndexedVm {
+    fn vm(n: u8, project: &str, host: Option<u8>, state: VmState) -> IndexedVm<'_> {
         IndexedVm {
             id: id(n),
-            project: project.into(),
+            project,
             host: host.map(|h| HostId::from_bytes([h; 16])),
             state,
+            vcpus: u32::from(n),
+            memory_mib: 64,
         }
     }
 
@@ -379,8 +399,9 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Insert(v, p, h, s) => {
-                        let new = vm(v, &format!("p{p}"), h, STATES[s]);
-                        model.entry(new.id).or_insert((new.project.clone(), new.host, new.state));
+                        let project = format!("p{p}");
+                        let new = vm(v, &project, h, STATES[s]);
+                        model.entry(new.id).or_insert((project.clone(), new.host, new.state));
                         index.insert(new);
                     }
                     Op::Set(v, s) => {
@@ -436,6 +457,14 @@ mod tests {
                     .collect();
                 prop_assert_eq!(got, expected);
             }
+            let mut shares = index.placed_shares();
+            shares.sort();
+            let expected: Vec<(VmId, HostId, u32, u64)> = model
+                .iter()
+                .filter(|(_, (_, _, s))| *s != VmState::Terminated)
+                .filter_map(|(vm, (_, on, _))| Some((*vm, (*on)?, u32::from(vm.as_bytes()[0]), 64)))
+                .collect();
+            prop_assert_eq!(shares, expected);
             prop_assert_eq!(index.len(), model.len());
         }
     }
