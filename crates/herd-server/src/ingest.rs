@@ -167,14 +167,9 @@ async fn send(socket: &mut WebSocket, msg: &ServerMsg) -> Result<(), String> {
 /// The host's VMs as the server knows them: the store, with the changes still on
 /// their way there laid over it.
 fn seed_view(cloud: &Cloud, host: HostId) -> HostView {
-    let mut seeded: BTreeMap<_, _> = cloud.store.reported_vms_on(host).into_iter().collect();
-    for (vm, state) in cloud.commits.observed_on(host) {
-        if crate::cloud::reported_by_host(state) {
-            seeded.insert(vm, state);
-        } else {
-            seeded.remove(&vm);
-        }
-    }
+    let mut seeded: BTreeMap<_, _> = cloud.store.vms_on(host).into_iter().collect();
+    seeded.extend(cloud.commits.observed_on(host));
+    seeded.retain(|_, state| crate::cloud::reported_by_host(*state));
     HostView::from_store(seeded)
 }
 

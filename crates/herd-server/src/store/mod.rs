@@ -296,9 +296,8 @@ fn migrate(db: &Connection) -> Result<(), StoreError> {
 }
 
 /// Every VM's id, project, host, observed state and share: what [`VmIndex`] is built
-/// from.
-/// Read by reference, without a string allocated per column: at a million VMs this is
-/// most of the time a restart takes before the server answers.
+/// from. Read by reference, without a string allocated per column: at a million VMs
+/// this is most of the time a restart takes before the server answers.
 fn load_index(db: &Connection) -> Result<VmIndex, StoreError> {
     let n: i64 = db.query_row("SELECT COUNT(*) FROM vms", [], |row| row.get(0))?;
     let mut builder = vm_index::Builder::with_capacity(n.max(0) as usize);
@@ -306,18 +305,19 @@ fn load_index(db: &Connection) -> Result<VmIndex, StoreError> {
         db.prepare("SELECT id, project, host, observed_state, vcpus, memory_mib FROM vms")?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
-        let str_at = |i: usize| -> Result<&str, StoreError> {
-            Ok(row.get_ref(i)?.as_str().map_err(rusqlite::Error::from)?)
+        let str_at = |i: usize| -> Result<Option<&str>, StoreError> {
+            Ok(row
+                .get_ref(i)?
+                .as_str_or_null()
+                .map_err(rusqlite::Error::from)?)
         };
-        let host = match row.get_ref(2)? {
-            rusqlite::types::ValueRef::Null => None,
-            value => Some(parse_uuid(value.as_str().map_err(rusqlite::Error::from)?)?),
-        };
+        let text_at =
+            |i: usize| str_at(i)?.ok_or_else(|| StoreError::Corrupt(format!("NULL in column {i}")));
         builder.add(IndexedVm {
-            id: parse_uuid(str_at(0)?)?,
-            project: str_at(1)?,
-            host,
-            state: parse_state(str_at(3)?)?,
+            id: parse_uuid(text_at(0)?)?,
+            project: text_at(1)?,
+            host: str_at(2)?.map(parse_uuid).transpose()?,
+            state: parse_state(text_at(3)?)?,
             vcpus: row.get::<_, i64>(4)? as u32,
             memory_mib: row.get::<_, i64>(5)? as u64,
         });
@@ -1045,19 +1045,11 @@ impl Store {
         }))
     }
 
-    /// The VMs on a host with the state its agent last reported, for seeding the
-    /// server's view of the host on a new connection.
-    /// From memory: a reconnect wave of thousands of hosts would otherwise read a
-    /// hundred random rows per host.
-    pub fn reported_vms_on(&self, host: HostId) -> Vec<(VmId, VmState)> {
-        let mut vms = self.index().on_host(host);
-        vms.retain(|(_, state)| {
-            !matches!(
-                state,
-                VmState::Pending | VmState::Scheduled | VmState::Terminated | VmState::Purged
-            )
-        });
-        vms
+    /// The VMs placed on a host, with their observed states, for seeding the server's
+    /// view of the host on a new connection. From memory: a reconnect wave of thousands
+    /// of hosts would otherwise read a hundred random rows per host.
+    pub fn vms_on(&self, host: HostId) -> Vec<(VmId, VmState)> {
+        self.index().on_host(host)
     }
 
     /// Sets a new desired state, bumping the generation. Returns the new generation.
@@ -1366,7 +1358,7 @@ mod tests {
             let page = store.list_vms(&filter).expect("list");
             page.into_iter().map(|vm| vm.id).collect()
         };
-        let mut on_host = store.reported_vms_on(host);
+        let mut on_host = store.vms_on(host);
         on_host.sort();
         let pages = [
             VmState::Pending,

@@ -40,8 +40,7 @@ pub struct IndexedVm<'a> {
 #[derive(Debug, Default)]
 pub struct VmIndex {
     vms: HashMap<VmId, Entry>,
-    /// Project names by number: keys of a million VMs hold a number, not a name.
-    projects: Vec<String>,
+    /// Project numbers by name: keys of a million VMs hold a number, not a name.
     project_numbers: HashMap<String, u32>,
     by_state: BTreeSet<(VmState, VmId)>,
     by_project_state: BTreeSet<(u32, VmState, VmId)>,
@@ -84,18 +83,10 @@ impl Builder {
 
     /// One VM; a second with the same id is ignored.
     pub fn add(&mut self, vm: IndexedVm<'_>) {
-        let index = &mut self.index;
-        if index.vms.contains_key(&vm.id) {
-            return;
+        if let Some(project) = self.index.enter(&vm) {
+            self.by_state.push((vm.state, vm.id));
+            self.by_project_state.push((project, vm.state, vm.id));
         }
-        let project = index.project_number(vm.project);
-        index.vms.insert(vm.id, Entry::of(&vm, project));
-        self.by_state.push((vm.state, vm.id));
-        self.by_project_state.push((project, vm.state, vm.id));
-        if let Some(host) = vm.host {
-            index.by_host.entry(host).or_default().push(vm.id);
-        }
-        *index.counts.entry(vm.state).or_default() += 1;
     }
 
     pub fn finish(self) -> VmIndex {
@@ -120,26 +111,33 @@ impl VmIndex {
         if let Some(number) = self.project_numbers.get(name) {
             return *number;
         }
-        let number = self.projects.len() as u32;
-        self.projects.push(name.to_owned());
+        let number = self.project_numbers.len() as u32;
         self.project_numbers.insert(name.to_owned(), number);
         number
+    }
+
+    /// Records a VM not yet indexed in everything but the ordered sets, and returns
+    /// its project's number for those; `None` if it is indexed already.
+    fn enter(&mut self, vm: &IndexedVm<'_>) -> Option<u32> {
+        if self.vms.contains_key(&vm.id) {
+            return None;
+        }
+        let project = self.project_number(vm.project);
+        self.vms.insert(vm.id, Entry::of(vm, project));
+        if let Some(host) = vm.host {
+            self.by_host.entry(host).or_default().push(vm.id);
+        }
+        *self.counts.entry(vm.state).or_default() += 1;
+        Some(project)
     }
 
     /// A new VM; one already indexed is left as it is (the store's insert would have
     /// failed on its primary key).
     pub fn insert(&mut self, vm: IndexedVm<'_>) {
-        if self.vms.contains_key(&vm.id) {
-            return;
+        if let Some(project) = self.enter(&vm) {
+            self.by_state.insert((vm.state, vm.id));
+            self.by_project_state.insert((project, vm.state, vm.id));
         }
-        let project = self.project_number(vm.project);
-        self.vms.insert(vm.id, Entry::of(&vm, project));
-        self.by_state.insert((vm.state, vm.id));
-        self.by_project_state.insert((project, vm.state, vm.id));
-        if let Some(host) = vm.host {
-            self.by_host.entry(host).or_default().push(vm.id);
-        }
-        *self.counts.entry(vm.state).or_default() += 1;
     }
 
     /// A new observed state; a VM not indexed (deleted meanwhile) is ignored, as the
@@ -201,8 +199,8 @@ impl VmIndex {
         }
     }
 
-    /// Up to `limit` VMs in `state`, in id order after `after`, of the projects that
-    /// are in both `projects` and `scope` (`None` is every project).
+    /// Up to `limit` VMs in `state`, in id order after `after`, of `project` if given,
+    /// and within `scope` if given (`None` is every project).
     pub fn page(
         &self,
         state: VmState,
@@ -212,9 +210,9 @@ impl VmIndex {
         limit: usize,
     ) -> Vec<VmId> {
         use std::ops::Bound::{Excluded, Included, Unbounded};
-        let start = |after: Option<VmId>, first: VmId| match after {
+        let from = match after {
             Some(after) => Excluded(after),
-            None => Included(first),
+            None => Included(VmId::nil()),
         };
         let allowed: Option<Vec<u32>> = match (project, scope) {
             (None, None) => None,
@@ -236,7 +234,7 @@ impl VmIndex {
         let Some(allowed) = allowed else {
             return self
                 .by_state
-                .range((start(after, VmId::nil()).map(|id| (state, id)), Unbounded))
+                .range((from.map(|id| (state, id)), Unbounded))
                 .take_while(|(s, _)| *s == state)
                 .take(limit)
                 .map(|(_, id)| *id)
@@ -246,10 +244,7 @@ impl VmIndex {
         for project in allowed {
             ids.extend(
                 self.by_project_state
-                    .range((
-                        start(after, VmId::nil()).map(|id| (project, state, id)),
-                        Unbounded,
-                    ))
+                    .range((from.map(|id| (project, state, id)), Unbounded))
                     .take_while(|(p, s, _)| *p == project && *s == state)
                     .take(limit)
                     .map(|(_, _, id)| *id),
