@@ -53,6 +53,7 @@ fn bare_boot(dir: &Path, kernel: &Path, initrd: &Path, n: usize) -> Result<Durat
         incoming: None,
         foreground: true,
         born_unix_ms: None,
+        now_unix_ms: herd_proto::clock::unix_ms(),
     };
     let args = qemu_args(&paths, &launch)?;
     let started = Instant::now();

@@ -575,13 +575,7 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use herd_proto::clock::unix_ms;
 
 /// Resolves once the agent is told to stop (or nobody can tell it any more).
 async fn stopped(stopping: &mut watch::Receiver<bool>) {
@@ -780,10 +774,7 @@ impl Session {
                 _ = usage_interval.tick() => {
                     let usage = self.usage_delta().await;
                     if !usage.is_empty() {
-                        let sampled_at_ms = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_millis() as u64)
-                            .unwrap_or(0);
+                        let sampled_at_ms = unix_ms();
                         let msg = AgentMsg::Usage { sampled_at_ms, vms: usage };
                         tx.send(Message::Binary(wire::encode(&msg).into()))
                             .await

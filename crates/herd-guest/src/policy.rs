@@ -34,12 +34,7 @@ const USAGE_EVERY: Duration = Duration::from_secs(3);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 const SUSPEND_GRACE: Duration = Duration::from_secs(5);
 
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use herd_proto::clock::unix_ms;
 
 pub struct Monitor {
     evaluator: Evaluator,

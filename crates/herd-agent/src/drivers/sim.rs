@@ -22,7 +22,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// How long simulated operations take, and whether VMs use anything.
 #[derive(Debug, Clone, Copy)]
@@ -151,12 +150,7 @@ pub struct SimDriver {
     vms: Mutex<Vms>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use herd_proto::clock::unix_ms as now_ms;
 
 fn load(path: &Path) -> Result<BTreeMap<VmId, SimVm>, DriverError> {
     Ok(persist::load_json(path)

@@ -12,7 +12,6 @@ use herd_proto::VmState;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 mod tenancy;
 mod vm_index;
@@ -31,11 +30,9 @@ pub enum StoreError {
     NameTaken { project: String, name: String },
 }
 
+/// The wall clock in the store's unit (signed unix milliseconds, as SQLite keeps them).
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    i64::try_from(herd_proto::clock::unix_ms()).unwrap_or(i64::MAX)
 }
 
 /// Stores usage samples inside a transaction; see [`Store::insert_usage`].

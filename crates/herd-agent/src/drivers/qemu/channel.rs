@@ -222,10 +222,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         // guest restored from a suspend image, or booted from a
                         // whole-second RTC, sets its clock from it, so its time rules
                         // count the time it spent suspended.
-                        let unix_ms = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_millis() as u64)
-                            .unwrap_or(0);
+                        let unix_ms = herd_proto::clock::unix_ms();
                         if !send(stream, &HostMsg::Time { unix_ms }).await {
                             return RECONNECT;
                         }

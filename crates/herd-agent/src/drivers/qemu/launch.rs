@@ -82,6 +82,8 @@ pub struct LaunchSpec<'a> {
     /// When the VM first booted (unix ms), set at create and kept across stops and
     /// suspends, so the guest's lifespan rules count from the VM's birth, not its boot.
     pub born_unix_ms: Option<u64>,
+    /// The wall clock at launch, for a guest that has no clock source of its own.
+    pub now_unix_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -118,11 +120,7 @@ pub fn kernel_cmdline(l: &LaunchSpec<'_>) -> Result<String, LaunchError> {
         return Err(LaunchError::CmdlineTooLong(line.len()));
     }
     // The guest may have no clock source of its own: tell it the time at launch.
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    line.push_str(&format!(" herd.now={now_ms}"));
+    line.push_str(&format!(" herd.now={}", l.now_unix_ms));
     // The guest enforces the policy itself (herd-guest), so it travels with the VM:
     // postcard, then unpadded base64url, which needs no quoting on a kernel command line.
     if !l.spec.policy.is_empty() {
@@ -270,6 +268,7 @@ mod tests {
             incoming: None,
             foreground: false,
             born_unix_ms: Some(1_700_000_000_000),
+            now_unix_ms: 1_700_000_100_000,
         };
         let args = qemu_args(&paths, &l).expect("args");
         // No policy, nothing about it on the command line.
@@ -324,9 +323,11 @@ mod tests {
             incoming: None,
             foreground: true,
             born_unix_ms: Some(1_700_000_000_123),
+            now_unix_ms: 1_700_000_000_456,
         };
         let line = kernel_cmdline(&l).expect("cmdline");
         assert!(line.contains(" herd.born=1700000000123"), "{line}");
+        assert!(line.contains(" herd.now=1700000000456"), "{line}");
         assert!(line.contains(" herd.mem=256"), "{line}");
         let b64 = line
             .split(' ')
@@ -353,6 +354,7 @@ mod tests {
             incoming: None,
             foreground: true,
             born_unix_ms: None,
+            now_unix_ms: 0,
         };
         assert!(matches!(
             kernel_cmdline(&l),

@@ -437,6 +437,7 @@ impl Inner {
             incoming: None,
             foreground: true,
             born_unix_ms: None,
+            now_unix_ms: herd_proto::clock::unix_ms(),
         };
         let Ok(args) = launch::qemu_args(&paths, &launch) else {
             return tcg("cannot build the probe command line".into());
@@ -537,6 +538,7 @@ impl Inner {
             incoming: incoming.then_some(suspend_image.as_path()),
             foreground: false,
             born_unix_ms,
+            now_unix_ms: herd_proto::clock::unix_ms(),
         };
         let args =
             launch::qemu_args(&paths, &launch).map_err(|e| DriverError::Failed(e.to_string()))?;
@@ -1092,10 +1094,7 @@ impl Driver for QemuDriver {
                         hello_seen: false,
                         restored: false,
                         exit_code: None,
-                        born_unix_ms: std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .ok()
-                            .map(|d| d.as_millis() as u64),
+                        born_unix_ms: Some(herd_proto::clock::unix_ms()),
                         policy_reported: false,
                     },
                     pid: None,

@@ -1,0 +1,90 @@
+//! Console reads: a request travels to the agent outside the command queue, and its
+//! answer comes back to whoever asked, checked against the host that had to answer.
+
+use super::{lock, Cloud, CloudError};
+use herd_proto::wire::{HostId, ServerMsg};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Where an agent's console answer goes.
+pub(super) type ConsoleReply = oneshot::Sender<Result<Vec<u8>, String>>;
+
+impl Cloud {
+    /// The last `max_bytes` of a VM's serial console, fetched from its host.
+    pub async fn console(&self, id: &str, max_bytes: u32) -> Result<Vec<u8>, CloudError> {
+        let vm = self.vm(id)?;
+        let unreachable = |why: String| CloudError::Conflict {
+            code: "host_unreachable",
+            message: why,
+        };
+        let Some(host) = vm.host else {
+            return Err(CloudError::Conflict {
+                code: "not_placed",
+                message: format!("VM {} is not on a host yet", vm.name),
+            });
+        };
+        let sender = lock(&self.outbox)
+            .get(&host)
+            .map(|(_, sender)| sender.clone())
+            .ok_or_else(|| unreachable(format!("the host of VM {} is not connected", vm.name)))?;
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.console_waiters).insert(request, (host, tx));
+        let sent = sender.send(ServerMsg::ConsoleRequest {
+            request,
+            vm: vm.id,
+            max_bytes,
+        });
+        if sent.is_err() {
+            lock(&self.console_waiters).remove(&request);
+            return Err(unreachable("the host disconnected".into()));
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        lock(&self.console_waiters).remove(&request);
+        match answer {
+            Ok(Ok(Ok(bytes))) => Ok(bytes),
+            Ok(Ok(Err(e))) => Err(unreachable(format!(
+                "the host could not read the console: {e}"
+            ))),
+            Ok(Err(_)) => Err(unreachable("the host disconnected".into())),
+            Err(_) => Err(unreachable("the host did not answer within 10 s".into())),
+        }
+    }
+
+    /// Registers a connected agent's session for out-of-queue messages.
+    pub fn open_outbox(&self, host: HostId, session: u64) -> mpsc::UnboundedReceiver<ServerMsg> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.outbox).insert(host, (session, tx));
+        rx
+    }
+
+    pub fn close_outbox(&self, host: HostId, session: u64) {
+        let mut outbox = lock(&self.outbox);
+        if outbox
+            .get(&host)
+            .is_some_and(|(current, _)| *current == session)
+        {
+            outbox.remove(&host);
+        }
+    }
+
+    /// An agent's answer to a console request; only the host asked may answer.
+    pub fn console_answer(
+        &self,
+        host: HostId,
+        request: u64,
+        result: Result<Vec<u8>, String>,
+    ) -> bool {
+        let mut waiters = lock(&self.console_waiters);
+        match waiters.get(&request) {
+            Some((asked, _)) if *asked == host => {
+                if let Some((_, tx)) = waiters.remove(&request) {
+                    let _ = tx.send(result);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}

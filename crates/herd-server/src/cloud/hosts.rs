@@ -1,0 +1,55 @@
+//! Hosts as the API shows them: record, live facts and what is promised on each.
+
+use super::placement::Placement;
+use super::{lock, Cloud, CloudError, HostLive, HostStatus};
+use crate::store::HostRecord;
+use herd_proto::wire::HostId;
+use std::collections::HashMap;
+use uuid::Uuid;
+
+impl Cloud {
+    pub fn hosts(&self) -> Result<Vec<HostStatus>, CloudError> {
+        let hosts = self.store.hosts()?;
+        let live = lock(&self.live);
+        let placement = lock(&self.placement);
+        Ok(hosts
+            .into_iter()
+            .map(|host| self.status_of(host, &live, &placement))
+            .collect())
+    }
+
+    pub fn host(&self, id: &str) -> Result<HostStatus, CloudError> {
+        let not_found = || CloudError::NotFound {
+            kind: "host",
+            id: id.to_owned(),
+        };
+        let uuid: Uuid = id.parse().map_err(|_| not_found())?;
+        let host = self.store.host(uuid)?.ok_or_else(not_found)?;
+        Ok(self.status_of(host, &lock(&self.live), &lock(&self.placement)))
+    }
+
+    /// A host's record with what the server knows now: liveness is judged in memory
+    /// and reaches the store behind the reports before it, so memory has the word.
+    fn status_of(
+        &self,
+        mut record: HostRecord,
+        live: &HashMap<HostId, HostLive>,
+        placement: &Placement,
+    ) -> HostStatus {
+        let used = placement
+            .sched
+            .host(record.id)
+            .map(|slot| (slot.used_vcpus, slot.used_memory_mib))
+            .unwrap_or((0, 0));
+        let live = live.get(&record.id).cloned();
+        if let Some(live) = &live {
+            record.up = !live.down;
+        }
+        HostStatus {
+            record,
+            live,
+            allocated_vcpus: used.0,
+            allocated_memory_mib: used.1,
+        }
+    }
+}

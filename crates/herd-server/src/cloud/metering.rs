@@ -1,0 +1,117 @@
+//! Usage as agents meter it, rate cards and bills.
+
+use super::{invalid, lock, Cloud, CloudError};
+use crate::billing::{self, BillLine};
+use crate::group_commit::Pending;
+use crate::store::{now_ms, StoreError, UsageRow};
+use herd_proto::policy::RateCard;
+use herd_proto::wire::{HostId, VmId, VmUsage};
+use std::collections::HashMap;
+
+impl Cloud {
+    pub fn vm_usage(&self, id: VmId) -> Option<(VmUsage, i64)> {
+        lock(&self.usage).get(&id).copied()
+    }
+
+    /// Meters a usage batch from a host: stored once per (VM, instant), so a
+    /// retransmitted batch changes nothing. Returns how many entries were dropped
+    /// because their VM is not placed on that host.
+    pub async fn record_usage(
+        &self,
+        host: HostId,
+        sampled_at_ms: u64,
+        usage: &[VmUsage],
+    ) -> Result<usize, CloudError> {
+        let (n_rejected, written) = self.hand_over_usage(host, sampled_at_ms, usage);
+        written.durable().await?;
+        Ok(n_rejected)
+    }
+
+    /// Like [`Cloud::record_usage`], returning at once: the samples are on disk when
+    /// the returned handle resolves.
+    pub fn hand_over_usage(
+        &self,
+        host: HostId,
+        sampled_at_ms: u64,
+        usage: &[VmUsage],
+    ) -> (usize, Pending) {
+        let now = now_ms();
+        let mut n_rejected = 0;
+        let mut rows = Vec::with_capacity(usage.len());
+        {
+            let placement = lock(&self.placement);
+            let mut table = lock(&self.usage);
+            for entry in usage {
+                if placement
+                    .vms
+                    .get(&entry.vm)
+                    .is_some_and(|(placed, _, _)| *placed == host)
+                {
+                    table.insert(entry.vm, (*entry, now));
+                    rows.push((
+                        entry.vm,
+                        UsageRow {
+                            sampled_at_ms: sampled_at_ms as i64,
+                            cpu_ms: entry.cpu_ms,
+                            mem_kib: entry.mem_kib,
+                            net_bytes: entry.net_rx_bytes.saturating_add(entry.net_tx_bytes),
+                            disk_bytes: entry
+                                .disk_read_bytes
+                                .saturating_add(entry.disk_write_bytes),
+                        },
+                    ));
+                } else {
+                    n_rejected += 1;
+                }
+            }
+        }
+        (n_rejected, self.commits.hand_over(None, Vec::new(), rows))
+    }
+
+    pub fn set_rate_card(&self, project: &str, card: &RateCard) -> Result<(), CloudError> {
+        self.project(project)?;
+        if card.peak_start_hour > 24 || card.peak_end_hour > 24 {
+            return Err(invalid("peak_start_hour", "peak hours are 0 to 24 (UTC)"));
+        }
+        let json = serde_json::to_string(card).map_err(|e| invalid("rate card", e.to_string()))?;
+        self.store.set_rate_card(project, &json)?;
+        Ok(())
+    }
+
+    pub fn rate_card(&self, project: &str) -> Result<Option<RateCard>, CloudError> {
+        self.store
+            .rate_card(project)?
+            .map(|json| {
+                serde_json::from_str(&json)
+                    .map_err(|e| CloudError::Store(StoreError::Corrupt(format!("rate card: {e}"))))
+            })
+            .transpose()
+    }
+
+    /// Every VM's charges over `[from_ms, to_ms)`, priced by its project's rate card.
+    /// VMs of projects without a rate card cost nothing (their usage still shows).
+    pub fn bill(
+        &self,
+        project: Option<&str>,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<BillLine>, CloudError> {
+        let to_ms = to_ms.min(now_ms());
+        let mut cards: HashMap<String, RateCard> = HashMap::new();
+        let mut lines = Vec::new();
+        for vm in self.store.ledger(project)? {
+            if !cards.contains_key(&vm.project) {
+                let card = self.rate_card(&vm.project)?.unwrap_or_default();
+                cards.insert(vm.project.clone(), card);
+            }
+            let rates = cards.get(&vm.project).copied().unwrap_or_default();
+            let history = self.store.state_history(vm.vm)?;
+            let samples = self.store.usage_samples(vm.vm, to_ms)?;
+            let line = billing::bill_vm(&rates, &vm, &history, &samples, from_ms, to_ms);
+            if line.billed_ms > 0 || line.cpu_ms > 0 || line.net_bytes > 0 {
+                lines.push(line);
+            }
+        }
+        Ok(lines)
+    }
+}

@@ -1,0 +1,292 @@
+//! The server's core: every operation the API offers, as plain methods that never see
+//! HTTP or JSON, plus the in-memory state that must not be recomputed per request
+//! (capacity accounting for the scheduler, host liveness).
+//!
+//! **Architecture Invariant:** a VM is placed and its capacity counted under one lock,
+//! and the row is durable before the lock is released, so concurrent launches cannot
+//! over-commit a host and an acknowledged launch survives a crash.
+
+mod console;
+mod guests;
+mod hosts;
+mod identity;
+mod liveness;
+mod metering;
+mod placement;
+mod reconcile;
+mod sessions;
+mod validate;
+mod vms;
+
+use console::ConsoleReply;
+use placement::{slot_of, Placement};
+pub(crate) use validate::valid_name;
+pub use validate::HYPERVISORS;
+
+use crate::group_commit::{CommitError, GroupCommit};
+use crate::store::{HostRecord, Store, StoreError, VmRecord};
+use crate::tenancy::Tenancy;
+use herd_bus::{Bus, BusError};
+use herd_proto::policy::PolicySpec;
+use herd_proto::wire::{HostId, HostUtil, ServerMsg, VmId, VmSpec, VmUsage};
+use herd_proto::VmState;
+use herd_sched::SchedPolicy;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify};
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// The URL agents and clients reach this server at, for discovery.
+    pub public_url: String,
+    pub sync_interval: Duration,
+    pub usage_interval: Duration,
+    /// A host that sends nothing for this long is marked down.
+    pub host_grace: Duration,
+    pub sched: SchedPolicy,
+    /// Hypervisor type for a launch that names none.
+    pub default_hypervisor: String,
+    pub default_image: String,
+    /// Serve plain HTTP instead of HTTPS: no CA, no agent certificates, tokens alone.
+    /// Only for loopback (the CLI refuses it elsewhere).
+    pub insecure_http: bool,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: PathBuf, public_url: String) -> ServerConfig {
+        ServerConfig {
+            data_dir,
+            public_url,
+            sync_interval: Duration::from_secs(1),
+            usage_interval: Duration::from_secs(10),
+            host_grace: Duration::from_secs(10),
+            sched: SchedPolicy::default(),
+            default_hypervisor: "qemu".into(),
+            default_image: "default".into(),
+            insecure_http: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    #[error("no {kind} with id {id:?}")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("missing or invalid credentials")]
+    Unauthorized,
+    #[error("this credential may not do that")]
+    Forbidden,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> CloudError {
+    CloudError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// A launch request after parsing, before validation.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub name: String,
+    pub project: Option<String>,
+    pub hypervisor: Option<String>,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub image: Option<String>,
+    pub command: Vec<String>,
+    pub policy: PolicySpec,
+    pub keep_running: bool,
+}
+
+/// Live facts about a host that change every interval and are not worth a disk write.
+#[derive(Debug, Clone)]
+pub struct HostLive {
+    pub last_seen: Instant,
+    pub util: HostUtil,
+    pub down: bool,
+    /// The host was marked down while its connection stayed open: its next report
+    /// must be a full one.
+    pub needs_resync: bool,
+    /// Bumped by each new connection; an older connection that sees a newer number
+    /// ends itself.
+    pub session: u64,
+    pub connected: bool,
+}
+
+/// A host as the API shows it: its record, live facts and what is promised on it.
+#[derive(Debug, Clone)]
+pub struct HostStatus {
+    pub record: HostRecord,
+    pub live: Option<HostLive>,
+    pub allocated_vcpus: u64,
+    pub allocated_memory_mib: u64,
+}
+
+/// What the server knows of a VM's guest module, from its relayed reports.
+#[derive(Debug, Clone, Default)]
+pub struct GuestInfo {
+    pub version: Option<String>,
+    pub hello_at_ms: Option<i64>,
+    pub last_report_at_ms: i64,
+    pub uptime_ms: Option<u64>,
+    pub workload_running: Option<bool>,
+    pub guest_rss_kib: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub last_error: Option<String>,
+    /// (rule, text, fraction of the limit in thousandths, seconds left).
+    pub policy_progress: Vec<(String, String, u32, Option<u64>)>,
+}
+
+/// Counters exported at /metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub reports_delta: AtomicU64,
+    pub reports_full: AtomicU64,
+    pub report_bytes: AtomicU64,
+    pub full_requests: AtomicU64,
+    pub vm_state_changes: AtomicU64,
+    pub commands_published: AtomicU64,
+    pub command_errors: AtomicU64,
+    pub rejected_reports: AtomicU64,
+    pub api_requests: AtomicU64,
+    pub hosts_marked_down: AtomicU64,
+    pub agent_discoveries: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub struct Cloud {
+    pub config: ServerConfig,
+    pub store: Arc<Store>,
+    /// Agents' reports and usage, written in shared transactions.
+    pub commits: GroupCommit,
+    pub bus: Box<dyn Bus>,
+    /// The CA that signs agent certificates at join; `None` when serving plain HTTP.
+    /// Set by `herd_server::open`.
+    pub ca: Option<std::sync::Arc<herd_tls::Ca>>,
+    pub tenancy: Tenancy,
+    placement: Mutex<Placement>,
+    live: Mutex<HashMap<HostId, HostLive>>,
+    usage: Mutex<HashMap<VmId, (VmUsage, i64)>>,
+    guests: Mutex<HashMap<VmId, GuestInfo>>,
+    /// Why each pending VM could not be placed, so the event is written once.
+    pending_reasons: Mutex<HashMap<VmId, String>>,
+    pub reconcile_now: Notify,
+    pub metrics: Metrics,
+    /// Messages for each connected agent, outside the command queue (console requests).
+    outbox: Mutex<HashMap<HostId, (u64, mpsc::UnboundedSender<ServerMsg>)>>,
+    /// Console requests awaiting their agent's answer: which host must answer, and where.
+    console_waiters: Mutex<HashMap<u64, (HostId, ConsoleReply)>>,
+    next_request: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded maps are rebuilt from the store on restart and every writer leaves
+    // them consistent between statements, so a poisoned lock is safe to keep using.
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+impl Cloud {
+    pub fn open(config: ServerConfig, bus: Box<dyn Bus>) -> Result<Cloud, CloudError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            invalid(
+                "data_dir",
+                format!("cannot create {}: {e}", config.data_dir.display()),
+            )
+        })?;
+        let store = Arc::new(Store::open(&config.data_dir.join("herd.db"))?);
+        let tenancy = Tenancy::load(&store)?;
+        let sched_policy = config.sched;
+        let cloud = Cloud {
+            config,
+            commits: GroupCommit::new(store.clone()),
+            store,
+            bus,
+            ca: None,
+            tenancy,
+            placement: Mutex::new(Placement::new(sched_policy)),
+            live: Mutex::new(HashMap::new()),
+            usage: Mutex::new(HashMap::new()),
+            guests: Mutex::new(HashMap::new()),
+            pending_reasons: Mutex::new(HashMap::new()),
+            reconcile_now: Notify::new(),
+            metrics: Metrics::default(),
+            outbox: Mutex::new(HashMap::new()),
+            console_waiters: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+        };
+        cloud.rebuild()?;
+        Ok(cloud)
+    }
+
+    /// Rebuilds capacity accounting and liveness from the store after a start.
+    fn rebuild(&self) -> Result<(), CloudError> {
+        let hosts = self.store.hosts()?;
+        let placed = self.store.placed_shares();
+        let mut placement = lock(&self.placement);
+        let mut live = lock(&self.live);
+        let now = Instant::now();
+        placement.restore(hosts.iter().map(slot_of).collect(), placed);
+        for host in hosts {
+            // Hosts get a longer grace after a server restart to reconnect (see
+            // `check_liveness`).
+            live.insert(
+                host.id,
+                HostLive {
+                    last_seen: now,
+                    util: HostUtil::default(),
+                    down: !host.up,
+                    needs_resync: false,
+                    session: 0,
+                    connected: false,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Whether a VM in this state is on its host, as the host reports it (not waiting for
+/// a host, nor gone from one): the states a host's view starts from and a host-down
+/// mark turns into `unknown`.
+pub(crate) fn reported_by_host(state: VmState) -> bool {
+    !matches!(
+        state,
+        VmState::Pending | VmState::Scheduled | VmState::Terminated | VmState::Purged
+    )
+}
+
+pub fn spec_of(vm: &VmRecord) -> VmSpec {
+    VmSpec {
+        name: vm.name.clone(),
+        hypervisor: vm.hypervisor.clone(),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        image: vm.image.clone(),
+        command: vm.command.clone(),
+        policy: vm.policy,
+        keep_running: vm.keep_running,
+    }
+}
