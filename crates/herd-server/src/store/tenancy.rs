@@ -387,7 +387,7 @@ impl Store {
         );
         let mut args: Vec<rusqlite::types::Value> = Vec::new();
         if let Some(projects) = &filter.projects {
-            let marks = super::in_list(&mut args, projects);
+            let marks = super::rows::in_list(&mut args, projects);
             sql.push_str(&format!(" AND project IN ({marks})"));
         }
         if let Some(actor) = &filter.actor {
