@@ -2,8 +2,8 @@
 //! protocol.
 //!
 //! This crate has no I/O (beyond one read of the wall clock, `clock::unix_ms`) and no
-//! async runtime so that the agent, the server, the guest
-//! module and the benchmarks can all link it, and so that the lifecycle table can be
+//! async runtime so that the agent, the server, the guest module and the benchmarks can
+//! all link it, and so that the lifecycle table can be
 //! tested exhaustively on its own. It is the only place the state flow is written down;
 //! everything else (API validation, agent transition checks, docs) is derived from it.
 

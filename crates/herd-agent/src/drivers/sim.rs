@@ -150,7 +150,7 @@ pub struct SimDriver {
     vms: Mutex<Vms>,
 }
 
-use herd_proto::clock::unix_ms as now_ms;
+use herd_proto::clock::unix_ms;
 
 fn load(path: &Path) -> Result<BTreeMap<VmId, SimVm>, DriverError> {
     Ok(persist::load_json(path)
@@ -239,7 +239,7 @@ impl SimDriver {
         &self,
         f: impl FnOnce(&mut Vms, u64) -> Result<T, DriverError>,
     ) -> Result<T, DriverError> {
-        let now = now_ms();
+        let now = unix_ms();
         let mut vms = self.lock()?;
         vms.settle(now);
         let out = f(&mut vms, now);

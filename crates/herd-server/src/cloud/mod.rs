@@ -19,6 +19,7 @@ mod validate;
 mod vms;
 
 use console::ConsoleReply;
+use liveness::LIVENESS_TICK;
 use placement::{slot_of, Placement};
 pub(crate) use validate::valid_name;
 pub use validate::HYPERVISORS;
@@ -37,6 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
+use tracing::warn;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -239,6 +241,44 @@ impl Cloud {
         };
         cloud.rebuild()?;
         Ok(cloud)
+    }
+
+    /// Runs the reconciler and the liveness check until the process ends.
+    pub async fn run_background(self: std::sync::Arc<Self>) {
+        {
+            // The grace after a start counts from when agents can reach the server,
+            // not from when the store was opened.
+            let now = Instant::now();
+            for live in lock(&self.live).values_mut().filter(|l| l.session == 0) {
+                live.last_seen = now;
+            }
+        }
+        let cloud = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let next_deadline = cloud.check_liveness(Instant::now()).unwrap_or_else(|e| {
+                    warn!("liveness check failed: {e}");
+                    None
+                });
+                // Wake at the next host's deadline, not on a coarse tick, so a dead host
+                // is marked down within its grace period (and at most every 100 ms: new
+                // hosts and hosts coming back move the deadline).
+                let now = Instant::now();
+                let wake = next_deadline
+                    .unwrap_or(now + LIVENESS_TICK)
+                    .clamp(now + Duration::from_millis(1), now + LIVENESS_TICK);
+                tokio::time::sleep_until(wake.into()).await;
+            }
+        });
+        loop {
+            if let Err(e) = self.reconcile_once().await {
+                warn!("reconcile failed: {e}");
+            }
+            tokio::select! {
+                _ = self.reconcile_now.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+            }
+        }
     }
 
     /// Rebuilds capacity accounting and liveness from the store after a start.

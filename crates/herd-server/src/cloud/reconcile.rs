@@ -1,15 +1,12 @@
 //! The reconciler: desired state carried to hosts as level-triggered commands,
 //! pending VMs placed, lifespans the server can judge alone enforced.
 
-use super::liveness::LIVENESS_TICK;
 use super::{lock, spec_of, Cloud, CloudError};
 use crate::store::{now_ms, NewEvent, Observation, VmRecord};
 use herd_proto::policy::{PolicyAction, PolicySpec};
 use herd_proto::wire::{Command, CommandId, HostId, VmId};
 use herd_proto::VmState;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
-use tracing::warn;
 
 /// How many VMs the reconciler takes from the store at a time.
 const RECONCILE_SLICE: usize = 5_000;
@@ -196,44 +193,6 @@ impl Cloud {
             .commands_published
             .fetch_add(commands.len() as u64, Ordering::Relaxed);
         Ok(())
-    }
-
-    /// Runs the reconciler and the liveness check until the process ends.
-    pub async fn run_background(self: std::sync::Arc<Self>) {
-        {
-            // The grace after a start counts from when agents can reach the server,
-            // not from when the store was opened.
-            let now = Instant::now();
-            for live in lock(&self.live).values_mut().filter(|l| l.session == 0) {
-                live.last_seen = now;
-            }
-        }
-        let cloud = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let next_deadline = cloud.check_liveness(Instant::now()).unwrap_or_else(|e| {
-                    warn!("liveness check failed: {e}");
-                    None
-                });
-                // Wake at the next host's deadline, not on a coarse tick, so a dead host
-                // is marked down within its grace period (and at most every 100 ms: new
-                // hosts and hosts coming back move the deadline).
-                let now = Instant::now();
-                let wake = next_deadline
-                    .unwrap_or(now + LIVENESS_TICK)
-                    .clamp(now + Duration::from_millis(1), now + LIVENESS_TICK);
-                tokio::time::sleep_until(wake.into()).await;
-            }
-        });
-        loop {
-            if let Err(e) = self.reconcile_once().await {
-                warn!("reconcile failed: {e}");
-            }
-            tokio::select! {
-                _ = self.reconcile_now.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
-            }
-        }
     }
 }
 
