@@ -23,7 +23,7 @@ struct Args {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    herd_image::workspace_root(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// Boots the image with QEMU directly and waits for the guest's hello.

@@ -34,7 +34,7 @@ fn data_dir() -> PathBuf {
         return dir.clone();
     }
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-qemu-tests");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = herd_image::workspace_root(env!("CARGO_MANIFEST_DIR"));
     let guest = match std::env::var_os("HERD_GUEST_BINARY") {
         Some(p) => PathBuf::from(p),
         // Rebuild so the image has the current herd-guest; if the shared workspace does

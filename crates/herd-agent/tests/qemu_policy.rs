@@ -32,7 +32,7 @@ fn data_dir() -> PathBuf {
         return dir.clone();
     }
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-qemu-policy-tests");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = herd_image::workspace_root(env!("CARGO_MANIFEST_DIR"));
     let guest = match std::env::var_os("HERD_GUEST_BINARY") {
         Some(p) => PathBuf::from(p),
         None => herd_image::guest_binary(&root, true).unwrap_or_else(|e| {

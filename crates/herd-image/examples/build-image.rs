@@ -8,7 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let data_dir =
         std::path::PathBuf::from(args.next().ok_or("usage: build-image DATA_DIR [NAME]")?);
     let name = args.next().unwrap_or_else(|| "default".into());
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = herd_image::workspace_root(env!("CARGO_MANIFEST_DIR"));
     let rebuild = std::env::var("HERD_REBUILD_GUEST").is_ok_and(|v| v == "1");
     let guest = match std::env::var_os("HERD_GUEST_BINARY") {
         Some(path) => path.into(),

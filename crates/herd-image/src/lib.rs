@@ -521,6 +521,22 @@ pub fn is_static_elf(bytes: &[u8]) -> bool {
     })
 }
 
+/// The root of the workspace being built or tested. It is read at run time, from the
+/// `CARGO_MANIFEST_DIR` that cargo and nextest set for tests and `cargo run`, because a
+/// compile-time `env!` goes stale when a kept target dir (CI's) serves another checkout:
+/// cargo reuses the artifact and the baked path points at a tree that is gone.
+/// `compiled_manifest_dir` (the caller's `env!("CARGO_MANIFEST_DIR")`) is the fallback.
+pub fn workspace_root(compiled_manifest_dir: &str) -> PathBuf {
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(compiled_manifest_dir));
+    start
+        .ancestors()
+        .find(|dir| dir.join("Cargo.lock").exists())
+        .map(Path::to_path_buf)
+        .unwrap_or(start)
+}
+
 /// Where the static herd-guest binary is built: `guest/` under `CARGO_TARGET_DIR` if set
 /// (so CI's kept target dir caches it), else `target/guest` in the workspace.
 pub fn guest_target_dir(workspace_root: &Path) -> PathBuf {

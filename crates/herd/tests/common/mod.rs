@@ -514,7 +514,7 @@ impl Up {
 
 /// The static herd-guest, built from this tree (wherever the target dir is).
 pub fn guest_binary() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = herd_image::workspace_root(env!("CARGO_MANIFEST_DIR"));
     herd_image::guest_binary(&root, true).expect("building herd-guest")
 }
 
