@@ -6,7 +6,7 @@
 //! process (the normal case) reports once a second and always reads afresh.
 
 use herd_proto::wire::Capacity;
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long one reading of /proc serves every agent in the process.
@@ -19,9 +19,7 @@ static MEM_USED_MIB: Reading<u64> = Mutex::new(None);
 
 /// The value read within the last [`READING_TTL`], or a new reading.
 fn shared<T: Copy>(cell: &Reading<T>, read: impl FnOnce() -> T) -> T {
-    let Ok(mut slot) = cell.lock() else {
-        return read();
-    };
+    let mut slot = cell.lock();
     if let Some((at, value)) = *slot {
         if at.elapsed() < READING_TTL {
             return value;

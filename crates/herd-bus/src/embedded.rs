@@ -17,10 +17,11 @@
 use crate::{Bus, BusError, Queued};
 use async_trait::async_trait;
 use herd_proto::wire::{self, Command, CommandId, HostId, VmId};
+use parking_lot::Mutex;
 use rusqlite::{params, Connection};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use tokio::sync::Notify;
 
 pub struct EmbeddedBus {
@@ -68,12 +69,6 @@ impl HostQueue {
             .push((command.id.generation, seq));
         self.by_seq.insert(seq, command);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section here leaves its data whole, even if it panics midway
-    // through a loop: keep using it.
-    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 impl EmbeddedBus {
@@ -130,7 +125,7 @@ impl EmbeddedBus {
         f: impl FnOnce(&mut Connection) -> Result<T, BusError> + Send + 'static,
     ) -> Result<T, BusError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&mut lock(&db)))
+        tokio::task::spawn_blocking(move || f(&mut db.lock()))
             .await
             .map_err(|e| BusError::Stopped(e.to_string()))?
     }
@@ -179,7 +174,7 @@ impl Bus for EmbeddedBus {
             .await?;
         {
             // The same steps, in the same order, on the mirror.
-            let mut queues = lock(&self.queues);
+            let mut queues = self.queues.lock();
             for ((host, command), seq) in commands.iter().zip(seqs) {
                 let queue = queues.entry(*host).or_default();
                 let generation = command.id.generation;
@@ -204,7 +199,9 @@ impl Bus for EmbeddedBus {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Queued>, BusError> {
-        Ok(lock(&self.queues)
+        Ok(self
+            .queues
+            .lock()
             .get(&host)
             .map(|queue| {
                 queue
@@ -224,20 +221,20 @@ impl Bus for EmbeddedBus {
         if ids.is_empty() {
             return Ok(());
         }
-        if let Some(queue) = lock(&self.queues).get_mut(&host) {
+        if let Some(queue) = self.queues.lock().get_mut(&host) {
             for id in ids {
                 queue.retain(id.vm, |queued| queued > id.generation);
             }
         }
         {
             let host = host.to_string();
-            lock(&self.acks).extend(
+            self.acks.lock().extend(
                 ids.iter()
                     .map(|id| (host.clone(), id.vm.to_string(), id.generation as i64)),
             );
         }
         let _turn = self.turn.lock().await;
-        let owed = std::mem::take(&mut *lock(&self.acks));
+        let owed = std::mem::take(&mut *self.acks.lock());
         if owed.is_empty() {
             // Written by whoever had the turn before.
             return Ok(());
@@ -259,13 +256,15 @@ impl Bus for EmbeddedBus {
     }
 
     async fn depth(&self, host: HostId) -> Result<u64, BusError> {
-        Ok(lock(&self.queues)
+        Ok(self
+            .queues
+            .lock()
             .get(&host)
             .map_or(0, |queue| queue.by_seq.len() as u64))
     }
 
     fn waker(&self, host: HostId) -> Arc<Notify> {
-        lock(&self.wakers).entry(host).or_default().clone()
+        self.wakers.lock().entry(host).or_default().clone()
     }
 }
 

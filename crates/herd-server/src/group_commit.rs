@@ -32,9 +32,10 @@
 use crate::store::{Observation, Store, StoreError, UsageRow};
 use herd_proto::wire::{HostId, VmId};
 use herd_proto::VmState;
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use tokio::sync::oneshot;
 use tracing::warn;
 
@@ -133,12 +134,6 @@ pub struct GroupCommit {
     pub stats: Arc<CommitStats>,
 }
 
-fn lock(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
-    // Only pushes, takes and map updates happen under the lock; a panic cannot leave it
-    // half-done.
-    queue.lock().unwrap_or_else(|poison| poison.into_inner())
-}
-
 /// A handed-over write: resolves once its batch is on disk.
 pub struct Pending {
     committed: oneshot::Receiver<Result<(), String>>,
@@ -201,7 +196,7 @@ impl GroupCommit {
     /// unless the host is back (see [`GroupCommit::host_up`]) by the time it is written.
     pub fn host_down(&self, host: HostId, why: String) -> Pending {
         let mark = {
-            let mut down = lock_map(&self.down);
+            let mut down = self.down.lock();
             let mark = down.get(&host).map_or(1, |mark| mark + 1);
             down.insert(host, mark);
             mark
@@ -215,7 +210,7 @@ impl GroupCommit {
     /// as down). Nothing is held across the write, which may wait seconds behind a
     /// large batch: the liveness check must not wait that long to mark another host.
     pub fn host_up(&self, host: HostId) {
-        lock_map(&self.down).remove(&host);
+        self.down.lock().remove(&host);
     }
 
     fn enqueue(
@@ -227,7 +222,7 @@ impl GroupCommit {
     ) -> Pending {
         let (done, committed) = oneshot::channel();
         let (lead, must_wait) = {
-            let mut queue = lock(&self.queue);
+            let mut queue = self.queue.lock();
             queue.issued += 1;
             let ticket = queue.issued;
             if let Some(host) = host {
@@ -264,12 +259,13 @@ impl GroupCommit {
     /// How many VMs have an observed state not yet written: the write-behind's
     /// backlog, as /metrics shows it.
     pub fn unwritten(&self) -> usize {
-        lock(&self.queue).overlay.by_vm.len()
+        self.queue.lock().overlay.by_vm.len()
     }
 
     /// The VM's observed state if a newer one than the store's is on its way there.
     pub fn observed(&self, vm: VmId) -> Option<VmState> {
-        lock(&self.queue)
+        self.queue
+            .lock()
             .overlay
             .by_vm
             .get(&vm)
@@ -278,7 +274,7 @@ impl GroupCommit {
 
     /// The not yet written observed states of a host's VMs.
     pub fn observed_on(&self, host: HostId) -> Vec<(VmId, VmState)> {
-        let queue = lock(&self.queue);
+        let queue = self.queue.lock();
         let Some(vms) = queue.overlay.by_host.get(&host) else {
             return Vec::new();
         };
@@ -289,10 +285,6 @@ impl GroupCommit {
             })
             .collect()
     }
-}
-
-fn lock_map(map: &Mutex<HashMap<HostId, u64>>) -> MutexGuard<'_, HashMap<HostId, u64>> {
-    map.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 /// What the writer works with.
@@ -308,7 +300,7 @@ impl Writer {
     fn write_until_empty(&self) {
         loop {
             let jobs = {
-                let mut queue = lock(&self.queue);
+                let mut queue = self.queue.lock();
                 if queue.jobs.is_empty() {
                     queue.writing = false;
                     return;
@@ -337,7 +329,7 @@ impl Writer {
                 .fetch_add(waiters.len() as u64, Ordering::Relaxed);
             // Written (or failed, and then the next full report repairs it): the store
             // answers for these VMs again, unless a newer change is on its way.
-            lock(&self.queue).overlay.written_up_to(last_ticket);
+            self.queue.lock().overlay.written_up_to(last_ticket);
             let result = failed.map_or(Ok(()), Err);
             for waiter in waiters {
                 // A connection that went away no longer waits; its write is in anyway.
@@ -365,7 +357,7 @@ impl Writer {
     }
 
     fn mark_down(&self, host: HostId, why: &str, mark: u64, failed: &mut Option<String>) {
-        let mut down = lock_map(&self.down);
+        let mut down = self.down.lock();
         if down.get(&host) != Some(&mark) {
             // Back already, or marked again later: that later mark does the work.
             return;

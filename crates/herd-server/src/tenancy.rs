@@ -11,9 +11,9 @@ use crate::auth::{self, Identity};
 use crate::billing::format_money;
 use crate::cloud::{valid_name, Cloud, CloudError};
 use crate::store::{now_ms, ProjectRow, Quota, Store, StoreError, TokenRow, UserRow};
+use parking_lot::{Mutex, RwLock};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -37,15 +37,6 @@ pub struct Tenancy {
     tables: RwLock<Tables>,
     /// SHA-256 of tokens whose argon2 hash matched, with their id.
     verified: Mutex<HashMap<[u8; 32], String>>,
-}
-
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    // Writers replace the tables whole, so a poisoned lock still guards a consistent copy.
-    lock.read().unwrap_or_else(|poison| poison.into_inner())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 impl Tenancy {
@@ -77,11 +68,11 @@ impl Tenancy {
         for token in rows.tokens {
             tables.tokens.insert(token.id.clone(), token);
         }
-        *self.tables.write().unwrap_or_else(|p| p.into_inner()) = tables;
+        *self.tables.write() = tables;
         // A revoked token or a deleted user must not live on in the memory of
         // verified tokens.
-        let tables = read(&self.tables);
-        lock(&self.verified).retain(|_, id| {
+        let tables = self.tables.read();
+        self.verified.lock().retain(|_, id| {
             tables
                 .tokens
                 .get(id)
@@ -103,7 +94,7 @@ impl Tenancy {
     pub fn authenticate(&self, token: &str, now_ms: i64) -> Option<Principal> {
         let id = auth::api_token_id(token)?;
         let (user, hash) = {
-            let tables = read(&self.tables);
+            let tables = self.tables.read();
             let row = tables.tokens.get(id)?;
             if row.revoked_at_ms.is_some() || row.expires_at_ms.is_some_and(|at| at <= now_ms) {
                 return None;
@@ -111,34 +102,34 @@ impl Tenancy {
             (row.user.clone(), row.hash.clone())
         };
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let known = lock(&self.verified).get(&digest).is_some_and(|v| v == id);
+        let known = self.verified.lock().get(&digest).is_some_and(|v| v == id);
         if !known {
             if !auth::verify_api_token(token, &hash) {
                 return None;
             }
-            let mut verified = lock(&self.verified);
+            let mut verified = self.verified.lock();
             if verified.len() >= MAX_VERIFIED {
                 verified.clear();
             }
             verified.insert(digest, id.to_owned());
         }
-        Tenancy::principal_in(&read(&self.tables), &user)
+        Tenancy::principal_in(&self.tables.read(), &user)
     }
 
     pub fn principal(&self, user: &str) -> Option<Principal> {
-        Tenancy::principal_in(&read(&self.tables), user)
+        Tenancy::principal_in(&self.tables.read(), user)
     }
 
     pub fn project(&self, name: &str) -> Option<ProjectRow> {
-        read(&self.tables).projects.get(name).cloned()
+        self.tables.read().projects.get(name).cloned()
     }
 
     pub fn projects(&self) -> Vec<ProjectRow> {
-        read(&self.tables).projects.values().cloned().collect()
+        self.tables.read().projects.values().cloned().collect()
     }
 
     pub fn members(&self, project: &str) -> Vec<(String, Role)> {
-        let tables = read(&self.tables);
+        let tables = self.tables.read();
         let mut out: Vec<(String, Role)> = tables
             .roles
             .iter()
@@ -149,13 +140,15 @@ impl Tenancy {
     }
 
     pub fn users(&self) -> Vec<UserRow> {
-        let mut out: Vec<UserRow> = read(&self.tables).users.values().cloned().collect();
+        let mut out: Vec<UserRow> = self.tables.read().users.values().cloned().collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
 
     pub fn tokens_of(&self, user: Option<&str>) -> Vec<TokenRow> {
-        let mut out: Vec<TokenRow> = read(&self.tables)
+        let mut out: Vec<TokenRow> = self
+            .tables
+            .read()
             .tokens
             .values()
             .filter(|t| user.is_none_or(|u| t.user == u))
@@ -166,7 +159,7 @@ impl Tenancy {
     }
 
     pub fn token(&self, id: &str) -> Option<TokenRow> {
-        read(&self.tables).tokens.get(id).cloned()
+        self.tables.read().tokens.get(id).cloned()
     }
 }
 

@@ -30,13 +30,14 @@ use herd_agent::{Agent, AgentConfig, AgentError, Driver, SyncProbe};
 use herd_proto::wire::VmId;
 use herd_proto::VmState;
 use herd_server::api::{BatchLaunchRequest, BatchLaunched, HostInfo, JoinTokenView, LaunchRequest};
+use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -103,13 +104,6 @@ fn parse_duration(what: &str, text: &str) -> Result<Duration> {
     })
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these leaves plain counters behind; carry on.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 // ---- what the probes gather ----------------------------------------------------------
 
 /// The figures every host's probe adds to.
@@ -153,7 +147,7 @@ impl Shared {
     }
 
     fn n_lags(&self) -> usize {
-        lock(&self.lags_ms).len()
+        self.lags_ms.lock().len()
     }
 }
 
@@ -251,26 +245,26 @@ struct HostProbe {
 
 impl HostProbe {
     fn start_failed(&self, reason: String) {
-        if let Some(tx) = lock(&self.started).take() {
+        if let Some(tx) = self.started.lock().take() {
             let _ = tx.send(Err(reason));
         }
     }
 
     /// The server has acked every report that changed anything.
     fn caught_up(&self) -> bool {
-        let sync = lock(&self.sync);
+        let sync = self.sync.lock();
         sync.acked_seq >= sync.last_change_seq
     }
 
     /// No change in flight and none waiting for an ack.
     fn quiet(&self) -> bool {
-        let sync = lock(&self.sync);
+        let sync = self.sync.lock();
         sync.in_flight.is_empty() && sync.pending.is_empty()
     }
 
     /// Flips `vm` unless a flip of it is still unreported; says whether it did.
     fn flip(&self, vm: VmId) -> bool {
-        let mut sync = lock(&self.sync);
+        let mut sync = self.sync.lock();
         if sync.in_flight.contains(&vm) {
             return false;
         }
@@ -290,10 +284,10 @@ impl SyncProbe for HostProbe {
             .interval_ms
             .fetch_max(sync_interval_ms, Ordering::Relaxed);
         shared.n_connected.fetch_add(1, Ordering::Relaxed);
-        if lock(&self.sync).lost {
-            lock(&shared.resync).host_connected(unix_ms());
+        if self.sync.lock().lost {
+            shared.resync.lock().host_connected(unix_ms());
         }
-        if let Some(tx) = lock(&self.started).take() {
+        if let Some(tx) = self.started.lock().take() {
             let _ = tx.send(Ok(()));
         }
     }
@@ -302,12 +296,12 @@ impl SyncProbe for HostProbe {
         let shared = &self.shared;
         shared.n_connected.fetch_sub(1, Ordering::Relaxed);
         shared.n_disconnects.fetch_add(1, Ordering::Relaxed);
-        let mut sync = lock(&self.sync);
+        let mut sync = self.sync.lock();
         // A full report sent before this disconnect brings nothing back.
         sync.full_seq = None;
         if !sync.lost && !sync.killed {
             sync.lost = true;
-            lock(&shared.resync).host_lost(unix_ms());
+            shared.resync.lock().host_lost(unix_ms());
         }
     }
 
@@ -320,7 +314,7 @@ impl SyncProbe for HostProbe {
         if changed.is_empty() && !full {
             return;
         }
-        let mut sync = lock(&self.sync);
+        let mut sync = self.sync.lock();
         if sync.epoch != epoch {
             sync.epoch = epoch;
             sync.pending.clear();
@@ -351,7 +345,7 @@ impl SyncProbe for HostProbe {
         shared.n_acks.fetch_add(1, Ordering::Relaxed);
         let now = unix_ms();
         let mut lags = Vec::new();
-        let mut sync = lock(&self.sync);
+        let mut sync = self.sync.lock();
         if sync.epoch != epoch {
             return;
         }
@@ -368,11 +362,14 @@ impl SyncProbe for HostProbe {
         if sync.lost && sync.full_seq.is_some_and(|full| full <= seq) {
             sync.lost = false;
             sync.full_seq = None;
-            lock(&shared.resync).host_back(now, shared.n_alive.load(Ordering::Relaxed));
+            shared
+                .resync
+                .lock()
+                .host_back(now, shared.n_alive.load(Ordering::Relaxed));
         }
         drop(sync);
         if !lags.is_empty() {
-            lock(&shared.lags_ms).extend(lags);
+            shared.lags_ms.lock().extend(lags);
         }
     }
 }
@@ -554,7 +551,7 @@ struct ChurnStep {
 
 /// The lags measured since the last call, sorted.
 fn take_lags(shared: &Shared) -> Vec<u32> {
-    let mut lags = std::mem::take(&mut *lock(&shared.lags_ms));
+    let mut lags = std::mem::take(&mut *shared.lags_ms.lock());
     lags.sort_unstable();
     lags
 }
@@ -772,7 +769,7 @@ impl Run<'_> {
         let kills = self.kill_hosts(fleet).await?;
         let detected: Vec<u64> = kills.iter().filter_map(|k| k.detect_ms).collect();
         let (completed, partial_resyncs) = {
-            let tracker = lock(&fleet.shared.resync);
+            let tracker = fleet.shared.resync.lock();
             (
                 tracker
                     .completed
@@ -1231,7 +1228,7 @@ impl Run<'_> {
     }
 
     async fn wait_resync(&self, fleet: &Fleet) -> Result<()> {
-        let n_before = lock(&fleet.shared.resync).completed.len();
+        let n_before = fleet.shared.resync.lock().completed.len();
         eprintln!(
             "herd sim: waiting up to {:.0} s for every host to lose its server and resync \
              (restart the server now)",
@@ -1241,7 +1238,7 @@ impl Run<'_> {
         let mut progress = Progress::new();
         loop {
             {
-                let tracker = lock(&fleet.shared.resync);
+                let tracker = fleet.shared.resync.lock();
                 if tracker.completed[n_before..].iter().any(|r| r.all_hosts) {
                     return Ok(());
                 }
@@ -1251,7 +1248,7 @@ impl Run<'_> {
                 bail!("no full resync within --resync-timeout: did every host lose its server?");
             }
             progress.say(|| {
-                let tracker = lock(&fleet.shared.resync);
+                let tracker = fleet.shared.resync.lock();
                 match &tracker.current {
                     Some(r) => format!(
                         "resync: {} hosts lost their server, {} back",
@@ -1278,7 +1275,7 @@ impl Run<'_> {
         let mut victims = Vec::new();
         for k in 0..n_kill {
             let host = &mut fleet.hosts[k * n_hosts / n_kill];
-            lock(&host.probe.sync).killed = true;
+            host.probe.sync.lock().killed = true;
             host.killed = true;
             host.task.abort();
             if let Some(id) = host.host_id {

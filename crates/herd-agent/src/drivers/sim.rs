@@ -18,10 +18,10 @@ use crate::persist;
 use async_trait::async_trait;
 use herd_proto::wire::{HypervisorInfo, VmId, VmSpec, VmUsage};
 use herd_proto::VmState;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 /// How long simulated operations take, and whether VMs use anything.
 #[derive(Debug, Clone, Copy)]
@@ -184,14 +184,14 @@ impl SimDriver {
     /// [`SimDriver::save_to`] (or of a file-backed driver's `vms.json`), if there is one.
     pub fn restore(path: &Path, config: SimConfig) -> Result<SimDriver, DriverError> {
         let driver = SimDriver::in_memory(config);
-        *driver.lock()? = Vms::new(load(path)?);
+        *driver.vms.lock() = Vms::new(load(path)?);
         Ok(driver)
     }
 
     /// Writes a snapshot of the VMs to `path` (atomically, not synced).
     pub fn save_to(&self, path: &Path) -> Result<(), DriverError> {
         let bytes = {
-            let vms = self.lock()?;
+            let vms = self.vms.lock();
             serde_json::to_vec(&vms.map)
                 .map_err(|e| DriverError::Failed(format!("encoding sim VMs: {e}")))?
         };
@@ -227,12 +227,6 @@ impl SimDriver {
             .flatten()
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Vms>, DriverError> {
-        self.vms
-            .lock()
-            .map_err(|_| DriverError::Failed("sim driver lock poisoned".into()))
-    }
-
     /// Runs `f` on the records after every VM due has reached its next state, then
     /// writes them if they changed (`f` sets `dirty` when it changes anything).
     fn with_vms<T>(
@@ -240,7 +234,7 @@ impl SimDriver {
         f: impl FnOnce(&mut Vms, u64) -> Result<T, DriverError>,
     ) -> Result<T, DriverError> {
         let now = unix_ms();
-        let mut vms = self.lock()?;
+        let mut vms = self.vms.lock();
         vms.settle(now);
         let out = f(&mut vms, now);
         if let Some(path) = &self.path {
@@ -616,7 +610,7 @@ mod tests {
         let path = dir.path().join("vms.json");
         std::fs::write(&path, serde_json::to_vec(&old).expect("json")).expect("write");
         let driver = SimDriver::restore(&path, SimConfig::default()).expect("restore");
-        let vms = driver.lock().expect("lock");
+        let vms = driver.vms.lock();
         assert_eq!(vms.map[&id].spec.memory_mib, 128);
     }
 }

@@ -16,8 +16,9 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::Json;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tracing::error;
 use utoipa::{IntoParams, ToSchema};
 
@@ -34,7 +35,7 @@ pub struct AuditNote(Arc<Mutex<Facts>>);
 
 impl AuditNote {
     fn with(&self, f: impl FnOnce(&mut Facts)) {
-        f(&mut self.0.lock().unwrap_or_else(|poison| poison.into_inner()));
+        f(&mut self.0.lock());
     }
 
     pub fn actor(&self, actor: impl Into<String>) {
@@ -79,7 +80,7 @@ pub async fn record(State(cloud): State<AppState>, mut request: Request, next: N
             .map(|code| code.0.to_owned())
             .unwrap_or_else(|| status.as_u16().to_string())
     };
-    let facts = std::mem::take(&mut *note.0.lock().unwrap_or_else(|p| p.into_inner()));
+    let facts = std::mem::take(&mut *note.0.lock());
     let object = match facts.created {
         Some(id) => format!("{path} -> {id}"),
         None => path,

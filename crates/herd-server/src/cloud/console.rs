@@ -1,7 +1,7 @@
 //! Console reads: a request travels to the agent outside the command queue, and its
 //! answer comes back to whoever asked, checked against the host that had to answer.
 
-use super::{lock, Cloud, CloudError};
+use super::{Cloud, CloudError};
 use herd_proto::wire::{HostId, ServerMsg};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -24,24 +24,26 @@ impl Cloud {
                 message: format!("VM {} is not on a host yet", vm.name),
             });
         };
-        let sender = lock(&self.outbox)
+        let sender = self
+            .outbox
+            .lock()
             .get(&host)
             .map(|(_, sender)| sender.clone())
             .ok_or_else(|| unreachable(format!("the host of VM {} is not connected", vm.name)))?;
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.console_waiters).insert(request, (host, tx));
+        self.console_waiters.lock().insert(request, (host, tx));
         let sent = sender.send(ServerMsg::ConsoleRequest {
             request,
             vm: vm.id,
             max_bytes,
         });
         if sent.is_err() {
-            lock(&self.console_waiters).remove(&request);
+            self.console_waiters.lock().remove(&request);
             return Err(unreachable("the host disconnected".into()));
         }
         let answer = tokio::time::timeout(Duration::from_secs(10), rx).await;
-        lock(&self.console_waiters).remove(&request);
+        self.console_waiters.lock().remove(&request);
         match answer {
             Ok(Ok(Ok(bytes))) => Ok(bytes),
             Ok(Ok(Err(e))) => Err(unreachable(format!(
@@ -55,12 +57,12 @@ impl Cloud {
     /// Registers a connected agent's session for out-of-queue messages.
     pub fn open_outbox(&self, host: HostId, session: u64) -> mpsc::UnboundedReceiver<ServerMsg> {
         let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.outbox).insert(host, (session, tx));
+        self.outbox.lock().insert(host, (session, tx));
         rx
     }
 
     pub fn close_outbox(&self, host: HostId, session: u64) {
-        let mut outbox = lock(&self.outbox);
+        let mut outbox = self.outbox.lock();
         if outbox
             .get(&host)
             .is_some_and(|(current, _)| *current == session)
@@ -76,7 +78,7 @@ impl Cloud {
         request: u64,
         result: Result<Vec<u8>, String>,
     ) -> bool {
-        let mut waiters = lock(&self.console_waiters);
+        let mut waiters = self.console_waiters.lock();
         match waiters.get(&request) {
             Some((asked, _)) if *asked == host => {
                 if let Some((_, tx)) = waiters.remove(&request) {

@@ -1,7 +1,7 @@
 //! What guest modules report through their agents, and the policy decisions the
 //! server takes on their behalf (a guest that acts, a backstop that acted).
 
-use super::{lock, Cloud, CloudError, GuestInfo};
+use super::{Cloud, CloudError, GuestInfo};
 use crate::store::{now_ms, NewEvent};
 use herd_proto::policy::PolicyAction;
 use herd_proto::wire::{GuestReport, HostId, VmId};
@@ -10,7 +10,7 @@ use tracing::warn;
 
 impl Cloud {
     pub fn guest(&self, id: VmId) -> Option<GuestInfo> {
-        lock(&self.guests).get(&id).cloned()
+        self.guests.lock().get(&id).cloned()
     }
 
     /// Records a guest report relayed by the VM's host. Returns false if the VM is not
@@ -32,7 +32,7 @@ impl Cloud {
         }
         let now = now_ms();
         let event = {
-            let mut guests = lock(&self.guests);
+            let mut guests = self.guests.lock();
             let info = guests.entry(vm).or_default();
             info.last_report_at_ms = now;
             match report {

@@ -1,7 +1,7 @@
 //! Hosts as the API shows them: record, live facts and what is promised on each.
 
 use super::placement::Placement;
-use super::{lock, Cloud, CloudError, HostLive, HostStatus};
+use super::{Cloud, CloudError, HostLive, HostStatus};
 use crate::store::HostRecord;
 use herd_proto::wire::HostId;
 use std::collections::HashMap;
@@ -10,8 +10,8 @@ use uuid::Uuid;
 impl Cloud {
     pub fn hosts(&self) -> Result<Vec<HostStatus>, CloudError> {
         let hosts = self.store.hosts()?;
-        let live = lock(&self.live);
-        let placement = lock(&self.placement);
+        let live = self.live.lock();
+        let placement = self.placement.lock();
         Ok(hosts
             .into_iter()
             .map(|host| self.status_of(host, &live, &placement))
@@ -25,7 +25,7 @@ impl Cloud {
         };
         let uuid: Uuid = id.parse().map_err(|_| not_found())?;
         let host = self.store.host(uuid)?.ok_or_else(not_found)?;
-        Ok(self.status_of(host, &lock(&self.live), &lock(&self.placement)))
+        Ok(self.status_of(host, &self.live.lock(), &self.placement.lock()))
     }
 
     /// A host's record with what the server knows now: liveness is judged in memory

@@ -1,7 +1,7 @@
 //! Host liveness: a host that stays silent past its grace period is marked down, in
 //! order with the reports before it.
 
-use super::{lock, Cloud, CloudError, Metrics};
+use super::{Cloud, CloudError, Metrics};
 use std::time::{Duration, Instant};
 
 /// The longest the liveness check sleeps.
@@ -17,7 +17,7 @@ impl Cloud {
         let grace = self.config.host_grace;
         let mut overdue = Vec::new();
         let mut next_deadline: Option<Instant> = None;
-        for (id, live) in lock(&self.live).iter().filter(|(_, live)| !live.down) {
+        for (id, live) in self.live.lock().iter().filter(|(_, live)| !live.down) {
             // Not heard from since this server started: every agent reconnects at
             // once after a restart, which takes a while for thousands of them, and
             // marking the late ones down would only add to the work.
@@ -37,8 +37,8 @@ impl Cloud {
             // Written in order with the reports before it; the writer logs it.
             let why = format!("no report for {} s", grace.as_secs_f64());
             drop(self.commits.host_down(host, why));
-            lock(&self.placement).sched.set_up(host, false);
-            if let Some(live) = lock(&self.live).get_mut(&host) {
+            self.placement.lock().sched.set_up(host, false);
+            if let Some(live) = self.live.lock().get_mut(&host) {
                 live.down = true;
                 live.needs_resync = true;
             }

@@ -1,6 +1,6 @@
 //! Usage as agents meter it, rate cards and bills.
 
-use super::{invalid, lock, Cloud, CloudError};
+use super::{invalid, Cloud, CloudError};
 use crate::billing::{self, BillLine};
 use crate::group_commit::Pending;
 use crate::store::{now_ms, StoreError, UsageRow};
@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 impl Cloud {
     pub fn vm_usage(&self, id: VmId) -> Option<(VmUsage, i64)> {
-        lock(&self.usage).get(&id).copied()
+        self.usage.lock().get(&id).copied()
     }
 
     /// Meters a usage batch from a host: stored once per (VM, instant), so a
@@ -39,8 +39,8 @@ impl Cloud {
         let mut n_rejected = 0;
         let mut rows = Vec::with_capacity(usage.len());
         {
-            let placement = lock(&self.placement);
-            let mut table = lock(&self.usage);
+            let placement = self.placement.lock();
+            let mut table = self.usage.lock();
             for entry in usage {
                 if placement
                     .vms

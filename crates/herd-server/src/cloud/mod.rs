@@ -32,10 +32,11 @@ use herd_proto::policy::PolicySpec;
 use herd_proto::wire::{HostId, HostUtil, ServerMsg, VmId, VmSpec, VmUsage};
 use herd_proto::VmState;
 use herd_sched::SchedPolicy;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tracing::warn;
@@ -204,12 +205,6 @@ pub struct Cloud {
     next_request: AtomicU64,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded maps are rebuilt from the store on restart and every writer leaves
-    // them consistent between statements, so a poisoned lock is safe to keep using.
-    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
-}
-
 impl Cloud {
     pub fn open(config: ServerConfig, bus: Box<dyn Bus>) -> Result<Cloud, CloudError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
@@ -249,7 +244,7 @@ impl Cloud {
             // The grace after a start counts from when agents can reach the server,
             // not from when the store was opened.
             let now = Instant::now();
-            for live in lock(&self.live).values_mut().filter(|l| l.session == 0) {
+            for live in self.live.lock().values_mut().filter(|l| l.session == 0) {
                 live.last_seen = now;
             }
         }
@@ -285,8 +280,8 @@ impl Cloud {
     fn rebuild(&self) -> Result<(), CloudError> {
         let hosts = self.store.hosts()?;
         let placed = self.store.placed_shares();
-        let mut placement = lock(&self.placement);
-        let mut live = lock(&self.live);
+        let mut placement = self.placement.lock();
+        let mut live = self.live.lock();
         let now = Instant::now();
         placement.restore(hosts.iter().map(slot_of).collect(), placed);
         for host in hosts {

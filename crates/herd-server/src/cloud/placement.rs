@@ -1,7 +1,7 @@
 //! Capacity accounting: which host each VM holds its share on, kept beside the
 //! scheduler's index under one lock so that placing and counting are one step.
 
-use super::{lock, Cloud};
+use super::Cloud;
 use crate::store::HostRecord;
 use herd_proto::wire::{HostId, VmId, VmSpec};
 use herd_sched::{Demand, HostSlot, NoFit, SchedPolicy, Scheduler};
@@ -75,7 +75,7 @@ impl Placement {
 impl Cloud {
     /// Tries to place a VM; on success the capacity is already counted.
     pub(super) fn try_place(&self, vm: VmId, spec: &VmSpec) -> Result<HostId, String> {
-        let mut placement = lock(&self.placement);
+        let mut placement = self.placement.lock();
         let host = placement.choose(spec).map_err(|e| e.to_string())?;
         placement.add(vm, host, spec.vcpus, spec.memory_mib);
         Ok(host)
@@ -85,23 +85,20 @@ impl Cloud {
     /// `false` also when a launch holds it while writing its batch, and the ingest,
     /// which asks for every reported change, then asks the store instead of waiting.
     pub fn vm_on_host_now(&self, vm: VmId, host: HostId) -> bool {
-        let placement = match self.placement.try_lock() {
-            Ok(placement) => placement,
-            Err(std::sync::TryLockError::Poisoned(poison)) => poison.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return false,
-        };
-        placement.holds(vm, host)
+        self.placement
+            .try_lock()
+            .is_some_and(|placement| placement.holds(vm, host))
     }
 
     /// Whether the VM is currently placed on this host (node restriction).
     pub fn vm_on_host(&self, vm: VmId, host: HostId) -> bool {
-        lock(&self.placement).holds(vm, host)
+        self.placement.lock().holds(vm, host)
     }
 
     pub fn release(&self, vm: VmId) {
-        lock(&self.placement).release(vm);
-        lock(&self.usage).remove(&vm);
-        lock(&self.guests).remove(&vm);
+        self.placement.lock().release(vm);
+        self.usage.lock().remove(&vm);
+        self.guests.lock().remove(&vm);
     }
 }
 

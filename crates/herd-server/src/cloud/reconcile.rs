@@ -1,7 +1,7 @@
 //! The reconciler: desired state carried to hosts as level-triggered commands,
 //! pending VMs placed, lifespans the server can judge alone enforced.
 
-use super::{lock, spec_of, Cloud, CloudError};
+use super::{spec_of, Cloud, CloudError};
 use crate::store::{now_ms, NewEvent, Observation, VmRecord};
 use herd_proto::policy::{PolicyAction, PolicySpec};
 use herd_proto::wire::{Command, CommandId, HostId, VmId};
@@ -95,7 +95,7 @@ impl Cloud {
                     ..NewEvent::default()
                 }],
             }])?;
-            lock(&self.pending_reasons).remove(&vm.id);
+            self.pending_reasons.lock().remove(&vm.id);
             return Ok(None);
         }
         let why = match self.activation_wait(vm, now_ms)? {
@@ -117,14 +117,14 @@ impl Cloud {
                         self.release(vm.id);
                         return Err(e.into());
                     }
-                    lock(&self.pending_reasons).remove(&vm.id);
+                    self.pending_reasons.lock().remove(&vm.id);
                     return Ok(Some(host));
                 }
                 Err(reason) => format!("waiting for capacity: {reason}"),
             },
         };
         // Say why once, not every pass.
-        let mut reasons = lock(&self.pending_reasons);
+        let mut reasons = self.pending_reasons.lock();
         if reasons.get(&vm.id) != Some(&why) {
             reasons.insert(vm.id, why.clone());
             drop(reasons);

@@ -1,7 +1,7 @@
 //! Agent sessions: a host's hello, what each frame proves (it is alive, this session is
 //! the current one), and its disconnection and return.
 
-use super::{lock, Cloud, CloudError, HostLive};
+use super::{Cloud, CloudError, HostLive};
 use herd_proto::wire::{HostId, HostUtil, HypervisorInfo};
 use herd_sched::HostSlot;
 use std::time::Instant;
@@ -24,7 +24,7 @@ impl Cloud {
         // gone quiet for a few intervals is presumed dead and may be replaced, so an
         // agent whose old connection broke without a close gets back in.
         let quiet_after = (self.config.sync_interval * 3).min(self.config.host_grace);
-        if let Some(live) = lock(&self.live).get_mut(&host) {
+        if let Some(live) = self.live.lock().get_mut(&host) {
             if live.connected && live.last_seen.elapsed() < quiet_after {
                 return Err(CloudError::Conflict {
                     code: "host_connected",
@@ -43,7 +43,7 @@ impl Cloud {
             self.store
                 .host_hello(host, hostname, hypervisors, cpus, memory_mib, agent_version)?;
         {
-            let mut placement = lock(&self.placement);
+            let mut placement = self.placement.lock();
             // Keep what the host holds; take its new size and hypervisors.
             let mut slot = placement.sched.host(host).cloned().unwrap_or(HostSlot {
                 id: host,
@@ -61,7 +61,7 @@ impl Cloud {
             placement.sched.upsert_host(slot);
         }
         let session = {
-            let mut live = lock(&self.live);
+            let mut live = self.live.lock();
             let entry = live.entry(host).or_insert_with(|| HostLive {
                 last_seen: Instant::now(),
                 util: HostUtil::default(),
@@ -88,7 +88,7 @@ impl Cloud {
     /// Records that a host was heard from. Returns false if `session` was replaced by
     /// a newer connection, and whether the host must resync (it had been marked down).
     pub fn host_seen(&self, host: HostId, session: u64, util: Option<HostUtil>) -> (bool, bool) {
-        let mut live = lock(&self.live);
+        let mut live = self.live.lock();
         let Some(entry) = live.get_mut(&host) else {
             return (false, false);
         };
@@ -106,7 +106,7 @@ impl Cloud {
     /// Records that a host was heard from, without taking its resync flag: for a frame
     /// read ahead, which is handled (and sees the flag) later.
     pub fn host_heard(&self, host: HostId, session: u64) {
-        if let Some(entry) = lock(&self.live).get_mut(&host) {
+        if let Some(entry) = self.live.lock().get_mut(&host) {
             if entry.session == session {
                 entry.last_seen = Instant::now();
             }
@@ -115,13 +115,14 @@ impl Cloud {
 
     /// Whether `session` is still the host's newest connection.
     pub fn session_current(&self, host: HostId, session: u64) -> bool {
-        lock(&self.live)
+        self.live
+            .lock()
             .get(&host)
             .is_some_and(|entry| entry.session == session)
     }
 
     pub fn host_disconnected(&self, host: HostId, session: u64) {
-        if let Some(entry) = lock(&self.live).get_mut(&host) {
+        if let Some(entry) = self.live.lock().get_mut(&host) {
             if entry.session == session {
                 entry.connected = false;
             }
@@ -142,8 +143,8 @@ impl Cloud {
             record.memory_mib,
             record.agent_version.as_deref().unwrap_or(""),
         )?;
-        lock(&self.placement).sched.set_up(host, true);
-        if let Some(entry) = lock(&self.live).get_mut(&host) {
+        self.placement.lock().sched.set_up(host, true);
+        if let Some(entry) = self.live.lock().get_mut(&host) {
             entry.down = false;
         }
         Ok(())

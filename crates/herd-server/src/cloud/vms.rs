@@ -1,7 +1,7 @@
 //! The user's side of a VM: launch, read, list, act on and delete, each changing
 //! only desired state; the reconciler carries it to the host.
 
-use super::{invalid, lock, reported_by_host, valid_name, Cloud, CloudError, LaunchSpec};
+use super::{invalid, reported_by_host, valid_name, Cloud, CloudError, LaunchSpec};
 use crate::store::{now_ms, NewEvent, Observation, VmBrief, VmFilter, VmRecord};
 use herd_proto::lifecycle::Action;
 use herd_proto::wire::VmId;
@@ -56,7 +56,7 @@ impl Cloud {
         let n = names.len() as u64;
         // Hold the placement lock across the quota check and the insert, so that the
         // capacity and quota counted here and the durable rows appear together.
-        let mut placement = lock(&self.placement);
+        let mut placement = self.placement.lock();
         self.check_quota(&project, n, spec.vcpus, spec.memory_mib)?;
         let activation_pending = spec.policy.activation.is_some();
         let mut rows = Vec::with_capacity(names.len());
@@ -196,7 +196,7 @@ impl Cloud {
                     message: "deleted".into(),
                 }],
             }])?;
-            lock(&self.placement).release(vm.id);
+            self.placement.lock().release(vm.id);
             return Ok(None);
         }
         self.store.set_desired(
@@ -237,7 +237,7 @@ impl Cloud {
         }
         let host_down = vm
             .host
-            .is_some_and(|host| lock(&self.live).get(&host).is_some_and(|live| live.down));
+            .is_some_and(|host| self.live.lock().get(&host).is_some_and(|live| live.down));
         if host_down && reported_by_host(vm.observed) {
             vm.observed = VmState::Unknown;
         }

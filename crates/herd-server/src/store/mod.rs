@@ -25,10 +25,10 @@ pub use tenancy::{
 use herd_proto::policy::PolicySpec;
 use herd_proto::wire::{HostId, HypervisorInfo, VmId};
 use herd_proto::VmState;
+use parking_lot::Mutex;
 use rusqlite::Connection;
 use schema::{load_index, migrate, SCHEMA};
 use std::path::Path;
-use std::sync::Mutex;
 use vm_index::VmIndex;
 
 #[derive(Debug, thiserror::Error)]
@@ -178,33 +178,29 @@ impl Store {
         })
     }
 
-    pub(super) fn index(&self) -> std::sync::MutexGuard<'_, VmIndex> {
+    pub(super) fn index(&self) -> parking_lot::MutexGuard<'_, VmIndex> {
         // Its changes are plain collection updates that do not panic midway.
-        self.index
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+        self.index.lock()
     }
 
-    pub(super) fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(super) fn db(&self) -> parking_lot::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite half-written: transactions
         // roll back. Keep serving.
-        self.db.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.db.lock()
     }
 
     /// A read-only connection, for lookups and listings.
-    pub(super) fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(super) fn reader(&self) -> parking_lot::MutexGuard<'_, Connection> {
         // A free one if there is one, else wait for the next in turn.
         for reader in &self.readers {
-            if let Ok(guard) = reader.try_lock() {
+            if let Some(guard) = reader.try_lock() {
                 return guard;
             }
         }
         let turn = self
             .next_reader
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.readers[turn % self.readers.len()]
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+        self.readers[turn % self.readers.len()].lock()
     }
 }
 

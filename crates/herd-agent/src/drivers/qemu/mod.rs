@@ -30,11 +30,12 @@ use herd_proto::wire::{HypervisorInfo, VmId, VmSpec, VmUsage};
 use herd_proto::VmState;
 use launch::{Accel, LaunchSpec, VmPaths};
 use nix::sys::signal::Signal;
+use parking_lot::Mutex;
 use qmp::Qmp;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, OnceCell};
 use tracing::{debug, info, warn};
@@ -287,18 +288,12 @@ impl Drop for QemuDriver {
     fn drop(&mut self) {
         // Channel tasks hold connections to the guests; end them so the next driver can
         // connect (QEMU serves one client per socket).
-        if let Ok(mut vms) = self.inner.vms.lock() {
-            for vm in vms.values_mut() {
-                if let Some((handle, _)) = vm.channel.take() {
-                    handle.abort();
-                }
+        for vm in self.inner.vms.lock().values_mut() {
+            if let Some((handle, _)) = vm.channel.take() {
+                handle.abort();
             }
         }
     }
-}
-
-fn lock_err<T>(_: T) -> DriverError {
-    DriverError::Failed("qemu driver lock poisoned".into())
 }
 
 impl Inner {
@@ -307,29 +302,27 @@ impl Inner {
         id: VmId,
         f: impl FnOnce(&mut Vm) -> Result<T, DriverError>,
     ) -> Result<T, DriverError> {
-        let mut vms = self.vms.lock().map_err(lock_err)?;
+        let mut vms = self.vms.lock();
         let vm = vms.get_mut(&id).ok_or(DriverError::NoSuchVm(id))?;
         f(vm)
     }
 
     fn op_lock(&self, id: VmId) -> Result<Arc<tokio::sync::Mutex<()>>, DriverError> {
-        let mut locks = self.op_locks.lock().map_err(lock_err)?;
+        let mut locks = self.op_locks.lock();
         Ok(locks.entry(id).or_default().clone())
     }
 
     /// The socket a channel task of `generation` should connect to, or `None` if the task
     /// is obsolete (VM gone, relaunched, or its QEMU dead).
     fn channel_target(&self, id: VmId, generation: u64) -> Option<PathBuf> {
-        let vms = self.vms.lock().ok()?;
+        let vms = self.vms.lock();
         let vm = vms.get(&id)?;
         (vm.generation == generation && vm.record.phase == Phase::Launched && vm.alive())
             .then(|| vm.paths.guest())
     }
 
     fn check_hello(&self, id: VmId, generation: u64, vm_id: VmId, token: &str) -> bool {
-        let Ok(mut vms) = self.vms.lock() else {
-            return false;
-        };
+        let mut vms = self.vms.lock();
         let Some(vm) = vms.get_mut(&id) else {
             return false;
         };
@@ -353,26 +346,29 @@ impl Inner {
     }
 
     fn guest_message(&self, id: VmId, generation: u64, msg: GuestMsg) {
-        if let Ok(mut vms) = self.vms.lock() {
-            if let Some(vm) = vms.get_mut(&id).filter(|vm| vm.generation == generation) {
-                // Saved only on a change: the save syncs to disk under the driver's lock,
-                // and a guest repeating itself must not stall every other VM with it.
-                match &msg {
-                    GuestMsg::PolicyAction { .. } if !vm.record.policy_reported => {
-                        vm.record.policy_reported = true;
-                        if let Err(e) = vm.save() {
-                            warn!("{e}");
-                        }
+        if let Some(vm) = self
+            .vms
+            .lock()
+            .get_mut(&id)
+            .filter(|vm| vm.generation == generation)
+        {
+            // Saved only on a change: the save syncs to disk under the driver's lock,
+            // and a guest repeating itself must not stall every other VM with it.
+            match &msg {
+                GuestMsg::PolicyAction { .. } if !vm.record.policy_reported => {
+                    vm.record.policy_reported = true;
+                    if let Err(e) = vm.save() {
+                        warn!("{e}");
                     }
-                    GuestMsg::WorkloadExit { code } if vm.record.exit_code != Some(*code) => {
-                        vm.record.exit_code = Some(*code);
-                        if let Err(e) = vm.save() {
-                            warn!("{e}");
-                        }
-                    }
-                    GuestMsg::Usage { net_rx, net_tx, .. } => vm.guest_net = (*net_rx, *net_tx),
-                    _ => {}
                 }
+                GuestMsg::WorkloadExit { code } if vm.record.exit_code != Some(*code) => {
+                    vm.record.exit_code = Some(*code);
+                    if let Err(e) = vm.save() {
+                        warn!("{e}");
+                    }
+                }
+                GuestMsg::Usage { net_rx, net_tx, .. } => vm.guest_net = (*net_rx, *net_tx),
+                _ => {}
             }
         }
         // Full means nobody drains the queue (no server): a guest's chatter is dropped
@@ -590,13 +586,11 @@ impl Inner {
     fn spawn_channel(self: &Arc<Self>, id: VmId, generation: u64) {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(channel::run(self.clone(), id, generation, rx));
-        if let Ok(mut vms) = self.vms.lock() {
-            if let Some(vm) = vms.get_mut(&id) {
-                if let Some((old, _)) = vm.channel.replace((task.abort_handle(), tx)) {
-                    old.abort();
-                }
-                return;
+        if let Some(vm) = self.vms.lock().get_mut(&id) {
+            if let Some((old, _)) = vm.channel.replace((task.abort_handle(), tx)) {
+                old.abort();
             }
+            return;
         }
         task.abort();
     }
@@ -915,7 +909,6 @@ impl QemuDriver {
         let live: Vec<VmId> = inner
             .vms
             .lock()
-            .map_err(lock_err)?
             .iter()
             .filter(|(_, vm)| vm.record.phase == Phase::Launched && vm.pid.is_some())
             .map(|(id, _)| *id)
@@ -1030,7 +1023,7 @@ impl Driver for QemuDriver {
     }
 
     async fn list(&self) -> Result<Vec<ObservedVm>, DriverError> {
-        let mut vms = self.inner.vms.lock().map_err(lock_err)?;
+        let mut vms = self.inner.vms.lock();
         let mut observed = Vec::with_capacity(vms.len());
         for (id, vm) in vms.iter_mut() {
             let state = vm.observe();
@@ -1048,7 +1041,7 @@ impl Driver for QemuDriver {
     }
 
     async fn usage(&self) -> Result<Vec<VmUsage>, DriverError> {
-        let vms = self.inner.vms.lock().map_err(lock_err)?;
+        let vms = self.inner.vms.lock();
         Ok(vms
             .iter()
             .filter_map(|(id, vm)| {
@@ -1071,7 +1064,7 @@ impl Driver for QemuDriver {
         let spec = spec.clone();
         self.inner
             .run_op(id, move |inner| async move {
-                if inner.vms.lock().map_err(lock_err)?.contains_key(&id) {
+                if inner.vms.lock().contains_key(&id) {
                     return Ok(());
                 }
                 inner.image(&spec.image)?;
@@ -1105,7 +1098,7 @@ impl Driver for QemuDriver {
                     unreported: None,
                 };
                 vm.save()?;
-                inner.vms.lock().map_err(lock_err)?.insert(id, vm);
+                inner.vms.lock().insert(id, vm);
                 let result = inner.launch(id, false).await;
                 inner.with_vm(id, |vm| {
                     vm.busy = None;
@@ -1234,7 +1227,6 @@ impl Driver for QemuDriver {
                 let found = inner
                     .vms
                     .lock()
-                    .map_err(lock_err)?
                     .get(&id)
                     .map(|vm| (vm.pid, vm.paths.dir.clone()));
                 let Some((pid, dir)) = found else {
@@ -1250,7 +1242,7 @@ impl Driver for QemuDriver {
                     procfs::signal(pid, Signal::SIGKILL);
                 }
                 inner.wait_gone(id, Duration::ZERO).await?;
-                if let Some(vm) = inner.vms.lock().map_err(lock_err)?.remove(&id) {
+                if let Some(vm) = inner.vms.lock().remove(&id) {
                     if let Some((handle, _)) = vm.channel {
                         handle.abort();
                     }
@@ -1262,9 +1254,7 @@ impl Driver for QemuDriver {
                 Ok(())
             })
             .await?;
-        if let Ok(mut locks) = self.inner.op_locks.lock() {
-            locks.remove(&id);
-        }
+        self.inner.op_locks.lock().remove(&id);
         Ok(())
     }
 }
