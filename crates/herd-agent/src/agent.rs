@@ -328,7 +328,8 @@ impl Agent {
             host_id: joined.host_id,
             agent_token: joined.agent_token,
         };
-        let bytes = serde_json::to_vec_pretty(&creds).unwrap_or_default();
+        let bytes = serde_json::to_vec_pretty(&creds)
+            .map_err(|e| AgentError::State(format!("encoding credentials: {e}")))?;
         // Last, and owner-only (it holds the agent token): its presence means "joined".
         persist::write_private(&self.credentials_path(), &bytes)
             .map_err(|e| AgentError::State(format!("saving credentials: {e}")))?;

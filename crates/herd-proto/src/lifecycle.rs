@@ -132,14 +132,6 @@ impl VmState {
     pub fn is_final(self) -> bool {
         matches!(self, VmState::Terminated | VmState::Purged)
     }
-
-    /// Whether a VM in this state counts against its host's vCPU and memory capacity.
-    pub fn holds_resources(self) -> bool {
-        !matches!(
-            self,
-            VmState::Pending | VmState::Terminated | VmState::Purged
-        )
-    }
 }
 
 impl fmt::Display for VmState {
@@ -253,13 +245,6 @@ pub fn edge(from: VmState, to: VmState) -> Option<Event> {
         .map(|(_, event, _)| *event)
 }
 
-/// The states reachable from `from` in one step.
-pub fn next_states(from: VmState) -> impl Iterator<Item = VmState> {
-    FLOW.iter()
-        .filter(move |(a, _, _)| *a == from)
-        .map(|(_, _, b)| *b)
-}
-
 /// Whether `event` may happen in state `from`.
 pub fn enabled(from: VmState, event: Event) -> bool {
     FLOW.iter().any(|(a, e, _)| *a == from && *e == event)
@@ -287,6 +272,29 @@ pub enum Transition {
     Ambiguous,
     /// No path in the flow leads from `from` to `to`.
     Invalid,
+}
+
+impl Transition {
+    /// The edges that explain the change, each with whether it was inferred (a missed
+    /// state filled in) rather than seen; `None` when the change does not fit the flow
+    /// on one path. Every reader of the flow names events the same way through this.
+    pub fn steps(&self) -> Option<Vec<(Step, bool)>> {
+        match self {
+            Transition::Same => Some(Vec::new()),
+            Transition::Direct(step) => Some(vec![(*step, false)]),
+            Transition::Filled(steps) => {
+                let last = steps.len().saturating_sub(1);
+                Some(
+                    steps
+                        .iter()
+                        .enumerate()
+                        .map(|(idx, step)| (*step, idx != last))
+                        .collect(),
+                )
+            }
+            Transition::Ambiguous | Transition::Invalid => None,
+        }
+    }
 }
 
 /// Explains an observed change against the flow (see [`Transition`]).
@@ -529,6 +537,20 @@ mod tests {
             explain(VmState::Paused, VmState::Stopped),
             Transition::Ambiguous
         );
+    }
+
+    #[test]
+    fn steps_mark_only_the_missed_edges_as_inferred() {
+        let steps = explain(VmState::Scheduled, VmState::Running).steps();
+        let inferred: Option<Vec<bool>> =
+            steps.map(|steps| steps.iter().map(|(_, inferred)| *inferred).collect());
+        assert_eq!(inferred, Some(vec![true, true, false]));
+        assert_eq!(
+            explain(VmState::Running, VmState::Running).steps(),
+            Some(vec![])
+        );
+        assert_eq!(explain(VmState::Paused, VmState::Stopped).steps(), None);
+        assert_eq!(explain(VmState::Terminated, VmState::Running).steps(), None);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::cloud::{Cloud, CloudError, Metrics};
 use crate::group_commit::Pending;
 use crate::store::{NewEvent, Observation};
 use axum::extract::ws::{Message, WebSocket};
-use herd_proto::lifecycle::{explain, Step, Transition};
+use herd_proto::lifecycle::explain;
 use herd_proto::wire::{
     self, AgentMsg, CommandId, HostId, Report, ServerMsg, VmEvent, VmId, PROTOCOL_VERSION,
 };
@@ -600,43 +600,38 @@ pub fn apply_report_behind(
 /// with missed states filled in on a unique path. The agent derives the same from the
 /// same table and sends only what does not fit, so normal events cost no bytes.
 fn derived_events(host: HostId, vm: VmId, from: VmState, to: VmState) -> Vec<NewEvent> {
-    let event = |step: Step, inferred: bool| NewEvent {
+    if let Some(steps) = explain(from, to).steps() {
+        return steps
+            .into_iter()
+            .map(|(step, inferred)| NewEvent {
+                vm: Some(vm),
+                host: Some(host),
+                kind: "vm.state",
+                from: Some(step.from),
+                to: Some(step.to),
+                message: if inferred {
+                    format!(
+                        "{} (inferred: the state between was not observed)",
+                        step.event
+                    )
+                } else {
+                    step.event.to_string()
+                },
+            })
+            .collect();
+    }
+    // Back from an unreachable host: whatever it reports now is the truth.
+    if from != VmState::Unknown {
+        return vec![];
+    }
+    vec![NewEvent {
         vm: Some(vm),
         host: Some(host),
         kind: "vm.state",
-        from: Some(step.from),
-        to: Some(step.to),
-        message: if inferred {
-            format!(
-                "{} (inferred: the state between was not observed)",
-                step.event
-            )
-        } else {
-            step.event.to_string()
-        },
-    };
-    match explain(from, to) {
-        Transition::Same => vec![],
-        Transition::Direct(step) => vec![event(step, false)],
-        Transition::Filled(steps) => {
-            let last = steps.len().saturating_sub(1);
-            steps
-                .into_iter()
-                .enumerate()
-                .map(|(idx, step)| event(step, idx != last))
-                .collect()
-        }
-        // Back from an unreachable host: whatever it reports now is the truth.
-        Transition::Ambiguous | Transition::Invalid if from == VmState::Unknown => vec![NewEvent {
-            vm: Some(vm),
-            host: Some(host),
-            kind: "vm.state",
-            from: Some(from),
-            to: Some(to),
-            message: "host reachable again".into(),
-        }],
-        Transition::Ambiguous | Transition::Invalid => vec![],
-    }
+        from: Some(from),
+        to: Some(to),
+        message: "host reachable again".into(),
+    }]
 }
 
 /// The server's record of a VM a host reported, if it is that host's: anything else is

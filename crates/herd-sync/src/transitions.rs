@@ -24,29 +24,19 @@ pub fn events_of(changes: &[Change]) -> Vec<VmEvent> {
     let mut events = Vec::new();
     for &Change { vm, from, to } in changes {
         let from = from.unwrap_or(VmState::Scheduled);
-        match explain(from, to) {
-            Transition::Same => {}
-            Transition::Direct(step) => events.push(VmEvent {
+        let transition = explain(from, to);
+        if let Some(steps) = transition.steps() {
+            events.extend(steps.into_iter().map(|(step, inferred)| VmEvent {
                 vm,
                 from: step.from,
                 to: step.to,
                 event: Some(step.event),
-                inferred: false,
+                inferred,
                 message: None,
-            }),
-            Transition::Filled(steps) => {
-                let last = steps.len().saturating_sub(1);
-                for (idx, step) in steps.into_iter().enumerate() {
-                    events.push(VmEvent {
-                        vm,
-                        from: step.from,
-                        to: step.to,
-                        event: Some(step.event),
-                        inferred: idx != last,
-                        message: None,
-                    });
-                }
-            }
+            }));
+            continue;
+        }
+        match transition {
             Transition::Ambiguous => events.push(VmEvent {
                 vm,
                 from,
@@ -67,6 +57,7 @@ pub fn events_of(changes: &[Change]) -> Vec<VmEvent> {
                     "changed from {from} to {to}, which the lifecycle state flow does not allow"
                 )),
             }),
+            Transition::Same | Transition::Direct(_) | Transition::Filled(_) => {}
         }
     }
     events

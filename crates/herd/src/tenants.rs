@@ -12,6 +12,7 @@ use herd_server::api::tenants::{
     CreateProject, CreatedToken, CreatedUser, MemberView, ProjectView, PutMember, QuotaView,
     TokenView, UserView, WhoAmI,
 };
+use herd_server::billing::format_money;
 use reqwest::Method;
 use serde_json::json;
 use std::io::BufRead;
@@ -341,7 +342,7 @@ pub async fn project(command: ProjectCommand) -> Result<()> {
                     ]);
                     table.row(vec![
                         "30-day budget".into(),
-                        or_dash(view.quota.budget_micros.map(money)),
+                        or_dash(view.quota.budget_micros.map(format_money)),
                         "see herd bill".into(),
                     ]);
                     println!("project {} (created {})", view.name, view.created_at);
@@ -427,21 +428,13 @@ pub async fn project(command: ProjectCommand) -> Result<()> {
     }
 }
 
-fn money(micros: u64) -> String {
-    format!(
-        "{}.{:02}",
-        micros / 1_000_000,
-        (micros % 1_000_000) / 10_000
-    )
-}
-
 fn quota_row(name: &str, quota: &QuotaView) -> Vec<String> {
     vec![
         name.to_owned(),
         or_dash(quota.max_vms),
         or_dash(quota.max_vcpus),
         or_dash(quota.max_memory_mib.map(|m| format!("{m} MiB"))),
-        or_dash(quota.budget_micros.map(money)),
+        or_dash(quota.budget_micros.map(format_money)),
     ]
 }
 
@@ -574,5 +567,20 @@ pub async fn audit(args: AuditArgs) -> Result<()> {
             print!("{}", table.render());
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_print_as_billing_rounds_them() {
+        let quota = QuotaView {
+            budget_micros: Some(5_000),
+            ..QuotaView::default()
+        };
+        assert_eq!(quota_row("p", &quota)[4], "0.01");
+        assert_eq!(format_money(4_999), "0.00");
     }
 }
