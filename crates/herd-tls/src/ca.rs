@@ -1,7 +1,7 @@
 //! The CA: made once, kept on disk, and the certificates it issues (the server's, for
 //! its names; an agent's, for its host id).
 
-use crate::{TlsError, HOST_URI_PREFIX};
+use crate::{TlsError, HOST_URI_PREFIX, PEER_DNS_SUFFIX};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -382,10 +382,12 @@ impl Ca {
         &present == wanted
     }
 
-    /// Issues an agent's client certificate from its CSR. The CSR's self-signature must
-    /// verify (the agent holds the key); everything else it asks for (subject, names,
-    /// usages) is ignored: the certificate says only "host `host_id`", as its common name
-    /// and as the URI `urn:herd:host:<id>`, for client authentication, for one year.
+    /// Issues an agent's certificate from its CSR. The CSR's self-signature must verify
+    /// (the agent holds the key); everything else it asks for (subject, names, usages)
+    /// is ignored: the certificate says only "host `host_id`", as its common name, as the
+    /// URI `urn:herd:host:<id>` and as the DNS name [`peer_name`], for one year. It
+    /// authenticates the agent as a client of the server and, for agent-to-agent links
+    /// (migration, broadcast), as a server to other agents, who dial it by that name.
     pub fn sign_agent_csr(&self, csr_pem: &str, host_id: Uuid) -> Result<String, TlsError> {
         if csr_pem.len() > MAX_CSR_BYTES {
             return Err(TlsError::CsrTooLarge {
@@ -402,8 +404,14 @@ impl Ca {
         let uri = format!("{HOST_URI_PREFIX}{host_id}")
             .try_into()
             .map_err(|e: rcgen::Error| TlsError::Generate(e))?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let dns = peer_name(host_id)
+            .try_into()
+            .map_err(|e: rcgen::Error| TlsError::Generate(e))?;
+        params.subject_alt_names = vec![SanType::URI(uri), SanType::DnsName(dns)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
         params.not_before = now() - BACKDATE;
@@ -414,6 +422,12 @@ impl Ca {
             .map_err(TlsError::Csr)?;
         Ok(cert.pem())
     }
+}
+
+/// The DNS name in an agent's certificate, which another agent checks when it dials that
+/// host: under `.internal`, reserved for private use, so no public name can collide.
+pub fn peer_name(host_id: Uuid) -> String {
+    format!("{host_id}.{PEER_DNS_SUFFIX}")
 }
 
 /// A new agent key and a CSR for it, both PEM. The CSR's subject does not matter: the
@@ -518,7 +532,15 @@ mod tests {
         let (_, cert) = X509Certificate::from_der(&der).unwrap();
         assert!(!cert.is_ca());
         let sans = cert.subject_alternative_name().unwrap().unwrap();
-        assert_eq!(sans.value.general_names.len(), 1);
+        assert_eq!(sans.value.general_names.len(), 2);
+        let dns = format!("{host}.host.herd.internal");
+        assert!(sans
+            .value
+            .general_names
+            .iter()
+            .any(|name| matches!(name, GeneralName::DNSName(d) if *d == dns)));
+        let usage = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(usage.client_auth && usage.server_auth);
     }
 
     #[test]

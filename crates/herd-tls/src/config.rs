@@ -47,6 +47,26 @@ pub fn server_config(identity: &Identity, ca: &Ca) -> Result<Arc<rustls::ServerC
     Ok(Arc::new(config))
 }
 
+/// An agent's TLS config for serving other agents: it presents the agent's own
+/// certificate and requires one from the same CA, so only joined hosts reach it. The
+/// handler learns which host called from [`crate::PeerCert`].
+pub fn peer_server_config(
+    identity: &Identity,
+    ca_pem: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(certs_from_pem(ca_pem, "CA certificate")?)?),
+        provider.clone(),
+    )
+    .build()?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    Ok(Arc::new(config))
+}
+
 /// A client TLS config that trusts only the CA(s) in `ca_pem`, presenting
 /// `client_identity` (certificate PEM, key PEM) if given.
 pub fn client_config(

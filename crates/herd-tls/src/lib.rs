@@ -9,7 +9,10 @@
 //! - an agent sends a CSR when it joins ([`agent_key_and_csr`]); the server issues it a
 //!   client certificate whose identity is the host id ([`Ca::sign_agent_csr`]), and the
 //!   agent presents it on every connection after (mTLS). [`serve`] puts the verified
-//!   host id of each connection into its requests as a [`PeerCert`].
+//!   host id of each connection into its requests as a [`PeerCert`];
+//! - agents serve each other (migration, broadcast) with the same certificate: the peer
+//!   requires a client certificate from the CA ([`peer_server_config`]) and the dialer
+//!   checks the name [`peer_name`] of the host it meant to reach ([`client_config`]).
 //!
 //! Before an agent has the CA it knows only the CA's fingerprint, from the join command;
 //! [`fetch_pinned_ca`] takes the CA certificate from an unverified handshake only if its
@@ -24,10 +27,12 @@ mod config;
 mod serve;
 
 pub use ca::{
-    agent_key_and_csr, der_of_pem, fingerprint_of_der, fingerprint_of_pem, host_id_of, Ca,
-    Identity, MAX_CSR_BYTES,
+    agent_key_and_csr, der_of_pem, fingerprint_of_der, fingerprint_of_pem, host_id_of, peer_name,
+    Ca, Identity, MAX_CSR_BYTES,
 };
-pub use config::{client_config, fetch_pinned_ca, normalize_fingerprint, server_config};
+pub use config::{
+    client_config, fetch_pinned_ca, normalize_fingerprint, peer_server_config, server_config,
+};
 /// The rustls these configs are made with, so users name the same types.
 pub use rustls;
 pub use serve::{serve, PeerCert, HANDSHAKE_TIMEOUT};
@@ -37,6 +42,9 @@ use std::path::PathBuf;
 /// The URI subject alternative name of an agent certificate: this prefix, then the host
 /// id.
 pub const HOST_URI_PREFIX: &str = "urn:herd:host:";
+
+/// The DNS suffix of the names agent certificates carry for agent-to-agent links.
+pub const PEER_DNS_SUFFIX: &str = "host.herd.internal";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -4,7 +4,10 @@
 
 use axum::routing::get;
 use axum::{Extension, Router};
-use herd_tls::{agent_key_and_csr, client_config, fetch_pinned_ca, server_config, Ca, PeerCert};
+use herd_tls::{
+    agent_key_and_csr, client_config, fetch_pinned_ca, peer_name, peer_server_config,
+    server_config, Ca, PeerCert,
+};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
@@ -152,4 +155,49 @@ async fn the_ca_is_fetched_only_by_its_fingerprint() {
         matches!(err, herd_tls::TlsError::FingerprintMismatch { .. }),
         "{err}"
     );
+}
+
+/// An agent's key and certificate (PEM) for `host`, issued by `ca`.
+fn agent_identity(ca: &Ca, host: Uuid) -> (String, String) {
+    let (key, csr) = agent_key_and_csr().unwrap();
+    (ca.sign_agent_csr(&csr, host).unwrap(), key)
+}
+
+#[tokio::test]
+async fn agents_serve_each_other_by_host_name_with_client_certificates() {
+    let (_dir, ca) = new_ca();
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let (a_cert, a_key) = agent_identity(&ca, a);
+    let identity = herd_tls::Identity::from_pem(&a_cert, &a_key).unwrap();
+    let tls = peer_server_config(&identity, ca.pem()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stop) = tokio::sync::oneshot::channel::<()>();
+    let router = Router::new().route("/whoami", get(whoami));
+    tokio::spawn(herd_tls::serve(listener, tls, router, async move {
+        let _ = stop.await;
+    }));
+    // B dials A by A's peer name, resolved to the listener.
+    let dial = |identity: Option<(&str, &str)>, name: String| {
+        reqwest::Client::builder()
+            .use_preconfigured_tls(client_config(ca.pem(), identity).unwrap())
+            .resolve(&name, addr)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map(|client| (client, format!("https://{name}:{}", addr.port())))
+            .unwrap()
+    };
+    let (b_cert, b_key) = agent_identity(&ca, b);
+    let (client, url) = dial(Some((&b_cert, &b_key)), peer_name(a));
+    assert_eq!(whoami_of(&client, &url).await.unwrap(), b.to_string());
+    // Dialing A while meaning another host fails: A's certificate does not name it.
+    let (client, url) = dial(Some((&b_cert, &b_key)), peer_name(Uuid::new_v4()));
+    assert!(whoami_of(&client, &url).await.is_err());
+    // Without a client certificate from the CA, A does not answer.
+    let (client, url) = dial(None, peer_name(a));
+    assert!(whoami_of(&client, &url).await.is_err());
+    let (_other_dir, other) = new_ca();
+    let (forged_cert, forged_key) = agent_identity(&other, b);
+    let (client, url) = dial(Some((&forged_cert, &forged_key)), peer_name(a));
+    assert!(whoami_of(&client, &url).await.is_err());
 }
