@@ -1,4 +1,4 @@
-//! The scale run of issue 6: one real `herd server` process, measured alone, against
+//! The scale run: one real `herd server` process, measured alone, against
 //! `herd sim` running thousands of simulated agents (the real agent code and wire
 //! protocol, the sim driver) in another process.
 //!

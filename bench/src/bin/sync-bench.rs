@@ -1,4 +1,4 @@
-//! Delta state sync (seed 000) against full-state reporting, on the real code path.
+//! Delta state sync against full-state reporting, on the real code path.
 //!
 //! Agents are the real `Reporter`; messages are encoded with the real codec; the server
 //! side is the real `apply_report` writing to a real SQLite store with fsync. Counted on

@@ -1,4 +1,4 @@
-//! The agent's policy backstop (seed 004): the same policies the guest module enforces,
+//! The agent's policy backstop: the same self-management policies the guest module enforces,
 //! evaluated from host-side measurements, so a guest that kills its module or lies
 //! about its usage is still held to its policy.
 //!

@@ -2,8 +2,8 @@
 //!
 //! It joins the cloud once with a one-time token, discovers from that one URL where its
 //! bus is and how often to sync, configures itself from the drivers that work here and
-//! the host's /proc, then holds one connection to the server: state reports go up (delta
-//! sync, seed 000), commands come down from its durable per-host queue.
+//! the host's /proc, then holds one connection to the server: state reports go up (only
+//! what changed since the last one), commands come down from its durable per-host queue.
 //!
 //! Drivers sit behind [`driver::Driver`]; the agent never branches on the hypervisor type.
 

@@ -1,5 +1,6 @@
 //! The bus carries commands from the server to each host's agent through a durable
-//! listener queue per host (seed 002's "listener queue on the new server").
+//! listener queue per host, so a command outlives a dropped connection, a restarted
+//! agent and a restarted server.
 //!
 //! Callers see only [`Bus`]. The embedded implementation keeps the queues in SQLite next
 //! to the server's store and wakes the host's connection when something is queued; a

@@ -9,7 +9,7 @@
 //!
 //! The module opens the virtio-serial port named `herd.0`, supervises the user's
 //! workload, reports to the agent over that port with the frames of `herd_proto::guest`,
-//! and enforces the VM's self-management policy (seed 004) from its own /proc and clock,
+//! and enforces the VM's self-management policy from its own /proc and clock,
 //! with nobody else reachable: see [`policy`].
 //!
 //! The host side of the port comes and goes (agent restarts, suspend/restore gives a

@@ -1,4 +1,5 @@
-//! Guest images built from Debian's own packages (design §7).
+//! Guest images built from Debian's own packages: a distribution kernel and an initramfs
+//! holding herd-guest, so nothing is downloaded from outside the Debian mirror.
 //!
 //! An image is a kernel and an initramfs, nothing else: the cloud kernel
 //! (`linux-image-*-cloud-amd64`, fetched with `apt-get download`), the few virtio modules

@@ -1,4 +1,5 @@
-//! The self-management policy engine (seed 004), sans-IO.
+//! The self-management policy engine, sans-IO: the same decisions run inside every guest
+//! (herd-guest) and on its host (the agent's backstop), so it must not do I/O.
 //!
 //! An [`Evaluator`] holds one VM's [`PolicySpec`] and what it has seen so far. The caller
 //! (herd-guest inside the VM, the agent as a backstop outside it) samples the VM's

@@ -6,7 +6,7 @@
 //! postcard body (the same encoding as the agent wire protocol, so one set of strictness
 //! rules applies; a trailing byte in a body is an error).
 //!
-//! Everything a guest sends is untrusted input (design §9). The decoder is incremental,
+//! Everything a guest sends is untrusted input: the guest runs code herd does not control. The decoder is incremental,
 //! refuses a frame longer than [`MAX_GUEST_FRAME`] as soon as it reads the length (before
 //! buffering any of it), and never holds more than one frame, so a misbehaving guest
 //! cannot grow the agent's memory. After an error the decoder stays failed: the stream is

@@ -1,4 +1,4 @@
-//! Self-management policies of a VM (seed 004), as data.
+//! Self-management policies of a VM, as data.
 //!
 //! A policy travels with the VM spec: the server stores it, the agent enforces it as a
 //! backstop from host-side measurements, and herd-guest enforces it inside the VM from

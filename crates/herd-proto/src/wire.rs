@@ -1,7 +1,7 @@
 //! The agent <-> server protocol: messages on the agent's one connection.
 //!
 //! Messages are encoded with postcard (compact, varint integers, 16-byte UUIDs) and sent
-//! as binary WebSocket frames. Compactness matters because the delta sync of seed 000
+//! as binary WebSocket frames. Compactness matters because delta sync
 //! exists to save bytes: with JSON, per-message overhead would dominate a one-VM delta.
 //! Decoding is strict: a trailing byte or an oversized frame is an error, never a guess.
 

@@ -1,6 +1,6 @@
 //! Credentials: bearer tokens, stored only as hashes.
 //!
-//! API tokens of users are hashed with argon2id, as the issue asks, so that even a
+//! API tokens of users are hashed with argon2id so that even a
 //! leaked database plus a weak token generator would not yield usable tokens cheaply.
 //! A token carries a public id (`herd_<id>_<secret>`) so the server finds its one row
 //! instead of trying every hash, and the server remembers tokens it verified (by their

@@ -1,6 +1,6 @@
 //! One agent connection: state reports in, commands out.
 //!
-//! The connection is the embedded bus's transport (design §8): the host's durable
+//! The connection is the embedded bus's transport: the host's durable
 //! queue is drained down the same socket its reports come up. Reports are applied
 //! through the host's [`HostView`], so only real changes touch the store, and those go
 //! behind to the store (`crate::group_commit`): a report is acknowledged once it is

@@ -1,4 +1,5 @@
-//! Delta state sync (seed 000), as two sans-IO state machines.
+//! Delta state sync, as two sans-IO state machines: each interval an agent reports only
+//! the VM states that changed, and the server's view of the host stays exact.
 //!
 //! [`Reporter`] runs in the agent: each sync interval it is fed the states the drivers
 //! observe and returns the one report to send, carrying only the VMs whose state differs

@@ -310,7 +310,8 @@ pub struct LaunchArgs {
     pub command: Vec<String>,
 }
 
-/// Self-management policies (seed 004). Durations like `90s`, `15m`, `2h`; times as
+/// Self-management policies, enforced inside the VM even with no server reachable.
+/// Durations like `90s`, `15m`, `2h`; times as
 /// RFC 3339; actions: notify, suspend, stop, terminate.
 #[derive(Args, Default)]
 pub struct PolicyArgs {

@@ -1,5 +1,6 @@
 //! `herd sim`: thousands of simulated hosts in one process against a real server, to
-//! measure how herd behaves at scale (issue 6).
+//! measure how herd behaves at scale: the server is the real one, the agents run the
+//! real sync code, and only the hypervisor is simulated.
 //!
 //! Each simulated host is the real agent (`herd_agent::Agent::run`) with the `sim`
 //! driver, speaking the real protocol over its own mTLS connection. Only what would

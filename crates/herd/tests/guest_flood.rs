@@ -1,4 +1,5 @@
-//! A hostile guest cannot hurt the agent or other VMs (issue 5, acceptance 5).
+//! A hostile guest cannot hurt the agent or other VMs: a flood of frames, garbage and
+//! oversized messages from one guest leaves the agent serving every other VM.
 //!
 //! A server and an agent run as separate processes; the agent runs two real guests
 //! under QEMU/TCG. The hostile one kills its herd-guest module (a workload runs as

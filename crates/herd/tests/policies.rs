@@ -1,4 +1,4 @@
-//! Self-managing VMs (seed 004) through the whole product: policies given at launch,
+//! Self-managing VMs through the whole product: policies given at launch,
 //! enforced inside real guests (and by the agent's backstop when the guest's module is
 //! gone), reported as events, and carried into the VM's desired state.
 

@@ -37,7 +37,7 @@ pub struct LaunchRequest {
     pub image: Option<String>,
     /// The workload run inside the guest.
     pub command: Option<Vec<String>>,
-    /// Self-management policies (seed 004).
+    /// Self-management policies, enforced inside the VM and by its host.
     pub policy: Option<PolicySpec>,
     /// Keep the VM up after its workload ends; by default it powers off.
     pub keep_running: Option<bool>,

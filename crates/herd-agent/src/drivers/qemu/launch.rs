@@ -104,7 +104,8 @@ pub fn kernel_cmdline(l: &LaunchSpec<'_>) -> Result<String, LaunchError> {
     // the driver reports as an error instead of a VM that hangs forever.
     let mut line = String::from("console=ttyS0 quiet panic=-1");
     if let Some(khz) = l.tsc_khz {
-        // Without it about one TCG boot in ten hangs calibrating the TSC (design §10).
+        // Without it about one TCG boot in ten hangs calibrating the TSC against a
+        // nested host's unstable clock; telling the kernel the rate skips calibration.
         line.push_str(&format!(" tsc_early_khz={khz}"));
     }
     line.push_str(&format!(" herd.vm={} herd.token={}", l.id, l.token));
