@@ -5,7 +5,8 @@
 //!   check by eye;
 //! - [`Scheduler`], an incremental index that holds the hosts and their capacity
 //!   accounting and answers in time logarithmic in the number of hosts of each host
-//!   shape (see `index.rs` for how and why it is exact). Property tests compare the two.
+//!   shape (see `index/mod.rs` for how and why it is exact). Property tests compare
+//!   the two.
 //!
 //! The server holds the scheduler in memory under one lock and counts each placement
 //! before releasing the lock, so concurrent launches can never over-commit a host: the
