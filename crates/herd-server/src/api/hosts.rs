@@ -1,0 +1,65 @@
+//! Hosts are a cloud admin's business: what the fleet holds, and the join tokens that
+//! add to it.
+
+use super::{
+    types, ApiError, ApiJson, ApiPath, AppState, CloudAdmin, ErrorBody, HostInfo, JoinTokenRequest,
+    JoinTokenView,
+};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use std::time::Duration;
+
+/// Every host, with capacity, allocation and live utilization.
+#[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = Vec<HostInfo>)))]
+pub(super) async fn list_hosts(
+    _: CloudAdmin,
+    State(cloud): State<AppState>,
+) -> Result<Json<Vec<HostInfo>>, ApiError> {
+    Ok(Json(cloud.hosts()?.iter().map(HostInfo::of).collect()))
+}
+
+/// One host.
+#[utoipa::path(get, path = "/v1/hosts/{id}", params(("id" = String, Path, description = "host id")),
+    responses((status = 200, body = HostInfo), (status = 404, body = ErrorBody)))]
+pub(super) async fn get_host(
+    _: CloudAdmin,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<HostInfo>, ApiError> {
+    Ok(Json(HostInfo::of(&cloud.host(&id)?)))
+}
+
+/// Create a one-time join token for a new host.
+#[utoipa::path(post, path = "/v1/join-tokens", request_body = JoinTokenRequest,
+    responses((status = 201, body = JoinTokenView), (status = 400, body = ErrorBody)))]
+pub(super) async fn create_join_token(
+    _: CloudAdmin,
+    State(cloud): State<AppState>,
+    ApiJson(request): ApiJson<JoinTokenRequest>,
+) -> Result<(StatusCode, Json<JoinTokenView>), ApiError> {
+    let ttl_s = request.ttl_seconds.unwrap_or(3600);
+    if !(1..=7 * 24 * 3600).contains(&ttl_s) {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "ttl_seconds: must be between 1 and 604800 (7 days)",
+        ));
+    }
+    let (token, expires_ms) = cloud.create_join_token(Duration::from_secs(ttl_s))?;
+    let mut command = format!(
+        "herd agent --join {} --token {token}",
+        cloud.config.public_url
+    );
+    // The new host pins the CA by its fingerprint for its very first call.
+    if let Some(ca) = &cloud.ca {
+        command.push_str(&format!(" --ca-fingerprint {}", ca.fingerprint()));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(JoinTokenView {
+            token,
+            expires_at: types::rfc3339(expires_ms),
+            command,
+        }),
+    ))
+}

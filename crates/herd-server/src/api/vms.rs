@@ -1,0 +1,273 @@
+//! Most of the API is about VMs: launching them, listing them, acting on them and
+//! reading their events and consoles, each within the projects the caller may see.
+
+use super::{
+    page_size, ApiError, ApiJson, ApiPath, ApiQuery, AppState, BatchLaunchRequest, BatchLaunched,
+    ConsoleQuery, ErrorBody, EventList, EventQuery, EventView, LaunchRequest, User, VmList,
+    VmQuery, VmView,
+};
+use crate::access::Perm;
+use crate::cloud::{Cloud, CloudError, LaunchSpec};
+use crate::store::{EventScope, VmFilter, VmRecord};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use herd_proto::lifecycle::Action;
+use herd_proto::wire::HostId;
+use herd_proto::VmState;
+
+/// The launch a request asks for, in the project it names (or the caller's only
+/// project, else `default`), once the caller may launch there.
+fn launch_spec(user: &User, request: LaunchRequest) -> Result<LaunchSpec, ApiError> {
+    let project = request.project.unwrap_or_else(|| {
+        match (user.principal.cloud_admin, user.principal.roles.len()) {
+            (false, 1) => user.principal.roles.keys().next().cloned(),
+            _ => None,
+        }
+        .unwrap_or_else(|| "default".into())
+    });
+    user.check(&project, Perm::OperateVms, "project", &project)?;
+    Ok(LaunchSpec {
+        name: request.name,
+        project: Some(project),
+        hypervisor: request.hypervisor,
+        vcpus: request.vcpus,
+        memory_mib: request.memory_mib,
+        image: request.image,
+        command: request.command.unwrap_or_default(),
+        policy: request.policy.unwrap_or_default(),
+        keep_running: request.keep_running.unwrap_or(false),
+    })
+}
+
+/// Launch a VM. It is placed at once if a host fits, else it waits as `pending`.
+#[utoipa::path(post, path = "/v1/vms", request_body = LaunchRequest,
+    responses((status = 201, body = VmView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn launch_vm(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiJson(request): ApiJson<LaunchRequest>,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    let spec = launch_spec(&user, request)?;
+    let record = crate::blocking(|| cloud.launch(spec))?;
+    user.note.created(record.id);
+    Ok((StatusCode::CREATED, Json(VmView::of(&record, None, None))))
+}
+
+/// Launch up to 1,000 alike VMs at once, named `{name}-1` to `{name}-{count}`: each
+/// placed like a single launch, all stored in one transaction (all or none).
+#[utoipa::path(post, path = "/v1/vms/batch", request_body = BatchLaunchRequest,
+    responses((status = 201, body = BatchLaunched), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn launch_batch(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiJson(request): ApiJson<BatchLaunchRequest>,
+) -> Result<(StatusCode, Json<BatchLaunched>), ApiError> {
+    let spec = launch_spec(&user, request.vm)?;
+    let records = crate::blocking(|| cloud.launch_batch(spec, Some(request.count)))?;
+    if let (Some(first), Some(last)) = (records.first(), records.last()) {
+        user.note.created(format!(
+            "{} VMs, {} to {}",
+            records.len(),
+            first.id,
+            last.id
+        ));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(BatchLaunched {
+            ids: records.iter().map(|record| record.id.to_string()).collect(),
+        }),
+    ))
+}
+
+/// List VMs, filtered, in pages ordered by id.
+#[utoipa::path(get, path = "/v1/vms", params(VmQuery),
+    responses((status = 200, body = VmList), (status = 400, body = ErrorBody)))]
+pub(super) async fn list_vms(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiQuery(query): ApiQuery<VmQuery>,
+) -> Result<Json<VmList>, ApiError> {
+    let limit = page_size(query.limit)?;
+    if let Some(project) = &query.project {
+        user.check(project, Perm::Read, "project", project)?;
+    }
+    let state = query
+        .state
+        .as_deref()
+        .map(|s| {
+            s.parse::<VmState>()
+                .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))
+        })
+        .transpose()?;
+    let host = query
+        .host
+        .as_deref()
+        .map(|h| {
+            h.parse::<HostId>()
+                .map_err(|_| ApiError::bad_request("invalid_query", "host: not a host id"))
+        })
+        .transpose()?;
+    let after = query
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<uuid::Uuid>().map_err(|_| {
+                ApiError::bad_request("invalid_query", "cursor: not a cursor from a previous page")
+            })
+        })
+        .transpose()?;
+    let records = cloud.list_vms(&VmFilter {
+        project: query.project,
+        projects: user.principal.scope(Perm::Read),
+        state,
+        host,
+        name: query.name,
+        after,
+        limit: limit + 1,
+    })?;
+    let has_more = records.len() > limit;
+    let items: Vec<VmView> = records
+        .iter()
+        .take(limit)
+        .map(|r| VmView::of(r, None, cloud.guest(r.id)))
+        .collect();
+    let next_cursor = if has_more {
+        items.last().map(|v| v.id.to_string())
+    } else {
+        None
+    };
+    Ok(Json(VmList { items, next_cursor }))
+}
+
+/// A VM the caller may take `perm` on; another project's VM does not exist.
+fn vm_for(cloud: &Cloud, user: &User, id: &str, perm: Perm) -> Result<VmRecord, ApiError> {
+    let record = cloud.vm(id)?;
+    user.check(&record.project, perm, "VM", id)?;
+    Ok(record)
+}
+
+/// One VM, with its latest usage counters.
+#[utoipa::path(get, path = "/v1/vms/{id}", params(("id" = String, Path, description = "VM id")),
+    responses((status = 200, body = VmView), (status = 404, body = ErrorBody)))]
+pub(super) async fn get_vm(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<VmView>, ApiError> {
+    let record = vm_for(&cloud, &user, &id, Perm::Read)?;
+    let usage = cloud.vm_usage(record.id);
+    Ok(Json(VmView::of(&record, usage, cloud.guest(record.id))))
+}
+
+/// Delete a VM: terminate it on its host, then drop the record.
+#[utoipa::path(delete, path = "/v1/vms/{id}", params(("id" = String, Path, description = "VM id")),
+    responses((status = 202, body = VmView, description = "terminating; the record goes when the host confirms"),
+              (status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
+pub(super) async fn delete_vm(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    vm_for(&cloud, &user, &id, Perm::OperateVms)?;
+    Ok(match crate::blocking(|| cloud.delete(&id))? {
+        Some(record) => {
+            (StatusCode::ACCEPTED, Json(VmView::of(&record, None, None))).into_response()
+        }
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
+}
+
+/// Ask for a new desired state: start, stop, pause, resume, suspend or terminate.
+#[utoipa::path(post, path = "/v1/vms/{id}/actions/{action}",
+    params(("id" = String, Path, description = "VM id"),
+           ("action" = String, Path, description = "start, stop, pause, resume, suspend or terminate")),
+    responses((status = 202, body = VmView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn vm_action(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiPath((id, action)): ApiPath<(String, String)>,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    vm_for(&cloud, &user, &id, Perm::OperateVms)?;
+    let Some(action) = Action::parse(&action) else {
+        return Err(ApiError::not_found(format!(
+            "no action {action:?}; actions are start, stop, pause, resume, suspend, terminate"
+        )));
+    };
+    let record = crate::blocking(|| cloud.act(&id, action))?;
+    Ok((StatusCode::ACCEPTED, Json(VmView::of(&record, None, None))))
+}
+
+/// A VM's events, oldest first.
+#[utoipa::path(get, path = "/v1/vms/{id}/events", params(("id" = String, Path, description = "VM id"), EventQuery),
+    responses((status = 200, body = EventList), (status = 404, body = ErrorBody)))]
+pub(super) async fn vm_events(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<EventQuery>,
+) -> Result<Json<EventList>, ApiError> {
+    let record = vm_for(&cloud, &user, &id, Perm::Read)?;
+    events_page(&cloud, EventScope::Vm(record.id), query)
+}
+
+/// The tail of a VM's serial console, fetched from its host.
+#[utoipa::path(get, path = "/v1/vms/{id}/console", params(("id" = String, Path, description = "VM id"), ConsoleQuery),
+    responses((status = 200, description = "console text", content_type = "text/plain"),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn vm_console(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ConsoleQuery>,
+) -> Result<Response, ApiError> {
+    vm_for(&cloud, &user, &id, Perm::ReadConsole)?;
+    let max_bytes = query.bytes.unwrap_or(64 * 1024);
+    if !(1..=1 << 20).contains(&max_bytes) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "bytes must be between 1 and 1048576",
+        ));
+    }
+    let bytes = cloud.console(&id, max_bytes).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+        .into_response())
+}
+
+/// Every event the caller may see, oldest first: all of them for cloud admins, the
+/// events of their projects' VMs for everyone else.
+#[utoipa::path(get, path = "/v1/events", params(EventQuery),
+    responses((status = 200, body = EventList)))]
+pub(super) async fn list_events(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiQuery(query): ApiQuery<EventQuery>,
+) -> Result<Json<EventList>, ApiError> {
+    let scope = match user.principal.scope(Perm::Read) {
+        None => EventScope::All,
+        Some(projects) => EventScope::Projects(projects),
+    };
+    events_page(&cloud, scope, query)
+}
+
+fn events_page(
+    cloud: &Cloud,
+    scope: EventScope,
+    query: EventQuery,
+) -> Result<Json<EventList>, ApiError> {
+    let limit = page_size(query.limit)?;
+    let records = cloud
+        .store
+        .events(&scope, query.after.unwrap_or(0), limit)
+        .map_err(CloudError::from)?;
+    let next_after = records.last().map(|e| e.id);
+    Ok(Json(EventList {
+        items: records.iter().map(EventView::of).collect(),
+        next_after,
+    }))
+}
