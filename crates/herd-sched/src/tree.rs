@@ -1,4 +1,4 @@
-//! An ordered set of hosts with a subtree aggregate, for the index in `index.rs`.
+//! An ordered set of hosts with a subtree aggregate, for the index in `index/`.
 //!
 //! A treap in an arena: entries are ordered by `(key, id)` and each carries a second
 //! number `k`; every subtree knows its size and the least and greatest `k` in it. That
