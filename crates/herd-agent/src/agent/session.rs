@@ -1,0 +1,308 @@
+//! The I/O side of the agent's decisions: it asks the drivers what the [`Core`] needs
+//! to know and carries out what it decides (saving, sending, converging, enforcing),
+//! for as long as the process lives, across reconnections.
+
+use super::core::{Action, Core, Input};
+use super::state::{self, SavedState};
+use super::GuestEvents;
+use crate::backstop::Enforce;
+use crate::converge::{next_step, Plan};
+use crate::driver::{Driver, DriverError};
+use crate::hostinfo::{self, CpuMeter};
+use crate::probe::SyncProbe;
+use futures_util::{Sink, SinkExt};
+use herd_proto::clock::unix_ms;
+use herd_proto::policy::PolicyAction;
+use herd_proto::wire::{self, AgentMsg, Command, CommandId, HostUtil, VmId, VmUsage};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tracing::warn;
+
+/// A converge task's end: the command, and why it failed if it did.
+pub(super) type Converged = (CommandId, Option<String>);
+
+pub(super) struct Session {
+    pub(super) core: Core,
+    drivers: Vec<Arc<dyn Driver>>,
+    state_path: PathBuf,
+    /// See [`super::Agent::with_ephemeral_state`].
+    ephemeral_state: bool,
+    cpu: CpuMeter,
+    /// The converge task in progress per VM, with its generation.
+    running: HashMap<VmId, (u64, JoinHandle<()>)>,
+    /// Converge tasks report here. It outlives connections, so a command that finishes
+    /// while the server is away is acknowledged on the next connection.
+    done_tx: mpsc::UnboundedSender<Converged>,
+    pub(super) done_rx: mpsc::UnboundedReceiver<Converged>,
+    pub(super) guest_events: Option<GuestEvents>,
+    pub(super) probe: Option<Arc<dyn SyncProbe>>,
+    /// The last connection got as far as hello.
+    pub(super) was_connected: bool,
+}
+
+impl Session {
+    pub(super) fn new(
+        saved: SavedState,
+        drivers: Vec<Arc<dyn Driver>>,
+        state_path: PathBuf,
+        ephemeral_state: bool,
+    ) -> Session {
+        let kinds = drivers.iter().map(|d| d.kind().to_owned()).collect();
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Session {
+            core: Core::new(saved, kinds, !ephemeral_state),
+            drivers,
+            state_path,
+            ephemeral_state,
+            cpu: CpuMeter::default(),
+            running: HashMap::new(),
+            done_tx,
+            done_rx,
+            guest_events: None,
+            probe: None,
+            was_connected: false,
+        }
+    }
+
+    /// Writes the whole state now (an ephemeral agent's start and clean stop).
+    pub(super) fn write_state(&mut self) -> Result<(), String> {
+        let saved = self.core.snapshot();
+        state::write(&self.state_path, &saved, !self.ephemeral_state).inspect_err(|_| {
+            self.core.save_failed();
+        })
+    }
+
+    /// Ends the session for a clean stop: converging stops, and ephemeral state is
+    /// written once.
+    pub(super) fn stop(&mut self) -> Result<(), String> {
+        for (_, (_, handle)) in self.running.drain() {
+            handle.abort();
+        }
+        if self.ephemeral_state {
+            self.write_state()?;
+        }
+        Ok(())
+    }
+
+    /// The interval's observation, as the core's input.
+    pub(super) async fn tick(&mut self) -> Result<Input, String> {
+        let mut observed = BTreeMap::new();
+        for driver in &self.drivers {
+            for vm in driver.list().await.map_err(|e| e.to_string())? {
+                observed.insert(vm.id, vm.state);
+            }
+        }
+        let usage = if self.core.watches_policies() {
+            self.usage().await.into_iter().map(|u| (u.vm, u)).collect()
+        } else {
+            BTreeMap::new()
+        };
+        let util = HostUtil {
+            cpu_permille: self.cpu.sample(),
+            mem_used_mib: hostinfo::mem_used_mib(),
+            n_vms: observed.len() as u32,
+        };
+        Ok(Input::Tick {
+            observed,
+            usage,
+            util,
+            now_ms: unix_ms(),
+        })
+    }
+
+    /// Every VM's counters, from the drivers that can tell.
+    pub(super) async fn usage(&self) -> Vec<VmUsage> {
+        let mut all = Vec::new();
+        for driver in &self.drivers {
+            if let Ok(usage) = driver.usage().await {
+                all.extend(usage);
+            }
+        }
+        all
+    }
+
+    /// Feeds `input` to the core and carries out what it decides; an error ends the
+    /// connection.
+    pub(super) async fn step(
+        &mut self,
+        input: Input,
+        tx: &mut (impl Sink<Message, Error = tungstenite::Error> + Unpin),
+    ) -> Result<(), String> {
+        let mut actions = self.core.step(input);
+        loop {
+            let mut report_now = false;
+            for action in actions {
+                report_now |= self.carry_out(action, tx).await?;
+            }
+            if !report_now {
+                return Ok(());
+            }
+            let input = self.tick().await?;
+            actions = self.core.step(input);
+        }
+    }
+
+    /// Carries out one action; `true` if the core asked to report now.
+    async fn carry_out(
+        &mut self,
+        action: Action,
+        tx: &mut (impl Sink<Message, Error = tungstenite::Error> + Unpin),
+    ) -> Result<bool, String> {
+        match action {
+            Action::Save(saved) => {
+                state::write(&self.state_path, &saved, true).inspect_err(|_| {
+                    self.core.save_failed();
+                })?;
+            }
+            Action::Enforce(e) => self.enforce(&e).await,
+            Action::Report { report, changed } => {
+                let (epoch, seq, full) = (report.epoch, report.seq, report.is_full());
+                let frame = wire::encode(&AgentMsg::Report(report));
+                if let Some(probe) = &self.probe {
+                    probe.reported(epoch, seq, full, &changed, frame.len());
+                }
+                send_frame(tx, frame).await?;
+            }
+            Action::Send(msg) => send_frame(tx, wire::encode(&msg)).await?,
+            Action::Converge(command) => self.converge(*command),
+            Action::ReportNow => return Ok(true),
+            Action::Console {
+                request,
+                vm,
+                max_bytes,
+            } => {
+                let result = self.console(vm, max_bytes).await;
+                send_frame(tx, wire::encode(&AgentMsg::Console { request, result })).await?;
+            }
+            Action::Acked { epoch, seq } => {
+                if let Some(probe) = &self.probe {
+                    probe.acked(epoch, seq);
+                }
+            }
+            Action::Disconnect(reason) => return Err(reason),
+        }
+        Ok(false)
+    }
+
+    /// A converge task ended: forget its handle, unless a newer one replaced it.
+    pub(super) fn converged(&mut self, id: CommandId) {
+        if self
+            .running
+            .get(&id.vm)
+            .is_some_and(|(generation, _)| *generation == id.generation)
+        {
+            self.running.remove(&id.vm);
+        }
+    }
+
+    fn converge(&mut self, command: Command) {
+        let Some(driver) = self
+            .drivers
+            .iter()
+            .find(|d| d.kind() == command.spec.hypervisor)
+            .cloned()
+        else {
+            // The core checked the kind; a driver cannot vanish.
+            return;
+        };
+        let id = command.id;
+        let done = self.done_tx.clone();
+        let handle = tokio::spawn(async move {
+            let result = converge(driver.as_ref(), &command).await;
+            if let Err(e) = &result {
+                warn!(command = %command.id, "command failed: {e}");
+            }
+            let _ = done.send((command.id, result.err()));
+        });
+        if let Some((_, old)) = self.running.insert(id.vm, (id.generation, handle)) {
+            old.abort();
+        }
+    }
+
+    /// Carries out what the backstop decided, with or without a server.
+    async fn enforce(&self, e: &Enforce) {
+        for driver in &self.drivers {
+            let result = match e.action {
+                PolicyAction::Notify => Ok(()),
+                PolicyAction::Suspend => driver.suspend(e.vm).await,
+                PolicyAction::Stop => driver.stop(e.vm).await,
+                PolicyAction::Terminate => driver.terminate(e.vm).await,
+            };
+            match result {
+                Err(DriverError::NoSuchVm(_)) => continue,
+                Err(err) => warn!(vm = %e.vm, "backstop could not act: {err}"),
+                Ok(()) => {}
+            }
+            break;
+        }
+    }
+
+    /// The tail of a VM's serial console, from whichever driver holds it.
+    async fn console(&self, vm: VmId, max_bytes: usize) -> Result<Vec<u8>, String> {
+        for driver in &self.drivers {
+            match driver.console(vm, max_bytes.min(1 << 20)).await {
+                Err(DriverError::NoSuchVm(_)) => continue,
+                other => return other.map_err(|e| e.to_string()),
+            }
+        }
+        Err(format!("VM {vm} is not on this host"))
+    }
+}
+
+pub(super) async fn send_frame(
+    tx: &mut (impl Sink<Message, Error = tungstenite::Error> + Unpin),
+    frame: Vec<u8>,
+) -> Result<(), String> {
+    tx.send(Message::Binary(frame.into()))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Drives one VM to the command's target, one driver operation at a time.
+async fn converge(driver: &dyn Driver, command: &Command) -> Result<(), String> {
+    let vm = command.id.vm;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    let mut n_conflicts = 0;
+    loop {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("VM did not reach {} in time", command.target));
+        }
+        let current = driver.state_of(vm).await.map_err(|e| e.to_string())?;
+        let plan = next_step(current, command.target);
+        let result = match plan {
+            Plan::Done => return Ok(()),
+            Plan::Impossible => {
+                return Err(format!(
+                    "no way from {} to {}",
+                    current.map(|s| s.as_str()).unwrap_or("absent"),
+                    command.target
+                ))
+            }
+            Plan::Wait => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Plan::Create => driver.create(vm, &command.spec).await,
+            Plan::Start => driver.start(vm).await,
+            Plan::Pause => driver.pause(vm).await,
+            Plan::Resume => driver.resume(vm).await,
+            Plan::Suspend => driver.suspend(vm).await,
+            Plan::Stop => driver.stop(vm).await,
+            Plan::Terminate => driver.terminate(vm).await,
+        };
+        match result {
+            Ok(()) => {}
+            // The VM moved between our look and our action; look again.
+            Err(DriverError::WrongState { .. }) if n_conflicts < 20 => {
+                n_conflicts += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
