@@ -11,7 +11,7 @@
 //! against its limits and against the index's own accounting.
 //!
 //! `--distinct-shapes` rows give every host its own memory size, the index's worst case
-//! (see `crates/herd-sched/src/index.rs`).
+//! (see `crates/herd-sched/src/index/`).
 
 use anyhow::{bail, Result};
 use clap::Parser;
