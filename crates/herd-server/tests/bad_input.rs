@@ -4,7 +4,7 @@
 mod common;
 
 use axum::http::StatusCode;
-use common::{call, fixture, json_call, Fixture};
+use common::{call, fixture, fixture_with, json_call, sim_host, Fixture};
 use serde_json::{json, Value};
 
 fn assert_error(
@@ -33,6 +33,15 @@ async fn snapshot(fx: &Fixture) -> (Value, Value, Value) {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_rejected_with_stable_codes_and_changes_nothing() {
     let fx = fixture();
+    let no_host = json_call(
+        &fx,
+        "POST",
+        "/v1/vms",
+        r#"{"name":"early","hypervisor":"sim"}"#,
+    )
+    .await;
+    assert_error("no host yet", &no_host, 400, "invalid_request");
+    sim_host(&fx.cloud, "h1");
     let (status, vm) = json_call(
         &fx,
         "POST",
@@ -158,6 +167,12 @@ async fn bad_input_is_rejected_with_stable_codes_and_changes_nothing() {
         (
             "unknown hypervisor",
             json_call(&fx, "POST", launch, r#"{"name":"x","hypervisor":"vmware"}"#).await,
+            400,
+            "invalid_request",
+        ),
+        (
+            "a hypervisor type no host has a driver for",
+            json_call(&fx, "POST", launch, r#"{"name":"x","hypervisor":"oci"}"#).await,
             400,
             "invalid_request",
         ),
@@ -410,7 +425,8 @@ async fn bad_input_is_rejected_with_stable_codes_and_changes_nothing() {
         events_after.last().map(|e| e["kind"].clone()),
         Some(json!("host.joined"))
     );
-    assert_eq!(after.2.as_array().map(|h| h.len()), Some(1));
+    // The sim host from the start, and the one joined here.
+    assert_eq!(after.2.as_array().map(|h| h.len()), Some(2));
     eprintln!("{} bad requests rejected with stable codes", n_cases + 2);
 }
 
@@ -445,4 +461,29 @@ async fn openapi_lists_every_route() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = call(&fx, "GET", "/healthz", None, None, "").await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_may_name_only_a_hypervisor_type_a_driver_serves() {
+    let fx = fixture_with(|config| config.hypervisor_kinds = vec!["qemu".into(), "sim".into()]);
+    let launch = |body: &'static str| json_call(&fx, "POST", "/v1/vms", body);
+    // Before any host is known, the build's driver types: the VM waits for its host.
+    let (status, body) = launch(r#"{"name":"early","hypervisor":"qemu"}"#).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let refused = launch(r#"{"name":"x","hypervisor":"oci"}"#).await;
+    assert_error("a type no driver serves", &refused, 400, "invalid_request");
+    assert!(refused.1["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("qemu, sim"));
+    // Once hosts are known, only what they offer.
+    sim_host(&fx.cloud, "h1");
+    let (status, body) = launch(r#"{"name":"ok","hypervisor":"sim"}"#).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let refused = launch(r#"{"name":"late","hypervisor":"qemu"}"#).await;
+    assert_error("a type no host offers", &refused, 400, "invalid_request");
+    assert!(refused.1["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("the hosts offer sim"));
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use axum::http::StatusCode;
-use common::{call, fixture};
+use common::{call, fixture, sim_host};
 use herd_server::access::Role;
 use herd_server::store::Quota;
 use serde_json::json;
@@ -13,6 +13,7 @@ use std::sync::Arc;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_launches_against_a_quota_of_ten_create_exactly_ten() {
     let fx = Arc::new(fixture());
+    sim_host(&fx.cloud, "h1");
     let quota = Quota {
         max_vms: Some(10),
         ..Quota::default()

@@ -185,6 +185,7 @@ fn server_config(args: &ServerArgs, data_dir: PathBuf) -> Result<ServerConfig> {
         bail!("over-commit ratios must be positive");
     }
     let mut config = ServerConfig::new(data_dir, public_url);
+    config.hypervisor_kinds = herd_agent::drivers::KINDS.map(str::to_owned).to_vec();
     config.sync_interval = Duration::from_millis(args.sync_interval_ms);
     config.usage_interval = Duration::from_millis(args.usage_interval_ms);
     config.host_grace = Duration::from_secs_f64(args.host_grace_s);

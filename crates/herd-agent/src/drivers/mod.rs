@@ -2,3 +2,8 @@
 
 pub mod qemu;
 pub mod sim;
+
+/// The hypervisor types this build has drivers for, each named by its driver. The
+/// server takes them as the types a VM may name before any host has announced its
+/// drivers; after that, only the types some host offers.
+pub const KINDS: [&str; 2] = [qemu::KIND, sim::KIND];

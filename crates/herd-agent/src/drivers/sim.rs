@@ -152,6 +152,9 @@ pub struct SimDriver {
 
 use herd_proto::clock::unix_ms;
 
+/// The hypervisor type this driver serves.
+pub const KIND: &str = "sim";
+
 fn load(path: &Path) -> Result<BTreeMap<VmId, SimVm>, DriverError> {
     Ok(persist::load_json(path)
         .map_err(|e| DriverError::Failed(format!("reading {}: {e}", path.display())))?
@@ -279,7 +282,7 @@ impl SimDriver {
 #[async_trait]
 impl Driver for SimDriver {
     fn kind(&self) -> &'static str {
-        "sim"
+        KIND
     }
 
     async fn probe(&self) -> Result<HypervisorInfo, DriverError> {

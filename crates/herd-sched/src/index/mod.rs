@@ -59,7 +59,7 @@ mod tests;
 use crate::{better, Demand, HostSlot, NoFit, SchedPolicy, Score, Short, Strategy};
 use group::{Group, Index};
 use load::Entry;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
 /// Up hosts of one type and shape from which that shape gets its own trees.
@@ -82,6 +82,8 @@ pub struct Scheduler {
     policy: SchedPolicy,
     hosts: HashMap<Uuid, Entry>,
     index: Index,
+    /// How many hosts, up or down, offer each hypervisor type.
+    offered: BTreeMap<String, usize>,
 }
 
 impl Scheduler {
@@ -102,6 +104,7 @@ impl Scheduler {
                 n_up: 0,
                 n_down: 0,
             },
+            offered: BTreeMap::new(),
         }
     }
 
@@ -141,16 +144,43 @@ impl Scheduler {
     pub fn upsert_host(&mut self, slot: HostSlot) {
         if let Some(old) = self.hosts.remove(&slot.id) {
             self.index.detach(&old);
+            self.withdraw(&old.kinds);
         }
         let entry = Entry::new(slot, &self.policy);
         self.index.attach(&entry);
+        for kind in &entry.kinds {
+            *self.offered.entry(kind.clone()).or_insert(0) += 1;
+        }
         self.hosts.insert(entry.slot.id, entry);
     }
 
     pub fn remove_host(&mut self, id: Uuid) -> Option<HostSlot> {
         let entry = self.hosts.remove(&id)?;
         self.index.detach(&entry);
+        self.withdraw(&entry.kinds);
         Some(entry.slot)
+    }
+
+    fn withdraw(&mut self, kinds: &[String]) {
+        for kind in kinds {
+            if let Some(n) = self.offered.get_mut(kind) {
+                *n -= 1;
+                if *n == 0 {
+                    self.offered.remove(kind);
+                }
+            }
+        }
+    }
+
+    /// The hypervisor types some known host offers, up or down, in order: what a VM
+    /// may ask for. A type no host has a driver for would wait forever.
+    pub fn hypervisors(&self) -> impl Iterator<Item = &str> + '_ {
+        self.offered.keys().map(String::as_str)
+    }
+
+    /// Whether some known host, up or down, offers the hypervisor type.
+    pub fn offers(&self, hypervisor: &str) -> bool {
+        self.offered.contains_key(hypervisor)
     }
 
     /// Changes one host; returns false if the host is unknown.

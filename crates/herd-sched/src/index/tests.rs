@@ -47,6 +47,23 @@ fn linear(sched: &Scheduler, demand: &Demand) -> Result<Uuid, NoFit> {
 }
 
 #[test]
+fn hypervisors_are_those_some_known_host_offers() {
+    let mut sched = tree_sched(policy(Strategy::Spread));
+    sched.upsert_host(host(1, &["qemu", "sim"], 2, 4096));
+    sched.upsert_host(host(2, &["qemu"], 2, 4096));
+    assert_eq!(sched.hypervisors().collect::<Vec<_>>(), ["qemu", "sim"]);
+    // A host that is down still offers its types: its VMs wait for it.
+    sched.set_up(Uuid::from_u128(1), false);
+    assert!(sched.offers("sim"));
+    // A host that comes back without a driver no longer offers it.
+    sched.upsert_host(host(1, &["qemu"], 2, 4096));
+    assert!(!sched.offers("sim"));
+    sched.remove_host(Uuid::from_u128(1));
+    sched.remove_host(Uuid::from_u128(2));
+    assert_eq!(sched.hypervisors().count(), 0);
+}
+
+#[test]
 fn identical_hosts_fill_in_id_order_with_spread() {
     let mut sched = tree_sched(policy(Strategy::Spread));
     for n in (1..=4).rev() {

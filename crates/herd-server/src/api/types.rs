@@ -27,7 +27,8 @@ pub struct LaunchRequest {
     pub name: String,
     /// Defaults to `default`.
     pub project: Option<String>,
-    /// `qemu`, `oci` or `sim`; defaults to the server's default.
+    /// A hypervisor type some host offers (`qemu`, `sim`); defaults to the server's
+    /// default.
     pub hypervisor: Option<String>,
     /// 1 to 256; defaults to 1.
     pub vcpus: Option<u32>,

@@ -22,7 +22,6 @@ use console::ConsoleReply;
 use liveness::LIVENESS_TICK;
 use placement::{slot_of, Placement};
 pub(crate) use validate::valid_name;
-pub use validate::HYPERVISORS;
 
 use crate::group_commit::{CommitError, GroupCommit};
 use crate::store::{HostRecord, Store, StoreError, VmRecord};
@@ -53,6 +52,10 @@ pub struct ServerConfig {
     pub sched: SchedPolicy,
     /// Hypervisor type for a launch that names none.
     pub default_hypervisor: String,
+    /// The hypervisor types the agents of this build have drivers for, accepted while
+    /// no host is known yet (a launch right after the first start waits for its host).
+    /// Once hosts are known, a VM may name only a type some host offers.
+    pub hypervisor_kinds: Vec<String>,
     pub default_image: String,
     /// Serve plain HTTP instead of HTTPS: no CA, no agent certificates, tokens alone.
     /// Only for loopback (the CLI refuses it elsewhere).
@@ -69,6 +72,7 @@ impl ServerConfig {
             host_grace: Duration::from_secs(10),
             sched: SchedPolicy::default(),
             default_hypervisor: "qemu".into(),
+            hypervisor_kinds: Vec::new(),
             default_image: "default".into(),
             insecure_http: false,
         }

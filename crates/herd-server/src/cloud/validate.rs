@@ -5,9 +5,6 @@ use super::{invalid, Cloud, CloudError, LaunchSpec};
 use herd_proto::policy::{PolicySpec, RateCard};
 use herd_proto::wire::VmSpec;
 
-/// Hypervisor types a VM spec may name.
-pub const HYPERVISORS: [&str; 3] = ["qemu", "oci", "sim"];
-
 pub(crate) fn valid_name(text: &str) -> bool {
     !text.is_empty()
         && text.len() <= 63
@@ -35,12 +32,6 @@ impl Cloud {
         let hypervisor = spec
             .hypervisor
             .unwrap_or_else(|| self.config.default_hypervisor.clone());
-        if !HYPERVISORS.contains(&hypervisor.as_str()) {
-            return Err(invalid(
-                "hypervisor",
-                format!("must be one of {}", HYPERVISORS.join(", ")),
-            ));
-        }
         let vcpus = spec.vcpus.unwrap_or(1);
         if !(1..=256).contains(&vcpus) {
             return Err(invalid("vcpus", "must be between 1 and 256"));
@@ -75,6 +66,7 @@ impl Cloud {
             ));
         }
         let policy = self.validate_policy(&project, spec.policy)?;
+        self.check_offered(&hypervisor)?;
         Ok((
             project,
             VmSpec {
@@ -88,6 +80,34 @@ impl Cloud {
                 keep_running: spec.keep_running,
             },
         ))
+    }
+
+    /// The types that exist are the ones hosts announced drivers for (up or down): a VM
+    /// of any other type would wait for a host forever. Before the first host is known,
+    /// the types this build has drivers for.
+    fn check_offered(&self, hypervisor: &str) -> Result<(), CloudError> {
+        let placement = self.placement.lock();
+        let known = &self.config.hypervisor_kinds;
+        if placement.sched.offers(hypervisor)
+            || placement.sched.is_empty() && known.iter().any(|kind| kind == hypervisor)
+        {
+            return Ok(());
+        }
+        let offered: Vec<&str> = placement.sched.hypervisors().collect();
+        let why = if placement.sched.is_empty() && known.is_empty() {
+            format!("no host offers {hypervisor:?}: no host has joined yet")
+        } else if placement.sched.is_empty() {
+            format!(
+                "no driver serves {hypervisor:?}; this build has {}",
+                known.join(", ")
+            )
+        } else {
+            format!(
+                "no host offers {hypervisor:?}; the hosts offer {}",
+                offered.join(", ")
+            )
+        };
+        Err(invalid("hypervisor", why))
     }
 
     /// Checks a policy for values that cannot be meant, and prices a cost cap that came

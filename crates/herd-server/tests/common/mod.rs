@@ -19,8 +19,14 @@ pub struct Fixture {
 }
 
 pub fn fixture() -> Fixture {
+    fixture_with(|_| {})
+}
+
+/// A fixture whose server config `change` adjusts first.
+pub fn fixture_with(change: impl FnOnce(&mut ServerConfig)) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = ServerConfig::new(dir.path().to_path_buf(), "http://127.0.0.1:1".into());
+    let mut config = ServerConfig::new(dir.path().to_path_buf(), "http://127.0.0.1:1".into());
+    change(&mut config);
     let bus = EmbeddedBus::open(&dir.path().join("bus.db")).expect("bus");
     let cloud = Arc::new(Cloud::open(config, Box::new(bus)).expect("cloud"));
     let token = cloud

@@ -40,6 +40,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, OnceCell};
 use tracing::{debug, info, warn};
 
+/// The hypervisor type this driver serves.
+pub const KIND: &str = "qemu";
+
 /// How the driver picks its accelerator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccelChoice {
@@ -972,7 +975,7 @@ impl Driver for QemuDriver {
     }
 
     fn kind(&self) -> &'static str {
-        "qemu"
+        KIND
     }
 
     async fn probe(&self) -> Result<HypervisorInfo, DriverError> {
