@@ -9,6 +9,8 @@ use async_trait::async_trait;
 use herd_proto::wire::{HypervisorInfo, VmId, VmSpec, VmUsage};
 use herd_proto::VmState;
 
+/// Why a driver operation failed. Causes are kept as sources, so a log line or a
+/// command's error (printed with its chain) says what the hypervisor said.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     #[error("{kind} driver is not usable on this host: {reason}")]
@@ -17,8 +19,34 @@ pub enum DriverError {
     NoSuchVm(VmId),
     #[error("cannot {op} a VM that is {state}")]
     WrongState { op: &'static str, state: VmState },
+    /// The request names something the driver cannot use (an image it lacks, say).
     #[error("{0}")]
-    Failed(String),
+    Invalid(String),
+    #[error("VM {vm}: {doing} failed")]
+    Operation {
+        vm: VmId,
+        doing: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The hypervisor process misbehaved, in its own words where it gave any.
+    #[error("VM {vm}: {reason}")]
+    Hypervisor { vm: VmId, reason: String },
+    #[error("VM {vm}: {doing} took longer than {after:?}")]
+    Timeout {
+        vm: VmId,
+        doing: &'static str,
+        after: std::time::Duration,
+    },
+    #[error("encoding {what}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The driver's own files on this host cannot be read.
+    #[error("driver state: {0}")]
+    State(String),
     #[error("I/O error while {context}")]
     Io {
         context: String,
@@ -28,6 +56,10 @@ pub enum DriverError {
 }
 
 impl DriverError {
+    pub fn encode(what: &'static str) -> impl FnOnce(serde_json::Error) -> DriverError {
+        move |source| DriverError::Encode { what, source }
+    }
+
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
         let context = context.into();
         move |source| DriverError::Io { context, source }
@@ -89,4 +121,23 @@ pub trait Driver: Send + Sync {
 
     /// The last `max_bytes` of the VM's serial console.
     async fn console(&self, id: VmId, max_bytes: usize) -> Result<Vec<u8>, DriverError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_keeps_what_the_hypervisor_said() {
+        let vm = VmId::from_u128(7);
+        let error = DriverError::Operation {
+            vm,
+            doing: "suspending".into(),
+            source: Box::new(std::io::Error::other("no space left on device")),
+        };
+        assert_eq!(
+            crate::agent::error_chain(&error),
+            format!("VM {vm}: suspending failed: no space left on device")
+        );
+    }
 }

@@ -150,7 +150,7 @@ impl Agent {
                     infos.push(info);
                     usable.push(driver.clone());
                 }
-                Err(e) => warn!(kind = driver.kind(), "driver unusable: {e}"),
+                Err(e) => warn!(kind = driver.kind(), "driver unusable: {}", error_chain(&e)),
             }
         }
         if usable.is_empty() {

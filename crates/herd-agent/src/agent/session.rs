@@ -4,6 +4,7 @@
 
 use super::core::{Action, Core, Input};
 use super::state::{self, SavedState};
+use super::transport::error_chain;
 use super::GuestEvents;
 use crate::backstop::Enforce;
 use crate::converge::{next_step, Plan};
@@ -93,7 +94,7 @@ impl Session {
     pub(super) async fn tick(&mut self) -> Result<Input, String> {
         let mut observed = BTreeMap::new();
         for driver in &self.drivers {
-            for vm in driver.list().await.map_err(|e| e.to_string())? {
+            for vm in driver.list().await.map_err(|e| error_chain(&e))? {
                 observed.insert(vm.id, vm.state);
             }
         }
@@ -235,7 +236,7 @@ impl Session {
             };
             match result {
                 Err(DriverError::NoSuchVm(_)) => continue,
-                Err(err) => warn!(vm = %e.vm, "backstop could not act: {err}"),
+                Err(err) => warn!(vm = %e.vm, "backstop could not act: {}", error_chain(&err)),
                 Ok(()) => {}
             }
             break;
@@ -247,7 +248,7 @@ impl Session {
         for driver in &self.drivers {
             match driver.console(vm, max_bytes.min(1 << 20)).await {
                 Err(DriverError::NoSuchVm(_)) => continue,
-                other => return other.map_err(|e| e.to_string()),
+                other => return other.map_err(|e| error_chain(&e)),
             }
         }
         Err(format!("VM {vm} is not on this host"))
@@ -272,7 +273,7 @@ async fn converge(driver: &dyn Driver, command: &Command) -> Result<(), String> 
         if tokio::time::Instant::now() > deadline {
             return Err(format!("VM did not reach {} in time", command.target));
         }
-        let current = driver.state_of(vm).await.map_err(|e| e.to_string())?;
+        let current = driver.state_of(vm).await.map_err(|e| error_chain(&e))?;
         let plan = next_step(current, command.target);
         let result = match plan {
             Plan::Done => return Ok(()),
@@ -302,7 +303,7 @@ async fn converge(driver: &dyn Driver, command: &Command) -> Result<(), String> 
                 n_conflicts += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(error_chain(&e)),
         }
     }
 }

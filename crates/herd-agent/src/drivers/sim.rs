@@ -157,7 +157,7 @@ pub const KIND: &str = "sim";
 
 fn load(path: &Path) -> Result<BTreeMap<VmId, SimVm>, DriverError> {
     Ok(persist::load_json(path)
-        .map_err(|e| DriverError::Failed(format!("reading {}: {e}", path.display())))?
+        .map_err(|e| DriverError::State(format!("reading {}: {e}", path.display())))?
         .unwrap_or_default())
 }
 
@@ -195,8 +195,7 @@ impl SimDriver {
     pub fn save_to(&self, path: &Path) -> Result<(), DriverError> {
         let bytes = {
             let vms = self.vms.lock();
-            serde_json::to_vec(&vms.map)
-                .map_err(|e| DriverError::Failed(format!("encoding sim VMs: {e}")))?
+            serde_json::to_vec(&vms.map).map_err(DriverError::encode("the sim VMs"))?
         };
         persist::write_unsynced(path, &bytes).map_err(DriverError::io("saving sim VMs"))
     }

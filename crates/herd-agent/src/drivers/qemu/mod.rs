@@ -134,7 +134,7 @@ struct Vm {
 impl Vm {
     fn save(&self) -> Result<(), DriverError> {
         let bytes = serde_json::to_vec_pretty(&self.record)
-            .map_err(|e| DriverError::Failed(format!("encoding VM state: {e}")))?;
+            .map_err(DriverError::encode("the VM's state"))?;
         persist::write_atomic(&self.paths.state(), &bytes).map_err(DriverError::io(format!(
             "saving {}",
             self.paths.state().display()
@@ -497,14 +497,14 @@ impl Inner {
 
     fn image(&self, name: &str) -> Result<(PathBuf, PathBuf), DriverError> {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return Err(DriverError::Failed(format!("invalid image name {name:?}")));
+            return Err(DriverError::Invalid(format!("invalid image name {name:?}")));
         }
         let dir = self.config.images_dir.join(name);
         let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd"));
         if kernel.exists() && initrd.exists() {
             Ok((kernel, initrd))
         } else {
-            Err(DriverError::Failed(format!(
+            Err(DriverError::Invalid(format!(
                 "image {name:?} not found in {} (build it with herd-image)",
                 self.config.images_dir.display()
             )))
@@ -541,8 +541,11 @@ impl Inner {
             born_unix_ms,
             now_unix_ms: herd_proto::clock::unix_ms(),
         };
-        let args =
-            launch::qemu_args(&paths, &launch).map_err(|e| DriverError::Failed(e.to_string()))?;
+        let args = launch::qemu_args(&paths, &launch).map_err(|e| DriverError::Operation {
+            vm: id,
+            doing: "building the QEMU command line".into(),
+            source: Box::new(e),
+        })?;
         for stale in [paths.pid_file(), paths.qmp(), paths.guest()] {
             let _ = std::fs::remove_file(stale);
         }
@@ -559,23 +562,29 @@ impl Inner {
                 .output(),
         )
         .await
-        .map_err(|_| DriverError::Failed("qemu did not daemonize within 30 s".into()))?
+        .map_err(|_| DriverError::Timeout {
+            vm: id,
+            doing: "starting QEMU",
+            after: Duration::from_secs(30),
+        })?
         .map_err(DriverError::io(format!(
             "starting {}",
             self.config.qemu_binary.display()
         )))?;
         if !output.status.success() {
-            return Err(DriverError::Failed(format!(
-                "qemu failed to start: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            )));
+            return Err(DriverError::Hypervisor {
+                vm: id,
+                reason: format!(
+                    "qemu failed to start: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            });
         }
-        let pid = procfs::read_pid_file(&paths.pid_file()).ok_or_else(|| {
-            DriverError::Failed(format!(
-                "qemu wrote no pid to {}",
-                paths.pid_file().display()
-            ))
-        })?;
+        let pid =
+            procfs::read_pid_file(&paths.pid_file()).ok_or_else(|| DriverError::Hypervisor {
+                vm: id,
+                reason: format!("qemu wrote no pid to {}", paths.pid_file().display()),
+            })?;
         info!(%id, pid, accel = accel.as_str(), incoming, "qemu started");
         let generation = self.with_vm(id, |vm| {
             vm.pid = Some(pid);
@@ -604,7 +613,11 @@ impl Inner {
         let path = self.with_vm(id, |vm| Ok(vm.paths.qmp()))?;
         Qmp::connect(&path, self.config.qmp_timeout)
             .await
-            .map_err(|e| DriverError::Failed(format!("VM {id}: {e}")))
+            .map_err(|e| DriverError::Operation {
+                vm: id,
+                doing: "connecting to QMP".into(),
+                source: Box::new(e),
+            })
     }
 
     async fn qmp_run(
@@ -616,7 +629,11 @@ impl Inner {
         let mut qmp = self.qmp(id).await?;
         qmp.execute(command, args)
             .await
-            .map_err(|e| DriverError::Failed(format!("VM {id}: {e}")))
+            .map_err(|e| DriverError::Operation {
+                vm: id,
+                doing: format!("QMP command {command}"),
+                source: Box::new(e),
+            })
     }
 
     /// Waits until the VM's QEMU is gone; ends it with SIGKILL after `grace`.
@@ -631,7 +648,10 @@ impl Inner {
                 killed = true;
             }
             if started.elapsed() >= grace + Duration::from_secs(10) {
-                return Err(DriverError::Failed(format!("qemu {pid} does not die")));
+                return Err(DriverError::Hypervisor {
+                    vm: id,
+                    reason: format!("qemu {pid} does not die"),
+                });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -688,7 +708,11 @@ impl Inner {
         let image = self.with_vm(id, |vm| Ok(vm.paths.suspend_image()))?;
         let tmp = image.with_extension("img.tmp");
         let mut qmp = self.qmp(id).await?;
-        let fail = |e: qmp::QmpError| DriverError::Failed(format!("suspending VM {id}: {e}"));
+        let fail = |e: qmp::QmpError| DriverError::Operation {
+            vm: id,
+            doing: "suspending".into(),
+            source: Box::new(e),
+        };
         qmp.execute("stop", None).await.map_err(fail)?;
         // Recorded before the save, so a crash mid-save shows a paused VM, which it is.
         self.with_vm(id, |vm| {
@@ -708,16 +732,23 @@ impl Inner {
             match info.get("status").and_then(|s| s.as_str()).unwrap_or("") {
                 "completed" => break,
                 "failed" | "cancelled" => {
-                    return Err(DriverError::Failed(format!(
-                        "saving VM {id} failed: {}",
-                        info.get("error-desc")
-                            .and_then(|s| s.as_str())
-                            .unwrap_or("unknown")
-                    )))
+                    return Err(DriverError::Hypervisor {
+                        vm: id,
+                        reason: format!(
+                            "saving to disk failed: {}",
+                            info.get("error-desc")
+                                .and_then(|s| s.as_str())
+                                .unwrap_or("unknown")
+                        ),
+                    });
                 }
                 _ if started.elapsed() > Duration::from_secs(120) => {
                     let _ = qmp.execute("migrate_cancel", None).await;
-                    return Err(DriverError::Failed(format!("saving VM {id} timed out")));
+                    return Err(DriverError::Timeout {
+                        vm: id,
+                        doing: "saving to disk",
+                        after: Duration::from_secs(120),
+                    });
                 }
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
@@ -746,7 +777,11 @@ impl Inner {
         let result = async {
             self.launch(id, true).await?;
             let mut qmp = self.qmp(id).await?;
-            let fail = |e: qmp::QmpError| DriverError::Failed(format!("restoring VM {id}: {e}"));
+            let fail = |e: qmp::QmpError| DriverError::Operation {
+                vm: id,
+                doing: "restoring".into(),
+                source: Box::new(e),
+            };
             let started = std::time::Instant::now();
             loop {
                 let status = qmp.status().await.map_err(fail)?;
@@ -754,7 +789,11 @@ impl Inner {
                     break;
                 }
                 if started.elapsed() > Duration::from_secs(120) {
-                    return Err(DriverError::Failed(format!("restoring VM {id} timed out")));
+                    return Err(DriverError::Timeout {
+                        vm: id,
+                        doing: "restoring",
+                        after: Duration::from_secs(120),
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -847,7 +886,11 @@ impl Inner {
             op(inner).await
         })
         .await
-        .map_err(|e| DriverError::Failed(format!("operation on VM {id} panicked: {e}")))?
+        .map_err(|e| DriverError::Operation {
+            vm: id,
+            doing: "an operation".into(),
+            source: Box::new(e),
+        })?
     }
 }
 
@@ -871,9 +914,9 @@ impl QemuDriver {
             };
             let paths = VmPaths::new(&state_dir, id);
             let spec: Option<VmSpec> =
-                persist::load_json(&paths.spec()).map_err(DriverError::Failed)?;
+                persist::load_json(&paths.spec()).map_err(DriverError::State)?;
             let record: Option<VmRecord> =
-                persist::load_json(&paths.state()).map_err(DriverError::Failed)?;
+                persist::load_json(&paths.state()).map_err(DriverError::State)?;
             let (Some(spec), Some(record)) = (spec, record) else {
                 // A create that died before writing its files: nothing to adopt.
                 warn!(%id, "incomplete VM dir; removing it");
@@ -1078,7 +1121,7 @@ impl Driver for QemuDriver {
                 std::fs::create_dir_all(&paths.dir)
                     .map_err(DriverError::io("creating the VM dir"))?;
                 let spec_json = serde_json::to_vec_pretty(&spec)
-                    .map_err(|e| DriverError::Failed(format!("encoding the spec: {e}")))?;
+                    .map_err(DriverError::encode("the VM's spec"))?;
                 persist::write_atomic(&paths.spec(), &spec_json)
                     .map_err(DriverError::io("saving spec.json"))?;
                 let vm = Vm {
