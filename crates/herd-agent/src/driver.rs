@@ -73,10 +73,30 @@ pub struct ObservedVm {
     pub state: VmState,
 }
 
+/// What a driver can do beyond the lifecycle every driver has. The agent and the
+/// conformance kit ask instead of assuming; a driver says `true` only for what it has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `suspend` saves the VM's memory to disk and ends its process; `resume` restores
+    /// it, so the workload outlives the process.
+    pub suspend_to_disk: bool,
+    /// A running VM's state can be written to a file and restored from it elsewhere.
+    pub snapshot: bool,
+    /// A running VM can move to another host of the same type.
+    pub live_migrate: bool,
+    /// vCPUs and memory of an existing VM can change.
+    pub resize: bool,
+}
+
 #[async_trait]
 pub trait Driver: Send + Sync {
     /// The hypervisor type this driver serves, as used in VM specs (`qemu`, `sim`).
     fn kind(&self) -> &'static str;
+
+    /// What this driver can do beyond the common lifecycle.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
 
     /// Checks that the driver can run VMs here and says how it is configured.
     async fn probe(&self) -> Result<HypervisorInfo, DriverError>;

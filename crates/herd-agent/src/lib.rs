@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod backstop;
+pub mod conformance;
 pub mod converge;
 pub mod driver;
 pub mod drivers;
@@ -17,5 +18,5 @@ pub mod persist;
 pub mod probe;
 
 pub use agent::{Agent, AgentConfig, AgentError, GuestEvents};
-pub use driver::{Driver, DriverError, ObservedVm};
+pub use driver::{Capabilities, Driver, DriverError, ObservedVm};
 pub use probe::SyncProbe;

@@ -473,3 +473,21 @@ async fn probe_picks_an_accelerator_and_says_why() {
     assert!(driver.list().await.expect("list").is_empty());
     assert!(!driver.vm_dir(id).exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_the_conformance_kit() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let (driver, _events) = open(state.path(), tcg());
+    let id = VmId::from_u128(0xc0f0);
+    let passed =
+        herd_agent::conformance::check(&driver, id, &spec(COUNTER), Duration::from_secs(90))
+            .await
+            .unwrap_or_else(|breach| {
+                panic!(
+                    "{breach}; console:\n{}",
+                    std::fs::read_to_string(driver.vm_dir(id).join("console.log"))
+                        .unwrap_or_default()
+                )
+            });
+    assert!(passed.contains(&"suspend to disk and resume"), "{passed:?}");
+}

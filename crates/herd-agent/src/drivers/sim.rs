@@ -13,7 +13,7 @@
 //! resumes a VM behind the agent's back, and every record keeps when its state last
 //! changed, so the harness can tell how long the change took to reach the server.
 
-use crate::driver::{Driver, DriverError, ObservedVm};
+use crate::driver::{Capabilities, Driver, DriverError, ObservedVm};
 use crate::persist;
 use async_trait::async_trait;
 use herd_proto::wire::{HypervisorInfo, VmId, VmSpec, VmUsage};
@@ -282,6 +282,13 @@ impl SimDriver {
 impl Driver for SimDriver {
     fn kind(&self) -> &'static str {
         KIND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            suspend_to_disk: true,
+            ..Capabilities::default()
+        }
     }
 
     async fn probe(&self) -> Result<HypervisorInfo, DriverError> {
@@ -614,5 +621,23 @@ mod tests {
         let driver = SimDriver::restore(&path, SimConfig::default()).expect("restore");
         let vms = driver.vms.lock();
         assert_eq!(vms.map[&id].spec.memory_mib, 128);
+    }
+
+    #[tokio::test]
+    async fn passes_the_conformance_kit() {
+        let driver = SimDriver::in_memory(SimConfig {
+            boot_ms: 20,
+            op_ms: 10,
+            usage: true,
+        });
+        let passed = crate::conformance::check(
+            &driver,
+            VmId::from_u128(42),
+            &spec(),
+            std::time::Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_else(|breach| panic!("{breach}"));
+        assert!(passed.contains(&"suspend to disk and resume"), "{passed:?}");
     }
 }

@@ -22,7 +22,7 @@ pub mod launch;
 pub mod procfs;
 pub mod qmp;
 
-use crate::driver::{Driver, DriverError, ObservedVm};
+use crate::driver::{Capabilities, Driver, DriverError, ObservedVm};
 use crate::persist;
 use async_trait::async_trait;
 use herd_proto::guest::{GuestMsg, HostMsg};
@@ -1019,6 +1019,13 @@ impl Driver for QemuDriver {
 
     fn kind(&self) -> &'static str {
         KIND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            suspend_to_disk: true,
+            ..Capabilities::default()
+        }
     }
 
     async fn probe(&self) -> Result<HypervisorInfo, DriverError> {
