@@ -14,7 +14,7 @@
 //! when `ack` returns for everyone; a lost one only makes the agent see its command
 //! again after a restart, which it answers as a replay.
 
-use crate::{Bus, BusError, Queued};
+use crate::{Bus, BusError, Queued, Subscription};
 use async_trait::async_trait;
 use herd_proto::wire::{self, Command, CommandId, HostId, VmId};
 use parking_lot::Mutex;
@@ -22,7 +22,7 @@ use rusqlite::{params, Connection};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 pub struct EmbeddedBus {
     db: Arc<Mutex<Connection>>,
@@ -33,7 +33,8 @@ pub struct EmbeddedBus {
     queues: Mutex<HashMap<HostId, HostQueue>>,
     /// Acks handed in and not yet written: (host, vm, generation).
     acks: Mutex<Vec<(String, String, i64)>>,
-    wakers: Mutex<HashMap<HostId, Arc<Notify>>>,
+    /// Per host, a counter bumped on every publish, which subscriptions watch.
+    queued: Mutex<HashMap<HostId, watch::Sender<u64>>>,
 }
 
 /// One host's queue in memory: what SQLite holds for it, by seq.
@@ -71,7 +72,21 @@ impl HostQueue {
     }
 }
 
+impl From<rusqlite::Error> for BusError {
+    fn from(e: rusqlite::Error) -> BusError {
+        BusError::Storage(Box::new(e))
+    }
+}
+
 impl EmbeddedBus {
+    fn counter(&self, host: HostId) -> watch::Sender<u64> {
+        self.queued
+            .lock()
+            .entry(host)
+            .or_insert_with(|| watch::channel(0).0)
+            .clone()
+    }
+
     /// Opens (or creates) the queue file and loads it. Writes are durable before
     /// `publish` returns.
     pub fn open(path: &Path) -> Result<EmbeddedBus, BusError> {
@@ -115,7 +130,7 @@ impl EmbeddedBus {
             turn: tokio::sync::Mutex::new(()),
             queues: Mutex::new(queues),
             acks: Mutex::new(Vec::new()),
-            wakers: Mutex::new(HashMap::new()),
+            queued: Mutex::new(HashMap::new()),
         })
     }
 
@@ -187,7 +202,7 @@ impl Bus for EmbeddedBus {
         let mut woken = HashSet::new();
         for (host, _) in commands {
             if woken.insert(*host) {
-                self.waker(*host).notify_one();
+                self.counter(*host).send_modify(|n| *n = n.wrapping_add(1));
             }
         }
         Ok(())
@@ -263,68 +278,24 @@ impl Bus for EmbeddedBus {
             .map_or(0, |queue| queue.by_seq.len() as u64))
     }
 
-    fn waker(&self, host: HostId) -> Arc<Notify> {
-        self.wakers.lock().entry(host).or_default().clone()
+    fn subscribe(&self, host: HostId) -> Subscription {
+        Subscription::new(self.counter(host).subscribe())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use herd_proto::wire::VmSpec;
-    use herd_proto::VmState;
+    use crate::contract::command;
     use uuid::Uuid;
 
-    fn command(vm: u128, generation: u64) -> Command {
-        Command {
-            id: CommandId {
-                vm: Uuid::from_u128(vm),
-                generation,
-            },
-            spec: VmSpec {
-                name: "a".into(),
-                hypervisor: "sim".into(),
-                vcpus: 1,
-                memory_mib: 64,
-                image: "default".into(),
-                command: vec![],
-                policy: Default::default(),
-                keep_running: false,
-            },
-            target: VmState::Running,
-        }
-    }
-
     #[tokio::test]
-    async fn queue_survives_reopen_dedups_and_supersedes() {
+    async fn keeps_the_bus_contract() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("bus.db");
-        let host = Uuid::from_u128(100);
-        {
-            let bus = EmbeddedBus::open(&path).expect("open");
-            bus.publish(&[(host, command(1, 1))])
-                .await
-                .expect("publish");
-            bus.publish(&[(host, command(1, 1)), (host, command(2, 1))])
-                .await
-                .expect("publish again, and another");
-            bus.publish(&[(host, command(1, 2))])
-                .await
-                .expect("supersede");
-        }
-        let bus = EmbeddedBus::open(&path).expect("reopen");
-        let pending = bus.pending(host, 0, 10).await.expect("pending");
-        let ids: Vec<_> = pending.iter().map(|q| q.command.id).collect();
-        assert_eq!(ids, vec![command(2, 1).id, command(1, 2).id]);
-        assert_eq!(
-            bus.pending(Uuid::from_u128(5), 0, 10)
-                .await
-                .expect("other")
-                .len(),
-            0
-        );
-        bus.ack(host, &[command(1, 2).id]).await.expect("ack");
-        assert_eq!(bus.depth(host).await.expect("depth"), 1);
+        crate::contract::check(|| Ok(Box::new(EmbeddedBus::open(&path)?) as Box<dyn Bus>))
+            .await
+            .unwrap_or_else(|breach| panic!("{breach}"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

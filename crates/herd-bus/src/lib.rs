@@ -11,6 +11,7 @@
 //! level-triggered and carry `(vm, generation)`: a queued command supersedes older ones
 //! for the same VM, and the agent ignores a generation it has already applied.
 
+pub mod contract;
 mod embedded;
 
 pub use embedded::EmbeddedBus;
@@ -20,8 +21,9 @@ use herd_proto::wire::{Command, CommandId, HostId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
+    /// The engine's storage failed; the source is the engine's own error.
     #[error("bus storage failed")]
-    Storage(#[from] rusqlite::Error),
+    Storage(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("queued command {0} is corrupt")]
     Corrupt(String),
     #[error("the bus's storage task stopped: {0}")]
@@ -58,6 +60,29 @@ pub trait Bus: Send + Sync {
     /// Number of unacknowledged commands for the host.
     async fn depth(&self, host: HostId) -> Result<u64, BusError>;
 
-    /// A handle that is notified whenever a command is queued for the host.
-    fn waker(&self, host: HostId) -> std::sync::Arc<tokio::sync::Notify>;
+    /// Tells the caller whenever commands are queued for the host from now on.
+    fn subscribe(&self, host: HostId) -> Subscription;
+}
+
+/// News that commands were queued for one host. Wakes are coalesced (many publishes
+/// before a look are one wake) and none is missed: a publish after [`Bus::subscribe`]
+/// wakes the next [`Subscription::queued`], however late that call comes. So a
+/// connection subscribes, reads the queue, and reads it again after each wake.
+pub struct Subscription {
+    queued: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Subscription {
+    /// Made by an engine from a counter it bumps on every publish for the host.
+    pub fn new(queued: tokio::sync::watch::Receiver<u64>) -> Subscription {
+        Subscription { queued }
+    }
+
+    /// Resolves once commands were queued since the last call (or since subscribing).
+    /// Cancel-safe. If the bus is gone, it never resolves.
+    pub async fn queued(&mut self) {
+        if self.queued.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }

@@ -188,10 +188,18 @@ async fn session_loop(
         },
     )
     .await?;
-    let waker = cloud.bus.waker(host);
+    let mut queued = cloud.bus.subscribe(host);
     let mut outbox = cloud.open_outbox(host, session);
-    let result =
-        drain_and_serve(cloud, host, session, socket, &mut view, &waker, &mut outbox).await;
+    let result = drain_and_serve(
+        cloud,
+        host,
+        session,
+        socket,
+        &mut view,
+        &mut queued,
+        &mut outbox,
+    )
+    .await;
     cloud.close_outbox(host, session);
     result
 }
@@ -203,7 +211,7 @@ async fn drain_and_serve(
     session: u64,
     socket: &mut WebSocket,
     view: &mut HostView,
-    waker: &tokio::sync::Notify,
+    queued: &mut herd_bus::Subscription,
     outbox: &mut tokio::sync::mpsc::UnboundedReceiver<ServerMsg>,
 ) -> Result<(), String> {
     let mut sent_up_to = 0u64;
@@ -234,7 +242,7 @@ async fn drain_and_serve(
         }
         owed.check_written()?;
         tokio::select! {
-            _ = waker.notified() => queued_since_drain = true,
+            _ = queued.queued() => queued_since_drain = true,
             Some(msg) = outbox.recv() => send(socket, &msg).await?,
             _ = acks.tick(), if !owed.acks.is_empty() => flush_acks(cloud, host, &mut owed.acks),
             _ = check.tick() => {
