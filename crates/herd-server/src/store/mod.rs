@@ -33,12 +33,19 @@ use vm_index::VmIndex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The engine failed; the source is its own error. Callers never see which engine.
     #[error("database error")]
-    Sqlite(#[from] rusqlite::Error),
+    Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("corrupt row: {0}")]
     Corrupt(String),
     #[error("a VM named {name:?} already exists in project {project:?}")]
     NameTaken { project: String, name: String },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError::Engine(Box::new(e))
+    }
 }
 
 /// The wall clock in the store's unit (signed unix milliseconds, as SQLite keeps them).
