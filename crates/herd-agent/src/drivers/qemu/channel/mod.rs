@@ -1,0 +1,257 @@
+//! The host end of one VM's guest channel.
+//!
+//! QEMU listens on the VM's `guest.sock` (a virtio-serial port inside the guest); this
+//! task connects, greets the guest, and reads its frames until the connection ends, then
+//! connects again for as long as the same QEMU process lives. Connecting from the agent
+//! side means a restarted agent, or a QEMU restored from a suspend image, needs nothing
+//! but a new connection.
+//!
+//! Everything read here is untrusted: a guest's workload runs as root and can replace
+//! herd-guest on the port, and it can read its own token from the kernel command line.
+//! So the channel assumes the worst and holds each guest to limits that outlive a
+//! reconnection ([`Guard`]):
+//!
+//! - Memory: one read buffer and one frame (the decoder refuses a frame over
+//!   [`herd_proto::guest::MAX_GUEST_FRAME`] before buffering it).
+//! - Bytes: read at most [`BYTES_PER_SEC`] (after a burst); beyond it the agent stops
+//!   reading, the port fills and the guest's writes block. A flood costs the host nothing.
+//! - Messages: more than [`MSGS_PER_SEC`] (after a burst), an undecodable frame, or a
+//!   hello with a wrong id or token drop the connection for a penalty that doubles with
+//!   each offence (1 s up to 60 s).
+//! - What reaches the server: only after a hello with the VM's token; one hello per
+//!   connection; reports that become events (errors, warnings, exits) at most
+//!   [`REPORTS_PER_SEC`] after a burst; a policy action or warning only for a rule the
+//!   VM's policy has, and an action only the one that rule names; text cut to a bound.
+//! - Logs: at most one line per VM every [`LOG_EVERY`], saying how many were held back.
+//!
+//! The VM a message is about is the VM whose socket it came in on, never what it says.
+//! Each VM's channel is its own task, and it takes the driver's lock only to hand over
+//! an admitted message, so one guest's flood does not slow another VM or the agent.
+
+mod guard;
+
+use guard::Guard;
+pub(super) use guard::{clamp, policy_allows};
+
+use super::Inner;
+use herd_proto::guest::{encode_frame, FrameDecoder, GuestMsg, HostMsg};
+use herd_proto::policy::PolicySpec;
+use herd_proto::wire::VmId;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::debug;
+
+/// Bytes read per call; also the most a throttled guest gets in ahead of its budget.
+const READ_CHUNK: usize = 8 * 1024;
+/// Sustained bytes per second read from one guest, and the burst above it.
+pub(super) const BYTES_PER_SEC: f64 = 64.0 * 1024.0;
+pub(super) const BYTES_BURST: f64 = 512.0 * 1024.0;
+/// Sustained messages per second from one guest, and the burst above it. herd-guest sends
+/// about one a second, and after a reconnection up to 256 kept reports at once.
+pub(super) const MSGS_PER_SEC: f64 = 20.0;
+pub(super) const MSGS_BURST: f64 = 300.0;
+/// Reports the server turns into events (errors, policy warnings, workload exits).
+pub(super) const REPORTS_PER_SEC: f64 = 1.0;
+pub(super) const REPORTS_BURST: f64 = 64.0;
+/// Policy actions: each rule acts at most once per boot.
+pub(super) const ACTIONS_PER_SEC: f64 = 0.1;
+pub(super) const ACTIONS_BURST: f64 = 16.0;
+/// The first offence's penalty; each further one doubles it, up to the maximum.
+pub(super) const FIRST_PENALTY: Duration = Duration::from_secs(1);
+pub(super) const MAX_PENALTY: Duration = Duration::from_secs(60);
+/// Offences older than this are forgiven.
+pub(super) const FORGIVE_AFTER: Duration = Duration::from_secs(300);
+/// At most one log line per VM this often.
+pub(super) const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Waits after a connection ends without an offence.
+const RECONNECT: Duration = Duration::from_millis(200);
+/// A quiet connection checks this often that its VM is still wanted.
+const QUIET: Duration = Duration::from_secs(2);
+/// A guest that does not take a frame from us this fast is not reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest free text relayed (error messages, reasons), and names (rules, versions).
+pub(super) const MAX_TEXT: usize = 1024;
+pub(super) const MAX_NAME: usize = 64;
+pub(super) const MAX_PROGRESS_ITEMS: usize = 16;
+
+/// What the channel needs from the driver about the one VM (and QEMU) it serves.
+pub(super) trait GuestHost: Send + Sync {
+    /// False once the VM is gone, relaunched, or its QEMU dead.
+    fn wanted(&self) -> bool;
+    /// Whether a hello names this VM with its token.
+    fn check_hello(&self, vm_id: VmId, token: &str) -> bool;
+    /// The VM's self-management policy.
+    fn policy(&self) -> PolicySpec;
+    /// Takes one admitted message.
+    fn deliver(&self, msg: GuestMsg);
+}
+
+/// The qemu driver's side of one VM's channel.
+struct QemuGuest {
+    inner: Arc<Inner>,
+    id: VmId,
+    generation: u64,
+}
+
+impl GuestHost for QemuGuest {
+    fn wanted(&self) -> bool {
+        self.inner
+            .channel_target(self.id, self.generation)
+            .is_some()
+    }
+
+    fn check_hello(&self, vm_id: VmId, token: &str) -> bool {
+        self.inner
+            .check_hello(self.id, self.generation, vm_id, token)
+    }
+
+    fn policy(&self) -> PolicySpec {
+        self.inner.guest_policy(self.id)
+    }
+
+    fn deliver(&self, msg: GuestMsg) {
+        self.inner.guest_message(self.id, self.generation, msg)
+    }
+}
+
+pub(super) async fn run(
+    inner: Arc<Inner>,
+    id: VmId,
+    generation: u64,
+    mut host_msgs: mpsc::UnboundedReceiver<HostMsg>,
+) {
+    let host = QemuGuest {
+        inner: inner.clone(),
+        id,
+        generation,
+    };
+    let mut guard = Guard::new(Instant::now());
+    loop {
+        let Some(path) = inner.channel_target(id, generation) else {
+            debug!(%id, generation, "guest channel task ends");
+            return;
+        };
+        let mut stream = match UnixStream::connect(&path).await {
+            Ok(s) => s,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if !send(&mut stream, &HostMsg::Hello).await {
+            tokio::time::sleep(RECONNECT).await;
+            continue;
+        }
+        let penalty = serve(&host, id, &mut stream, &mut host_msgs, &mut guard).await;
+        drop(stream);
+        tokio::time::sleep(penalty).await;
+    }
+}
+
+/// Writes one frame; false if the guest did not take it in time.
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, msg: &HostMsg) -> bool {
+    let Ok(frame) = encode_frame(msg) else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&frame)).await,
+        Ok(Ok(()))
+    )
+}
+
+enum Read {
+    Data(usize),
+    Quiet,
+    Closed,
+}
+
+/// Reads once, but not before `resume_at` (the byte budget's pace).
+async fn read_paced<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut [u8],
+    resume_at: Instant,
+) -> Read {
+    tokio::time::sleep_until(resume_at).await;
+    match tokio::time::timeout(QUIET, stream.read(buf)).await {
+        Err(_) => Read::Quiet,
+        Ok(Ok(0)) | Ok(Err(_)) => Read::Closed,
+        Ok(Ok(n)) => Read::Data(n),
+    }
+}
+
+/// Serves one connection; returns how long to wait before the next one.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    host: &impl GuestHost,
+    id: VmId,
+    stream: &mut S,
+    host_msgs: &mut mpsc::UnboundedReceiver<HostMsg>,
+    guard: &mut Guard,
+) -> Duration {
+    let policy = host.policy();
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut authenticated = false;
+    let mut hello_relayed = false;
+    let mut resume_at = Instant::now();
+    loop {
+        tokio::select! {
+            read = read_paced(stream, &mut buf, resume_at) => {
+                let n = match read {
+                    Read::Quiet if host.wanted() => continue,
+                    Read::Quiet => return Duration::ZERO,
+                    Read::Closed => return RECONNECT,
+                    Read::Data(n) => n,
+                };
+                let now = Instant::now();
+                resume_at = now + guard.on_read(n, now);
+                let msgs = match decoder.feed::<GuestMsg>(&buf[..n]) {
+                    Ok(msgs) => msgs,
+                    Err(e) => return guard.offence(id, now, &e.to_string()),
+                };
+                for msg in msgs {
+                    if !guard.messages.take(now) {
+                        return guard.offence(id, now, "more messages than allowed");
+                    }
+                    if let GuestMsg::Hello { vm_id, management_token, .. } = &msg {
+                        if !host.check_hello(*vm_id, management_token) {
+                            return guard.offence(id, now, "hello with a wrong id or token");
+                        }
+                        authenticated = true;
+                        // The host's clock answers every guest greeting, fresh (a frame
+                        // queued before the guest reads its port would be seconds old): a
+                        // guest restored from a suspend image, or booted from a
+                        // whole-second RTC, sets its clock from it, so its time rules
+                        // count the time it spent suspended.
+                        let unix_ms = herd_proto::clock::unix_ms();
+                        if !send(stream, &HostMsg::Time { unix_ms }).await {
+                            return RECONNECT;
+                        }
+                        // The guest greets at boot and again when greeted; the server
+                        // needs to hear it once per connection.
+                        if std::mem::replace(&mut hello_relayed, true) {
+                            continue;
+                        }
+                    } else if !authenticated {
+                        continue;
+                    } else if let Err(why) = guard.admit(&msg, &policy, now) {
+                        guard.complain(id, now, why);
+                        continue;
+                    }
+                    host.deliver(clamp(msg));
+                }
+            }
+            Some(msg) = host_msgs.recv() => {
+                if !send(stream, &msg).await {
+                    return RECONNECT;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,405 @@
+//! The slow operations on a VM's QEMU process: launching it (booting or restoring),
+//! talking QMP, saving it to disk, stopping it and waiting for it to go. Each runs in
+//! its own task (`run_op`), so a caller that gives up does not leave a VM half-saved.
+
+use super::launch::{self, LaunchSpec};
+use super::qmp::{self, Qmp};
+use super::vm::Phase;
+use super::{channel, procfs, Inner};
+use crate::driver::DriverError;
+use herd_proto::guest::HostMsg;
+use herd_proto::wire::VmId;
+use herd_proto::VmState;
+use nix::sys::signal::Signal;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+impl Inner {
+    /// Starts a QEMU for the VM (booting, or restoring from `incoming`) and its channel
+    /// task. The VM's record must already say what this launch is.
+    pub(super) async fn launch(
+        self: &Arc<Self>,
+        id: VmId,
+        incoming: bool,
+    ) -> Result<(), DriverError> {
+        let (accel, _) = self.accel().await;
+        let (paths, spec, token, image_accel, born_unix_ms) = self.with_vm(id, |vm| {
+            Ok((
+                vm.paths.clone(),
+                vm.spec.clone(),
+                vm.record.token.clone(),
+                vm.record.accel,
+                vm.record.born_unix_ms,
+            ))
+        })?;
+        // A restored guest must run on the accelerator it was saved under.
+        let accel = if incoming { image_accel } else { accel };
+        let (kernel, initrd) = self.image(&spec.image)?;
+        let suspend_image = paths.suspend_image();
+        let launch = LaunchSpec {
+            id,
+            spec: &spec,
+            token: &token,
+            kernel: &kernel,
+            initrd: &initrd,
+            accel,
+            tsc_khz: self.tsc_khz,
+            incoming: incoming.then_some(suspend_image.as_path()),
+            foreground: false,
+            born_unix_ms,
+            now_unix_ms: herd_proto::clock::unix_ms(),
+        };
+        let args = launch::qemu_args(&paths, &launch).map_err(|e| DriverError::Operation {
+            vm: id,
+            doing: "building the QEMU command line".into(),
+            source: Box::new(e),
+        })?;
+        for stale in [paths.pid_file(), paths.qmp(), paths.guest()] {
+            let _ = std::fs::remove_file(stale);
+        }
+        // The parent QEMU exits once the daemon is set up; its exit status says whether
+        // the VM started, and waiting for it means it never lingers as our zombie.
+        let output = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(&self.config.qemu_binary)
+                .args(&args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .map_err(|_| DriverError::Timeout {
+            vm: id,
+            doing: "starting QEMU",
+            after: Duration::from_secs(30),
+        })?
+        .map_err(DriverError::io(format!(
+            "starting {}",
+            self.config.qemu_binary.display()
+        )))?;
+        if !output.status.success() {
+            return Err(DriverError::Hypervisor {
+                vm: id,
+                reason: format!(
+                    "qemu failed to start: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            });
+        }
+        let pid =
+            procfs::read_pid_file(&paths.pid_file()).ok_or_else(|| DriverError::Hypervisor {
+                vm: id,
+                reason: format!("qemu wrote no pid to {}", paths.pid_file().display()),
+            })?;
+        info!(%id, pid, accel = accel.as_str(), incoming, "qemu started");
+        let generation = self.with_vm(id, |vm| {
+            vm.pid = Some(pid);
+            vm.generation += 1;
+            vm.record.accel = accel;
+            vm.save()?;
+            Ok(vm.generation)
+        })?;
+        self.spawn_channel(id, generation);
+        Ok(())
+    }
+
+    pub(super) fn spawn_channel(self: &Arc<Self>, id: VmId, generation: u64) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(channel::run(self.clone(), id, generation, rx));
+        if let Some(vm) = self.vms.lock().get_mut(&id) {
+            if let Some((old, _)) = vm.channel.replace((task.abort_handle(), tx)) {
+                old.abort();
+            }
+            return;
+        }
+        task.abort();
+    }
+
+    pub(super) async fn qmp(&self, id: VmId) -> Result<Qmp, DriverError> {
+        let path = self.with_vm(id, |vm| Ok(vm.paths.qmp()))?;
+        Qmp::connect(&path, self.config.qmp_timeout)
+            .await
+            .map_err(|e| DriverError::Operation {
+                vm: id,
+                doing: "connecting to QMP".into(),
+                source: Box::new(e),
+            })
+    }
+
+    pub(super) async fn qmp_run(
+        &self,
+        id: VmId,
+        command: &str,
+        args: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, DriverError> {
+        let mut qmp = self.qmp(id).await?;
+        qmp.execute(command, args)
+            .await
+            .map_err(|e| DriverError::Operation {
+                vm: id,
+                doing: format!("QMP command {command}"),
+                source: Box::new(e),
+            })
+    }
+
+    /// Waits until the VM's QEMU is gone; ends it with SIGKILL after `grace`.
+    pub(super) async fn wait_gone(&self, id: VmId, grace: Duration) -> Result<(), DriverError> {
+        let (pid, dir) = self.with_vm(id, |vm| Ok((vm.pid, vm.paths.dir.clone())))?;
+        let Some(pid) = pid else { return Ok(()) };
+        let started = std::time::Instant::now();
+        let mut killed = false;
+        while procfs::is_our_qemu(pid, &dir) {
+            if !killed && started.elapsed() >= grace {
+                procfs::signal(pid, Signal::SIGKILL);
+                killed = true;
+            }
+            if started.elapsed() >= grace + Duration::from_secs(10) {
+                return Err(DriverError::Hypervisor {
+                    vm: id,
+                    reason: format!("qemu {pid} does not die"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // It may still be exiting (its cmdline goes first): wait until it is gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while procfs::is_running(pid) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.with_vm(id, |vm| {
+            vm.pid = None;
+            if let Some((handle, _)) = vm.channel.take() {
+                handle.abort();
+            }
+            Ok(())
+        })
+    }
+
+    pub(super) async fn do_suspend(self: Arc<Self>, id: VmId) -> Result<(), DriverError> {
+        let was_paused = self.with_vm(id, |vm| {
+            let state = vm.observe();
+            if !matches!(state, VmState::Running | VmState::Paused | VmState::Booting) {
+                return Err(DriverError::WrongState {
+                    op: "suspend",
+                    state,
+                });
+            }
+            vm.busy = Some(VmState::Suspending);
+            Ok(vm.record.paused)
+        })?;
+        let result = self.save_to_disk(id).await;
+        match result {
+            Ok(()) => {
+                self.wait_gone(id, Duration::from_secs(5)).await?;
+                self.with_vm(id, |vm| {
+                    vm.busy = None;
+                    Ok(())
+                })
+            }
+            Err(e) => {
+                if !was_paused {
+                    let _ = self.qmp_run(id, "cont", None).await;
+                }
+                self.with_vm(id, |vm| {
+                    vm.busy = None;
+                    vm.record.paused = was_paused;
+                    vm.save()
+                })?;
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) async fn save_to_disk(&self, id: VmId) -> Result<(), DriverError> {
+        let image = self.with_vm(id, |vm| Ok(vm.paths.suspend_image()))?;
+        let tmp = image.with_extension("img.tmp");
+        let mut qmp = self.qmp(id).await?;
+        let fail = |e: qmp::QmpError| DriverError::Operation {
+            vm: id,
+            doing: "suspending".into(),
+            source: Box::new(e),
+        };
+        qmp.execute("stop", None).await.map_err(fail)?;
+        // Recorded before the save, so a crash mid-save shows a paused VM, which it is.
+        self.with_vm(id, |vm| {
+            vm.record.paused = true;
+            vm.save()
+        })?;
+        let uri = format!(
+            "exec:cat > {}",
+            launch::shell_quote(&tmp.display().to_string())
+        );
+        qmp.execute("migrate", Some(serde_json::json!({ "uri": uri })))
+            .await
+            .map_err(fail)?;
+        let started = std::time::Instant::now();
+        loop {
+            let info = qmp.execute("query-migrate", None).await.map_err(fail)?;
+            match info.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+                "completed" => break,
+                "failed" | "cancelled" => {
+                    return Err(DriverError::Hypervisor {
+                        vm: id,
+                        reason: format!(
+                            "saving to disk failed: {}",
+                            info.get("error-desc")
+                                .and_then(|s| s.as_str())
+                                .unwrap_or("unknown")
+                        ),
+                    });
+                }
+                _ if started.elapsed() > Duration::from_secs(120) => {
+                    let _ = qmp.execute("migrate_cancel", None).await;
+                    return Err(DriverError::Timeout {
+                        vm: id,
+                        doing: "saving to disk",
+                        after: Duration::from_secs(120),
+                    });
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        std::fs::rename(&tmp, &image).map_err(DriverError::io("installing the suspend image"))?;
+        self.with_vm(id, |vm| {
+            vm.record.phase = Phase::Suspended;
+            vm.record.paused = false;
+            vm.record.hello_seen = false;
+            vm.save()
+        })?;
+        info!(%id, ms = started.elapsed().as_millis() as u64, "VM saved to disk");
+        let _ = qmp.execute("quit", None).await;
+        Ok(())
+    }
+
+    pub(super) async fn do_restore(self: Arc<Self>, id: VmId) -> Result<(), DriverError> {
+        self.with_vm(id, |vm| {
+            vm.record.phase = Phase::Launched;
+            vm.record.restored = true;
+            vm.record.hello_seen = false;
+            vm.record.paused = false;
+            vm.busy = Some(VmState::Resuming);
+            vm.save()
+        })?;
+        let result = async {
+            self.launch(id, true).await?;
+            let mut qmp = self.qmp(id).await?;
+            let fail = |e: qmp::QmpError| DriverError::Operation {
+                vm: id,
+                doing: "restoring".into(),
+                source: Box::new(e),
+            };
+            let started = std::time::Instant::now();
+            loop {
+                let status = qmp.status().await.map_err(fail)?;
+                if status != "inmigrate" {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(120) {
+                    return Err(DriverError::Timeout {
+                        vm: id,
+                        doing: "restoring",
+                        after: Duration::from_secs(120),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            qmp.execute("cont", None).await.map_err(fail)?;
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.with_vm(id, |vm| {
+                    vm.busy = None;
+                    let _ = std::fs::remove_file(vm.paths.suspend_image());
+                    Ok(())
+                })?;
+                Ok(())
+            }
+            Err(e) => {
+                // Back to suspended: the image is intact, the operator can try again.
+                if let Some(pid) = self.with_vm(id, |vm| Ok(vm.pid))? {
+                    procfs::signal(pid, Signal::SIGKILL);
+                }
+                let _ = self.wait_gone(id, Duration::ZERO).await;
+                self.with_vm(id, |vm| {
+                    vm.busy = None;
+                    vm.record.phase = Phase::Suspended;
+                    vm.record.restored = false;
+                    vm.save()
+                })?;
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) async fn do_stop(self: Arc<Self>, id: VmId) -> Result<(), DriverError> {
+        let (paused, sender) = self.with_vm(id, |vm| {
+            let state = vm.observe();
+            if !matches!(
+                state,
+                VmState::Running | VmState::Paused | VmState::Booting | VmState::Resuming
+            ) {
+                return Err(DriverError::WrongState { op: "stop", state });
+            }
+            vm.busy = Some(VmState::Stopping);
+            Ok((
+                vm.record.paused,
+                vm.channel.as_ref().map(|(_, tx)| tx.clone()),
+            ))
+        })?;
+        if paused {
+            let _ = self.qmp_run(id, "cont", None).await;
+        }
+        // herd-guest powers off on request; an ACPI power button alone does nothing in a
+        // guest without acpid, so it is only the second try.
+        if let Some(tx) = sender {
+            let _ = tx.send(HostMsg::PowerOff);
+        }
+        let _ = self.qmp_run(id, "system_powerdown", None).await;
+        let grace = self.config.stop_timeout;
+        let (pid, dir) = self.with_vm(id, |vm| Ok((vm.pid, vm.paths.dir.clone())))?;
+        let started = std::time::Instant::now();
+        while pid.is_some_and(|p| procfs::is_our_qemu(p, &dir)) && started.elapsed() < grace {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if pid.is_some_and(|p| procfs::is_our_qemu(p, &dir)) {
+            warn!(%id, "guest did not power off in {grace:?}; ending qemu");
+            let _ = self.qmp_run(id, "quit", None).await;
+        }
+        let result = self.wait_gone(id, Duration::from_secs(3)).await;
+        self.with_vm(id, |vm| {
+            vm.busy = None;
+            vm.record.phase = Phase::Stopped;
+            vm.record.paused = false;
+            vm.record.hello_seen = false;
+            vm.save()
+        })?;
+        result
+    }
+
+    /// Runs an operation in its own task under the VM's operation lock, so it finishes
+    /// even if the caller gives up on it.
+    pub(super) async fn run_op<F, Fut>(self: &Arc<Self>, id: VmId, op: F) -> Result<(), DriverError>
+    where
+        F: FnOnce(Arc<Inner>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), DriverError>> + Send + 'static,
+    {
+        let lock = self.op_lock(id)?;
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let _guard = lock.lock_owned().await;
+            op(inner).await
+        })
+        .await
+        .map_err(|e| DriverError::Operation {
+            vm: id,
+            doing: "an operation".into(),
+            source: Box::new(e),
+        })?
+    }
+}

@@ -1,0 +1,245 @@
+//! What the driver knows of one VM: its persisted record and what it reads from the
+//! files QEMU and the guest leave behind (the pid, the console). A VM's state is
+//! decided here, from an operation in flight, the record and the live process.
+
+use super::launch::{Accel, VmPaths};
+use super::{channel, procfs};
+use crate::driver::DriverError;
+use crate::persist;
+use herd_proto::guest::{GuestMsg, HostMsg};
+use herd_proto::wire::VmSpec;
+use herd_proto::VmState;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+/// What the driver decided last about a VM; persisted in `state.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum Phase {
+    /// A QEMU process should be alive.
+    Launched,
+    /// Memory saved to the suspend image; no process.
+    Suspended,
+    /// Powered off (cleanly, or by a stop).
+    Stopped,
+    Failed {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct VmRecord {
+    pub(super) token: String,
+    pub(super) phase: Phase,
+    pub(super) accel: Accel,
+    pub(super) paused: bool,
+    /// The current QEMU's guest said hello with the right token.
+    pub(super) hello_seen: bool,
+    /// The current QEMU was restored from a suspend image.
+    pub(super) restored: bool,
+    /// The workload's exit code, as the guest reported it.
+    pub(super) exit_code: Option<i32>,
+    /// When the VM was created (unix ms); the guest's lifespan counts from it.
+    #[serde(default)]
+    pub(super) born_unix_ms: Option<u64>,
+    /// The guest's policy action of the current run reached the agent.
+    #[serde(default)]
+    pub(super) policy_reported: bool,
+}
+
+pub(super) struct Vm {
+    pub(super) paths: VmPaths,
+    pub(super) spec: VmSpec,
+    pub(super) record: VmRecord,
+    pub(super) pid: Option<i32>,
+    /// An operation in flight and the state it shows meanwhile.
+    pub(super) busy: Option<VmState>,
+    pub(super) guest_net: (u64, u64),
+    /// Bumped on every launch, so a channel task of an old QEMU knows it is obsolete.
+    pub(super) generation: u64,
+    pub(super) channel: Option<(tokio::task::AbortHandle, mpsc::UnboundedSender<HostMsg>)>,
+    /// A policy action the guest took with nobody listening, read back from its console.
+    pub(super) unreported: Option<GuestMsg>,
+}
+
+impl Vm {
+    pub(super) fn save(&self) -> Result<(), DriverError> {
+        let bytes = serde_json::to_vec_pretty(&self.record)
+            .map_err(DriverError::encode("the VM's state"))?;
+        persist::write_atomic(&self.paths.state(), &bytes).map_err(DriverError::io(format!(
+            "saving {}",
+            self.paths.state().display()
+        )))
+    }
+
+    pub(super) fn alive(&self) -> bool {
+        self.pid
+            .is_some_and(|pid| procfs::is_our_qemu(pid, &self.paths.dir))
+    }
+
+    /// Settles the persisted phase against the process and returns the state to show.
+    pub(super) fn observe(&mut self) -> VmState {
+        if let Some(busy) = self.busy {
+            return busy;
+        }
+        match &self.record.phase {
+            Phase::Suspended => VmState::Suspended,
+            Phase::Stopped => VmState::Stopped,
+            Phase::Failed { .. } => VmState::Error,
+            Phase::Launched if self.alive() => {
+                if self.record.paused {
+                    VmState::Paused
+                } else if self.record.hello_seen {
+                    VmState::Running
+                } else if self.record.restored {
+                    VmState::Resuming
+                } else {
+                    VmState::Booting
+                }
+            }
+            Phase::Launched => {
+                // The process is gone without us ending it. A guest that reported its
+                // workload's exit powered itself off: that is a stop, not a failure.
+                // So did one whose policy (enforced by herd-guest) stopped it; its console
+                // says so even when no host was connected to hear the report.
+                self.record.phase = match self.record.exit_code {
+                    Some(_) => Phase::Stopped,
+                    None if policy_powered_off(&self.paths.console()) => {
+                        if !self.record.policy_reported {
+                            // The console is the guest's to write: believe only an action
+                            // its policy names.
+                            self.unreported = policy_action_from_console(&self.paths.console())
+                                .filter(|msg| channel::policy_allows(&self.spec.policy, msg))
+                                .map(channel::clamp);
+                            self.record.policy_reported = true;
+                        }
+                        Phase::Stopped
+                    }
+                    None => Phase::Failed {
+                        reason: format!(
+                            "qemu exited unexpectedly; console ends with: {}",
+                            console_tail(&self.paths.console())
+                        ),
+                    },
+                };
+                self.record.paused = false;
+                self.pid = None;
+                if let Some((handle, _)) = self.channel.take() {
+                    handle.abort();
+                }
+                if let Err(e) = self.save() {
+                    warn!("{e}");
+                }
+                self.observe()
+            }
+        }
+    }
+}
+
+/// herd-guest powered the VM off for a Stop or Terminate policy action: it logs that to
+/// the console right before the kernel's power-down lines.
+pub(super) fn policy_powered_off(path: &Path) -> bool {
+    let text = console_text(path);
+    text.lines().rev().take(20).any(|l| {
+        l.contains("herd-guest: policy action Stop")
+            || l.contains("herd-guest: policy action Terminate")
+    })
+}
+
+/// The policy action herd-guest logged last, as the report it could not deliver.
+pub(super) fn policy_action_from_console(path: &Path) -> Option<GuestMsg> {
+    let text = console_text(path);
+    let line = text
+        .lines()
+        .rev()
+        .take(20)
+        .find(|l| l.contains("herd-guest: policy action "))?;
+    let rest = line.split("herd-guest: policy action ").nth(1)?;
+    let (action, rest) = rest.split_once(' ')?;
+    let action = match action {
+        "Stop" => herd_proto::policy::PolicyAction::Stop,
+        "Terminate" => herd_proto::policy::PolicyAction::Terminate,
+        "Suspend" => herd_proto::policy::PolicyAction::Suspend,
+        _ => herd_proto::policy::PolicyAction::Notify,
+    };
+    let rest = rest.strip_prefix('(')?;
+    let (rule, reason) = rest.split_once("): ")?;
+    Some(GuestMsg::PolicyAction {
+        rule: rule.to_owned(),
+        action,
+        reason: format!(
+            "{} (read from the console: no host was connected)",
+            reason.trim()
+        ),
+    })
+}
+
+/// The end of the console log as text. Only the end: the guest writes the log, as much
+/// as it likes, and the agent must not read all of it into memory.
+pub(super) fn console_text(path: &Path) -> String {
+    String::from_utf8_lossy(&read_tail(path, 64 * 1024).unwrap_or_default()).into_owned()
+}
+
+/// The last `max_bytes` of a file.
+pub(super) fn read_tail(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(max_bytes)))?;
+    let mut bytes = Vec::with_capacity(len.min(max_bytes) as usize);
+    file.take(max_bytes).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+pub(super) fn console_tail(path: &Path) -> String {
+    let text = console_text(path);
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("(empty)")
+        .chars()
+        .take(200)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herd_proto::policy::{Enforcement, Lifespan, PolicyAction, PolicySpec};
+
+    #[test]
+    pub(super) fn only_the_end_of_a_guest_flooded_console_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("console.log");
+        let mut text = "x".repeat(1 << 20);
+        text.push_str("\nherd-guest: policy action Terminate (lifespan): forged\n");
+        std::fs::write(&path, text).expect("write");
+        assert_eq!(read_tail(&path, 10).expect("tail"), b"): forged\n");
+        assert!(console_text(&path).len() <= 64 * 1024);
+        assert!(policy_powered_off(&path));
+
+        // The console is the guest's to write: a Terminate its policy does not name is
+        // not believed; the one it names is.
+        let claimed = policy_action_from_console(&path).expect("parsed");
+        let stop_policy = PolicySpec {
+            lifespan: Some(Lifespan {
+                max_seconds: Some(1),
+                end_at: None,
+                enforce: Enforcement {
+                    action: PolicyAction::Stop,
+                    warn: None,
+                },
+            }),
+            ..PolicySpec::default()
+        };
+        assert!(!channel::policy_allows(&stop_policy, &claimed));
+        assert!(!channel::policy_allows(&PolicySpec::default(), &claimed));
+        let mut terminate_policy = stop_policy;
+        if let Some(lifespan) = terminate_policy.lifespan.as_mut() {
+            lifespan.enforce.action = PolicyAction::Terminate;
+        }
+        assert!(channel::policy_allows(&terminate_policy, &claimed));
+    }
+}
