@@ -10,7 +10,9 @@ use crate::access::{Denied, Perm, Principal, Role};
 use crate::auth::{self, Identity};
 use crate::billing::format_money;
 use crate::cloud::{valid_name, Cloud, CloudError};
-use crate::store::{now_ms, ProjectRow, Quota, Store, StoreError, TokenRow, UserRow};
+use crate::store::{
+    now_ms, AuditFilter, AuditRow, ProjectRow, Quota, Store, StoreError, TokenRow, UserRow,
+};
 use parking_lot::{Mutex, RwLock};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -216,11 +218,26 @@ impl Cloud {
         Err(CloudError::Unauthorized)
     }
 
+    /// Records one audited request.
+    pub fn record_audit(&self, row: &AuditRow) -> Result<(), CloudError> {
+        Ok(self.store.append_audit(row)?)
+    }
+
+    /// The audit log, newest first, as `filter` narrows it.
+    pub fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, CloudError> {
+        Ok(self.store.audit(filter)?)
+    }
+
+    /// A project's VMs, vCPUs and memory (MiB) in use.
+    pub fn project_usage(&self, project: &str) -> Result<(u64, u64, u64), CloudError> {
+        Ok(self.store.project_usage(project)?)
+    }
+
     /// Writes an audit row for something that did not come through a REST route
     /// (a refused agent session, a refused join). Failures are logged, not raised: the
     /// refusal stands either way.
     pub fn audit_system(&self, actor: &str, action: &str, object: &str, status: u16, result: &str) {
-        let row = crate::store::AuditRow {
+        let row = AuditRow {
             id: 0,
             time_ms: now_ms(),
             actor: actor.to_owned(),

@@ -214,7 +214,7 @@ async fn activation_holds_a_vm_until_its_time_and_its_predecessor() {
         },
     );
     cloud.reconcile_once().await.expect("reconcile");
-    let state = |id| cloud.store.vm(id).expect("vm").expect("exists");
+    let state = |id: uuid::Uuid| cloud.vm(&id.to_string()).expect("vm");
     assert_eq!(state(timed.id).observed, VmState::Pending);
     assert!(
         state(timed.id).host.is_none(),

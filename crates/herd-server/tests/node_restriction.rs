@@ -231,7 +231,6 @@ async fn reports_about_another_hosts_vm_change_nothing() {
     assert_eq!(after.observed, vm.observed, "state unchanged");
     assert_eq!(after.desired, VmState::Running, "desired state unchanged");
     assert!(cloud
-        .store
         .usage_samples(vm.id, i64::MAX)
         .expect("samples")
         .is_empty());

@@ -9,7 +9,6 @@
 
 use super::{page_size, ApiError, ApiQuery, AppState, ErrorCode, User};
 use crate::access::Perm;
-use crate::cloud::CloudError;
 use crate::store::{now_ms, AuditFilter, AuditRow};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
@@ -95,7 +94,7 @@ pub async fn record(State(cloud): State<AppState>, mut request: Request, next: N
         status: status.as_u16(),
         result,
     };
-    if let Err(e) = cloud.store.append_audit(&row) {
+    if let Err(e) = cloud.record_audit(&row) {
         error!(error = %e, action = %row.action, actor = %row.actor, "cannot write the audit log");
     }
     response
@@ -161,15 +160,12 @@ pub async fn list(
             Some(scope) => Some(scope),
         },
     };
-    let rows = cloud
-        .store
-        .audit(&AuditFilter {
-            projects,
-            actor: query.actor,
-            before: query.before,
-            limit,
-        })
-        .map_err(CloudError::from)?;
+    let rows = cloud.audit_log(&AuditFilter {
+        projects,
+        actor: query.actor,
+        before: query.before,
+        limit,
+    })?;
     let next_before = (rows.len() == limit)
         .then(|| rows.last().map(|r| r.id))
         .flatten();

@@ -61,7 +61,7 @@ pub(super) async fn metrics(
         cloud.commits.unwritten()
     ));
     out.push_str("# TYPE herd_vms gauge\n");
-    for (state, n) in cloud.store.vm_state_counts() {
+    for (state, n) in cloud.vm_state_counts() {
         out.push_str(&format!("herd_vms{{state=\"{}\"}} {n}\n", state.as_str()));
     }
     let hosts = cloud.hosts()?;

@@ -260,10 +260,7 @@ pub async fn get_project(
     ApiPath(project): ApiPath<String>,
 ) -> Result<Json<ProjectView>, ApiError> {
     let row = cloud.project_for(&user.principal, &project, Perm::Read)?;
-    let (vms, vcpus, memory_mib) = cloud
-        .store
-        .project_usage(&project)
-        .map_err(CloudError::from)?;
+    let (vms, vcpus, memory_mib) = cloud.project_usage(&project)?;
     Ok(Json(ProjectView::of(
         &row,
         Some(UsageView {

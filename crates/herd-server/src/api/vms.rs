@@ -7,7 +7,7 @@ use super::{
     VmQuery, VmView,
 };
 use crate::access::Perm;
-use crate::cloud::{Cloud, CloudError, LaunchSpec};
+use crate::cloud::{Cloud, LaunchSpec};
 use crate::store::{EventScope, VmFilter, VmRecord};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -261,10 +261,7 @@ fn events_page(
     query: EventQuery,
 ) -> Result<Json<EventList>, ApiError> {
     let limit = page_size(query.limit)?;
-    let records = cloud
-        .store
-        .events(&scope, query.after.unwrap_or(0), limit)
-        .map_err(CloudError::from)?;
+    let records = cloud.events(&scope, query.after.unwrap_or(0), limit)?;
     let next_after = records.last().map(|e| e.id);
     Ok(Json(EventList {
         items: records.iter().map(EventView::of).collect(),

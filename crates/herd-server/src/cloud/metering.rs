@@ -9,6 +9,12 @@ use herd_proto::wire::{HostId, VmId, VmUsage};
 use std::collections::HashMap;
 
 impl Cloud {
+    /// A VM's metered usage samples up to `to_ms`, oldest first.
+    pub fn usage_samples(&self, vm: VmId, to_ms: i64) -> Result<Vec<UsageRow>, CloudError> {
+        Ok(self.store.usage_samples(vm, to_ms)?)
+    }
+
+    /// The last usage counters heard for a VM, with when (unix ms).
     pub fn vm_usage(&self, id: VmId) -> Option<(VmUsage, i64)> {
         self.usage.lock().get(&id).copied()
     }

@@ -186,7 +186,7 @@ impl Metrics {
 
 pub struct Cloud {
     pub config: ServerConfig,
-    pub store: Arc<Store>,
+    pub(crate) store: Arc<Store>,
     /// Agents' reports and usage, written in shared transactions.
     pub commits: GroupCommit,
     pub bus: Box<dyn Bus>,

@@ -2,7 +2,9 @@
 //! only desired state; the reconciler carries it to the host.
 
 use super::{invalid, reported_by_host, valid_name, Cloud, CloudError, LaunchSpec};
-use crate::store::{now_ms, NewEvent, Observation, VmBrief, VmFilter, VmRecord};
+use crate::store::{
+    now_ms, EventRecord, EventScope, NewEvent, Observation, VmBrief, VmFilter, VmRecord,
+};
 use herd_proto::lifecycle::Action;
 use herd_proto::wire::VmId;
 use herd_proto::VmState;
@@ -242,5 +244,20 @@ impl Cloud {
             vm.observed = VmState::Unknown;
         }
         vm
+    }
+
+    /// A page of the event log in `scope`, after event id `after`.
+    pub fn events(
+        &self,
+        scope: &EventScope,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, CloudError> {
+        Ok(self.store.events(scope, after, limit)?)
+    }
+
+    /// How many VMs are in each state, from memory.
+    pub fn vm_state_counts(&self) -> Vec<(VmState, u64)> {
+        self.store.vm_state_counts()
     }
 }
