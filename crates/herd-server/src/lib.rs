@@ -12,7 +12,6 @@ pub mod cloud;
 pub mod group_commit;
 pub mod ingest;
 pub mod store;
-pub mod tenancy;
 
 pub use cloud::{Cloud, CloudError, ServerConfig};
 

@@ -4,8 +4,8 @@
 //! of a restarted server do not come back in the same instant.
 
 use super::core::Input;
-use super::join::Credentials;
 use super::session::{send_frame, Session};
+use super::state::Credentials;
 use super::transport::{error_chain, Transport, BUS_READ_BUFFER};
 use super::{Agent, GuestEvents};
 use crate::probe::SyncProbe;

@@ -3,21 +3,13 @@
 //! before anything else depends on it, the credentials file last, so that its presence
 //! means "joined" even after a kill -9 halfway through.
 
+use super::state::Credentials;
 use super::transport::{error_chain, Transport};
 use super::{Agent, AgentError};
 use crate::persist;
 use herd_proto::join::{JoinRequest, JoinResponse};
-use herd_proto::wire::HostId;
-use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use tracing::info;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct Credentials {
-    pub(super) server_url: String,
-    pub(super) host_id: HostId,
-    pub(super) agent_token: String,
-}
 
 impl Agent {
     pub(super) fn credentials_path(&self) -> PathBuf {

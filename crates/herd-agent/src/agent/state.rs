@@ -5,7 +5,7 @@
 
 use crate::backstop::Backstop;
 use crate::persist;
-use herd_proto::wire::VmId;
+use herd_proto::wire::{HostId, VmId};
 use herd_sync::ReporterState;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -37,4 +37,12 @@ pub(crate) fn write(path: &Path, state: &SavedState, durable: bool) -> Result<()
         persist::write_unsynced(path, &bytes)
     };
     written.map_err(|e| format!("saving {}: {e}", path.display()))
+}
+
+/// What the join bought this host, in `agent.json`: its presence means "joined".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct Credentials {
+    pub(super) server_url: String,
+    pub(super) host_id: HostId,
+    pub(super) agent_token: String,
 }

@@ -1,7 +1,7 @@
 //! How the agent reaches its server once joined: over HTTPS, clients that trust only
 //! the server's CA and present this host's certificate, for HTTP and the bus alike.
 
-use super::join::Credentials;
+use super::state::Credentials;
 use super::AgentError;
 use herd_proto::join::Discovery;
 use std::sync::Arc;

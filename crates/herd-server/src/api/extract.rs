@@ -90,7 +90,7 @@ impl User {
         self.note.project(project);
         self.principal
             .check(project, perm)
-            .map_err(|d| crate::tenancy::denied(d, kind, id).into())
+            .map_err(|d| crate::cloud::tenancy::denied(d, kind, id).into())
     }
 
     pub fn check_cloud_admin(&self) -> Result<(), ApiError> {

@@ -6,9 +6,9 @@
 
 use super::{ApiError, ApiJson, ApiPath, AppState, CloudAdmin, ErrorBody, User};
 use crate::access::{Perm, Role};
+use crate::cloud::tenancy::NewToken;
 use crate::cloud::CloudError;
 use crate::store::{ProjectRow, Quota, TokenRow, UserRow};
-use crate::tenancy::NewToken;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;

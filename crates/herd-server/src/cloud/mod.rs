@@ -15,6 +15,7 @@ mod metering;
 mod placement;
 mod reconcile;
 mod sessions;
+pub mod tenancy;
 mod validate;
 mod vms;
 
@@ -25,7 +26,6 @@ pub(crate) use validate::valid_name;
 
 use crate::group_commit::{CommitError, GroupCommit};
 use crate::store::{HostRecord, Store, StoreError, VmRecord};
-use crate::tenancy::Tenancy;
 use herd_bus::{Bus, BusError};
 use herd_proto::policy::PolicySpec;
 use herd_proto::wire::{HostId, HostUtil, ServerMsg, VmId, VmSpec, VmUsage};
@@ -37,6 +37,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tenancy::Tenancy;
 use tokio::sync::{mpsc, Notify};
 use tracing::warn;
 

@@ -1,7 +1,7 @@
 //! The event log: what happened to each VM and host, appended in the same transaction
 //! as the change it records.
 
-use super::rows::{event_from_row, in_list};
+use super::rows::{in_list, parse_state, parse_uuid};
 use super::{now_ms, Store, StoreError};
 use herd_proto::wire::{HostId, VmId};
 use herd_proto::VmState;
@@ -96,4 +96,29 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+fn event_from_row(
+    row: &rusqlite::Row<'_>,
+) -> Result<Result<EventRecord, StoreError>, rusqlite::Error> {
+    let id: i64 = row.get(0)?;
+    let time_ms: i64 = row.get(1)?;
+    let vm: Option<String> = row.get(2)?;
+    let host: Option<String> = row.get(3)?;
+    let kind: String = row.get(4)?;
+    let from: Option<String> = row.get(5)?;
+    let to: Option<String> = row.get(6)?;
+    let message: String = row.get(7)?;
+    Ok((|| {
+        Ok(EventRecord {
+            id,
+            time_ms,
+            vm: vm.as_deref().map(parse_uuid).transpose()?,
+            host: host.as_deref().map(parse_uuid).transpose()?,
+            kind,
+            from: from.as_deref().map(parse_state).transpose()?,
+            to: to.as_deref().map(parse_state).transpose()?,
+            message,
+        })
+    })())
 }

@@ -1,7 +1,6 @@
 //! Rows to records: every column a record reads, decoded once, with a clear error for
 //! a row this version cannot read.
 
-use super::events::EventRecord;
 use super::{HostRecord, StoreError, VmRecord};
 use herd_proto::wire::HypervisorInfo;
 use herd_proto::VmState;
@@ -134,31 +133,6 @@ pub(super) fn host_from_row(
             up: up != 0,
             joined_at_ms,
             agent_version,
-        })
-    })())
-}
-
-pub(super) fn event_from_row(
-    row: &Row<'_>,
-) -> Result<Result<EventRecord, StoreError>, rusqlite::Error> {
-    let id: i64 = row.get(0)?;
-    let time_ms: i64 = row.get(1)?;
-    let vm: Option<String> = row.get(2)?;
-    let host: Option<String> = row.get(3)?;
-    let kind: String = row.get(4)?;
-    let from: Option<String> = row.get(5)?;
-    let to: Option<String> = row.get(6)?;
-    let message: String = row.get(7)?;
-    Ok((|| {
-        Ok(EventRecord {
-            id,
-            time_ms,
-            vm: vm.as_deref().map(parse_uuid).transpose()?,
-            host: host.as_deref().map(parse_uuid).transpose()?,
-            kind,
-            from: from.as_deref().map(parse_state).transpose()?,
-            to: to.as_deref().map(parse_state).transpose()?,
-            message,
         })
     })())
 }
