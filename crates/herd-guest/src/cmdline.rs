@@ -5,7 +5,9 @@
 //! its token and its workload travel there: `herd.vm=<uuid> herd.token=<tok>
 //! herd.cmd=<base64 of a JSON array of strings> herd.keep=1`, and its self-management
 //! policy: `herd.policy=<base64url of postcard(PolicySpec)> herd.born=<unix ms of first
-//! boot> herd.mem=<MiB allocated>`.
+//! boot> herd.mem=<MiB allocated>`. A container, which shares the host's kernel and so
+//! its command line, reads the same line from a file the agent gives it, with
+//! `herd.cpus=<vCPUs>` added (its /proc/stat counts the host's CPUs).
 
 use base64::Engine;
 use herd_proto::policy::PolicySpec;
@@ -39,6 +41,8 @@ pub struct GuestConfig {
     /// The host's wall clock when it started the VM (unix ms): a guest with no clock
     /// source of its own, and no host to ask, still knows the time.
     pub host_now_unix_ms: Option<u64>,
+    /// The CPUs allocated, where the guest cannot count its own (a container).
+    pub cpus: Option<u32>,
 }
 
 impl GuestConfig {
@@ -52,6 +56,7 @@ impl GuestConfig {
             born_unix_ms: None,
             memory_mib: 0,
             host_now_unix_ms: None,
+            cpus: None,
         }
     }
 }
@@ -101,6 +106,10 @@ pub fn parse(cmdline: &str) -> Result<GuestConfig, CmdlineError> {
             "herd.born" => config.born_unix_ms = Some(number(key, value)?),
             "herd.mem" => config.memory_mib = number(key, value)?,
             "herd.now" => config.host_now_unix_ms = Some(number(key, value)?),
+            "herd.cpus" => {
+                let cpus = number(key, value)?;
+                config.cpus = u32::try_from(cpus).ok().filter(|c| *c > 0).or(Some(1));
+            }
             _ => {}
         }
     }
@@ -154,6 +163,9 @@ mod tests {
         assert_eq!(c.policy, policy);
         assert_eq!(c.born_unix_ms, Some(1_700_000_000_000));
         assert_eq!(c.memory_mib, 128);
+        assert_eq!(c.cpus, None);
+        assert_eq!(parse("herd.cpus=2").expect("parse").cpus, Some(2));
+        assert_eq!(parse("herd.cpus=0").expect("parse").cpus, Some(1));
         assert!(parse("herd.policy=AAAA").is_err());
         assert!(parse("herd.born=x").is_err());
     }

@@ -7,6 +7,15 @@
 //! it: a killed module leaves the VM to the agent's host-side backstop (which is what
 //! tests of that backstop rely on; PID 1 itself cannot be killed).
 //!
+//! In a system container (the agent's `oci` driver) the same binary is PID 1 of the
+//! container instead, told so by `HERD_GUEST_CHANNEL`: the runtime has mounted /proc,
+//! /dev and /sys, so init prepares nothing; the channel is a unix socket the agent
+//! listens on, bind-mounted read-only into the container, which the module connects to
+//! (and again whenever the agent restarts); the configuration comes from a file beside
+//! it, because /proc/cmdline is the host's; "power off" ends init, which ends the
+//! container. Init blocks its signals and reads them from a signalfd: PID 1 of a
+//! namespace receives only signals it handles, and the runtime's SIGTERM must reach it.
+//!
 //! The module opens the virtio-serial port named `herd.0`, supervises the user's
 //! workload, reports to the agent over that port with the frames of `herd_proto::guest`,
 //! and enforces the VM's self-management policy from its own /proc and clock,
@@ -47,6 +56,12 @@ const PORT_NAME: &str = "herd.0";
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const ROLE_ENV: &str = "HERD_GUEST_ROLE";
 const PID_FILE: &str = "/run/herd-guest.pid";
+/// Set in a container: the unix socket of the channel.
+const CHANNEL_ENV: &str = "HERD_GUEST_CHANNEL";
+/// Set in a container: the file holding the configuration line.
+const CONFIG_ENV: &str = "HERD_GUEST_CONFIG";
+/// How long a container's init waits for its processes to end on shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 fn log(msg: impl AsRef<str>) {
     eprintln!("herd-guest: {}", msg.as_ref());
@@ -76,6 +91,10 @@ pub(crate) struct Shared {
     suspend_requested: AtomicBool,
     /// This process powers the VM off (it runs inside a guest), rather than exiting.
     in_guest: bool,
+    /// The guest is a container: powering off is ending init, and the clock is the host's.
+    container: bool,
+    /// A container's own cgroup, mounted inside it, for its CPU and memory figures.
+    pub(crate) cgroup: Option<herd_cgroup::Layout>,
     started: Instant,
     policy: Option<Mutex<policy::Monitor>>,
 }
@@ -255,7 +274,48 @@ impl Shared {
     }
 
     pub(crate) fn power_off(&self) -> ! {
-        power_off(self.in_guest)
+        power_off(self.in_guest, self.container)
+    }
+}
+
+/// A container's channel: connects to the agent's socket, serves the connection until
+/// the agent hangs up, and connects again, for ever.
+fn socket_loop(shared: Arc<Shared>, path: PathBuf) {
+    let mut logged = false;
+    loop {
+        let stream = match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(stream) => stream,
+            Err(e) => {
+                if !std::mem::replace(&mut logged, true) {
+                    log(format!("connecting to {}: {e}; retrying", path.display()));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
+        logged = false;
+        let files = stream.set_nonblocking(true).and_then(|()| {
+            let writer = File::from(std::os::fd::OwnedFd::from(stream.try_clone()?));
+            Ok((File::from(std::os::fd::OwnedFd::from(stream)), writer))
+        });
+        let (reader, writer) = match files {
+            Ok(files) => files,
+            Err(e) => {
+                log(format!("channel socket: {e}"));
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+        };
+        if let Ok(mut port) = shared.port.lock() {
+            port.file = Some(writer);
+        }
+        shared.send(&shared.hello());
+        channel_loop(&shared, &reader, true);
+        shared.host_connected.store(false, Ordering::SeqCst);
+        if let Ok(mut port) = shared.port.lock() {
+            port.file = None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -325,8 +385,9 @@ fn find_port(deadline: Duration) -> Option<PathBuf> {
     }
 }
 
-/// Reads host messages forever; answers greetings, obeys power-off, sets the clock.
-fn channel_loop(shared: Arc<Shared>, reader: File) {
+/// Reads host messages; answers greetings, obeys power-off, sets the clock. A port
+/// (`once` false) is read for ever, through hang-ups; a socket until the host hangs up.
+fn channel_loop(shared: &Arc<Shared>, reader: &File, once: bool) {
     let mut decoder = FrameDecoder::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -336,6 +397,9 @@ fn channel_loop(shared: Arc<Shared>, reader: File) {
             Err(_) => PollFlags::empty(),
         };
         if revents.contains(PollFlags::POLLHUP) {
+            if once {
+                return;
+            }
             // No host on the other end: whatever was half-read belongs to a dead stream.
             shared.host_connected.store(false, Ordering::SeqCst);
             decoder = FrameDecoder::new();
@@ -345,7 +409,8 @@ fn channel_loop(shared: Arc<Shared>, reader: File) {
         if !revents.contains(PollFlags::POLLIN) {
             continue;
         }
-        let n = match (&reader).read(&mut buf) {
+        let n = match (&*reader).read(&mut buf) {
+            Ok(0) if once => return,
             Ok(0) => {
                 decoder = FrameDecoder::new();
                 std::thread::sleep(Duration::from_millis(100));
@@ -353,6 +418,7 @@ fn channel_loop(shared: Arc<Shared>, reader: File) {
             }
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) if once => return,
             Err(e) => {
                 log(format!("reading the channel: {e}"));
                 std::thread::sleep(Duration::from_millis(500));
@@ -362,7 +428,7 @@ fn channel_loop(shared: Arc<Shared>, reader: File) {
         match decoder.feed::<HostMsg>(&buf[..n]) {
             Ok(msgs) => {
                 for msg in msgs {
-                    handle_host_msg(&shared, msg);
+                    handle_host_msg(shared, msg);
                 }
             }
             Err(e) => {
@@ -394,7 +460,9 @@ fn handle_host_msg(shared: &Arc<Shared>, msg: HostMsg) {
                 shared.freeze(false);
             }
         }
-        HostMsg::Time { unix_ms } => set_clock(unix_ms),
+        // A container's clock is the host's own.
+        HostMsg::Time { unix_ms } if !shared.container => set_clock(unix_ms),
+        HostMsg::Time { .. } => {}
         HostMsg::Ack => {}
         HostMsg::PowerOff => {
             log("power-off requested by the host");
@@ -404,10 +472,10 @@ fn handle_host_msg(shared: &Arc<Shared>, msg: HostMsg) {
                 let _ = kill(Pid::from_raw(-pid), Signal::SIGCONT);
                 let _ = kill(Pid::from_raw(-pid), Signal::SIGTERM);
                 // A workload that ignores SIGTERM does not keep the VM up.
-                let in_guest = shared.in_guest;
+                let (in_guest, container) = (shared.in_guest, shared.container);
                 std::thread::spawn(move || {
                     std::thread::sleep(Duration::from_secs(5));
-                    power_off(in_guest);
+                    power_off(in_guest, container);
                 });
             } else {
                 shared.power_off();
@@ -436,9 +504,10 @@ fn set_clock(unix_ms: u64) {
     }
 }
 
-fn power_off(in_guest: bool) -> ! {
+fn power_off(in_guest: bool, container: bool) -> ! {
     nix::unistd::sync();
-    if in_guest {
+    // A container's init ends the container when this process exits.
+    if in_guest && !container {
         // Any root process may power the machine off, not only PID 1.
         let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     }
@@ -450,6 +519,8 @@ fn spawn_workload(command: &[String]) -> Result<i32, String> {
     let child = std::process::Command::new(program)
         .args(args)
         .env_remove(ROLE_ENV)
+        .env_remove(CHANNEL_ENV)
+        .env_remove(CONFIG_ENV)
         .env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
         .env("HOME", "/root")
         .current_dir("/")
@@ -474,7 +545,7 @@ fn run_init() -> ! {
             log(format!(
                 "cannot start the module process ({e}); running it as PID 1"
             ));
-            run_module(true)
+            run_module(true, false)
         }
     };
     if let Err(e) = std::fs::write(PID_FILE, format!("{module_pid}\n")) {
@@ -495,18 +566,110 @@ fn run_init() -> ! {
     }
 }
 
+/// PID 1 of a container: start the module, reap, and end the container when the
+/// module exits (it powered off) or the runtime asks (SIGTERM).
+fn run_container_init() -> ! {
+    use nix::sys::signal::SigSet;
+    use nix::sys::signalfd::SignalFd;
+    let mut mask = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
+        mask.add(signal);
+    }
+    // The children start with an empty mask: std::process resets it.
+    let signals = mask.thread_block().and_then(|()| SignalFd::new(&mask));
+    let module = std::process::Command::new("/proc/self/exe")
+        .env(ROLE_ENV, "module")
+        .spawn();
+    let (module_pid, signals) = match (module, signals) {
+        (Ok(child), Ok(signals)) => (child.id() as i32, signals),
+        (Err(e), _) => {
+            log(format!(
+                "cannot start the module process ({e}); running it as PID 1"
+            ));
+            run_module(true, true)
+        }
+        (Ok(_), Err(e)) => {
+            log(format!(
+                "cannot read signals ({e}): the container ends with its module"
+            ));
+            container_shutdown(0)
+        }
+    };
+    if let Err(e) = std::fs::write(PID_FILE, format!("{module_pid}\n")) {
+        log(format!("writing {PID_FILE}: {e}"));
+    }
+    loop {
+        match signals.read_signal() {
+            Ok(Some(info))
+                if info.ssi_signo == Signal::SIGTERM as u32
+                    || info.ssi_signo == Signal::SIGINT as u32 =>
+            {
+                log("asked to stop: ending every process");
+                container_shutdown(128 + info.ssi_signo as i32)
+            }
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == module_pid => {
+                    container_shutdown(code)
+                }
+                Ok(WaitStatus::Signaled(pid, signal, _)) if pid.as_raw() == module_pid => log(
+                    format!("the module was killed by {signal}; the container is left to the host's backstop"),
+                ),
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// Ends a container from inside: every process gets SIGTERM, then SIGKILL after a
+/// grace, and init exits, which ends the container.
+fn container_shutdown(code: i32) -> ! {
+    nix::unistd::sync();
+    // From PID 1, pid -1 is every other process of the namespace.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+    let until = Instant::now() + SHUTDOWN_GRACE;
+    while Instant::now() < until {
+        match waitpid(
+            Pid::from_raw(-1),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        ) {
+            Err(Errno::ECHILD) => std::process::exit(code),
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(20)),
+            _ => {}
+        }
+    }
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    std::process::exit(code)
+}
+
 fn main() {
     let pid = nix::unistd::getpid().as_raw();
+    let container = std::env::var_os(CHANNEL_ENV).is_some();
+    if pid == 1 && container {
+        run_container_init();
+    }
     if pid == 1 {
         run_init();
     }
     let in_guest = std::env::var(ROLE_ENV).is_ok_and(|r| r == "module");
-    run_module(in_guest);
+    run_module(in_guest, container);
 }
 
-fn run_module(in_guest: bool) -> ! {
+fn run_module(in_guest: bool, container: bool) -> ! {
     log(format!("{VERSION} starting"));
-    let raw_cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let raw_cmdline = if container {
+        let path = std::env::var(CONFIG_ENV).unwrap_or_else(|_| "/run/herd/config".into());
+        std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            log(format!("reading {path}: {e}"));
+            String::new()
+        })
+    } else {
+        std::fs::read_to_string("/proc/cmdline").unwrap_or_default()
+    };
     let (config, config_error) = match cmdline::parse(&raw_cmdline) {
         Ok(c) => (c, None),
         Err(e) => (GuestConfig::empty(), Some(e.to_string())),
@@ -514,7 +677,7 @@ fn run_module(in_guest: bool) -> ! {
     // Without a clock source (no RTC on microvm) the guest would think it is 1970 until
     // a host tells it the time; a lifespan must hold with no host, so start from the
     // host's clock at launch plus the time since boot.
-    if let Some(host_now) = config.host_now_unix_ms {
+    if let Some(host_now) = config.host_now_unix_ms.filter(|_| !container) {
         let uptime_ms = std::fs::read_to_string("/proc/uptime")
             .ok()
             .and_then(|s| {
@@ -544,34 +707,17 @@ fn run_module(in_guest: bool) -> ! {
         suspend_delivered: AtomicBool::new(false),
         suspend_requested: AtomicBool::new(false),
         in_guest,
+        container,
+        cgroup: container.then(herd_cgroup::Layout::detect).flatten(),
         started: Instant::now(),
         policy: monitor,
     });
 
-    match find_port(Duration::from_secs(20)) {
-        Some(dev) => match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-            .open(&dev)
-            .and_then(|f| Ok((f.try_clone()?, f)))
-        {
-            Ok((reader, writer)) => {
-                if let Ok(mut port) = shared.port.lock() {
-                    port.file = Some(writer);
-                }
-                let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
-                log(format!(
-                    "channel {} open at uptime {}s",
-                    dev.display(),
-                    uptime.split_whitespace().next().unwrap_or("?")
-                ));
-                let s = shared.clone();
-                std::thread::spawn(move || channel_loop(s, reader));
-            }
-            Err(e) => log(format!("opening {}: {e}", dev.display())),
-        },
-        None => log(format!("no virtio-serial port named {PORT_NAME}")),
+    if let Some(path) = std::env::var_os(CHANNEL_ENV).filter(|_| container) {
+        let s = shared.clone();
+        std::thread::spawn(move || socket_loop(s, PathBuf::from(path)));
+    } else {
+        open_port(&shared);
     }
     // Greet first: if the host is already listening it learns of us without asking.
     shared.send(&shared.hello());
@@ -606,6 +752,35 @@ fn run_module(in_guest: bool) -> ! {
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
+    }
+}
+
+/// A VM's channel: the virtio-serial port, opened once and read for ever.
+fn open_port(shared: &Arc<Shared>) {
+    match find_port(Duration::from_secs(20)) {
+        Some(dev) => match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(&dev)
+            .and_then(|f| Ok((f.try_clone()?, f)))
+        {
+            Ok((reader, writer)) => {
+                if let Ok(mut port) = shared.port.lock() {
+                    port.file = Some(writer);
+                }
+                let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+                log(format!(
+                    "channel {} open at uptime {}s",
+                    dev.display(),
+                    uptime.split_whitespace().next().unwrap_or("?")
+                ));
+                let s = shared.clone();
+                std::thread::spawn(move || channel_loop(&s, &reader, false));
+            }
+            Err(e) => log(format!("opening {}: {e}", dev.display())),
+        },
+        None => log(format!("no virtio-serial port named {PORT_NAME}")),
     }
 }
 

@@ -15,7 +15,8 @@
 //!   `max_restarts` times; the next crash fires the rule.
 //!
 //! Counters come from the whole guest: CPU from /proc/stat (all CPUs, busy time), memory
-//! in use from /proc/meminfo, network from /proc/net/dev without `lo`. They restart at
+//! in use from /proc/meminfo, network from /proc/net/dev without `lo`; in a container,
+//! CPU and memory come from its own cgroup instead. They restart at
 //! each boot, so budgets and cost restart when a stopped VM boots again (a suspend keeps
 //! them: the guest's memory, evaluator included, is saved). Lifespan counts from
 //! `herd.born`, which the host keeps across boots.
@@ -42,7 +43,9 @@ pub struct Monitor {
 
 impl Monitor {
     pub fn new(config: &GuestConfig) -> Monitor {
-        let vcpus = stats::n_cpus(&std::fs::read_to_string("/proc/stat").unwrap_or_default());
+        let vcpus = config.cpus.unwrap_or_else(|| {
+            stats::n_cpus(&std::fs::read_to_string("/proc/stat").unwrap_or_default())
+        });
         let born = config.born_unix_ms.unwrap_or_else(unix_ms);
         Monitor {
             evaluator: Evaluator::new(config.policy, vcpus, born)
@@ -75,11 +78,23 @@ struct Reading {
 fn read(shared: &Shared) -> Reading {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let (rx, tx) = stats::net_bytes(&read("/proc/net/dev"));
+    // A container's /proc/stat and /proc/meminfo are the host's; its own cgroup, mounted
+    // at /sys/fs/cgroup inside, counts only what it uses.
+    let (cpu_ms, mem_kib) = match &shared.cgroup {
+        Some(layout) => {
+            let counters = layout.read("/").unwrap_or_default();
+            (counters.cpu_ns / 1_000_000, counters.memory_bytes / 1024)
+        }
+        None => (
+            stats::cpu_ms(&read("/proc/stat")),
+            stats::mem_kib(&read("/proc/meminfo")),
+        ),
+    };
     Reading {
         sample: Sample {
             unix_ms: unix_ms(),
-            cpu_ms: stats::cpu_ms(&read("/proc/stat")),
-            mem_kib: stats::mem_kib(&read("/proc/meminfo")),
+            cpu_ms,
+            mem_kib,
             net_bytes: rx.saturating_add(tx),
             workload: shared.workload_state(),
         },

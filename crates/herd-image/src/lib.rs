@@ -137,6 +137,64 @@ pub fn load_image(data_dir: &Path, name: &str) -> Result<Option<ImageInfo>, Imag
     }
 }
 
+/// An image's content as a container's root filesystem: its initramfs unpacked into
+/// `<image dir>/rootfs-<guest hash>/`, without the kernel modules and device nodes a
+/// container has no use for (the runtime makes its own /dev). Made once per herd-guest
+/// build and shared read-only by every container of the image, as the lower layer of
+/// each one's overlay; a rebuilt image gets a new directory, so running containers keep
+/// the one they started on.
+pub fn container_rootfs(image_dir: &Path) -> Result<PathBuf, ImageError> {
+    let meta = image_dir.join("image.json");
+    let bytes = std::fs::read(&meta).map_err(io_err(format!("reading {}", meta.display())))?;
+    let info: ImageInfo =
+        serde_json::from_slice(&bytes).map_err(|source| ImageError::Metadata {
+            path: meta.clone(),
+            source,
+        })?;
+    let hash: String = info.guest_sha256.chars().take(16).collect();
+    let rootfs = image_dir.join(format!("rootfs-{hash}"));
+    if rootfs.join("init").exists() {
+        return Ok(rootfs);
+    }
+    let initrd = image_dir.join("initrd");
+    let archive =
+        std::fs::read(&initrd).map_err(io_err(format!("reading {}", initrd.display())))?;
+    let entries = cpio::read(&archive).map_err(|e| ImageError::Tool {
+        what: format!("unpacking {}", initrd.display()),
+        detail: e.to_string(),
+    })?;
+    let tmp = image_dir.join(format!("rootfs-{hash}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let unpack = |context: &str| io_err(format!("{context} in {}", tmp.display()));
+    std::fs::create_dir_all(&tmp).map_err(unpack("creating the root"))?;
+    for entry in entries {
+        if entry.name.starts_with("lib/modules/") && entry.name.ends_with(".ko") {
+            continue;
+        }
+        let path = tmp.join(entry.name);
+        if entry.is_dir() {
+            std::fs::create_dir_all(&path).map_err(unpack(entry.name))?;
+        } else if entry.is_file() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(&path, entry.data).map_err(unpack(entry.name))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(entry.permissions()))
+                .map_err(unpack(entry.name))?;
+        } else if entry.is_symlink() {
+            let target = String::from_utf8_lossy(entry.data).into_owned();
+            std::os::unix::fs::symlink(target, &path).map_err(unpack(entry.name))?;
+        }
+    }
+    match std::fs::rename(&tmp, &rootfs) {
+        Ok(()) => Ok(rootfs),
+        // Another process unpacked it first.
+        Err(_) if rootfs.join("init").exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(rootfs)
+        }
+        Err(e) => Err(io_err("installing the root filesystem")(e)),
+    }
+}
+
 /// Every complete image in the data dir, by name.
 pub fn list_images(data_dir: &Path) -> Result<Vec<ImageInfo>, ImageError> {
     let dir = images_dir(data_dir);

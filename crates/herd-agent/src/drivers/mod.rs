@@ -1,5 +1,8 @@
 //! Driver implementations, one module per hypervisor type.
 
+pub(crate) mod channel;
+pub(crate) mod console;
+pub mod guest_config;
 pub mod qemu;
 pub mod sim;
 

@@ -6,7 +6,7 @@
 //! through its pid file and sockets, and never becomes a zombie of ours (the short-lived
 //! parent is waited for).
 
-use base64::Engine;
+use crate::drivers::guest_config;
 use herd_proto::wire::{VmId, VmSpec};
 use std::path::{Path, PathBuf};
 
@@ -86,6 +86,18 @@ pub struct LaunchSpec<'a> {
     pub now_unix_ms: u64,
 }
 
+impl LaunchSpec<'_> {
+    fn guest(&self) -> guest_config::GuestIdentity<'_> {
+        guest_config::GuestIdentity {
+            id: self.id,
+            spec: self.spec,
+            token: self.token,
+            born_unix_ms: self.born_unix_ms,
+            now_unix_ms: self.now_unix_ms,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LaunchError {
     #[error("the kernel command line would be {0} bytes, over {MAX_KERNEL_CMDLINE}: shorten the workload command")]
@@ -108,36 +120,14 @@ pub fn kernel_cmdline(l: &LaunchSpec<'_>) -> Result<String, LaunchError> {
         // nested host's unstable clock; telling the kernel the rate skips calibration.
         line.push_str(&format!(" tsc_early_khz={khz}"));
     }
-    line.push_str(&format!(" herd.vm={} herd.token={}", l.id, l.token));
-    if l.spec.keep_running {
-        line.push_str(" herd.keep=1");
-    }
-    if !l.spec.command.is_empty() {
-        let json = serde_json::to_vec(&l.spec.command).unwrap_or_default();
-        let b64 = base64::engine::general_purpose::STANDARD.encode(json);
-        line.push_str(&format!(" herd.cmd={b64}"));
-    }
+    let guest = l.guest();
+    line.push_str(&guest_config::identity(&guest));
     if line.len() > MAX_KERNEL_CMDLINE {
         return Err(LaunchError::CmdlineTooLong(line.len()));
     }
-    // The guest may have no clock source of its own: tell it the time at launch.
-    line.push_str(&format!(" herd.now={}", l.now_unix_ms));
-    // The guest enforces the policy itself (herd-guest), so it travels with the VM:
-    // postcard, then unpadded base64url, which needs no quoting on a kernel command line.
-    if !l.spec.policy.is_empty() {
-        let bytes = postcard::to_stdvec(&l.spec.policy)
-            .map_err(|e| LaunchError::BadPolicy(e.to_string()))?;
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-        line.push_str(&format!(
-            " herd.policy={b64} herd.mem={}",
-            l.spec.memory_mib
-        ));
-        if let Some(born) = l.born_unix_ms {
-            line.push_str(&format!(" herd.born={born}"));
-        }
-        if line.len() > MAX_KERNEL_CMDLINE {
-            return Err(LaunchError::PolicyTooLarge(line.len()));
-        }
+    line.push_str(&guest_config::clock_and_policy(&guest).map_err(LaunchError::BadPolicy)?);
+    if !l.spec.policy.is_empty() && line.len() > MAX_KERNEL_CMDLINE {
+        return Err(LaunchError::PolicyTooLarge(line.len()));
     }
     Ok(line)
 }
@@ -240,6 +230,7 @@ pub fn tsc_khz_from_cpuinfo(cpuinfo: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
 
     fn spec(command: Vec<String>) -> VmSpec {
         VmSpec {

@@ -18,7 +18,7 @@
 //! the operation still finishes, instead of leaving a VM stopped half-way through a save.
 
 mod accel;
-mod channel;
+mod guest;
 pub mod launch;
 mod ops;
 pub mod procfs;
@@ -26,6 +26,7 @@ pub mod qmp;
 mod vm;
 
 use crate::driver::{Capabilities, Driver, DriverError, ObservedVm};
+use crate::drivers::console::read_tail;
 use crate::persist;
 use async_trait::async_trait;
 use herd_proto::guest::GuestMsg;
@@ -40,7 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, OnceCell};
 use tracing::{debug, info, warn};
-use vm::{read_tail, Phase, Vm, VmRecord};
+use vm::{Phase, Vm, VmRecord};
 
 /// The hypervisor type this driver serves.
 pub const KIND: &str = "qemu";

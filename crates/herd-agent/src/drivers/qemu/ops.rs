@@ -2,11 +2,12 @@
 //! talking QMP, saving it to disk, stopping it and waiting for it to go. Each runs in
 //! its own task (`run_op`), so a caller that gives up does not leave a VM half-saved.
 
-use super::launch::{self, LaunchSpec};
+use super::launch::{self, LaunchSpec, VmPaths};
 use super::qmp::{self, Qmp};
 use super::vm::Phase;
-use super::{channel, procfs, Inner};
+use super::{guest::QemuGuest, procfs, Inner};
 use crate::driver::DriverError;
+use crate::drivers::channel;
 use herd_proto::guest::HostMsg;
 use herd_proto::wire::VmId;
 use herd_proto::VmState;
@@ -109,7 +110,13 @@ impl Inner {
 
     pub(super) fn spawn_channel(self: &Arc<Self>, id: VmId, generation: u64) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(channel::run(self.clone(), id, generation, rx));
+        let guest = QemuGuest {
+            inner: self.clone(),
+            id,
+            generation,
+        };
+        let socket = VmPaths::new(&self.state_dir, id).guest();
+        let task = tokio::spawn(channel::run(guest, channel::Dial(socket), id, rx));
         if let Some(vm) = self.vms.lock().get_mut(&id) {
             if let Some((old, _)) = vm.channel.replace((task.abort_handle(), tx)) {
                 old.abort();

@@ -1,10 +1,12 @@
-//! The host end of one VM's guest channel.
+//! The host end of one guest's channel, for every driver.
 //!
-//! QEMU listens on the VM's `guest.sock` (a virtio-serial port inside the guest); this
-//! task connects, greets the guest, and reads its frames until the connection ends, then
-//! connects again for as long as the same QEMU process lives. Connecting from the agent
-//! side means a restarted agent, or a QEMU restored from a suspend image, needs nothing
-//! but a new connection.
+//! A driver says how a connection to its guest is made (a [`Link`]): QEMU listens on
+//! the VM's `guest.sock` (a virtio-serial port inside the guest) and the agent connects,
+//! again whenever the connection ends, for as long as the same QEMU process lives; a
+//! container's herd-guest connects to a socket the agent listens on. Either way a
+//! restarted agent, or a guest restored from a suspend image, needs nothing but a new
+//! connection. This task greets the guest and reads its frames until the connection
+//! ends, then asks the link for the next one.
 //!
 //! Everything read here is untrusted: a guest's workload runs as root and can replace
 //! herd-guest on the port, and it can read its own token from the kernel command line.
@@ -31,13 +33,11 @@
 mod guard;
 
 use guard::Guard;
-pub(super) use guard::{clamp, policy_allows};
+pub(crate) use guard::{clamp, policy_allows};
 
-use super::Inner;
 use herd_proto::guest::{encode_frame, FrameDecoder, GuestMsg, HostMsg};
 use herd_proto::policy::PolicySpec;
 use herd_proto::wire::VmId;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -78,9 +78,9 @@ pub(super) const MAX_TEXT: usize = 1024;
 pub(super) const MAX_NAME: usize = 64;
 pub(super) const MAX_PROGRESS_ITEMS: usize = 16;
 
-/// What the channel needs from the driver about the one VM (and QEMU) it serves.
-pub(super) trait GuestHost: Send + Sync {
-    /// False once the VM is gone, relaunched, or its QEMU dead.
+/// What the channel needs from the driver about the one VM (and process) it serves.
+pub(crate) trait GuestHost: Send + Sync {
+    /// False once the VM is gone, relaunched, or its process dead.
     fn wanted(&self) -> bool;
     /// Whether a hello names this VM with its token.
     fn check_hello(&self, vm_id: VmId, token: &str) -> bool;
@@ -90,57 +90,62 @@ pub(super) trait GuestHost: Send + Sync {
     fn deliver(&self, msg: GuestMsg);
 }
 
-/// The qemu driver's side of one VM's channel.
-struct QemuGuest {
-    inner: Arc<Inner>,
-    id: VmId,
-    generation: u64,
+/// How a driver's guest is reached, one connection at a time.
+#[async_trait::async_trait]
+pub(crate) trait Link: Send {
+    /// The next connection to the guest; `None` once the VM is no longer wanted.
+    async fn next(&mut self, host: &(dyn GuestHost + 'static)) -> Option<UnixStream>;
 }
 
-impl GuestHost for QemuGuest {
-    fn wanted(&self) -> bool {
-        self.inner
-            .channel_target(self.id, self.generation)
-            .is_some()
-    }
+/// Connects to a socket the hypervisor listens on (QEMU's chardev).
+pub(crate) struct Dial(pub(crate) std::path::PathBuf);
 
-    fn check_hello(&self, vm_id: VmId, token: &str) -> bool {
-        self.inner
-            .check_hello(self.id, self.generation, vm_id, token)
-    }
-
-    fn policy(&self) -> PolicySpec {
-        self.inner.guest_policy(self.id)
-    }
-
-    fn deliver(&self, msg: GuestMsg) {
-        self.inner.guest_message(self.id, self.generation, msg)
+#[async_trait::async_trait]
+impl Link for Dial {
+    async fn next(&mut self, host: &(dyn GuestHost + 'static)) -> Option<UnixStream> {
+        loop {
+            if !host.wanted() {
+                return None;
+            }
+            match UnixStream::connect(&self.0).await {
+                Ok(stream) => return Some(stream),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 }
 
-pub(super) async fn run(
-    inner: Arc<Inner>,
+/// Accepts on a socket the agent listens on (a container's herd-guest connects to it).
+#[allow(dead_code)] // the oci driver (next) listens
+pub(crate) struct Listen(pub(crate) tokio::net::UnixListener);
+
+#[async_trait::async_trait]
+impl Link for Listen {
+    async fn next(&mut self, host: &(dyn GuestHost + 'static)) -> Option<UnixStream> {
+        loop {
+            if !host.wanted() {
+                return None;
+            }
+            if let Ok(Ok((stream, _))) = tokio::time::timeout(QUIET, self.0.accept()).await {
+                return Some(stream);
+            }
+        }
+    }
+}
+
+/// Serves one guest's connections, one after another, until its link says it is no
+/// longer wanted.
+pub(crate) async fn run<H: GuestHost + 'static>(
+    host: H,
+    mut link: impl Link,
     id: VmId,
-    generation: u64,
     mut host_msgs: mpsc::UnboundedReceiver<HostMsg>,
 ) {
-    let host = QemuGuest {
-        inner: inner.clone(),
-        id,
-        generation,
-    };
     let mut guard = Guard::new(Instant::now());
     loop {
-        let Some(path) = inner.channel_target(id, generation) else {
-            debug!(%id, generation, "guest channel task ends");
+        let Some(mut stream) = link.next(&host).await else {
+            debug!(%id, "guest channel task ends");
             return;
-        };
-        let mut stream = match UnixStream::connect(&path).await {
-            Ok(s) => s,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
         };
         if !send(&mut stream, &HostMsg::Hello).await {
             tokio::time::sleep(RECONNECT).await;
