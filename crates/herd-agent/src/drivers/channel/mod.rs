@@ -116,7 +116,6 @@ impl Link for Dial {
 }
 
 /// Accepts on a socket the agent listens on (a container's herd-guest connects to it).
-#[allow(dead_code)] // the oci driver (next) listens
 pub(crate) struct Listen(pub(crate) tokio::net::UnixListener);
 
 #[async_trait::async_trait]
