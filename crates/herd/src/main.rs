@@ -150,7 +150,7 @@ pub struct UpArgs {
     /// Serve plain HTTP instead of HTTPS (loopback addresses only).
     #[arg(long)]
     pub insecure_http: bool,
-    /// Drivers the local agent may use: qemu, sim (default: qemu).
+    /// Drivers the local agent may use: qemu, oci, sim (default: qemu, and oci where runc is installed).
     #[arg(long, value_delimiter = ',')]
     pub drivers: Vec<String>,
     /// Where guest images are built and kept (default: the data dir).
@@ -227,7 +227,7 @@ pub struct AgentArgs {
     /// Memory to offer in MiB (default: all of this host's).
     #[arg(long)]
     pub memory_mib: Option<u64>,
-    /// Drivers to use: qemu, sim (default: qemu).
+    /// Drivers to use: qemu, oci, sim (default: qemu, and oci where runc is installed).
     #[arg(long, value_delimiter = ',')]
     pub drivers: Vec<String>,
     /// Where guest images are built and kept (default: herd's data dir).

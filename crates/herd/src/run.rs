@@ -4,6 +4,7 @@ use crate::config::{self, ClientConfig};
 use crate::images;
 use crate::{AccelArg, AgentArgs, ServerArgs, StrategyArg, UpArgs};
 use anyhow::{anyhow, bail, Context, Result};
+use herd_agent::drivers::oci::{OciConfig, OciDriver};
 use herd_agent::drivers::qemu::launch::Accel;
 use herd_agent::drivers::qemu::{AccelChoice, QemuConfig, QemuDriver};
 use herd_agent::drivers::sim::{SimConfig, SimDriver};
@@ -85,27 +86,38 @@ pub struct Drivers {
     pub guest_events: Option<GuestEvents>,
 }
 
-fn qemu_installed() -> bool {
-    std::process::Command::new("qemu-system-x86_64")
+fn installed(binary: &str) -> bool {
+    std::process::Command::new(binary)
         .arg("--version")
         .output()
         .is_ok_and(|out| out.status.success())
 }
 
-/// The drivers named; by default the real ones that work here. `sim` is never chosen
-/// by default: simulated VMs are for tests and scale runs.
+/// The drivers named; by default the real ones that work here (qemu, and oci when runc
+/// is installed). `sim` is never chosen by default: simulated VMs are for tests and
+/// scale runs.
 fn build_drivers(setup: &DriverSetup<'_>) -> Result<Drivers> {
     let names: Vec<String> = if setup.names.is_empty() {
-        if !qemu_installed() {
+        let mut found = Vec::new();
+        if installed("qemu-system-x86_64") {
+            found.push("qemu".to_string());
+        }
+        if installed("runc") {
+            found.push("oci".to_string());
+        }
+        if found.is_empty() {
             bail!(
-                "no hypervisor here: qemu-system-x86_64 is not installed (run scripts/up, or \
-                 apt-get install qemu-system-x86), or pass --drivers sim for simulated VMs"
+                "no hypervisor here: neither qemu-system-x86_64 nor runc is installed (run \
+                 scripts/up, or apt-get install qemu-system-x86 runc), or pass --drivers sim \
+                 for simulated VMs"
             );
         }
-        vec!["qemu".into()]
+        found
     } else {
         setup.names.to_vec()
     };
+    // One queue for what every driver's guests say: the agent drains one.
+    let (guest_tx, guest_rx) = herd_agent::agent::guest_event_channel();
     let mut drivers = Drivers {
         list: Vec::new(),
         guest_events: None,
@@ -120,13 +132,20 @@ fn build_drivers(setup: &DriverSetup<'_>) -> Result<Drivers> {
                     AccelArg::Tcg => AccelChoice::Force(Accel::Tcg),
                     AccelArg::Kvm => AccelChoice::Force(Accel::Kvm),
                 };
-                let (tx, rx) = herd_agent::agent::guest_event_channel();
                 drivers.list.push(Arc::new(QemuDriver::open(
                     setup.agent_dir.join("qemu"),
                     config,
-                    tx,
+                    guest_tx.clone(),
                 )?));
-                drivers.guest_events = Some(rx);
+            }
+            "oci" => {
+                images::ensure_image(setup.image_dir, "default")?;
+                let config = OciConfig::new(herd_image::images_dir(setup.image_dir));
+                drivers.list.push(Arc::new(OciDriver::open(
+                    setup.agent_dir.join("oci"),
+                    config,
+                    guest_tx.clone(),
+                )?));
             }
             "sim" => drivers.list.push(Arc::new(SimDriver::open(
                 setup.agent_dir.join("sim"),
@@ -135,8 +154,11 @@ fn build_drivers(setup: &DriverSetup<'_>) -> Result<Drivers> {
                     ..SimConfig::default()
                 },
             )?)),
-            other => bail!("unknown driver {other:?}; drivers are: qemu, sim"),
+            other => bail!("unknown driver {other:?}; drivers are: qemu, oci, sim"),
         }
+    }
+    if drivers.list.iter().any(|d| d.kind() != "sim") {
+        drivers.guest_events = Some(guest_rx);
     }
     Ok(drivers)
 }

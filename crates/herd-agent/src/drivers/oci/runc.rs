@@ -159,7 +159,8 @@ pub(super) async fn criu_problem() -> Option<String> {
 pub(super) fn criu_reason(output: &str) -> String {
     let line = output
         .lines()
-        .find(|l| l.starts_with("Error"))
+        // criu's helpers failing ("exited, status=1") come first; the cause follows.
+        .find(|l| l.starts_with("Error") && !l.contains("exited, status="))
         .or_else(|| output.lines().find(|l| !l.trim().is_empty()))
         .unwrap_or("failed without a message");
     match line.split_once("): ") {
@@ -186,7 +187,7 @@ mod tests {
 
     #[test]
     fn criu_reason_is_the_first_error() {
-        let out = "Warn  (criu/kerndat.c:1):  x\n\
+        let out = "Error (criu/util.c:642): exited, status=1\n\
                    Error (criu/kerndat.c:1615): kerndat_vdso_fill_symtable failed when initializing kerndat.\n\
                    Error (criu/crtools.c:260): Could not initialize kernel features detection.\n";
         assert_eq!(
