@@ -250,6 +250,17 @@ async fn containers_outlive_the_agent_and_report_exit_codes() {
         .expect("create");
     wait_state(&driver, short, VmState::Stopped, Duration::from_secs(30)).await;
     assert_eq!(driver.exit_code(short), Some(7));
+    // What it held on the host is released without a stop or terminate.
+    let started = Instant::now();
+    while leftovers(state.path(), short) != vec!["its dir".to_string()] {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "an ended container still holds {:?}",
+            leftovers(state.path(), short)
+        );
+        driver.list().await.expect("list");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     driver.start(short).await.expect("start again");
     wait_state(&driver, short, VmState::Stopped, Duration::from_secs(30)).await;
 

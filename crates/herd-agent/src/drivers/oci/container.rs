@@ -115,6 +115,9 @@ pub(super) struct Container {
     pub(super) channel: Option<(tokio::task::AbortHandle, mpsc::UnboundedSender<HostMsg>)>,
     /// A policy action the guest took with nobody listening, read back from its console.
     pub(super) unreported: Option<GuestMsg>,
+    /// The init ended on its own; what it held on the host (runc state, mount) is still
+    /// to be released.
+    pub(super) ended: bool,
 }
 
 impl Container {
@@ -172,6 +175,7 @@ impl Container {
                 };
                 self.record.paused = false;
                 self.pid = None;
+                self.ended = true;
                 if let Some((handle, _)) = self.channel.take() {
                     handle.abort();
                 }

@@ -218,6 +218,8 @@ impl OciDriver {
             let pid = container::read_pid_file(&paths.pid_file())
                 .filter(|pid| container::is_our_init(*pid, id));
             info!(%id, ?pid, phase = ?record.phase, "adopting container");
+            // Released again on adoption: a crash may have stopped half-way.
+            let ended = record.phase != Phase::Launched;
             containers.insert(
                 id,
                 Container {
@@ -231,6 +233,7 @@ impl OciDriver {
                     generation: 0,
                     channel: None,
                     unreported: None,
+                    ended,
                 },
             );
         }
@@ -357,6 +360,7 @@ impl Driver for OciDriver {
     async fn list(&self) -> Result<Vec<ObservedVm>, DriverError> {
         let mut containers = self.inner.containers.lock();
         let mut observed = Vec::with_capacity(containers.len());
+        let mut ended = Vec::new();
         for (id, c) in containers.iter_mut() {
             let state = c.observe();
             if let Some(msg) = c.unreported.take() {
@@ -366,7 +370,25 @@ impl Driver for OciDriver {
                     c.unreported = Some(msg);
                 }
             }
+            if std::mem::take(&mut c.ended) {
+                ended.push(*id);
+            }
             observed.push(ObservedVm { id: *id, state });
+        }
+        drop(containers);
+        for id in ended {
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                let result = inner
+                    .run_op(
+                        id,
+                        move |inner| async move { inner.release_ended(id).await },
+                    )
+                    .await;
+                if let Err(e) = result {
+                    warn!(%id, "releasing an ended container: {e}");
+                }
+            });
         }
         Ok(observed)
     }

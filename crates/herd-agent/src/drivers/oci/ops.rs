@@ -67,6 +67,7 @@ impl Inner {
             generation: 0,
             channel: None,
             unreported: None,
+            ended: false,
         };
         c.save()?;
         self.containers.lock().insert(id, c);
@@ -345,6 +346,18 @@ impl Inner {
             }
             Ok(())
         })
+    }
+
+    /// Releases a container whose init ended on its own, unless it was launched again
+    /// meanwhile.
+    pub(super) async fn release_ended(self: Arc<Self>, id: VmId) -> Result<(), DriverError> {
+        let ended = self.with(id, |c| {
+            Ok(c.busy.is_none() && c.record.phase != Phase::Launched)
+        })?;
+        if ended {
+            self.release(id).await?;
+        }
+        Ok(())
     }
 
     /// Removes what a stopped container holds on the host: runc's state, its cgroups,
