@@ -71,6 +71,35 @@ pub struct HypervisorInfo {
     pub detail: String,
 }
 
+/// How a probe detail says that its driver cannot suspend on this host, and why: the
+/// agent writes it with [`HypervisorInfo::suspend_unsupported_note`], the server reads it
+/// with [`HypervisorInfo::suspend_unsupported`] to refuse a suspend before queueing it.
+const SUSPEND_UNSUPPORTED: &str = "suspend: unsupported";
+
+impl HypervisorInfo {
+    /// `suspend: unsupported (<reason>)`, for a probe detail.
+    pub fn suspend_unsupported_note(reason: &str) -> String {
+        format!("{SUSPEND_UNSUPPORTED} ({reason})")
+    }
+
+    /// The `suspend: unsupported (...)` part of the detail, where it has one.
+    pub fn suspend_unsupported(&self) -> Option<&str> {
+        let start = self.detail.find(SUSPEND_UNSUPPORTED)?;
+        let rest = &self.detail[start..];
+        // Up to the parenthesis that closes the reason (reasons may hold commas).
+        let mut depth = 0usize;
+        for (at, c) in rest.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' if depth == 1 => return Some(&rest[..=at]),
+                ')' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        Some(rest)
+    }
+}
+
 /// The body of a state report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReportBody {
@@ -295,6 +324,24 @@ pub fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8]) -> Result<T, DecodeError>
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_suspend_refusal_reads_back_from_the_detail() {
+        let note = HypervisorInfo::suspend_unsupported_note("criu check: vdso: bad (x), y");
+        let info = HypervisorInfo {
+            kind: "oci".into(),
+            detail: format!("runc 1.1.5, cgroup v1, {note}, images: default"),
+        };
+        assert_eq!(
+            info.suspend_unsupported(),
+            Some("suspend: unsupported (criu check: vdso: bad (x), y)")
+        );
+        let qemu = HypervisorInfo {
+            kind: "qemu".into(),
+            detail: "qemu 7.2, microvm".into(),
+        };
+        assert_eq!(qemu.suspend_unsupported(), None);
+    }
 
     fn status(n: u128, state: VmState) -> VmStatus {
         VmStatus {

@@ -5,8 +5,24 @@
 //! write, as much as it likes: only its end is read, and only what the guest's policy
 //! names is believed.
 
+use crate::driver::DriverError;
 use herd_proto::guest::GuestMsg;
+use herd_proto::wire::VmId;
 use std::path::Path;
+
+/// The last `max_bytes` of the console log in a VM's directory: what `Driver::console`
+/// answers. A VM without a directory is not on this host; one without a log has said
+/// nothing yet.
+pub(crate) fn of_vm(vm_dir: &Path, id: VmId, max_bytes: usize) -> Result<Vec<u8>, DriverError> {
+    if !vm_dir.is_dir() {
+        return Err(DriverError::NoSuchVm(id));
+    }
+    match read_tail(&vm_dir.join("console.log"), max_bytes as u64) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(DriverError::io("reading the console log")(e)),
+    }
+}
 
 /// herd-guest powered the VM off for a Stop or Terminate policy action: it logs that to
 /// the console right before the kernel's power-down lines.

@@ -5,6 +5,13 @@
 
 use base64::Engine;
 use herd_proto::wire::{VmId, VmSpec};
+use rand::Rng;
+
+/// A fresh secret for a guest's hello: 128 random bits, in hex.
+pub fn new_token() -> String {
+    let bytes: [u8; 16] = rand::thread_rng().gen();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// What the line says about one guest.
 #[derive(Debug, Clone)]

@@ -3,7 +3,10 @@
 pub(crate) mod channel;
 pub(crate) mod console;
 pub mod guest_config;
+mod images;
 pub mod oci;
+mod op_locks;
+pub mod procfs;
 pub mod qemu;
 pub mod sim;
 

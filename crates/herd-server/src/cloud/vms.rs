@@ -143,6 +143,17 @@ impl Cloud {
         Ok(page.into_iter().map(|vm| self.current(vm)).collect())
     }
 
+    /// Why the VM's host cannot suspend it, if the host's driver said so when it joined
+    /// (a container host without working CRIU), for a request to suspend.
+    fn cannot_suspend(&self, vm: &VmRecord, target: VmState) -> Option<String> {
+        if target != VmState::Suspended {
+            return None;
+        }
+        let host = self.store.host(vm.host?).ok().flatten()?;
+        let info = host.hypervisors.iter().find(|h| h.kind == vm.hypervisor)?;
+        info.suspend_unsupported().map(str::to_owned)
+    }
+
     pub fn act(&self, id: &str, action: Action) -> Result<VmRecord, CloudError> {
         let vm = self.vm(id)?;
         if vm.deleting {
@@ -268,50 +279,5 @@ impl Cloud {
     /// How many VMs are in each state, from memory.
     pub fn vm_state_counts(&self) -> Vec<(VmState, u64)> {
         self.store.vm_state_counts()
-    }
-}
-
-impl Cloud {
-    /// Why the VM's host cannot suspend it, if the host's driver said so when it joined
-    /// (a container host without working CRIU), for a request to suspend.
-    fn cannot_suspend(&self, vm: &VmRecord, target: VmState) -> Option<String> {
-        if target != VmState::Suspended {
-            return None;
-        }
-        let host = self.store.host(vm.host?).ok().flatten()?;
-        let info = host.hypervisors.iter().find(|h| h.kind == vm.hypervisor)?;
-        suspend_unsupported(&info.detail).map(str::to_owned)
-    }
-}
-
-/// The `suspend: unsupported (...)` part of a driver's probe detail, where it has one.
-fn suspend_unsupported(detail: &str) -> Option<&str> {
-    let start = detail.find("suspend: unsupported")?;
-    let rest = &detail[start..];
-    // Up to the parenthesis that closes the reason (reasons may hold commas).
-    let mut depth = 0usize;
-    for (at, c) in rest.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' if depth == 1 => return Some(&rest[..=at]),
-            ')' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Some(rest)
-}
-
-#[cfg(test)]
-mod suspend_tests {
-    use super::suspend_unsupported;
-
-    #[test]
-    fn finds_the_reason_in_a_probe_detail() {
-        let detail = "runc 1.1.5, cgroup v1, suspend: unsupported (criu check: vdso: bad (x), y), images: default";
-        assert_eq!(
-            suspend_unsupported(detail),
-            Some("suspend: unsupported (criu check: vdso: bad (x), y)")
-        );
-        assert_eq!(suspend_unsupported("qemu 7.2, microvm"), None);
     }
 }

@@ -90,6 +90,45 @@ pub(crate) trait GuestHost: Send + Sync {
     fn deliver(&self, msg: GuestMsg);
 }
 
+/// A driver's answers about its guests, by VM and launch (a relaunched VM has a new
+/// generation, so the channel task of an old process knows it is obsolete).
+pub(crate) trait Guests: Send + Sync + 'static {
+    /// False once the VM is gone, relaunched, or its process dead.
+    fn wanted(&self, id: VmId, generation: u64) -> bool;
+    /// Whether a hello names this VM with its token; the first marks the VM as greeted.
+    fn check_hello(&self, id: VmId, generation: u64, vm_id: VmId, token: &str) -> bool;
+    /// The VM's self-management policy (none if the VM is gone).
+    fn policy(&self, id: VmId) -> PolicySpec;
+    /// Takes one admitted message from the guest of that launch.
+    fn deliver(&self, id: VmId, generation: u64, msg: GuestMsg);
+}
+
+/// One VM's launch, as the channel task serving it sees its driver.
+pub(crate) struct Guest<G> {
+    pub(crate) guests: std::sync::Arc<G>,
+    pub(crate) id: VmId,
+    pub(crate) generation: u64,
+}
+
+impl<G: Guests> GuestHost for Guest<G> {
+    fn wanted(&self) -> bool {
+        self.guests.wanted(self.id, self.generation)
+    }
+
+    fn check_hello(&self, vm_id: VmId, token: &str) -> bool {
+        self.guests
+            .check_hello(self.id, self.generation, vm_id, token)
+    }
+
+    fn policy(&self) -> PolicySpec {
+        self.guests.policy(self.id)
+    }
+
+    fn deliver(&self, msg: GuestMsg) {
+        self.guests.deliver(self.id, self.generation, msg)
+    }
+}
+
 /// How a driver's guest is reached, one connection at a time.
 #[async_trait::async_trait]
 pub(crate) trait Link: Send {

@@ -5,6 +5,7 @@
 use crate::driver::DriverError;
 use crate::drivers::channel;
 use crate::drivers::console::{console_tail, policy_action_from_console, policy_powered_off};
+use crate::drivers::procfs;
 use crate::persist;
 use herd_proto::guest::{GuestMsg, HostMsg};
 use herd_proto::wire::{VmId, VmSpec};
@@ -192,24 +193,9 @@ impl Container {
 /// outlives its process and pids are reused; the cgroup names the container. The init
 /// is not our child (runc leaves it to PID 1, which reaps slowly): a zombie is gone.
 pub(super) fn is_our_init(pid: i32, id: VmId) -> bool {
-    if pid <= 1 {
-        return false;
-    }
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .rfind(')')
-        .and_then(|at| stat[at + 1..].split_ascii_whitespace().next());
-    if matches!(state, Some("Z") | Some("X") | None) {
-        return false;
-    }
-    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .is_ok_and(|cgroups| cgroups.contains(&cgroup_path(id)))
-}
-
-pub(super) fn read_pid_file(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    procfs::is_running(pid)
+        && std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|cgroups| cgroups.contains(&cgroup_path(id)))
 }
 
 /// Mounts the container's root: the image's unpacked root, read-only, under its own

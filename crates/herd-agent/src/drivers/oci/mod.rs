@@ -19,19 +19,19 @@
 
 mod bundle;
 mod container;
-mod guest;
 mod ops;
 mod runc;
 
 use crate::driver::{Capabilities, Driver, DriverError, ObservedVm};
-use crate::drivers::console::read_tail;
+use crate::drivers::channel::Guests;
+use crate::drivers::{console, images};
 use crate::persist;
 use async_trait::async_trait;
 use container::{Container, Paths, Phase, Record};
 use herd_proto::guest::GuestMsg;
 use herd_proto::wire::{HypervisorInfo, VmId, VmSpec, VmUsage};
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,7 +68,7 @@ pub(crate) struct Inner {
     cgroups: Option<herd_cgroup::Layout>,
     events: crate::agent::GuestEventSender,
     containers: Mutex<BTreeMap<VmId, Container>>,
-    op_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    op_locks: crate::drivers::op_locks::OpLocks,
     /// Why suspend is unavailable here (`None`: CRIU works), asked once.
     criu: OnceCell<Option<String>>,
 }
@@ -100,11 +100,23 @@ impl Inner {
         f(container)
     }
 
-    fn op_lock(&self, id: VmId) -> Arc<tokio::sync::Mutex<()>> {
-        self.op_locks.lock().entry(id).or_default().clone()
+    /// The unpacked root of an image, unpacking it on first use.
+    async fn image_root(&self, name: &str) -> Result<PathBuf, DriverError> {
+        let dir = images::find(&self.config.images_dir, name, &["initrd"])?;
+        tokio::task::spawn_blocking(move || herd_image::container_rootfs(&dir))
+            .await
+            .map_err(|e| DriverError::State(format!("unpacking the image: {e}")))?
+            .map_err(|e| DriverError::Invalid(format!("image {name:?}: {e}")))
     }
 
-    fn channel_wanted(&self, id: VmId, generation: u64) -> bool {
+    async fn criu_problem(&self) -> Option<String> {
+        self.criu.get_or_init(runc::criu_problem).await.clone()
+    }
+}
+
+/// What the guest channel asks of the driver (see `drivers::channel`).
+impl Guests for Inner {
+    fn wanted(&self, id: VmId, generation: u64) -> bool {
         self.containers.lock().get(&id).is_some_and(|c| {
             c.generation == generation && c.record.phase == Phase::Launched && c.alive()
         })
@@ -127,11 +139,11 @@ impl Inner {
         true
     }
 
-    fn guest_policy(&self, id: VmId) -> herd_proto::policy::PolicySpec {
+    fn policy(&self, id: VmId) -> herd_proto::policy::PolicySpec {
         self.with(id, |c| Ok(c.spec.policy)).unwrap_or_default()
     }
 
-    fn guest_message(&self, id: VmId, generation: u64, msg: GuestMsg) {
+    fn deliver(&self, id: VmId, generation: u64, msg: GuestMsg) {
         if let Some(c) = self
             .containers
             .lock()
@@ -163,28 +175,6 @@ impl Inner {
             debug!(%id, "guest message dropped: the agent's queue is full");
         }
     }
-
-    /// The unpacked root of an image, unpacking it on first use.
-    async fn image_root(&self, name: &str) -> Result<PathBuf, DriverError> {
-        if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return Err(DriverError::Invalid(format!("invalid image name {name:?}")));
-        }
-        let dir = self.config.images_dir.join(name);
-        if !dir.join("initrd").exists() {
-            return Err(DriverError::Invalid(format!(
-                "image {name:?} not found in {} (build it with herd-image)",
-                self.config.images_dir.display()
-            )));
-        }
-        tokio::task::spawn_blocking(move || herd_image::container_rootfs(&dir))
-            .await
-            .map_err(|e| DriverError::State(format!("unpacking the image: {e}")))?
-            .map_err(|e| DriverError::Invalid(format!("image {name:?}: {e}")))
-    }
-
-    async fn criu_problem(&self) -> Option<String> {
-        self.criu.get_or_init(runc::criu_problem).await.clone()
-    }
 }
 
 impl OciDriver {
@@ -215,7 +205,7 @@ impl OciDriver {
                 let _ = std::fs::remove_dir_all(&paths.dir);
                 continue;
             };
-            let pid = container::read_pid_file(&paths.pid_file())
+            let pid = crate::drivers::procfs::read_pid_file(&paths.pid_file())
                 .filter(|pid| container::is_our_init(*pid, id));
             info!(%id, ?pid, phase = ?record.phase, "adopting container");
             // Released again on adoption: a crash may have stopped half-way.
@@ -248,7 +238,7 @@ impl OciDriver {
             cgroups: herd_cgroup::Layout::detect(),
             events: guest_events,
             containers: Mutex::new(containers),
-            op_locks: Mutex::new(HashMap::new()),
+            op_locks: Default::default(),
             criu: OnceCell::new(),
         });
         let live: Vec<VmId> = inner
@@ -329,23 +319,12 @@ impl Driver for OciDriver {
             .cgroups
             .as_ref()
             .ok_or_else(|| unavailable("no cgroup hierarchy is mounted".into()))?;
-        let images: Vec<String> = std::fs::read_dir(&self.inner.config.images_dir)
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| e.path().join("initrd").exists())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if images.is_empty() {
-            return Err(unavailable(format!(
-                "no guest image in {} (build one with herd-image)",
-                self.inner.config.images_dir.display()
-            )));
-        }
+        let images = images::available(&self.inner.config.images_dir, KIND)?;
         let suspend = match self.inner.criu_problem().await {
             None => "suspend: criu ok but not supported by herd yet".to_string(),
-            Some(reason) => format!("suspend: unsupported (criu check: {reason})"),
+            Some(reason) => {
+                HypervisorInfo::suspend_unsupported_note(&format!("criu check: {reason}"))
+            }
         };
         Ok(HypervisorInfo {
             kind: KIND.into(),
@@ -472,19 +451,11 @@ impl Driver for OciDriver {
         self.inner
             .run_op(id, move |inner| async move { inner.do_terminate(id).await })
             .await?;
-        self.inner.op_locks.lock().remove(&id);
+        self.inner.op_locks.forget(id);
         Ok(())
     }
 
     async fn console(&self, id: VmId, max_bytes: usize) -> Result<Vec<u8>, DriverError> {
-        let dir = self.container_dir(id);
-        if !dir.is_dir() {
-            return Err(DriverError::NoSuchVm(id));
-        }
-        match read_tail(&dir.join("console.log"), max_bytes as u64) {
-            Ok(bytes) => Ok(bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(DriverError::io("reading the console log")(e)),
-        }
+        console::of_vm(&self.container_dir(id), id, max_bytes)
     }
 }

@@ -4,7 +4,6 @@
 
 use super::bundle::{self, BundleSpec};
 use super::container::{self, Container, Paths, Phase, Record};
-use super::guest::OciGuest;
 use super::Inner;
 use crate::driver::DriverError;
 use crate::drivers::{channel, guest_config};
@@ -19,12 +18,6 @@ use tracing::{info, warn};
 
 /// How long a killed init gets to be gone before the driver gives up on it.
 const KILL_WAIT: Duration = Duration::from_secs(10);
-
-fn new_token() -> String {
-    use rand::Rng;
-    let bytes: [u8; 16] = rand::thread_rng().gen();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 impl Inner {
     fn hypervisor(id: VmId) -> impl FnOnce(String) -> DriverError {
@@ -53,7 +46,7 @@ impl Inner {
             paths,
             spec,
             record: Record {
-                token: new_token(),
+                token: guest_config::new_token(),
                 phase: Phase::Launched,
                 paused: false,
                 hello_seen: false,
@@ -183,11 +176,12 @@ impl Inner {
             )
             .await
             .map_err(Self::hypervisor(id))?;
-        let pid =
-            container::read_pid_file(&paths.pid_file()).ok_or_else(|| DriverError::Hypervisor {
+        let pid = crate::drivers::procfs::read_pid_file(&paths.pid_file()).ok_or_else(|| {
+            DriverError::Hypervisor {
                 vm: id,
                 reason: format!("runc wrote no pid to {}", paths.pid_file().display()),
-            })?;
+            }
+        })?;
         info!(%id, pid, ms = started.elapsed().as_millis() as u64, "container started");
         self.with(id, |c| {
             c.pid = Some(pid);
@@ -226,8 +220,8 @@ impl Inner {
         listener: tokio::net::UnixListener,
     ) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let guest = OciGuest {
-            inner: self.clone(),
+        let guest = channel::Guest {
+            guests: self.clone(),
             id,
             generation,
         };
@@ -390,23 +384,12 @@ impl Inner {
         Ok(())
     }
 
-    /// Runs an operation in its own task under the container's operation lock.
+    /// Runs an operation under the VM's operation lock (see `drivers::op_locks`).
     pub(super) async fn run_op<F, Fut>(self: &Arc<Self>, id: VmId, op: F) -> Result<(), DriverError>
     where
-        F: FnOnce(Arc<Inner>) -> Fut + Send + 'static,
+        F: FnOnce(Arc<Inner>) -> Fut,
         Fut: std::future::Future<Output = Result<(), DriverError>> + Send + 'static,
     {
-        let lock = self.op_lock(id);
-        let inner = self.clone();
-        tokio::spawn(async move {
-            let _guard = lock.lock_owned().await;
-            op(inner).await
-        })
-        .await
-        .map_err(|e| DriverError::Operation {
-            vm: id,
-            doing: "an operation".into(),
-            source: Box::new(e),
-        })?
+        self.op_locks.run(id, op(self.clone())).await
     }
 }

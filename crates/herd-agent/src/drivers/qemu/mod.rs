@@ -18,15 +18,16 @@
 //! the operation still finishes, instead of leaving a VM stopped half-way through a save.
 
 mod accel;
-mod guest;
 pub mod launch;
 mod ops;
-pub mod procfs;
+/// Kept at its old path: the process checks are shared with the oci driver now.
+pub use crate::drivers::procfs;
 pub mod qmp;
 mod vm;
 
 use crate::driver::{Capabilities, Driver, DriverError, ObservedVm};
-use crate::drivers::console::read_tail;
+use crate::drivers::channel::Guests;
+use crate::drivers::{console, guest_config, images};
 use crate::persist;
 use async_trait::async_trait;
 use herd_proto::guest::GuestMsg;
@@ -35,7 +36,7 @@ use herd_proto::VmState;
 use launch::{Accel, VmPaths};
 use nix::sys::signal::Signal;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,7 +91,7 @@ pub(crate) struct Inner {
     tsc_khz: Option<u64>,
     events: crate::agent::GuestEventSender,
     vms: Mutex<BTreeMap<VmId, Vm>>,
-    op_locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    op_locks: crate::drivers::op_locks::OpLocks,
     accel: OnceCell<(Accel, String)>,
 }
 
@@ -123,18 +124,18 @@ impl Inner {
         f(vm)
     }
 
-    fn op_lock(&self, id: VmId) -> Result<Arc<tokio::sync::Mutex<()>>, DriverError> {
-        let mut locks = self.op_locks.lock();
-        Ok(locks.entry(id).or_default().clone())
+    fn image(&self, name: &str) -> Result<(PathBuf, PathBuf), DriverError> {
+        let dir = images::find(&self.config.images_dir, name, &["vmlinuz", "initrd"])?;
+        Ok((dir.join("vmlinuz"), dir.join("initrd")))
     }
+}
 
-    /// The socket a channel task of `generation` should connect to, or `None` if the task
-    /// is obsolete (VM gone, relaunched, or its QEMU dead).
-    fn channel_target(&self, id: VmId, generation: u64) -> Option<PathBuf> {
-        let vms = self.vms.lock();
-        let vm = vms.get(&id)?;
-        (vm.generation == generation && vm.record.phase == Phase::Launched && vm.alive())
-            .then(|| vm.paths.guest())
+/// What the guest channel asks of the driver (see `drivers::channel`).
+impl Guests for Inner {
+    fn wanted(&self, id: VmId, generation: u64) -> bool {
+        self.vms.lock().get(&id).is_some_and(|vm| {
+            vm.generation == generation && vm.record.phase == Phase::Launched && vm.alive()
+        })
     }
 
     fn check_hello(&self, id: VmId, generation: u64, vm_id: VmId, token: &str) -> bool {
@@ -155,13 +156,12 @@ impl Inner {
         true
     }
 
-    /// The VM's self-management policy (none if the VM is gone).
-    fn guest_policy(&self, id: VmId) -> herd_proto::policy::PolicySpec {
+    fn policy(&self, id: VmId) -> herd_proto::policy::PolicySpec {
         self.with_vm(id, |vm| Ok(vm.spec.policy))
             .unwrap_or_default()
     }
 
-    fn guest_message(&self, id: VmId, generation: u64, msg: GuestMsg) {
+    fn deliver(&self, id: VmId, generation: u64, msg: GuestMsg) {
         if let Some(vm) = self
             .vms
             .lock()
@@ -191,22 +191,6 @@ impl Inner {
         // here rather than held without bound.
         if self.events.try_send((id, msg)).is_err() {
             debug!(%id, "guest message dropped: the agent's queue is full");
-        }
-    }
-
-    fn image(&self, name: &str) -> Result<(PathBuf, PathBuf), DriverError> {
-        if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return Err(DriverError::Invalid(format!("invalid image name {name:?}")));
-        }
-        let dir = self.config.images_dir.join(name);
-        let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd"));
-        if kernel.exists() && initrd.exists() {
-            Ok((kernel, initrd))
-        } else {
-            Err(DriverError::Invalid(format!(
-                "image {name:?} not found in {} (build it with herd-image)",
-                self.config.images_dir.display()
-            )))
         }
     }
 }
@@ -268,7 +252,7 @@ impl QemuDriver {
             tsc_khz,
             events: guest_events,
             vms: Mutex::new(vms),
-            op_locks: Mutex::new(HashMap::new()),
+            op_locks: Default::default(),
             accel: OnceCell::new(),
         });
         let live: Vec<VmId> = inner
@@ -314,24 +298,10 @@ impl QemuDriver {
     }
 }
 
-fn new_token() -> String {
-    use rand::Rng;
-    let bytes: [u8; 16] = rand::thread_rng().gen();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[async_trait]
 impl Driver for QemuDriver {
     async fn console(&self, id: VmId, max_bytes: usize) -> Result<Vec<u8>, DriverError> {
-        let path = self.vm_dir(id).join("console.log");
-        if !self.vm_dir(id).is_dir() {
-            return Err(DriverError::NoSuchVm(id));
-        }
-        match read_tail(&path, max_bytes as u64) {
-            Ok(bytes) => Ok(bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(DriverError::io("reading the console log")(e)),
-        }
+        console::of_vm(&self.vm_dir(id), id, max_bytes)
     }
 
     fn kind(&self) -> &'static str {
@@ -363,23 +333,7 @@ impl Driver for QemuDriver {
             .unwrap_or("")
             .trim_start_matches("QEMU emulator version ")
             .to_string();
-        let images: Vec<String> = std::fs::read_dir(&self.inner.config.images_dir)
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| e.path().join("initrd").exists())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if images.is_empty() {
-            return Err(DriverError::Unavailable {
-                kind: "qemu",
-                reason: format!(
-                    "no guest image in {} (build one with herd-image)",
-                    self.inner.config.images_dir.display()
-                ),
-            });
-        }
+        let images = images::available(&self.inner.config.images_dir, KIND)?;
         let (_, accel_detail) = self.inner.accel().await;
         Ok(HypervisorInfo {
             kind: "qemu".into(),
@@ -452,7 +406,7 @@ impl Driver for QemuDriver {
                     paths: paths.clone(),
                     spec,
                     record: VmRecord {
-                        token: new_token(),
+                        token: guest_config::new_token(),
                         phase: Phase::Launched,
                         accel,
                         paused: false,
@@ -626,7 +580,7 @@ impl Driver for QemuDriver {
                 Ok(())
             })
             .await?;
-        self.inner.op_locks.lock().remove(&id);
+        self.inner.op_locks.forget(id);
         Ok(())
     }
 }

@@ -5,7 +5,7 @@
 use super::launch::{self, LaunchSpec, VmPaths};
 use super::qmp::{self, Qmp};
 use super::vm::Phase;
-use super::{guest::QemuGuest, procfs, Inner};
+use super::{procfs, Inner};
 use crate::driver::DriverError;
 use crate::drivers::channel;
 use herd_proto::guest::HostMsg;
@@ -110,8 +110,8 @@ impl Inner {
 
     pub(super) fn spawn_channel(self: &Arc<Self>, id: VmId, generation: u64) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let guest = QemuGuest {
-            inner: self.clone(),
+        let guest = channel::Guest {
+            guests: self.clone(),
             id,
             generation,
         };
@@ -389,24 +389,12 @@ impl Inner {
         result
     }
 
-    /// Runs an operation in its own task under the VM's operation lock, so it finishes
-    /// even if the caller gives up on it.
+    /// Runs an operation under the VM's operation lock (see `drivers::op_locks`).
     pub(super) async fn run_op<F, Fut>(self: &Arc<Self>, id: VmId, op: F) -> Result<(), DriverError>
     where
-        F: FnOnce(Arc<Inner>) -> Fut + Send + 'static,
+        F: FnOnce(Arc<Inner>) -> Fut,
         Fut: std::future::Future<Output = Result<(), DriverError>> + Send + 'static,
     {
-        let lock = self.op_lock(id)?;
-        let inner = self.clone();
-        tokio::spawn(async move {
-            let _guard = lock.lock_owned().await;
-            op(inner).await
-        })
-        .await
-        .map_err(|e| DriverError::Operation {
-            vm: id,
-            doing: "an operation".into(),
-            source: Box::new(e),
-        })?
+        self.op_locks.run(id, op(self.clone())).await
     }
 }

@@ -1,4 +1,5 @@
-//! What /proc says about a QEMU process: whether a pid is still our VM, and its usage.
+//! What /proc says about a guest's host process (a QEMU, a container's init): whether
+//! a pid is still alive and ours, and its usage.
 //!
 //! A pid file can outlive its process and the pid can be reused, so a pid only counts as
 //! a VM's QEMU if /proc/<pid>/cmdline names that VM's own directory. Zombies count as
