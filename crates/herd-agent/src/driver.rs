@@ -101,6 +101,21 @@ pub trait Driver: Send + Sync {
     /// Checks that the driver can run VMs here and says how it is configured.
     async fn probe(&self) -> Result<HypervisorInfo, DriverError>;
 
+    /// Where the utility module finds this driver's guests from outside (their
+    /// processes or their parent cgroup), to measure what they cost the host.
+    fn footprint(&self) -> Option<herd_util::Footprint> {
+        None
+    }
+
+    /// Checks that the driver still reaches its guests (not only its own records): an
+    /// error says which guest does not answer. The agent runs it now and then, in a task
+    /// of its own, so a check that hangs marks the driver unresponsive and holds up
+    /// nothing else; a [`DriverError::Timeout`] means unresponsive, any other error
+    /// failing.
+    async fn check(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     /// Every VM the driver holds, including ones that survived an agent restart.
     async fn list(&self) -> Result<Vec<ObservedVm>, DriverError>;
 

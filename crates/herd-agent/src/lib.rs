@@ -13,9 +13,11 @@ pub mod conformance;
 pub mod converge;
 pub mod driver;
 pub mod drivers;
+pub mod health;
 pub mod hostinfo;
 pub mod persist;
 pub mod probe;
+pub mod utility;
 
 pub use agent::{Agent, AgentConfig, AgentError, GuestEvents};
 pub use driver::{Capabilities, Driver, DriverError, ObservedVm};

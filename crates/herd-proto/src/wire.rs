@@ -227,6 +227,9 @@ pub enum AgentMsg {
         vm: VmId,
         report: GuestReport,
     },
+    /// The node itself: the utility module's latest sample and the drivers' health, on
+    /// the module's cadence and whenever a driver's health changes.
+    Node(crate::node::NodeReport),
 }
 
 /// A guest module's report, as relayed to the server.

@@ -11,6 +11,7 @@ pub mod billing;
 pub mod cloud;
 pub mod group_commit;
 pub mod ingest;
+pub mod map;
 pub mod store;
 
 pub use cloud::{Cloud, CloudError, ServerConfig};

@@ -158,6 +158,10 @@ pub struct UpArgs {
     pub image_dir: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelArg,
+    /// How often the node's utility module (`herd-util`, beside `herd`) samples this
+    /// host; 0 runs none.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub util_interval_ms: u64,
 }
 
 #[derive(Args)]
@@ -238,6 +242,10 @@ pub struct AgentArgs {
     /// Boot time of simulated VMs.
     #[arg(long, default_value_t = 300)]
     pub sim_boot_ms: u64,
+    /// How often the node's utility module (`herd-util`, beside `herd`) samples this
+    /// host; 0 runs none.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub util_interval_ms: u64,
 }
 
 #[derive(Subcommand)]

@@ -8,6 +8,7 @@ use herd_agent::drivers::oci::{OciConfig, OciDriver};
 use herd_agent::drivers::qemu::launch::Accel;
 use herd_agent::drivers::qemu::{AccelChoice, QemuConfig, QemuDriver};
 use herd_agent::drivers::sim::{SimConfig, SimDriver};
+use herd_agent::utility::UtilityConfig;
 use herd_agent::{Agent, AgentConfig, Driver, GuestEvents};
 use herd_sched::{SchedPolicy, Strategy};
 use herd_server::ServerConfig;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tracing::warn;
 
 fn init_logging() {
     init_logging_with("info,tower_http=warn");
@@ -163,11 +165,32 @@ fn build_drivers(setup: &DriverSetup<'_>) -> Result<Drivers> {
     Ok(drivers)
 }
 
-fn start_agent(config: AgentConfig, drivers: Drivers) -> Agent {
-    let agent = Agent::new(config, drivers.list);
-    match drivers.guest_events {
-        Some(events) => agent.with_guest_events(events),
-        None => agent,
+fn start_agent(config: AgentConfig, drivers: Drivers, util_interval_ms: u64) -> Agent {
+    let mut agent = Agent::new(config, drivers.list);
+    if let Some(events) = drivers.guest_events {
+        agent = agent.with_guest_events(events);
+    }
+    if util_interval_ms == 0 {
+        return agent;
+    }
+    // Installed and built side by side with `herd`.
+    match std::env::current_exe().map(|exe| exe.with_file_name("herd-util")) {
+        Ok(program) if program.is_file() => agent.with_utility(UtilityConfig {
+            program,
+            interval: Duration::from_millis(util_interval_ms),
+        }),
+        Ok(program) => {
+            warn!(
+                "no utility module at {} (scripts/up installs it beside herd): this host's \
+                 node figures are not reported",
+                program.display()
+            );
+            agent
+        }
+        Err(e) => {
+            warn!("cannot find the utility module: {e}");
+            agent
+        }
     }
 }
 
@@ -305,6 +328,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
             ca_fingerprint: None,
         },
         drivers,
+        args.util_interval_ms,
     );
     let stop = shutdown_signal();
     let agent_task = tokio::spawn(agent.run(on_shutdown(&stop)));
@@ -420,6 +444,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             ca_fingerprint: args.ca_fingerprint.clone(),
         },
         drivers,
+        args.util_interval_ms,
     );
     let stop = shutdown_signal();
     agent.run(on_shutdown(&stop)).await?;

@@ -9,6 +9,7 @@ use super::state::Credentials;
 use super::transport::{error_chain, Transport, BUS_READ_BUFFER};
 use super::{Agent, GuestEvents};
 use crate::probe::SyncProbe;
+use crate::utility::UtilityState;
 use futures_util::{SinkExt, StreamExt};
 use herd_proto::clock::unix_ms;
 use herd_proto::guest::GuestMsg;
@@ -45,6 +46,21 @@ impl Drop for ProbeConnection {
 /// Resolves once the agent is told to stop (or nobody can tell it any more).
 pub(super) async fn stopped(stopping: &mut watch::Receiver<bool>) {
     let _ = stopping.wait_for(|stop| *stop).await;
+}
+
+/// Resolves when the utility module has a new sample (never, if it does not run).
+async fn utility_changed(utility: &mut Option<watch::Receiver<UtilityState>>) -> Option<()> {
+    match utility {
+        Some(samples) => samples.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn send_node(
+    session: &Session,
+    tx: &mut (impl futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin),
+) -> Result<(), String> {
+    send_frame(tx, wire::encode(&AgentMsg::Node(session.node_report()))).await
 }
 
 async fn next_guest_event(events: &mut Option<GuestEvents>) -> Option<(VmId, GuestMsg)> {
@@ -163,6 +179,9 @@ async fn connect_and_serve(
         ProbeConnection(probe)
     });
     session.step(Input::Connected, &mut tx).await?;
+    // What the node says of itself, at once: the server forgot it with the connection.
+    session.health.take_changed();
+    send_node(session, &mut tx).await?;
     let mut sync_interval =
         tokio::time::interval(Duration::from_millis(discovery.sync_interval_ms.max(10)));
     sync_interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -180,6 +199,10 @@ async fn connect_and_serve(
             _ = sync_interval.tick() => session.tick().await?,
             Some((vm, msg)) = next_guest_event(&mut session.guest_events) => {
                 Input::Guest { vm, msg, now_ms: unix_ms() }
+            }
+            Some(()) = utility_changed(&mut session.utility) => {
+                send_node(session, &mut tx).await?;
+                continue;
             }
             _ = usage_interval.tick() => Input::Usage {
                 usage: session.usage().await,
@@ -210,5 +233,8 @@ async fn connect_and_serve(
             }
         };
         session.step(input, &mut tx).await?;
+        if session.health.take_changed() {
+            send_node(session, &mut tx).await?;
+        }
     }
 }

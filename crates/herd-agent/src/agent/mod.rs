@@ -21,6 +21,7 @@
 
 mod connection;
 mod core;
+mod drivers_view;
 mod join;
 mod session;
 mod state;
@@ -29,6 +30,7 @@ mod transport;
 use crate::driver::{Driver, DriverError};
 use crate::hostinfo;
 use crate::probe::SyncProbe;
+use crate::utility::{self, UtilityConfig};
 use herd_proto::guest::GuestMsg;
 use herd_proto::wire::{self, AgentMsg, Capacity, VmId, PROTOCOL_VERSION};
 use session::Session;
@@ -98,6 +100,7 @@ pub struct Agent {
     guest_events: Option<GuestEvents>,
     ephemeral_state: bool,
     probe: Option<Arc<dyn SyncProbe>>,
+    utility: Option<UtilityConfig>,
 }
 
 impl Agent {
@@ -108,7 +111,15 @@ impl Agent {
             guest_events: None,
             ephemeral_state: false,
             probe: None,
+            utility: None,
         }
+    }
+
+    /// Runs the node's utility module beside the agent and relays its samples (see
+    /// [`crate::utility`]).
+    pub fn with_utility(mut self, config: UtilityConfig) -> Agent {
+        self.utility = Some(config);
+        self
     }
 
     /// Keeps the sync state (`state.json`) in memory: it is written, without fsync,
@@ -193,6 +204,20 @@ impl Agent {
         );
         session.guest_events = self.guest_events.take();
         session.probe = self.probe.clone();
+        let utility = self.utility.clone().map(|config| {
+            let sources = self
+                .drivers
+                .iter()
+                .filter_map(|d| {
+                    Some(herd_util::Source {
+                        kind: d.kind().into(),
+                        footprint: d.footprint()?,
+                    })
+                })
+                .collect();
+            utility::start(config, self.config.data_dir.clone(), sources)
+        });
+        session.utility = utility.as_ref().map(|(samples, _)| samples.clone());
         if self.ephemeral_state {
             // Once now, so that the new epoch is on disk even if this process dies.
             session.write_state().map_err(AgentError::State)?;
@@ -218,6 +243,10 @@ impl Agent {
                 }
                 _ = &mut serving => {}
             }
+        }
+        if let Some((_, supervisor)) = utility {
+            // Its child is killed with it.
+            supervisor.abort();
         }
         session.stop().map_err(AgentError::State)
     }

@@ -3,23 +3,27 @@
 //! for as long as the process lives, across reconnections.
 
 use super::core::{Action, Core, Input};
+use super::drivers_view::{DriverWatch, LIST_DEADLINE};
 use super::state::{self, SavedState};
 use super::transport::error_chain;
 use super::GuestEvents;
 use crate::backstop::Enforce;
 use crate::converge::{next_step, Plan};
 use crate::driver::{Driver, DriverError};
+use crate::health::HealthBook;
 use crate::hostinfo::{self, CpuMeter};
 use crate::probe::SyncProbe;
+use crate::utility::UtilityState;
 use futures_util::{Sink, SinkExt};
 use herd_proto::clock::unix_ms;
+use herd_proto::node::NodeReport;
 use herd_proto::policy::PolicyAction;
 use herd_proto::wire::{self, AgentMsg, Command, CommandId, HostUtil, VmId, VmUsage};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::warn;
@@ -30,6 +34,11 @@ pub(super) type Converged = (CommandId, Option<String>);
 pub(super) struct Session {
     pub(super) core: Core,
     drivers: Vec<Arc<dyn Driver>>,
+    /// Each driver as listed and checked, so that a hung one holds nothing up.
+    watches: Vec<DriverWatch>,
+    pub(super) health: HealthBook,
+    /// The utility module's samples, when it runs.
+    pub(super) utility: Option<watch::Receiver<UtilityState>>,
     state_path: PathBuf,
     /// See [`super::Agent::with_ephemeral_state`].
     ephemeral_state: bool,
@@ -55,8 +64,12 @@ impl Session {
     ) -> Session {
         let kinds = drivers.iter().map(|d| d.kind().to_owned()).collect();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let health = HealthBook::new(drivers.iter().map(|d| d.kind()));
         Session {
             core: Core::new(saved, kinds, !ephemeral_state),
+            watches: drivers.iter().cloned().map(DriverWatch::new).collect(),
+            health,
+            utility: None,
             drivers,
             state_path,
             ephemeral_state,
@@ -84,6 +97,9 @@ impl Session {
         for (_, (_, handle)) in self.running.drain() {
             handle.abort();
         }
+        for watch in &mut self.watches {
+            watch.abort();
+        }
         if self.ephemeral_state {
             self.write_state()?;
         }
@@ -93,10 +109,11 @@ impl Session {
     /// The interval's observation, as the core's input.
     pub(super) async fn tick(&mut self) -> Result<Input, String> {
         let mut observed = BTreeMap::new();
-        for driver in &self.drivers {
-            for vm in driver.list().await.map_err(|e| error_chain(&e))? {
+        for watch in &mut self.watches {
+            for vm in watch.list(&mut self.health).await {
                 observed.insert(vm.id, vm.state);
             }
+            watch.check(&mut self.health);
         }
         let usage = if self.core.watches_policies() {
             self.usage().await.into_iter().map(|u| (u.vm, u)).collect()
@@ -116,15 +133,36 @@ impl Session {
         })
     }
 
-    /// Every VM's counters, from the drivers that can tell.
+    /// Every VM's counters, from the drivers that can tell in time (a hung driver's
+    /// VMs miss a sample; their counters are cumulative, so nothing is lost).
     pub(super) async fn usage(&self) -> Vec<VmUsage> {
         let mut all = Vec::new();
-        for driver in &self.drivers {
-            if let Ok(usage) = driver.usage().await {
+        for watch in self.watches.iter().filter(|w| !w.stuck()) {
+            if let Ok(Ok(usage)) = tokio::time::timeout(LIST_DEADLINE, watch.driver.usage()).await {
                 all.extend(usage);
             }
         }
         all
+    }
+
+    /// What the node says about itself now: the utility module's latest sample and the
+    /// drivers' health.
+    pub(super) fn node_report(&self) -> NodeReport {
+        let (stats, util_error) = match &self.utility {
+            Some(utility) => {
+                let state = utility.borrow();
+                (state.stats.clone(), state.error.clone())
+            }
+            None => (
+                None,
+                Some("the utility module is not run by this agent".into()),
+            ),
+        };
+        NodeReport {
+            stats,
+            util_error,
+            drivers: self.health.statuses(),
+        }
     }
 
     /// Feeds `input` to the core and carries out what it decides; an error ends the

@@ -2,6 +2,7 @@
 
 use super::placement::Placement;
 use super::{Cloud, CloudError, HostLive, HostStatus};
+use crate::map::{self, MapScope, ResourceMap};
 use crate::store::HostRecord;
 use herd_proto::wire::HostId;
 use std::collections::HashMap;
@@ -26,6 +27,25 @@ impl Cloud {
         let uuid: Uuid = id.parse().map_err(|_| not_found())?;
         let host = self.store.host(uuid)?.ok_or_else(not_found)?;
         Ok(self.status_of(host, &self.live.lock(), &self.placement.lock()))
+    }
+
+    /// The live resource map as `scope` may see it.
+    pub fn resource_map(&self, scope: &MapScope) -> Result<ResourceMap, CloudError> {
+        let hosts = self.hosts()?;
+        let allocations = match scope {
+            MapScope::Cloud => self.store.allocations(None),
+            MapScope::Projects(projects) => projects
+                .iter()
+                .flat_map(|p| self.store.allocations(Some(p)))
+                .collect(),
+        };
+        Ok(map::build(
+            &hosts,
+            &allocations,
+            &self.config.sched,
+            scope,
+            std::time::Instant::now(),
+        ))
     }
 
     /// A host's record with what the server knows now: liveness is judged in memory

@@ -27,6 +27,7 @@ pub(crate) use validate::valid_name;
 use crate::group_commit::{CommitError, GroupCommit};
 use crate::store::{HostRecord, Store, StoreError, VmRecord};
 use herd_bus::{Bus, BusError};
+use herd_proto::node::NodeReport;
 use herd_proto::policy::PolicySpec;
 use herd_proto::wire::{HostId, HostUtil, ServerMsg, VmId, VmSpec, VmUsage};
 use herd_proto::VmState;
@@ -137,6 +138,9 @@ pub struct HostLive {
     /// ends itself.
     pub session: u64,
     pub connected: bool,
+    /// The node's last word about itself (utility sample, drivers' health) on this
+    /// connection, and when it came.
+    pub node: Option<(Instant, NodeReport)>,
 }
 
 /// A host as the API shows it: its record, live facts and what is promised on it.
@@ -301,6 +305,7 @@ impl Cloud {
                     needs_resync: false,
                     session: 0,
                     connected: false,
+                    node: None,
                 },
             );
         }

@@ -2,6 +2,7 @@
 //! the current one), and its disconnection and return.
 
 use super::{Cloud, CloudError, HostLive};
+use herd_proto::node::NodeReport;
 use herd_proto::wire::{HostId, HostUtil, HypervisorInfo};
 use herd_sched::HostSlot;
 use std::time::Instant;
@@ -69,11 +70,14 @@ impl Cloud {
                 needs_resync: false,
                 session: 0,
                 connected: false,
+                node: None,
             });
             entry.last_seen = Instant::now();
             entry.down = false;
             entry.needs_resync = false;
             entry.connected = true;
+            // A new agent process may run other drivers: wait for its own word.
+            entry.node = None;
             entry.session += 1;
             entry.session
         };
@@ -101,6 +105,19 @@ impl Cloud {
         }
         let resync = std::mem::take(&mut entry.needs_resync);
         (true, resync)
+    }
+
+    /// Keeps what a host said about itself; false if `session` was replaced.
+    pub fn host_node(&self, host: HostId, session: u64, report: NodeReport) -> bool {
+        let mut live = self.live.lock();
+        match live.get_mut(&host) {
+            Some(entry) if entry.session == session => {
+                entry.last_seen = Instant::now();
+                entry.node = Some((Instant::now(), report));
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Records that a host was heard from, without taking its resync flag: for a frame

@@ -486,6 +486,12 @@ async fn on_frame(
             }
             Ok(())
         }
+        AgentMsg::Node(report) => {
+            if !cloud.host_node(host, session, report) {
+                return Err("replaced by a newer connection".into());
+            }
+            Ok(())
+        }
         AgentMsg::CommandDone { id, error } => {
             cloud.host_seen(host, session, None);
             // Placed here (in memory), or else ask the store: a VM that ended is no

@@ -21,6 +21,7 @@ pub use metering::{LedgerVm, UsageRow};
 pub use tenancy::{
     AuditFilter, AuditRow, MemberRow, ProjectRow, Quota, TenancyRows, TokenRow, UserRow,
 };
+pub use vm_index::Allocation;
 
 use herd_proto::policy::PolicySpec;
 use herd_proto::wire::{HostId, HypervisorInfo, VmId};

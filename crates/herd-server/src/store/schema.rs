@@ -131,8 +131,9 @@ pub(super) fn migrate(db: &Connection) -> Result<(), StoreError> {
 pub(super) fn load_index(db: &Connection) -> Result<VmIndex, StoreError> {
     let n: i64 = db.query_row("SELECT COUNT(*) FROM vms", [], |row| row.get(0))?;
     let mut builder = super::vm_index::Builder::with_capacity(n.max(0) as usize);
-    let mut stmt =
-        db.prepare("SELECT id, project, host, observed_state, vcpus, memory_mib FROM vms")?;
+    let mut stmt = db.prepare(
+        "SELECT id, project, host, observed_state, vcpus, memory_mib, hypervisor FROM vms",
+    )?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
         let str_at = |i: usize| -> Result<Option<&str>, StoreError> {
@@ -150,6 +151,7 @@ pub(super) fn load_index(db: &Connection) -> Result<VmIndex, StoreError> {
             state: parse_state(text_at(3)?)?,
             vcpus: row.get::<_, i64>(4)? as u32,
             memory_mib: row.get::<_, i64>(5)? as u64,
+            hypervisor: text_at(6)?,
         });
     }
     Ok(builder.finish())

@@ -22,6 +22,8 @@ struct Entry {
     state: VmState,
     project: u32,
     host: Option<HostId>,
+    /// The hypervisor type, by number (see `kind_names`).
+    kind: u8,
     vcpus: u32,
     memory_mib: u64,
 }
@@ -32,8 +34,21 @@ pub struct IndexedVm<'a> {
     pub id: VmId,
     pub project: &'a str,
     pub host: Option<HostId>,
+    pub hypervisor: &'a str,
     pub state: VmState,
     pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+/// What the VMs of one project and one hypervisor type hold on one host (or, with no
+/// host, wait for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    pub host: Option<HostId>,
+    pub project: String,
+    pub hypervisor: String,
+    pub n_vms: u64,
+    pub vcpus: u64,
     pub memory_mib: u64,
 }
 
@@ -42,6 +57,8 @@ pub struct VmIndex {
     vms: HashMap<VmId, Entry>,
     /// Project numbers by name: keys of a million VMs hold a number, not a name.
     project_numbers: HashMap<String, u32>,
+    /// Hypervisor types by number: there are a handful, and a million VMs hold a byte.
+    kind_names: Vec<String>,
     by_state: BTreeSet<(VmState, VmId)>,
     by_project_state: BTreeSet<(u32, VmState, VmId)>,
     by_host: HashMap<HostId, Vec<VmId>>,
@@ -58,11 +75,12 @@ pub struct Builder {
 }
 
 impl Entry {
-    fn of(vm: &IndexedVm<'_>, project: u32) -> Entry {
+    fn of(vm: &IndexedVm<'_>, project: u32, kind: u8) -> Entry {
         Entry {
             state: vm.state,
             project,
             host: vm.host,
+            kind,
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
         }
@@ -107,6 +125,77 @@ impl VmIndex {
         builder.finish()
     }
 
+    /// The number of a hypervisor type; past 255 types (there are three) the last
+    /// number is shared, which only blurs the resource map.
+    fn kind_number(&mut self, name: &str) -> u8 {
+        if let Some(n) = self.kind_names.iter().position(|k| k == name) {
+            return n as u8;
+        }
+        if self.kind_names.len() < usize::from(u8::MAX) {
+            self.kind_names.push(name.to_owned());
+        }
+        (self.kind_names.len() - 1) as u8
+    }
+
+    /// What every project's VMs of every type hold, per host, in one pass: the VMs
+    /// that hold capacity (placed, not terminated) and the ones still waiting for a host
+    /// (`host: None`). `project` keeps only one project's.
+    pub fn allocations(&self, project: Option<&str>) -> Vec<Allocation> {
+        type AllocKey = (Option<HostId>, u32, u8);
+        let only = match project {
+            Some(name) => match self.project_numbers.get(name) {
+                Some(n) => Some(*n),
+                None => return Vec::new(),
+            },
+            None => None,
+        };
+        // (host, project number, kind number) -> (VMs, vCPUs, MiB)
+        let mut sums: HashMap<AllocKey, (u64, u64, u64)> = HashMap::new();
+        for entry in self.vms.values() {
+            if only.is_some_and(|p| p != entry.project)
+                || matches!(entry.state, VmState::Terminated | VmState::Purged)
+            {
+                continue;
+            }
+            let sum = sums
+                .entry((entry.host, entry.project, entry.kind))
+                .or_default();
+            sum.0 += 1;
+            sum.1 += u64::from(entry.vcpus);
+            sum.2 += entry.memory_mib;
+        }
+        let project_names: HashMap<u32, &str> = self
+            .project_numbers
+            .iter()
+            .map(|(name, n)| (*n, name.as_str()))
+            .collect();
+        let mut rows: Vec<Allocation> = sums
+            .into_iter()
+            .map(
+                |((host, project, kind), (n_vms, vcpus, memory_mib))| Allocation {
+                    host,
+                    project: project_names
+                        .get(&project)
+                        .copied()
+                        .unwrap_or("")
+                        .to_owned(),
+                    hypervisor: self
+                        .kind_names
+                        .get(usize::from(kind))
+                        .cloned()
+                        .unwrap_or_default(),
+                    n_vms,
+                    vcpus,
+                    memory_mib,
+                },
+            )
+            .collect();
+        rows.sort_by(|a, b| {
+            (a.host, &a.project, &a.hypervisor).cmp(&(b.host, &b.project, &b.hypervisor))
+        });
+        rows
+    }
+
     fn project_number(&mut self, name: &str) -> u32 {
         if let Some(number) = self.project_numbers.get(name) {
             return *number;
@@ -123,7 +212,8 @@ impl VmIndex {
             return None;
         }
         let project = self.project_number(vm.project);
-        self.vms.insert(vm.id, Entry::of(vm, project));
+        let kind = self.kind_number(vm.hypervisor);
+        self.vms.insert(vm.id, Entry::of(vm, project, kind));
         if let Some(host) = vm.host {
             self.by_host.entry(host).or_default().push(vm.id);
         }
@@ -304,6 +394,7 @@ mod tests {
             id: id(n),
             project,
             host: host.map(|h| HostId::from_bytes([h; 16])),
+            hypervisor: "qemu",
             state,
             vcpus: u32::from(n),
             memory_mib: 64,

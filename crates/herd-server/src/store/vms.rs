@@ -77,6 +77,7 @@ impl Store {
                 id: vm.id,
                 project: &vm.project,
                 host: vm.host,
+                hypervisor: &vm.hypervisor,
                 state: vm.observed,
                 vcpus: vm.vcpus,
                 memory_mib: vm.memory_mib,
@@ -161,6 +162,12 @@ impl Store {
     /// the open's one pass over the rows built.
     pub fn placed_shares(&self) -> Vec<(VmId, HostId, u32, u64)> {
         self.index().placed_shares()
+    }
+
+    /// What each project's VMs of each type hold per host (see
+    /// [`super::vm_index::VmIndex::allocations`]).
+    pub fn allocations(&self, project: Option<&str>) -> Vec<super::Allocation> {
+        self.index().allocations(project)
     }
 
     /// VMs with a lifespan whose desired state still keeps them up. Filtered in SQL:

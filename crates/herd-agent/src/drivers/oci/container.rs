@@ -73,8 +73,11 @@ pub(super) fn runc_name(id: VmId) -> String {
     format!("herd-{id}")
 }
 
+/// The cgroup every container's cgroup is made under.
+pub(super) const CGROUP_PARENT: &str = "/herd";
+
 pub(super) fn cgroup_path(id: VmId) -> String {
-    format!("/herd/{id}")
+    format!("{CGROUP_PARENT}/{id}")
 }
 
 /// What the driver decided last; persisted in `state.json`.

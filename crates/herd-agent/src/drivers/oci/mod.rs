@@ -301,6 +301,12 @@ impl Driver for OciDriver {
         Capabilities::default()
     }
 
+    fn footprint(&self) -> Option<herd_util::Footprint> {
+        Some(herd_util::Footprint::Cgroup {
+            path: container::CGROUP_PARENT.into(),
+        })
+    }
+
     async fn probe(&self) -> Result<HypervisorInfo, DriverError> {
         let unavailable = |reason: String| DriverError::Unavailable { kind: KIND, reason };
         let version = self

@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 /// Longest kernel command line x86 accepts (COMMAND_LINE_SIZE, minus room to spare).
 pub const MAX_KERNEL_CMDLINE: usize = 2000;
 
+/// The file in a VM's directory where QEMU writes its pid.
+pub const PID_FILE: &str = "qemu.pid";
+
 /// The files of one VM, all inside its own directory.
 #[derive(Debug, Clone)]
 pub struct VmPaths {
@@ -26,7 +29,7 @@ impl VmPaths {
         }
     }
     pub fn pid_file(&self) -> PathBuf {
-        self.dir.join("qemu.pid")
+        self.dir.join(PID_FILE)
     }
     pub fn qmp(&self) -> PathBuf {
         self.dir.join("qmp.sock")

@@ -36,6 +36,7 @@ use herd_proto::VmState;
 use launch::{Accel, VmPaths};
 use nix::sys::signal::Signal;
 use parking_lot::Mutex;
+use qmp::{Qmp, QmpError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,6 +47,9 @@ use vm::{Phase, Vm, VmRecord};
 
 /// The hypervisor type this driver serves.
 pub const KIND: &str = "qemu";
+
+/// How long a health check waits for one QEMU's QMP.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How the driver picks its accelerator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,6 +317,49 @@ impl Driver for QemuDriver {
             suspend_to_disk: true,
             ..Capabilities::default()
         }
+    }
+
+    fn footprint(&self) -> Option<herd_util::Footprint> {
+        Some(herd_util::Footprint::Pidfiles {
+            dir: self.inner.state_dir.clone(),
+            file: launch::PID_FILE.into(),
+            // The kernel keeps 15 characters of `qemu-system-x86_64`.
+            comm: "qemu-system".into(),
+        })
+    }
+
+    /// Asks the QMP of every live QEMU that no operation holds for its status, all at
+    /// once: a QEMU that is stopped, wedged or cut from its socket shows here, where
+    /// `list` (which reads only records and /proc) would not notice.
+    async fn check(&self) -> Result<(), DriverError> {
+        let idle: Vec<(VmId, PathBuf)> = self
+            .inner
+            .vms
+            .lock()
+            .iter()
+            .filter(|(_, vm)| vm.busy.is_none() && vm.alive())
+            .map(|(id, vm)| (*id, vm.paths.qmp()))
+            .collect();
+        let checks = idle.into_iter().map(|(vm, path)| async move {
+            let answer = async { Qmp::connect(&path, CHECK_TIMEOUT).await?.status().await };
+            match answer.await {
+                Ok(_) => Ok(()),
+                Err(QmpError::Timeout(after)) => Err(DriverError::Timeout {
+                    vm,
+                    doing: "answering QMP",
+                    after,
+                }),
+                Err(e) => Err(DriverError::Operation {
+                    vm,
+                    doing: "checking QMP".into(),
+                    source: Box::new(e),
+                }),
+            }
+        });
+        futures_util::future::join_all(checks)
+            .await
+            .into_iter()
+            .collect()
     }
 
     async fn probe(&self) -> Result<HypervisorInfo, DriverError> {
