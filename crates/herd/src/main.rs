@@ -4,6 +4,7 @@
 
 mod client;
 mod config;
+mod hosts;
 mod images;
 mod policy;
 mod run;
@@ -41,6 +42,12 @@ enum Command {
     /// Inspect hosts and let new ones join.
     #[command(subcommand)]
     Host(HostCommand),
+    /// The live resource map: per hypervisor type and per host, what is allocated,
+    /// measured and free.
+    Map {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Per-VM charges and the total over a period.
     Bill(BillArgs),
     /// Set or show a project's rate card.
@@ -442,7 +449,8 @@ fn main() {
             Command::Server(args) => run::server(args).await,
             Command::Agent(args) => run::agent(args).await,
             Command::Vm(command) => vm::vm(command).await,
-            Command::Host(command) => vm::host(command).await,
+            Command::Host(command) => hosts::host(command).await,
+            Command::Map { output } => hosts::map(output).await,
             Command::Bill(args) => vm::bill(args).await,
             Command::RateCard(command) => vm::rate_card(command).await,
             Command::Login(args) => tenants::login(args).await,

@@ -2,23 +2,19 @@
 
 use crate::client::{urlencode, Client};
 use crate::table::Table;
-use crate::{
-    BillArgs, BillOutput, HostCommand, LaunchArgs, ListArgs, Output, RateCardCommand, VmCommand,
-};
+use crate::{BillArgs, BillOutput, LaunchArgs, ListArgs, Output, RateCardCommand, VmCommand};
 use anyhow::{bail, Result};
 use herd_proto::policy::{Enforcement, PolicySpec};
 use herd_proto::VmState;
-use herd_server::api::{
-    BillView, EventList, HostInfo, JoinTokenView, LaunchRequest, VmList, VmView,
-};
+use herd_server::api::{BillView, EventList, LaunchRequest, VmList, VmView};
 use reqwest::{Method, StatusCode};
 use std::time::{Duration, Instant};
 
-fn short(id: &uuid::Uuid) -> String {
+pub(crate) fn short(id: &uuid::Uuid) -> String {
     id.to_string()[..8].to_owned()
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
@@ -353,63 +349,6 @@ async fn events(client: &Client, vm: &str, output: Output) -> Result<()> {
                 ]);
             }
             print!("{}", table.render());
-            Ok(())
-        }
-    }
-}
-
-pub async fn host(command: HostCommand) -> Result<()> {
-    let client = Client::from_config()?;
-    match command {
-        HostCommand::Ls { output } => {
-            let hosts: Vec<HostInfo> = client.get("/v1/hosts").await?;
-            match output {
-                Output::Json => print_json(&hosts),
-                Output::Table => {
-                    let mut table = Table::new(vec![
-                        "HOSTNAME",
-                        "ID",
-                        "STATE",
-                        "VMS",
-                        "VCPUS",
-                        "MEMORY",
-                        "CPU",
-                        "HYPERVISORS",
-                    ]);
-                    for host in &hosts {
-                        table.row(vec![
-                            host.hostname.clone(),
-                            short(&host.id),
-                            host.state.clone(),
-                            host.n_vms.to_string(),
-                            format!("{}/{}", host.allocated_vcpus, host.cpus),
-                            format!("{}/{} MiB", host.allocated_memory_mib, host.memory_mib),
-                            format!("{:.0}%", f64::from(host.cpu_permille) / 10.0),
-                            host.hypervisors
-                                .iter()
-                                .map(|h| format!("{} ({})", h.kind, h.detail))
-                                .collect::<Vec<_>>()
-                                .join("; "),
-                        ]);
-                    }
-                    print!("{}", table.render());
-                    Ok(())
-                }
-            }
-        }
-        HostCommand::JoinToken { ttl } => {
-            let view: JoinTokenView = client
-                .call(
-                    Method::POST,
-                    "/v1/join-tokens",
-                    Some(&serde_json::json!({ "ttl_seconds": ttl })),
-                )
-                .await?;
-            println!(
-                "run this on the new host (the token works once, until {}):",
-                view.expires_at
-            );
-            println!("  {}", view.command);
             Ok(())
         }
     }

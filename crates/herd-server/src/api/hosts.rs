@@ -3,8 +3,10 @@
 
 use super::{
     types, ApiError, ApiJson, ApiPath, AppState, CloudAdmin, ErrorBody, HostInfo, JoinTokenRequest,
-    JoinTokenView,
+    JoinTokenView, User,
 };
+use crate::access::Perm;
+use crate::map::{MapScope, ResourceMap};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -28,6 +30,21 @@ pub(super) async fn get_host(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<HostInfo>, ApiError> {
     Ok(Json(HostInfo::of(&cloud.host(&id)?)))
+}
+
+/// The live resource map: capacity, allocation and measured use per hypervisor type
+/// and per host. A cloud admin sees every host; anyone else sees the aggregates of the
+/// projects they can read, without hosts or free figures.
+#[utoipa::path(get, path = "/v1/map", responses((status = 200, body = ResourceMap)))]
+pub(super) async fn get_map(
+    user: User,
+    State(cloud): State<AppState>,
+) -> Result<Json<ResourceMap>, ApiError> {
+    let scope = match user.principal.scope(Perm::Read) {
+        None => MapScope::Cloud,
+        Some(projects) => MapScope::Projects(projects),
+    };
+    Ok(Json(cloud.resource_map(&scope)?))
 }
 
 /// Create a one-time join token for a new host.

@@ -2,6 +2,7 @@
 //! whatever watches the server, and its counters for Prometheus.
 
 use super::{ApiError, AppState, CloudAdmin, Health};
+use crate::map::{MapScope, ResourceMap};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -72,5 +73,62 @@ pub(super) async fn metrics(
         "herd_hosts{{state=\"down\"}} {}\n",
         hosts.len() - n_up
     ));
+    map_gauges(&cloud.resource_map(&MapScope::Cloud)?, &mut out);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+/// The resource map as gauges, labelled by host and hypervisor type, so an alert can
+/// fire on a stale host or an unhealthy driver without polling `/v1/map`.
+fn map_gauges(map: &ResourceMap, out: &mut String) {
+    let mut series: Vec<(&str, String, String)> = Vec::new();
+    for host in &map.hosts {
+        let h = label(&host.hostname);
+        series.push((
+            "herd_host_stale",
+            format!("host=\"{h}\""),
+            u8::from(host.stale).to_string(),
+        ));
+        series.push((
+            "herd_host_free_vcpus",
+            format!("host=\"{h}\""),
+            host.free_vcpus.to_string(),
+        ));
+        series.push((
+            "herd_host_free_memory_mib",
+            format!("host=\"{h}\""),
+            host.free_memory_mib.to_string(),
+        ));
+        if let Some(used) = host.used_millicores {
+            series.push((
+                "herd_host_used_millicores",
+                format!("host=\"{h}\""),
+                used.to_string(),
+            ));
+        }
+        for t in &host.types {
+            let labels = format!("host=\"{h}\",hypervisor=\"{}\"", label(&t.hypervisor));
+            let healthy = u8::from(t.health == "ok");
+            series.push(("herd_driver_healthy", labels.clone(), healthy.to_string()));
+            if let Some(used) = t.used_millicores {
+                series.push(("herd_driver_used_millicores", labels, used.to_string()));
+            }
+        }
+    }
+    series.sort_by(|a, b| a.0.cmp(b.0));
+    let mut last = "";
+    for (name, labels, value) in &series {
+        if *name != last {
+            out.push_str(&format!("# TYPE {name} gauge\n"));
+            last = name;
+        }
+        out.push_str(&format!("{name}{{{labels}}} {value}\n"));
+    }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -294,12 +294,58 @@ pub struct HostInfo {
     pub last_seen_ms_ago: Option<u64>,
     pub agent_version: Option<String>,
     pub joined_at: String,
+    /// Each driver's health as the agent last saw it: `ok`, `unresponsive` or
+    /// `failing`, with why. Empty until the agent has said.
+    pub drivers: Vec<DriverView>,
+    /// The host's utility module's last sample, while the connection that brought it
+    /// is open.
+    pub utility: Option<UtilityView>,
+    /// Why the utility module is not running, if it is not.
+    pub utility_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DriverView {
+    pub kind: String,
+    /// `ok`, `unresponsive` or `failing`.
+    pub health: String,
+    /// The reason or error, when not ok.
+    pub detail: Option<String>,
+    /// When it stopped being ok.
+    pub since: Option<String>,
+}
+
+impl DriverView {
+    pub fn of(status: &herd_proto::node::DriverStatus) -> DriverView {
+        use herd_proto::node::DriverHealth;
+        let (detail, since) = match &status.health {
+            DriverHealth::Ok => (None, None),
+            DriverHealth::Unresponsive { since_ms, reason } => {
+                (Some(reason.clone()), Some(*since_ms))
+            }
+            DriverHealth::Failing { since_ms, error } => (Some(error.clone()), Some(*since_ms)),
+        };
+        DriverView {
+            kind: status.kind.clone(),
+            health: status.health.name().into(),
+            detail,
+            since: since.map(|ms| rfc3339(i64::try_from(ms).unwrap_or(i64::MAX))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UtilityView {
+    /// Milliseconds since the server received the sample.
+    pub age_ms: u64,
+    pub stats: herd_proto::node::NodeStats,
 }
 
 impl HostInfo {
     pub fn of(status: &HostStatus) -> HostInfo {
         let host = &status.record;
         let live = status.live.as_ref();
+        let node = live.and_then(|l| l.node.as_ref());
         HostInfo {
             id: host.id,
             hostname: host.hostname.clone(),
@@ -328,6 +374,16 @@ impl HostInfo {
             last_seen_ms_ago: live.map(|l| l.last_seen.elapsed().as_millis() as u64),
             agent_version: host.agent_version.clone(),
             joined_at: rfc3339(host.joined_at_ms),
+            drivers: node
+                .map(|(_, n)| n.drivers.iter().map(DriverView::of).collect())
+                .unwrap_or_default(),
+            utility: node.and_then(|(at, n)| {
+                n.stats.clone().map(|stats| UtilityView {
+                    age_ms: u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    stats,
+                })
+            }),
+            utility_error: node.and_then(|(_, n)| n.util_error.clone()),
         }
     }
 }

@@ -417,6 +417,11 @@ pub struct Up {
 
 impl Up {
     pub async fn start(root: &Path) -> Up {
+        Up::start_drivers(root, "qemu").await
+    }
+
+    /// `herd up` with these drivers (`qemu`, `qemu,oci`).
+    pub async fn start_drivers(root: &Path, drivers: &str) -> Up {
         let data_dir = root.join("data");
         let port = free_port();
         // Images are shared by every test run (built once, under a lock).
@@ -428,7 +433,7 @@ impl Up {
             "--listen".into(),
             format!("127.0.0.1:{port}"),
             "--drivers".into(),
-            "qemu".into(),
+            drivers.into(),
             "--accel".into(),
             "tcg".into(),
             "--image-dir".into(),
@@ -483,6 +488,11 @@ impl Up {
 
     /// QEMU processes whose command line names this test's data dir.
     pub fn qemu_processes(&self) -> Vec<i32> {
+        self.processes("qemu-system")
+    }
+
+    /// Live processes whose command line holds `program` and names this test's data dir.
+    pub fn processes(&self, program: &str) -> Vec<i32> {
         let needle = self.data_dir.display().to_string();
         let mut pids = Vec::new();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -504,7 +514,7 @@ impl Up {
             }
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.contains("qemu-system") && cmdline.contains(&needle) {
+            if cmdline.contains(program) && cmdline.contains(&needle) {
                 pids.push(pid);
             }
         }

@@ -1,0 +1,207 @@
+//! `herd host` and `herd map`: what the fleet has and uses, for operators. The host
+//! list says per host whether its drivers answer; the map says per hypervisor type and
+//! per host what is allocated, measured and free.
+
+use crate::client::Client;
+use crate::table::Table;
+use crate::vm::{print_json, short};
+use crate::{HostCommand, Output};
+use anyhow::Result;
+use herd_server::api::{HostInfo, JoinTokenView};
+use herd_server::map::ResourceMap;
+use reqwest::Method;
+
+pub async fn host(command: HostCommand) -> Result<()> {
+    let client = Client::from_config()?;
+    match command {
+        HostCommand::Ls { output } => {
+            let hosts: Vec<HostInfo> = client.get("/v1/hosts").await?;
+            match output {
+                Output::Json => print_json(&hosts),
+                Output::Table => {
+                    print!("{}", host_table(&hosts));
+                    Ok(())
+                }
+            }
+        }
+        HostCommand::JoinToken { ttl } => {
+            let view: JoinTokenView = client
+                .call(
+                    Method::POST,
+                    "/v1/join-tokens",
+                    Some(&serde_json::json!({ "ttl_seconds": ttl })),
+                )
+                .await?;
+            println!(
+                "run this on the new host (the token works once, until {}):",
+                view.expires_at
+            );
+            println!("  {}", view.command);
+            Ok(())
+        }
+    }
+}
+
+fn host_table(hosts: &[HostInfo]) -> String {
+    let mut table = Table::new(vec![
+        "HOSTNAME",
+        "ID",
+        "STATE",
+        "VMS",
+        "VCPUS",
+        "MEMORY",
+        "CPU",
+        "HYPERVISORS",
+        "HEALTH",
+    ]);
+    for host in hosts {
+        table.row(vec![
+            host.hostname.clone(),
+            short(&host.id),
+            host.state.clone(),
+            host.n_vms.to_string(),
+            format!("{}/{}", host.allocated_vcpus, host.cpus),
+            format!("{}/{} MiB", host.allocated_memory_mib, host.memory_mib),
+            format!("{:.0}%", f64::from(host.cpu_permille) / 10.0),
+            host.hypervisors
+                .iter()
+                .map(|h| format!("{} ({})", h.kind, h.detail))
+                .collect::<Vec<_>>()
+                .join("; "),
+            health(host),
+        ]);
+    }
+    table.render()
+}
+
+/// `qemu: ok, oci: unresponsive (...)`, and the utility module's trouble if it has any.
+fn health(host: &HostInfo) -> String {
+    let mut parts: Vec<String> = host
+        .drivers
+        .iter()
+        .map(|d| match &d.detail {
+            Some(detail) => format!("{}: {} ({detail})", d.kind, d.health),
+            None => format!("{}: {}", d.kind, d.health),
+        })
+        .collect();
+    if let Some(error) = &host.utility_error {
+        parts.push(format!("utility: {error}"));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+pub async fn map(output: Output) -> Result<()> {
+    let client = Client::from_config()?;
+    let map: ResourceMap = client.get("/v1/map").await?;
+    match output {
+        Output::Json => print_json(&map),
+        Output::Table => {
+            print!("{}", map_tables(&map));
+            Ok(())
+        }
+    }
+}
+
+fn opt<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+fn cores(millicores: Option<u64>) -> String {
+    millicores.map_or_else(|| "-".into(), |m| format!("{:.2}", m as f64 / 1000.0))
+}
+
+fn map_tables(map: &ResourceMap) -> String {
+    let mut types = Table::new(vec![
+        "TYPE",
+        "HOSTS",
+        "STALE",
+        "VMS",
+        "PENDING",
+        "ALLOC VCPUS",
+        "ALLOC MEMORY",
+        "USED CPUS",
+        "USED MEMORY",
+        "FREE VCPUS",
+        "FREE MEMORY",
+    ]);
+    for t in &map.types {
+        types.row(vec![
+            t.hypervisor.clone(),
+            t.n_hosts.to_string(),
+            t.n_stale_hosts.to_string(),
+            t.n_vms.to_string(),
+            t.n_pending.to_string(),
+            t.allocated_vcpus.to_string(),
+            format!("{} MiB", t.allocated_memory_mib),
+            cores(t.used_millicores),
+            opt(t.used_memory_mib.map(|m| format!("{m} MiB"))),
+            opt(t.free_vcpus),
+            opt(t.free_memory_mib.map(|m| format!("{m} MiB"))),
+        ]);
+    }
+    let mut out = types.render();
+    if map.hosts.is_empty() {
+        return out;
+    }
+    let mut hosts = Table::new(vec![
+        "HOSTNAME",
+        "STATE",
+        "FIGURES",
+        "VCPUS",
+        "MEMORY",
+        "USED CPUS",
+        "USED MEMORY",
+        "LOAD",
+        "DISK FREE",
+        "FREE VCPUS",
+        "FREE MEMORY",
+        "TYPES",
+    ]);
+    for h in &map.hosts {
+        let figures = match (h.stale, &h.stale_reason, h.figures_age_ms) {
+            (true, Some(reason), _) => format!("stale ({reason})"),
+            (true, None, _) => "stale".into(),
+            (false, _, Some(age)) => format!("{:.1}s old", age as f64 / 1000.0),
+            (false, _, None) => "-".into(),
+        };
+        hosts.row(vec![
+            h.hostname.clone(),
+            h.state.clone(),
+            figures,
+            format!(
+                "{}/{} ({:.2}x)",
+                h.allocated_vcpus, h.cpus, h.cpu_overcommit
+            ),
+            format!(
+                "{}/{} MiB ({:.2}x)",
+                h.allocated_memory_mib, h.memory_mib, h.memory_overcommit
+            ),
+            cores(h.used_millicores),
+            opt(h.used_memory_mib.map(|m| format!("{m} MiB"))),
+            opt(h.load1.map(|l| format!("{l:.2}"))),
+            opt(h.disk_free_mib.map(|m| format!("{m} MiB"))),
+            h.free_vcpus.to_string(),
+            format!("{} MiB", h.free_memory_mib),
+            h.types
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{} {} ({} vms, {} cpus)",
+                        t.hypervisor,
+                        t.health,
+                        t.n_vms,
+                        cores(t.used_millicores)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&hosts.render());
+    out
+}
