@@ -71,6 +71,8 @@ fn rule(method: &str, path: &str) -> Option<Rule> {
         ("GET", "/v1/events") => AnyUser,
         ("GET", "/v1/hosts") => CloudAdmin,
         ("GET", "/v1/hosts/{id}") => CloudAdmin,
+        // Cloud admins get hosts and free room; others their projects' aggregates.
+        ("GET", "/v1/map") => AnyUser,
         ("POST", "/v1/join-tokens") => CloudAdmin,
         ("GET", "/v1/rate-cards/{project}") => InProject(Viewer),
         ("PUT", "/v1/rate-cards/{project}") => CloudAdmin,

@@ -491,7 +491,7 @@ impl Up {
         self.processes("qemu-system")
     }
 
-    /// Live processes whose command line holds `program` and names this test's data dir.
+    /// Live processes of `program` whose command line names this test's data dir.
     pub fn processes(&self, program: &str) -> Vec<i32> {
         let needle = self.data_dir.display().to_string();
         let mut pids = Vec::new();
@@ -514,7 +514,10 @@ impl Up {
             }
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.contains(program) && cmdline.contains(&needle) {
+            // The program is the first argument: herd-util's own arguments name
+            // qemu-system too.
+            let argv0 = cmdline.split('\0').next().unwrap_or("");
+            if argv0.contains(program) && cmdline.contains(&needle) {
                 pids.push(pid);
             }
         }
