@@ -114,6 +114,7 @@ fn main() -> Result<()> {
                         vm: ids[i],
                         state: to,
                         purge: false,
+                        host: None,
                         events: vec![NewEvent {
                             vm: Some(ids[i]),
                             kind: "vm.state",

@@ -6,8 +6,10 @@
 //! is gone succeeds), because commands may be replayed after an agent restart.
 
 use async_trait::async_trait;
+use herd_proto::migration::TransferProgress;
 use herd_proto::wire::{HypervisorInfo, VmId, VmSpec, VmUsage};
 use herd_proto::VmState;
+use std::path::{Path, PathBuf};
 
 /// Why a driver operation failed. Causes are kept as sources, so a log line or a
 /// command's error (printed with its chain) says what the hypervisor said.
@@ -88,6 +90,22 @@ pub struct Capabilities {
     pub resize: bool,
 }
 
+/// What a source's hypervisor says once it has sent a VM away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    /// How long the VM was stopped for the switch-over.
+    pub downtime_ms: Option<u64>,
+    pub total_ms: u64,
+    pub transferred_bytes: u64,
+}
+
+/// Where a live migration's progress goes while it runs.
+pub type ProgressSink = tokio::sync::watch::Sender<TransferProgress>;
+
+fn cannot_migrate(kind: &str) -> DriverError {
+    DriverError::Invalid(format!("{kind} VMs cannot migrate live"))
+}
+
 #[async_trait]
 pub trait Driver: Send + Sync {
     /// The hypervisor type this driver serves, as used in VM specs (`qemu`, `sim`).
@@ -156,6 +174,50 @@ pub trait Driver: Send + Sync {
 
     /// The last `max_bytes` of the VM's serial console.
     async fn console(&self, id: VmId, max_bytes: usize) -> Result<Vec<u8>, DriverError>;
+
+    /// Live migration, source side: what the target's driver needs to go on with the
+    /// VM (its guest's credential and the like), opaque to the agent.
+    async fn migration_handoff(&self, _id: VmId) -> Result<Vec<u8>, DriverError> {
+        Err(cannot_migrate(self.kind()))
+    }
+
+    /// Source side: sends the running VM's state into the unix socket `to`, which the
+    /// agent listens on, and returns once the hypervisor sent everything and stopped
+    /// the VM here. The VM stays, stopped, until [`Driver::terminate`] (the target
+    /// runs it) or [`Driver::migrate_out_undo`] (it does not). If the stream breaks,
+    /// the VM goes on running here and this fails.
+    async fn migrate_out(
+        &self,
+        _id: VmId,
+        _to: &Path,
+        _max_downtime_ms: u64,
+        _progress: ProgressSink,
+    ) -> Result<Sent, DriverError> {
+        Err(cannot_migrate(self.kind()))
+    }
+
+    /// Source side: the migration did not happen; run the VM here again. Succeeds if
+    /// it runs already.
+    async fn migrate_out_undo(&self, _id: VmId) -> Result<(), DriverError> {
+        Err(cannot_migrate(self.kind()))
+    }
+
+    /// Target side: prepares to receive the VM from another host's driver, from
+    /// `spec` and the source's handoff; returns the unix socket the stream goes into.
+    /// Asked again for the same VM while it waits, it answers the same socket.
+    async fn migrate_in(
+        &self,
+        _id: VmId,
+        _spec: &VmSpec,
+        _handoff: &[u8],
+    ) -> Result<PathBuf, DriverError> {
+        Err(cannot_migrate(self.kind()))
+    }
+
+    /// Target side, once the stream has ended: waits until the received VM runs.
+    async fn migrate_in_finish(&self, _id: VmId) -> Result<(), DriverError> {
+        Err(cannot_migrate(self.kind()))
+    }
 }
 
 #[cfg(test)]

@@ -15,8 +15,10 @@ pub mod driver;
 pub mod drivers;
 pub mod health;
 pub mod hostinfo;
+pub mod migration;
 pub mod persist;
 pub mod probe;
+pub mod transfer;
 pub mod utility;
 
 pub use agent::{Agent, AgentConfig, AgentError, GuestEvents};

@@ -11,6 +11,7 @@ pub mod clock;
 pub mod guest;
 pub mod join;
 pub mod lifecycle;
+pub mod migration;
 pub mod node;
 pub mod policy;
 pub mod wire;

@@ -230,6 +230,14 @@ pub enum AgentMsg {
     /// The node itself: the utility module's latest sample and the drivers' health, on
     /// the module's cadence and whenever a driver's health changes.
     Node(crate::node::NodeReport),
+    /// This host's part in a live migration (see [`crate::migration`]).
+    Migration {
+        migration: crate::migration::MigrationId,
+        /// The attempt of the order answered (see `MigrationOrder::attempt`).
+        attempt: u32,
+        vm: VmId,
+        update: crate::migration::MigrationUpdate,
+    },
 }
 
 /// A guest module's report, as relayed to the server.
@@ -290,6 +298,8 @@ pub enum ServerMsg {
     Refused {
         reason: String,
     },
+    /// An order for this host's part in a live migration (see [`crate::migration`]).
+    Migration(Box<crate::migration::MigrationOrder>),
 }
 
 /// Why a frame could not be decoded.

@@ -406,6 +406,7 @@ mod tests {
                     vm,
                     state: VmState::Running,
                     purge: false,
+                    host: None,
                     events: vec![NewEvent {
                         kind: "test",
                         message: format!("write {n}"),
@@ -449,6 +450,7 @@ mod tests {
             vm,
             state,
             purge: false,
+            host: None,
             events: vec![],
         };
         let first = commits.hand_over(Some(host), vec![flip(VmState::Running)], vec![]);
@@ -527,6 +529,7 @@ mod tests {
             vm,
             state: VmState::Running,
             purge: false,
+            host: None,
             events: vec![],
         };
         let report = commits.hand_over(Some(host), vec![running.clone()], vec![]);

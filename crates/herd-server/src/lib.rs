@@ -12,6 +12,7 @@ pub mod cloud;
 pub mod group_commit;
 pub mod ingest;
 pub mod map;
+pub mod migration;
 pub mod store;
 
 pub use cloud::{Cloud, CloudError, ServerConfig};

@@ -67,6 +67,9 @@ fn rule(method: &str, path: &str) -> Option<Rule> {
         ("DELETE", "/v1/vms/{id}") => InProject(Member),
         ("POST", "/v1/vms/{id}/actions/{action}") => InProject(Member),
         ("GET", "/v1/vms/{id}/events") => InProject(Viewer),
+        // Moving VMs between hosts is the operator's; anyone who sees a VM sees its moves.
+        ("POST", "/v1/vms/{id}/migrate") => CloudAdmin,
+        ("GET", "/v1/vms/{id}/migrations") => InProject(Viewer),
         ("GET", "/v1/vms/{id}/console") => InProject(Member),
         ("GET", "/v1/events") => AnyUser,
         ("GET", "/v1/hosts") => CloudAdmin,
@@ -219,6 +222,7 @@ impl World {
             ("POST", "/v1/users") => Some(json!({"name": self.fresh("newbie")})),
             ("POST", "/v1/tokens") => Some(json!({"label": "mine", "ttl_seconds": 60})),
             ("POST", "/v1/join-tokens") => Some(json!({})),
+            ("POST", "/v1/vms/{id}/migrate") => Some(json!({})),
             ("PUT", "/v1/rate-cards/{project}") => {
                 Some(serde_json::to_value(RateCard::default()).expect("json"))
             }

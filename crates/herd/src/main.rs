@@ -6,6 +6,7 @@ mod client;
 mod config;
 mod hosts;
 mod images;
+mod migrate;
 mod policy;
 mod run;
 mod sim;
@@ -230,6 +231,10 @@ pub struct AgentArgs {
     pub ca: Option<PathBuf>,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// The TCP port other hosts send live migrations to (mTLS with the agents'
+    /// certificates); 0 picks a free port each start.
+    #[arg(long, default_value_t = 0)]
+    pub transfer_port: u16,
     #[arg(long)]
     pub hostname: Option<String>,
     /// CPUs to offer (default: all of this host's).
@@ -291,6 +296,19 @@ pub enum VmCommand {
     /// A VM's event history.
     Events {
         vm: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Move a running VM to another host of its type while it runs (cloud admins).
+    Migrate {
+        vm: String,
+        /// The target host, by id or hostname (default: the scheduler picks one with
+        /// room).
+        #[arg(long)]
+        to: Option<String>,
+        /// Return at once instead of following the migration to its end.
+        #[arg(long)]
+        no_wait: bool,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },

@@ -30,6 +30,17 @@ pub async fn vm(command: VmCommand) -> Result<()> {
                 Output::Json => print_json(&view),
                 Output::Table => {
                     print!("{}", describe(&view));
+                    let migrations: herd_server::api::MigrationList = client
+                        .get(&format!("/v1/vms/{}/migrations", view.id))
+                        .await?;
+                    if let Some(m) = migrations.items.first() {
+                        println!(
+                            "{:<14}{} at {}",
+                            "migration",
+                            crate::migrate::line(m),
+                            m.updated_at
+                        );
+                    }
                     Ok(())
                 }
             }
@@ -56,6 +67,12 @@ pub async fn vm(command: VmCommand) -> Result<()> {
             Ok(())
         }
         VmCommand::Events { vm, output } => events(&client, &vm, output).await,
+        VmCommand::Migrate {
+            vm,
+            to,
+            no_wait,
+            output,
+        } => crate::migrate::migrate(&client, &vm, to, no_wait, output).await,
         VmCommand::Console { vm, bytes } => {
             let view = client.resolve_vm(&vm).await?;
             let (_, text) = client

@@ -208,6 +208,10 @@ async fn connect_and_serve(
                 usage: session.usage().await,
                 now_ms: unix_ms(),
             },
+            Some(answer) = session.migration_rx.recv() => {
+                send_frame(&mut tx, wire::encode(&answer)).await?;
+                continue;
+            }
             Some((id, error)) = session.done_rx.recv() => {
                 session.converged(id);
                 Input::Converged { id, error }

@@ -25,12 +25,8 @@ impl Agent {
         ]
     }
 
-    /// How to reach the server with these credentials: over HTTPS with the key,
-    /// certificate and CA saved at join.
-    pub(super) fn transport(&self, creds: &Credentials) -> Result<Transport, AgentError> {
-        if !creds.server_url.starts_with("https://") {
-            return Transport::plain();
-        }
+    /// The key, certificate and CA saved at a join over HTTPS.
+    pub(super) fn tls_files(&self) -> Result<[String; 3], AgentError> {
         let [key, cert, ca] = self.tls_paths().map(|path| {
             std::fs::read_to_string(&path).map_err(|e| {
                 AgentError::State(format!(
@@ -40,7 +36,17 @@ impl Agent {
                 ))
             })
         });
-        let config = herd_tls::client_config(&ca?, Some((&cert?, &key?)))?;
+        Ok([key?, cert?, ca?])
+    }
+
+    /// How to reach the server with these credentials: over HTTPS with the key,
+    /// certificate and CA saved at join.
+    pub(super) fn transport(&self, creds: &Credentials) -> Result<Transport, AgentError> {
+        if !creds.server_url.starts_with("https://") {
+            return Transport::plain();
+        }
+        let [key, cert, ca] = self.tls_files()?;
+        let config = herd_tls::client_config(&ca, Some((&cert, &key)))?;
         Transport::tls(config)
     }
 

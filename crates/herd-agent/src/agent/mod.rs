@@ -78,6 +78,9 @@ pub struct AgentConfig {
     /// The SHA-256 fingerprint of the server's CA, pinned for the first join over
     /// HTTPS when `ca_pem` is not given.
     pub ca_fingerprint: Option<String>,
+    /// The TCP port other agents send live migrations to; 0 picks a free one (the
+    /// server learns it with each migration).
+    pub transfer_port: u16,
 }
 
 /// Messages from guest modules, named by the VM whose channel they came in on.
@@ -173,6 +176,30 @@ impl Agent {
         Ok(infos)
     }
 
+    /// Over HTTPS, listens for other agents' transfers (live migrations), with this
+    /// host's certificate; over plain HTTP there is nothing to authenticate them with.
+    async fn listen_for_transfers(
+        &self,
+        creds: &state::Credentials,
+        session: &mut Session,
+    ) -> Result<Option<tokio::task::JoinHandle<()>>, AgentError> {
+        if !creds.server_url.starts_with("https://") {
+            return Ok(None);
+        }
+        let [key, cert, ca] = self.tls_files()?;
+        let tls = crate::transfer::PeerTls::from_pem(&key, &cert, &ca)?;
+        let addr = std::net::SocketAddr::from(([0, 0, 0, 0], self.config.transfer_port));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AgentError::State(format!("listening for transfers on {addr}: {e}")))?;
+        let handle = session
+            .migrations
+            .listen(listener, tls)
+            .map_err(|e| AgentError::State(format!("listening for transfers: {e}")))?;
+        info!(port = ?session.migrations.port(), "listening for transfers from other hosts");
+        Ok(Some(handle))
+    }
+
     fn capacity(&self) -> Capacity {
         match (self.config.cpus, self.config.memory_mib) {
             (Some(cpus), Some(memory_mib)) => Capacity { cpus, memory_mib },
@@ -204,6 +231,7 @@ impl Agent {
         );
         session.guest_events = self.guest_events.take();
         session.probe = self.probe.clone();
+        let transfers = self.listen_for_transfers(&creds, &mut session).await?;
         let utility = self.utility.clone().map(|config| {
             let sources = self
                 .drivers
@@ -247,6 +275,9 @@ impl Agent {
         if let Some((_, supervisor)) = utility {
             // Its child is killed with it.
             supervisor.abort();
+        }
+        if let Some(transfers) = transfers {
+            transfers.abort();
         }
         session.stop().map_err(AgentError::State)
     }

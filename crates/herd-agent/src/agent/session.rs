@@ -53,6 +53,10 @@ pub(super) struct Session {
     pub(super) probe: Option<Arc<dyn SyncProbe>>,
     /// The last connection got as far as hello.
     pub(super) was_connected: bool,
+    /// This host's part in live migrations.
+    pub(super) migrations: crate::migration::Migrations,
+    /// Their answers, sent up as they come.
+    pub(super) migration_rx: mpsc::UnboundedReceiver<AgentMsg>,
 }
 
 impl Session {
@@ -65,7 +69,14 @@ impl Session {
         let kinds = drivers.iter().map(|d| d.kind().to_owned()).collect();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let health = HealthBook::new(drivers.iter().map(|d| d.kind()));
+        let (migration_tx, migration_rx) = mpsc::unbounded_channel();
+        let sockets = state_path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), |dir| dir.join("migrations"));
+        let migrations = crate::migration::Migrations::new(drivers.clone(), migration_tx, sockets);
         Session {
+            migrations,
+            migration_rx,
             core: Core::new(saved, kinds, !ephemeral_state),
             watches: drivers.iter().cloned().map(DriverWatch::new).collect(),
             health,
@@ -223,6 +234,7 @@ impl Session {
                     probe.acked(epoch, seq);
                 }
             }
+            Action::Migration(order) => self.migrations.order(*order),
             Action::Disconnect(reason) => return Err(reason),
         }
         Ok(false)

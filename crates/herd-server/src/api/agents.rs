@@ -4,9 +4,10 @@
 use super::{AgentHost, ApiError, ApiJson, AppState, AuditNote, ErrorBody};
 use crate::cloud::Metrics;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use axum::Extension;
 use axum::Json;
 use herd_proto::join::{Discovery, JoinRequest, JoinResponse};
 use herd_proto::wire::MAX_FRAME_BYTES;
@@ -44,8 +45,13 @@ pub(super) async fn agent_discovery(
 pub(super) async fn agent_bus(
     agent: AgentHost,
     State(cloud): State<AppState>,
+    remote: Option<Extension<ConnectInfo<std::net::SocketAddr>>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    // Other agents reach this one where it connects from (migration transfers).
+    if let Some(Extension(ConnectInfo(remote))) = remote {
+        cloud.migrations.peer_connected(agent.0, remote.ip());
+    }
     // Buffers are per connection and a server holds one connection per host: the
     // library's 128 KiB read buffer, reserved up front, would cost 1.25 GiB at 10,000
     // hosts. Agents' frames are small (a full report of 100 VMs is about 3 KiB) and

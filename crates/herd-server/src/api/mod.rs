@@ -49,6 +49,8 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/v1/vms/batch", post(vms::launch_batch))
         .route("/v1/vms/{id}", get(vms::get_vm).delete(vms::delete_vm))
         .route("/v1/vms/{id}/actions/{action}", post(vms::vm_action))
+        .route("/v1/vms/{id}/migrate", post(vms::migrate_vm))
+        .route("/v1/vms/{id}/migrations", get(vms::vm_migrations))
         .route("/v1/vms/{id}/events", get(vms::vm_events))
         .route("/v1/vms/{id}/console", get(vms::vm_console))
         .route("/v1/events", get(vms::list_events))

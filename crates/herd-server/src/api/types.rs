@@ -465,3 +465,68 @@ impl BillView {
         }
     }
 }
+
+/// A request to move a running VM to another host.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The target host, by id or hostname; absent lets the scheduler choose a host of
+    /// the VM's type with room.
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// A VM's migrations, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MigrationList {
+    pub items: Vec<MigrationView>,
+}
+
+/// A live migration, as it stands.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MigrationView {
+    pub id: Uuid,
+    pub vm: Uuid,
+    pub source: Uuid,
+    /// The current attempt's target.
+    pub target: Uuid,
+    /// preparing, transferring, switching_over, committed, rolling_back, resuming,
+    /// done or failed.
+    pub phase: String,
+    /// Whether anything is left to do (a phase, or an old target to clean).
+    pub active: bool,
+    pub attempt: u32,
+    /// Every target tried, the current one last.
+    pub tried: Vec<Uuid>,
+    pub progress: herd_proto::migration::TransferProgress,
+    /// How long the VM was stopped for the switch-over, as the source's hypervisor
+    /// measured it.
+    pub downtime_ms: Option<u64>,
+    /// How long the transfer took, from the start of the copy to the switch-over.
+    pub transfer_ms: Option<u64>,
+    /// Why the last attempt failed, or the migration did.
+    pub reason: Option<String>,
+    pub started_at: String,
+    pub updated_at: String,
+}
+
+impl MigrationView {
+    pub fn of(m: &crate::migration::plan::Migration) -> MigrationView {
+        MigrationView {
+            id: m.id,
+            vm: m.vm,
+            source: m.source,
+            target: m.target,
+            phase: m.phase.as_str().into(),
+            active: m.is_active(),
+            attempt: m.attempt,
+            tried: m.tried.clone(),
+            progress: m.progress,
+            downtime_ms: m.downtime_ms,
+            transfer_ms: m.transfer_ms,
+            reason: m.reason.clone(),
+            started_at: rfc3339(m.started_at_ms),
+            updated_at: rfc3339(m.updated_at_ms),
+        }
+    }
+}

@@ -3,8 +3,8 @@
 
 use super::{
     page_size, ApiError, ApiJson, ApiPath, ApiQuery, AppState, BatchLaunchRequest, BatchLaunched,
-    ConsoleQuery, ErrorBody, EventList, EventQuery, EventView, LaunchRequest, User, VmList,
-    VmQuery, VmView,
+    ConsoleQuery, ErrorBody, EventList, EventQuery, EventView, LaunchRequest, MigrateRequest,
+    MigrationList, MigrationView, User, VmList, VmQuery, VmView,
 };
 use crate::access::Perm;
 use crate::cloud::{Cloud, LaunchSpec};
@@ -198,6 +198,42 @@ pub(super) async fn vm_action(
     };
     let record = crate::blocking(|| cloud.act(&id, action))?;
     Ok((StatusCode::ACCEPTED, Json(VmView::of(&record, None, None))))
+}
+
+/// Move a running VM to another host of its type while it runs (cloud admins): to the
+/// host named, or to the one the scheduler picks. Returns at once; the migration goes
+/// on in the background (see `GET /v1/vms/{id}/migration`).
+#[utoipa::path(post, path = "/v1/vms/{id}/migrate", request_body = MigrateRequest,
+    params(("id" = String, Path, description = "VM id")),
+    responses((status = 202, body = MigrationView), (status = 400, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+pub(super) async fn migrate_vm(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(request): ApiJson<MigrateRequest>,
+) -> Result<(StatusCode, Json<MigrationView>), ApiError> {
+    vm_for(&cloud, &user, &id, Perm::Read)?;
+    user.check_cloud_admin()?;
+    let migration = crate::blocking(|| cloud.migrate(&id, request.to.as_deref()))?;
+    Ok((StatusCode::ACCEPTED, Json(MigrationView::of(&migration))))
+}
+
+/// The VM's migrations, newest first (at most the last 20): the first is the one in
+/// progress, if any.
+#[utoipa::path(get, path = "/v1/vms/{id}/migrations", params(("id" = String, Path, description = "VM id")),
+    responses((status = 200, body = MigrationList), (status = 404, body = ErrorBody)))]
+pub(super) async fn vm_migrations(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<MigrationList>, ApiError> {
+    let record = vm_for(&cloud, &user, &id, Perm::Read)?;
+    let items = crate::blocking(|| cloud.vm_migrations(record.id))?;
+    Ok(Json(MigrationList {
+        items: items.iter().map(MigrationView::of).collect(),
+    }))
 }
 
 /// A VM's events, oldest first.

@@ -54,6 +54,17 @@ impl Cloud {
         }
     }
 
+    /// Sends a message to a connected agent outside the command queue; `false` if the
+    /// agent is not connected.
+    pub(crate) fn send_to_agent(&self, host: HostId, msg: ServerMsg) -> bool {
+        let sender = self
+            .outbox
+            .lock()
+            .get(&host)
+            .map(|(_, sender)| sender.clone());
+        sender.is_some_and(|sender| sender.send(msg).is_ok())
+    }
+
     /// Registers a connected agent's session for out-of-queue messages.
     pub fn open_outbox(&self, host: HostId, session: u64) -> mpsc::UnboundedReceiver<ServerMsg> {
         let (tx, rx) = mpsc::unbounded_channel();

@@ -104,7 +104,7 @@ pub enum CloudError {
     Commit(#[from] CommitError),
 }
 
-fn invalid(field: &'static str, message: impl Into<String>) -> CloudError {
+pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> CloudError {
     CloudError::Invalid {
         field,
         message: message.into(),
@@ -212,6 +212,8 @@ pub struct Cloud {
     /// Console requests awaiting their agent's answer: which host must answer, and where.
     console_waiters: Mutex<HashMap<u64, (HostId, ConsoleReply)>>,
     next_request: AtomicU64,
+    /// Live migrations in progress (see [`crate::migration`]).
+    pub migrations: crate::migration::Migrations,
 }
 
 impl Cloud {
@@ -242,8 +244,10 @@ impl Cloud {
             outbox: Mutex::new(HashMap::new()),
             console_waiters: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
+            migrations: Default::default(),
         };
         cloud.rebuild()?;
+        cloud.restore_migrations()?;
         Ok(cloud)
     }
 
@@ -257,6 +261,7 @@ impl Cloud {
                 live.last_seen = now;
             }
         }
+        tokio::spawn(self.clone().drive_migrations());
         let cloud = self.clone();
         tokio::spawn(async move {
             loop {

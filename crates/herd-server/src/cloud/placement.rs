@@ -95,6 +95,59 @@ impl Cloud {
         self.placement.lock().holds(vm, host)
     }
 
+    /// Holds capacity for `spec` on a migration's target: `to` if given, else the best
+    /// host of the VM's type that is not in `exclude`. The answer is the host, or why
+    /// none fits (counted per reason, as for a launch).
+    pub(crate) fn reserve_target(
+        &self,
+        spec: &VmSpec,
+        to: Option<HostId>,
+        exclude: &[HostId],
+    ) -> Result<HostId, NoFit> {
+        let mut placement = self.placement.lock();
+        let hosts: Vec<HostSlot> = placement
+            .sched
+            .hosts()
+            .filter(|h| to.is_none_or(|to| h.id == to) && !exclude.contains(&h.id))
+            .cloned()
+            .collect();
+        let demand = Demand {
+            hypervisor: spec.hypervisor.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+        };
+        let chosen = herd_sched::place(&hosts, &demand, placement.sched.policy())?;
+        let host = hosts[chosen].id;
+        placement.sched.reserve(host, spec.vcpus, spec.memory_mib);
+        Ok(host)
+    }
+
+    /// Gives back what [`Cloud::reserve_target`] held.
+    pub(crate) fn release_target(&self, host: HostId, spec: &VmSpec) {
+        self.placement
+            .lock()
+            .sched
+            .release(host, spec.vcpus, spec.memory_mib);
+    }
+
+    /// A committed migration: the VM's share is counted on `to` (which held it as a
+    /// reservation already) and no longer on its old host.
+    pub(crate) fn move_share(&self, vm: VmId, to: HostId) {
+        let mut guard = self.placement.lock();
+        let placement = &mut *guard;
+        if let Some(share) = placement.vms.get_mut(&vm) {
+            let (from, vcpus, memory_mib) = *share;
+            share.0 = to;
+            placement.sched.release(from, vcpus, memory_mib);
+        }
+    }
+
+    /// Drops what the server holds of the VM's old host (its last usage counters and
+    /// guest report), once it runs elsewhere: the new host counts from its own start.
+    pub(crate) fn forget_host_facts(&self, vm: VmId) {
+        self.usage.lock().remove(&vm);
+    }
+
     pub fn release(&self, vm: VmId) {
         self.placement.lock().release(vm);
         self.usage.lock().remove(&vm);

@@ -86,6 +86,7 @@ impl Cloud {
                 vm: vm.id,
                 state: VmState::Terminated,
                 purge: vm.deleting,
+                host: None,
                 events: vec![NewEvent {
                     vm: Some(vm.id),
                     kind: "vm.state",

@@ -154,6 +154,22 @@ impl Cloud {
         info.suspend_unsupported().map(str::to_owned)
     }
 
+    /// A VM on its way between hosts takes no other change until the move ends.
+    fn refuse_while_migrating(&self, vm: &VmRecord) -> Result<(), CloudError> {
+        match self.migrations.of_vm(vm.id) {
+            Some(m) => Err(CloudError::Conflict {
+                code: "vm_migrating",
+                message: format!(
+                    "VM {} is migrating to host {} ({}); try again when it ends",
+                    vm.name,
+                    m.target,
+                    m.phase.as_str()
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
     pub fn act(&self, id: &str, action: Action) -> Result<VmRecord, CloudError> {
         let vm = self.vm(id)?;
         if vm.deleting {
@@ -162,6 +178,7 @@ impl Cloud {
                 message: format!("VM {} is being deleted", vm.name),
             });
         }
+        self.refuse_while_migrating(&vm)?;
         let target = action.target();
         if vm.desired == target {
             return Ok(vm);
@@ -204,11 +221,13 @@ impl Cloud {
     /// when the record is gone already (the VM was never on a host).
     pub fn delete(&self, id: &str) -> Result<Option<VmRecord>, CloudError> {
         let vm = self.vm(id)?;
+        self.refuse_while_migrating(&vm)?;
         if vm.host.is_none() || vm.observed.is_final() {
             self.store.observe(&[Observation {
                 vm: vm.id,
                 state: VmState::Purged,
                 purge: true,
+                host: None,
                 events: vec![NewEvent {
                     vm: Some(vm.id),
                     host: vm.host,

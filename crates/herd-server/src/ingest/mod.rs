@@ -486,6 +486,16 @@ async fn on_frame(
             }
             Ok(())
         }
+        AgentMsg::Migration {
+            migration,
+            attempt,
+            vm,
+            update,
+        } => {
+            cloud.host_seen(host, session, None);
+            crate::blocking(|| cloud.migration_update(host, migration, attempt, vm, update))
+                .map_err(|e| e.to_string())
+        }
         AgentMsg::Node(report) => {
             if !cloud.host_node(host, session, report) {
                 return Err("replaced by a newer connection".into());

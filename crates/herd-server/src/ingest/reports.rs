@@ -202,6 +202,7 @@ fn apply_changes(
                     vm: vm_id,
                     state,
                     purge: false,
+                    host: Some(host),
                     events,
                 });
             }
@@ -216,6 +217,7 @@ fn apply_changes(
                         vm: vm_id,
                         state: VmState::Terminated,
                         purge: record.deleting,
+                        host: Some(host),
                         events: vec![NewEvent {
                             vm: Some(vm_id),
                             host: Some(host),
@@ -242,6 +244,7 @@ fn apply_changes(
                         vm: vm_id,
                         state: VmState::Error,
                         purge: false,
+                        host: Some(host),
                         events: vec![NewEvent {
                             vm: Some(vm_id),
                             host: Some(host),

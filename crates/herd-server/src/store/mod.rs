@@ -9,6 +9,7 @@
 mod events;
 mod hosts;
 mod metering;
+mod migrations;
 mod rows;
 mod schema;
 mod tenancy;
@@ -136,6 +137,10 @@ pub struct Observation {
     /// Remove the row (the VM was deleted and is now gone from its host).
     pub purge: bool,
     pub events: Vec<NewEvent>,
+    /// The host that reported it: the change applies only while the VM is still on
+    /// that host, so a report from a VM's old host that reaches the disk after the VM
+    /// moved (a migration's commit) changes nothing. `None` for the server's own marks.
+    pub host: Option<HostId>,
 }
 
 /// Page cache sizes, in KiB as negative `cache_size` values.
@@ -164,6 +169,7 @@ impl Store {
         db.execute_batch(SCHEMA)?;
         migrate(&db)?;
         db.execute_batch(tenancy::SCHEMA)?;
+        db.execute_batch(migrations::SCHEMA)?;
         tenancy::bootstrap(&db)?;
         let index = Mutex::new(load_index(&db)?);
         let readers = (0..READERS)
@@ -250,6 +256,7 @@ mod tests {
             state,
             purge,
             events: vec![],
+            host: None,
         }
     }
 

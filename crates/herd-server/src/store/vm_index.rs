@@ -262,6 +262,22 @@ impl VmIndex {
         self.set_state(vm, VmState::Scheduled);
     }
 
+    /// The VM moved to another host (a committed migration).
+    pub fn move_host(&mut self, vm: VmId, host: HostId) {
+        let Some(entry) = self.vms.get_mut(&vm) else {
+            return;
+        };
+        if let Some(old) = entry.host.replace(host) {
+            if let Some(vms) = self.by_host.get_mut(&old) {
+                vms.retain(|other| *other != vm);
+                if vms.is_empty() {
+                    self.by_host.remove(&old);
+                }
+            }
+        }
+        self.by_host.entry(host).or_default().push(vm);
+    }
+
     pub fn remove(&mut self, vm: VmId) {
         let Some(entry) = self.vms.remove(&vm) else {
             return;

@@ -330,16 +330,30 @@ impl Store {
         let mut db = self.db();
         let tx = db.transaction()?;
         let now = now_ms();
+        // Which observations still applied when they were written (see
+        // `Observation::host`).
+        let mut applied = Vec::with_capacity(observations.len());
         for obs in observations {
-            if obs.purge {
-                tx.prepare_cached("DELETE FROM vms WHERE id = ?1")?
-                    .execute(params![obs.vm.to_string()])?;
+            let host = obs.host.map(|h| h.to_string());
+            let changed = if obs.purge {
+                tx.prepare_cached("DELETE FROM vms WHERE id = ?1 AND (?2 IS NULL OR host = ?2)")?
+                    .execute(params![obs.vm.to_string(), host])?
             } else {
                 tx.prepare_cached(
-                    "UPDATE vms SET observed_state = ?2, observed_at = ?3, updated_at = ?3 WHERE id = ?1",
+                    "UPDATE vms SET observed_state = ?2, observed_at = ?3, updated_at = ?3 \
+                     WHERE id = ?1 AND (?4 IS NULL OR host = ?4)",
                 )?
-                .execute(params![obs.vm.to_string(), obs.state.as_str(), now])?;
+                .execute(params![
+                    obs.vm.to_string(),
+                    obs.state.as_str(),
+                    now,
+                    host
+                ])?
+            };
+            if changed == 0 && obs.host.is_some() {
+                continue;
             }
+            applied.push(obs);
             for event in &obs.events {
                 insert_event(&tx, event, now)?;
             }
@@ -348,7 +362,7 @@ impl Store {
         tx.commit()?;
         // In slices: a batch of a hundred thousand changes would hold the index from
         // listings and reconnecting hosts for a good part of a second.
-        for slice in observations.chunks(INDEX_SLICE) {
+        for slice in applied.chunks(INDEX_SLICE) {
             let mut index = self.index();
             for obs in slice {
                 if obs.purge {

@@ -141,6 +141,7 @@ impl Run<'_> {
                 memory_mib: Some(per_host * 64 * 2),
                 ca_pem: self.ca_pem.map(str::to_owned),
                 ca_fingerprint: None,
+                transfer_port: 0,
             },
             vec![driver.clone() as Arc<dyn Driver>],
         )

@@ -87,6 +87,8 @@ pub(crate) enum Action {
         epoch: u64,
         seq: u64,
     },
+    /// Carry out (or answer again) an order about a live migration.
+    Migration(Box<herd_proto::migration::MigrationOrder>),
     /// End the connection with this reason.
     Disconnect(String),
 }
@@ -221,6 +223,7 @@ impl Core {
                 )));
             }
             ServerMsg::Command(command) => self.accept(command, now_ms, out),
+            ServerMsg::Migration(order) => out.push(Action::Migration(order)),
             ServerMsg::ConsoleRequest {
                 request,
                 vm,

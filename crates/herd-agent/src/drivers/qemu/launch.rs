@@ -49,6 +49,24 @@ impl VmPaths {
     pub fn suspend_image(&self) -> PathBuf {
         self.dir.join("suspend.img")
     }
+    /// Where an incoming QEMU listens for a live migration's stream.
+    pub fn migration_socket(&self) -> PathBuf {
+        self.dir.join("migrate-in.sock")
+    }
+    /// Where the agent listens for an outgoing QEMU's migration stream.
+    pub fn outgoing_socket(&self) -> PathBuf {
+        self.dir.join("migrate-out.sock")
+    }
+}
+
+/// Where a QEMU's guest state comes from, when it does not boot.
+#[derive(Debug, Clone, Copy)]
+pub enum Incoming<'a> {
+    /// A suspend image: loaded, then left paused for the driver to continue.
+    Image(&'a Path),
+    /// A live migration's stream on this unix socket: the guest runs as soon as it is
+    /// loaded, which keeps the switch-over short.
+    Socket(&'a Path),
 }
 
 /// The accelerator a VM runs with.
@@ -78,8 +96,8 @@ pub struct LaunchSpec<'a> {
     pub initrd: &'a Path,
     pub accel: Accel,
     pub tsc_khz: Option<u64>,
-    /// Restore from this suspend image instead of booting.
-    pub incoming: Option<&'a Path>,
+    /// Load the guest's state instead of booting.
+    pub incoming: Option<Incoming<'a>>,
     /// Run QEMU in the foreground instead of daemonizing (accelerator probes).
     pub foreground: bool,
     /// When the VM first booted (unix ms), set at create and kept across stops and
@@ -194,10 +212,18 @@ pub fn qemu_args(paths: &VmPaths, l: &LaunchSpec<'_>) -> Result<Vec<String>, Lau
         "-qmp",
         &qmp,
     ]);
-    if let Some(image) = l.incoming {
-        // -S: stay paused after loading, so the driver decides when the guest runs again.
-        let incoming = format!("exec:cat {}", shell_quote(&image.display().to_string()));
-        push(&["-S", "-incoming", &incoming]);
+    match l.incoming {
+        Some(Incoming::Image(image)) => {
+            // -S: stay paused after loading, so the driver decides when the guest runs
+            // again.
+            let incoming = format!("exec:cat {}", shell_quote(&image.display().to_string()));
+            push(&["-S", "-incoming", &incoming]);
+        }
+        Some(Incoming::Socket(socket)) => {
+            let incoming = format!("unix:{}", opt_path(socket)?);
+            push(&["-incoming", &incoming]);
+        }
+        None => {}
     }
     if !l.foreground {
         let pid = opt_path(&paths.pid_file())?;
@@ -277,11 +303,19 @@ mod tests {
             .contains("-daemonize -pidfile /state/00000000-0000-0000-0000-000000000001/qemu.pid"));
         assert!(!joined.contains("-incoming"));
         let l = LaunchSpec {
-            incoming: Some(Path::new("/s/it's.img")),
+            incoming: Some(Incoming::Image(Path::new("/s/it's.img"))),
             ..l
         };
         let args = qemu_args(&paths, &l).expect("args");
         assert!(args.contains(&"exec:cat '/s/it'\\''s.img'".to_string()));
+        assert!(args.contains(&"-S".to_string()));
+        let l = LaunchSpec {
+            incoming: Some(Incoming::Socket(Path::new("/s/in.sock"))),
+            ..l
+        };
+        let args = qemu_args(&paths, &l).expect("args");
+        assert!(args.join(" ").contains("-incoming unix:/s/in.sock"));
+        assert!(!args.contains(&"-S".to_string()));
     }
 
     #[test]

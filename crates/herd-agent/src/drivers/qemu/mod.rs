@@ -19,13 +19,14 @@
 
 mod accel;
 pub mod launch;
+mod migrate;
 mod ops;
 /// Kept at its old path: the process checks are shared with the oci driver now.
 pub use crate::drivers::procfs;
 pub mod qmp;
 mod vm;
 
-use crate::driver::{Capabilities, Driver, DriverError, ObservedVm};
+use crate::driver::{Capabilities, Driver, DriverError, ObservedVm, ProgressSink, Sent};
 use crate::drivers::channel::Guests;
 use crate::drivers::{console, guest_config, images};
 use crate::persist;
@@ -126,6 +127,17 @@ impl Inner {
         let mut vms = self.vms.lock();
         let vm = vms.get_mut(&id).ok_or(DriverError::NoSuchVm(id))?;
         f(vm)
+    }
+
+    /// Makes a new VM's directory with its `spec.json`.
+    fn vm_dir_with_spec(&self, id: VmId, spec: &VmSpec) -> Result<VmPaths, DriverError> {
+        let paths = VmPaths::new(&self.state_dir, id);
+        std::fs::create_dir_all(&paths.dir).map_err(DriverError::io("creating the VM dir"))?;
+        let spec_json =
+            serde_json::to_vec_pretty(spec).map_err(DriverError::encode("the VM's spec"))?;
+        persist::write_atomic(&paths.spec(), &spec_json)
+            .map_err(DriverError::io("saving spec.json"))?;
+        Ok(paths)
     }
 
     fn image(&self, name: &str) -> Result<(PathBuf, PathBuf), DriverError> {
@@ -315,6 +327,7 @@ impl Driver for QemuDriver {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             suspend_to_disk: true,
+            live_migrate: true,
             ..Capabilities::default()
         }
     }
@@ -442,37 +455,23 @@ impl Driver for QemuDriver {
                 }
                 inner.image(&spec.image)?;
                 let (accel, _) = inner.accel().await;
-                let paths = VmPaths::new(&inner.state_dir, id);
-                std::fs::create_dir_all(&paths.dir)
-                    .map_err(DriverError::io("creating the VM dir"))?;
-                let spec_json = serde_json::to_vec_pretty(&spec)
-                    .map_err(DriverError::encode("the VM's spec"))?;
-                persist::write_atomic(&paths.spec(), &spec_json)
-                    .map_err(DriverError::io("saving spec.json"))?;
-                let vm = Vm {
-                    paths: paths.clone(),
-                    spec,
-                    record: VmRecord {
-                        token: guest_config::new_token(),
-                        phase: Phase::Launched,
-                        accel,
-                        paused: false,
-                        hello_seen: false,
-                        restored: false,
-                        exit_code: None,
-                        born_unix_ms: Some(herd_proto::clock::unix_ms()),
-                        policy_reported: false,
-                    },
-                    pid: None,
-                    busy: Some(VmState::Booting),
-                    guest_net: (0, 0),
-                    generation: 0,
-                    channel: None,
-                    unreported: None,
+                let paths = inner.vm_dir_with_spec(id, &spec)?;
+                let record = VmRecord {
+                    token: guest_config::new_token(),
+                    phase: Phase::Launched,
+                    accel,
+                    paused: false,
+                    hello_seen: false,
+                    restored: false,
+                    exit_code: None,
+                    born_unix_ms: Some(herd_proto::clock::unix_ms()),
+                    policy_reported: false,
+                    migrated_out: false,
                 };
+                let vm = Vm::new(paths, spec, record, VmState::Booting);
                 vm.save()?;
                 inner.vms.lock().insert(id, vm);
-                let result = inner.launch(id, false).await;
+                let result = inner.launch(id, ops::StartFrom::Boot).await;
                 inner.with_vm(id, |vm| {
                     vm.busy = None;
                     if let Err(e) = &result {
@@ -507,7 +506,7 @@ impl Driver for QemuDriver {
                     vm.busy = Some(VmState::Booting);
                     vm.save()
                 })?;
-                let result = inner.launch(id, false).await;
+                let result = inner.launch(id, ops::StartFrom::Boot).await;
                 inner.with_vm(id, |vm| {
                     vm.busy = None;
                     if let Err(e) = &result {
@@ -591,6 +590,63 @@ impl Driver for QemuDriver {
                     _ => inner.do_stop(id).await,
                 }
             })
+            .await
+    }
+
+    async fn migration_handoff(&self, id: VmId) -> Result<Vec<u8>, DriverError> {
+        self.inner.handoff(id)
+    }
+
+    async fn migrate_out(
+        &self,
+        id: VmId,
+        to: &std::path::Path,
+        max_downtime_ms: u64,
+        progress: ProgressSink,
+    ) -> Result<Sent, DriverError> {
+        let to = to.to_owned();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .run_op(id, move |inner| async move {
+                let sent = inner
+                    .do_migrate_out(id, to, max_downtime_ms, progress)
+                    .await?;
+                let _ = tx.send(sent);
+                Ok(())
+            })
+            .await?;
+        rx.await
+            .map_err(|_| DriverError::State("the migration's result was lost".into()))
+    }
+
+    async fn migrate_out_undo(&self, id: VmId) -> Result<(), DriverError> {
+        self.inner
+            .run_op(id, move |inner| inner.do_migrate_out_undo(id))
+            .await
+    }
+
+    async fn migrate_in(
+        &self,
+        id: VmId,
+        spec: &VmSpec,
+        handoff: &[u8],
+    ) -> Result<PathBuf, DriverError> {
+        let (spec, handoff) = (spec.clone(), handoff.to_vec());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .run_op(id, move |inner| async move {
+                let socket = inner.do_migrate_in(id, spec, handoff).await?;
+                let _ = tx.send(socket);
+                Ok(())
+            })
+            .await?;
+        rx.await
+            .map_err(|_| DriverError::State("the migration socket was lost".into()))
+    }
+
+    async fn migrate_in_finish(&self, id: VmId) -> Result<(), DriverError> {
+        self.inner
+            .run_op(id, move |inner| inner.do_migrate_in_finish(id))
             .await
     }
 

@@ -2,7 +2,7 @@
 //! talking QMP, saving it to disk, stopping it and waiting for it to go. Each runs in
 //! its own task (`run_op`), so a caller that gives up does not leave a VM half-saved.
 
-use super::launch::{self, LaunchSpec, VmPaths};
+use super::launch::{self, Incoming, LaunchSpec, VmPaths};
 use super::qmp::{self, Qmp};
 use super::vm::Phase;
 use super::{procfs, Inner};
@@ -17,13 +17,25 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+/// What a new QEMU process starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StartFrom {
+    /// A fresh boot.
+    Boot,
+    /// The VM's suspend image.
+    SuspendImage,
+    /// A live migration's stream, from the VM's migration socket.
+    Migration,
+}
+
 impl Inner {
-    /// Starts a QEMU for the VM (booting, or restoring from `incoming`) and its channel
-    /// task. The VM's record must already say what this launch is.
+    /// Starts a QEMU for the VM (booting, restoring its suspend image, or receiving a
+    /// migration) and its channel task. The VM's record must already say what this
+    /// launch is.
     pub(super) async fn launch(
         self: &Arc<Self>,
         id: VmId,
-        incoming: bool,
+        from: StartFrom,
     ) -> Result<(), DriverError> {
         let (accel, _) = self.accel().await;
         let (paths, spec, token, image_accel, born_unix_ms) = self.with_vm(id, |vm| {
@@ -35,10 +47,15 @@ impl Inner {
                 vm.record.born_unix_ms,
             ))
         })?;
-        // A restored guest must run on the accelerator it was saved under.
-        let accel = if incoming { image_accel } else { accel };
+        // A restored or received guest must run on the accelerator it was saved under.
+        let accel = if from == StartFrom::Boot {
+            accel
+        } else {
+            image_accel
+        };
         let (kernel, initrd) = self.image(&spec.image)?;
         let suspend_image = paths.suspend_image();
+        let migration_socket = paths.migration_socket();
         let launch = LaunchSpec {
             id,
             spec: &spec,
@@ -47,7 +64,11 @@ impl Inner {
             initrd: &initrd,
             accel,
             tsc_khz: self.tsc_khz,
-            incoming: incoming.then_some(suspend_image.as_path()),
+            incoming: match from {
+                StartFrom::Boot => None,
+                StartFrom::SuspendImage => Some(Incoming::Image(&suspend_image)),
+                StartFrom::Migration => Some(Incoming::Socket(&migration_socket)),
+            },
             foreground: false,
             born_unix_ms,
             now_unix_ms: herd_proto::clock::unix_ms(),
@@ -57,7 +78,12 @@ impl Inner {
             doing: "building the QEMU command line".into(),
             source: Box::new(e),
         })?;
-        for stale in [paths.pid_file(), paths.qmp(), paths.guest()] {
+        for stale in [
+            paths.pid_file(),
+            paths.qmp(),
+            paths.guest(),
+            paths.migration_socket(),
+        ] {
             let _ = std::fs::remove_file(stale);
         }
         // The parent QEMU exits once the daemon is set up; its exit status says whether
@@ -96,7 +122,7 @@ impl Inner {
                 vm: id,
                 reason: format!("qemu wrote no pid to {}", paths.pid_file().display()),
             })?;
-        info!(%id, pid, accel = accel.as_str(), incoming, "qemu started");
+        info!(%id, pid, accel = accel.as_str(), ?from, "qemu started");
         let generation = self.with_vm(id, |vm| {
             vm.pid = Some(pid);
             vm.generation += 1;
@@ -292,7 +318,7 @@ impl Inner {
             vm.save()
         })?;
         let result = async {
-            self.launch(id, true).await?;
+            self.launch(id, StartFrom::SuspendImage).await?;
             let mut qmp = self.qmp(id).await?;
             let fail = |e: qmp::QmpError| DriverError::Operation {
                 vm: id,

@@ -48,6 +48,10 @@ pub(super) struct VmRecord {
     /// The guest's policy action of the current run reached the agent.
     #[serde(default)]
     pub(super) policy_reported: bool,
+    /// QEMU sent the VM to another host and stopped it here; it stays until the
+    /// migration is committed (then it goes) or rolled back (then it runs again).
+    #[serde(default)]
+    pub(super) migrated_out: bool,
 }
 
 pub(super) struct Vm {
@@ -66,6 +70,21 @@ pub(super) struct Vm {
 }
 
 impl Vm {
+    /// A VM about to get its first QEMU on this host, shown as `busy` meanwhile.
+    pub(super) fn new(paths: VmPaths, spec: VmSpec, record: VmRecord, busy: VmState) -> Vm {
+        Vm {
+            paths,
+            spec,
+            record,
+            pid: None,
+            busy: Some(busy),
+            guest_net: (0, 0),
+            generation: 0,
+            channel: None,
+            unreported: None,
+        }
+    }
+
     pub(super) fn save(&self) -> Result<(), DriverError> {
         let bytes = serde_json::to_vec_pretty(&self.record)
             .map_err(DriverError::encode("the VM's state"))?;
@@ -90,7 +109,9 @@ impl Vm {
             Phase::Stopped => VmState::Stopped,
             Phase::Failed { .. } => VmState::Error,
             Phase::Launched if self.alive() => {
-                if self.record.paused {
+                if self.record.migrated_out {
+                    VmState::Migrating
+                } else if self.record.paused {
                     VmState::Paused
                 } else if self.record.hello_seen {
                     VmState::Running

@@ -1,0 +1,346 @@
+//! Live migration of real QEMU guests between hosts of the netns testbed: the guest's
+//! workload goes on counting across the move, the API names exactly one host at every
+//! moment and the source keeps no QEMU; a target agent killed mid-transfer leaves the
+//! VM running on its source, and the next host takes it; bad requests change nothing.
+
+mod common;
+
+use common::{guest_binary, qemu_present};
+use herd_testbed::{Cluster, ClusterConfig, Shape, Testbed};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The counts a workload printed (`count=N` lines).
+fn counts(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("count=")?.trim().parse().ok())
+        .collect()
+}
+
+fn vm(cluster: &Cluster, name: &str) -> Value {
+    cluster.cli_json(&["vm", "show", name]).expect("vm show")
+}
+
+fn wait_vm(cluster: &Cluster, name: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let view = vm(cluster, name);
+        if done(&view) {
+            return view;
+        }
+        assert!(Instant::now() < deadline, "{name}: not {what}: {view:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What a failing check needs to be understood: the VM, its events, the logs' words
+/// about migrations.
+fn diagnose(cluster: &Cluster, root: &Path) {
+    eprintln!("{}", cluster.cli(&["vm", "show", "m1"]).unwrap_or_default());
+    eprintln!(
+        "{}",
+        cluster.cli(&["vm", "events", "m1"]).unwrap_or_default()
+    );
+    for log in ["server.log", "host0.log", "host1.log", "host2.log"] {
+        let text = std::fs::read_to_string(root.join(log)).unwrap_or_default();
+        for line in text
+            .lines()
+            .filter(|l| l.contains("migrat") || l.contains("transfer") || l.contains("VM"))
+        {
+            eprintln!("{log}: {line}");
+        }
+    }
+}
+
+/// Host ids by testbed index, from `herd host ls`.
+fn host_ids(cluster: &Cluster) -> Vec<String> {
+    let hosts = cluster.cli_json(&["host", "ls"]).expect("host ls");
+    let mut named: Vec<(String, String)> = hosts
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| {
+            (
+                h["hostname"].as_str().unwrap_or("").to_owned(),
+                h["id"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    named.sort();
+    named.into_iter().map(|(_, id)| id).collect()
+}
+
+/// QEMU processes whose command line names this directory.
+fn qemus_under(dir: &Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if matches!(
+            stat.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .chars()
+                .next(),
+            Some('Z') | Some('X') | None
+        ) {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let argv0 = cmdline.split('\0').next().unwrap_or("");
+        if argv0.contains("qemu-system") && cmdline.contains(&needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Polls the VM's host in the background, for the "one host at every moment" check.
+struct HostWatch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Option<String>>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HostWatch {
+    fn start(herd: PathBuf, env: Vec<(String, String)>, name: String) -> HostWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, seen2) = (stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                let out = std::process::Command::new(&herd)
+                    .args(["vm", "show", &name, "-o", "json"])
+                    .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                    .output()
+                    .expect("herd vm show");
+                if out.status.success() {
+                    let view: Value = serde_json::from_slice(&out.stdout).expect("json");
+                    let host = view["host"].as_str().map(str::to_owned);
+                    seen2.lock().expect("lock").push(host);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        HostWatch {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    /// The distinct hosts seen, in order.
+    fn finish(mut self) -> Vec<Option<String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("watcher");
+        }
+        let seen = self.seen.lock().expect("lock").clone();
+        let mut distinct: Vec<Option<String>> = Vec::new();
+        for host in seen {
+            if distinct.last() != Some(&host) {
+                distinct.push(host);
+            }
+        }
+        distinct
+    }
+}
+
+#[test]
+fn a_running_guest_moves_between_hosts_and_a_failed_target_leaves_it_running() {
+    if !qemu_present() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let bed = Testbed::create(3).expect("testbed (needs root)");
+    let image_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-e2e-images");
+    let mut config = ClusterConfig::new(Path::new(env!("CARGO_BIN_EXE_herd")), root.path(), "qemu");
+    config.server_args = ["--default-hypervisor", "qemu", "--host-grace-s", "5"]
+        .map(str::to_owned)
+        .to_vec();
+    config.agent_args = vec![
+        "--accel".into(),
+        "tcg".into(),
+        "--image-dir".into(),
+        image_dir.display().to_string(),
+        "--util-interval-ms".into(),
+        "0".into(),
+    ];
+    config.env = vec![("HERD_GUEST_BINARY".into(), guest_binary())];
+    let mut cluster = Cluster::start(bed, config).expect("cluster");
+    cluster
+        .wait_hosts(Duration::from_secs(300), |hosts| {
+            hosts.len() == 3 && hosts.iter().all(|h| h["state"] == "up")
+        })
+        .expect("three hosts up");
+    let ids = host_ids(&cluster);
+    let index_of = |id: &str| ids.iter().position(|h| h == id).expect("a known host");
+
+    // A guest that counts every 100 ms on its console.
+    let counter = "i=0; while true; do i=$((i+1)); echo count=$i; sleep 0.1; done";
+    cluster
+        .cli(&[
+            "vm", "launch", "m1", "--memory", "128", "--", "sh", "-c", counter,
+        ])
+        .expect("launch");
+    let view = wait_vm(&cluster, "m1", "running", |v| v["state"] == "running");
+    let vm_id = view["id"].as_str().expect("id").to_owned();
+    let source = view["host"].as_str().expect("host").to_owned();
+    let source_dir = root.path().join(format!("host{}", index_of(&source)));
+    assert_eq!(qemus_under(&source_dir).len(), 1, "one QEMU on the source");
+
+    // Bad requests: each refused with its reason, nothing changed.
+    let refused = |args: &[&str], needle: &str| {
+        let err = cluster.cli(args).expect_err("refused");
+        assert!(err.to_string().contains(needle), "{args:?}: {err}");
+    };
+    refused(&["vm", "migrate", "m1", "--to", &source], "already on host");
+    refused(&["vm", "migrate", "m1", "--to", "no-such-host"], "no host");
+    refused(&["vm", "migrate", "no-such-vm"], "no VM named");
+    assert_eq!(vm(&cluster, "m1")["host"], source.as_str());
+
+    // The move, watched from outside.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = counts(&cluster.cli(&["vm", "console", "m1"]).expect("console"));
+    let last_before = *before.last().expect("the workload counts");
+    let env: Vec<(String, String)> = vec![
+        (
+            "XDG_CONFIG_HOME".into(),
+            root.path().join("cli").display().to_string(),
+        ),
+        ("HERD_URL".into(), cluster.url.clone()),
+        ("HERD_TOKEN".into(), cluster.token.clone()),
+        ("HERD_CA".into(), cluster.ca.display().to_string()),
+    ];
+    let watch = HostWatch::start(env!("CARGO_BIN_EXE_herd").into(), env.clone(), "m1".into());
+    let started = Instant::now();
+    let moved = cluster
+        .cli(&["vm", "migrate", "m1", "-o", "json"])
+        .expect("migrate");
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let hosts_seen = watch.finish();
+    let moved: Value = serde_json::from_str(&moved).expect("migration json");
+    eprintln!("migration: {moved:#} in {took:?}");
+    assert_eq!(moved["phase"], "done", "{moved:#}");
+    let target = moved["target"].as_str().expect("target").to_owned();
+    assert_ne!(target, source);
+    assert_eq!(
+        hosts_seen,
+        vec![Some(source.clone()), Some(target.clone())],
+        "the VM must be on the source, then on the target, and nowhere else"
+    );
+    let view = wait_vm(&cluster, "m1", "running on the target", |v| {
+        v["state"] == "running" && v["host"] == target.as_str()
+    });
+    assert_eq!(view["id"], vm_id.as_str());
+    let target_dir = root.path().join(format!("host{}", index_of(&target)));
+    assert!(
+        qemus_under(&source_dir).is_empty(),
+        "a QEMU is left on the source"
+    );
+    assert_eq!(qemus_under(&target_dir).len(), 1, "one QEMU on the target");
+    assert!(
+        !source_dir.join("qemu").join(&vm_id).exists(),
+        "the source kept the VM's files"
+    );
+    // The same guest, not a new boot: its count goes on from where it was.
+    std::thread::sleep(Duration::from_secs(2));
+    let after = counts(&cluster.cli(&["vm", "console", "m1"]).expect("console"));
+    let first_after = *after.first().expect("the workload counts on the target");
+    assert!(
+        first_after > last_before,
+        "the count started over ({first_after} after {last_before}): the guest rebooted"
+    );
+    assert!(
+        after.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count skipped or went back on the target: {after:?}"
+    );
+    let shown = cluster.cli(&["vm", "show", "m1"]).expect("vm show");
+    assert!(
+        shown.contains("migration") && shown.contains("done"),
+        "{shown}"
+    );
+
+    // A target agent killed mid-transfer: the VM stays on its source, and the next
+    // host takes it. The source's link is slowed so the transfer lasts long enough.
+    let source = target;
+    let source_index = index_of(&source);
+    cluster
+        .bed
+        .shape(
+            source_index,
+            Shape {
+                rate_kbit: 40_000,
+                ..Shape::default()
+            },
+        )
+        .expect("shape");
+    let started: Value = serde_json::from_str(
+        &cluster
+            .cli(&["vm", "migrate", "m1", "--no-wait", "-o", "json"])
+            .expect("migrate"),
+    )
+    .expect("json");
+    let first_target = started["target"].as_str().expect("target").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = cluster.cli(&["vm", "show", "m1"]).expect("show");
+        if out.contains("transferring") && out.contains("MiB sent") && !out.contains(" 0 MiB sent")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the transfer did not start: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster
+        .kill_agent(index_of(&first_target))
+        .expect("kill the target's agent");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut on_source_while_failing = true;
+    let final_view = loop {
+        let view = vm(&cluster, "m1");
+        if view["host"] != source.as_str() && view["host"] != Value::Null {
+            break view;
+        }
+        on_source_while_failing &= view["host"] == source.as_str();
+        if Instant::now() > deadline {
+            diagnose(&cluster, root.path());
+            panic!("no second attempt landed: {view:#}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(on_source_while_failing);
+    let second_target = final_view["host"].as_str().expect("host").to_owned();
+    assert_ne!(second_target, first_target, "moved to the killed host");
+    cluster.bed.unshape(source_index).expect("unshape");
+    wait_vm(&cluster, "m1", "running on the second target", |v| {
+        v["state"] == "running" && v["host"] == second_target.as_str()
+    });
+    let shown = cluster.cli(&["vm", "show", "m1"]).expect("vm show");
+    assert!(shown.contains("attempt 2"), "{shown}");
+    let events = cluster.cli(&["vm", "events", "m1"]).expect("events");
+    assert!(events.contains("attempt 1"), "{events}");
+    // The killed host, back, drops what it had of the VM.
+    cluster
+        .restart_agent(index_of(&first_target))
+        .expect("restart");
+    let killed_dir = root.path().join(format!("host{}", index_of(&first_target)));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while killed_dir.join("qemu").join(&vm_id).exists() || !qemus_under(&killed_dir).is_empty() {
+        assert!(Instant::now() < deadline, "the failed target kept the VM");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
