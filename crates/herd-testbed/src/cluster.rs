@@ -88,23 +88,28 @@ fn end(child: &mut Option<Child>) {
     }
 }
 
+/// `herd server` on the bridge, with its data in `<root>/server`.
+fn spawn_server(config: &ClusterConfig, bed: &Testbed) -> Result<Child, TestbedError> {
+    let mut command = Command::new(&config.herd);
+    command
+        .arg("server")
+        .arg("--data-dir")
+        .arg(config.root.join("server"))
+        .arg("--listen")
+        .arg(format!("{}:{PORT}", bed.gateway()))
+        .args(&config.server_args);
+    for (key, value) in &config.env {
+        command.env(key, value);
+    }
+    spawn(command, &config.root.join("server.log"), "herd server")
+}
+
 impl Cluster {
     /// Starts the server and every agent and waits until every host is up.
     pub fn start(bed: Testbed, config: ClusterConfig) -> Result<Cluster, TestbedError> {
         let server_dir = config.root.join("server");
         let url = format!("https://{}:{PORT}", bed.gateway());
-        let mut command = Command::new(&config.herd);
-        command
-            .arg("server")
-            .arg("--data-dir")
-            .arg(&server_dir)
-            .arg("--listen")
-            .arg(format!("{}:{PORT}", bed.gateway()))
-            .args(&config.server_args);
-        for (key, value) in &config.env {
-            command.env(key, value);
-        }
-        let server = spawn(command, &config.root.join("server.log"), "herd server")?;
+        let server = spawn_server(&config, &bed)?;
         let mut cluster = Cluster {
             agents: Vec::new(),
             server: Some(server),
@@ -123,6 +128,19 @@ impl Cluster {
             hosts.len() == n && hosts.iter().all(|h| h["state"] == "up")
         })?;
         Ok(cluster)
+    }
+
+    /// Kills the server with SIGKILL (agents and guests keep running).
+    pub fn kill_server(&mut self) {
+        end(&mut self.server);
+    }
+
+    /// Starts the server again on its data dir and waits until it answers.
+    pub fn restart_server(&mut self) -> Result<(), TestbedError> {
+        end(&mut self.server);
+        self.server = Some(spawn_server(&self.config, &self.bed)?);
+        let server_dir = self.config.root.join("server");
+        self.wait_server(&server_dir)
     }
 
     fn wait_server(&mut self, server_dir: &Path) -> Result<(), TestbedError> {

@@ -155,15 +155,11 @@ impl HostWatch {
     }
 }
 
-#[test]
-fn a_running_guest_moves_between_hosts_and_a_failed_target_leaves_it_running() {
-    if !qemu_present() {
-        return;
-    }
-    let root = tempfile::tempdir().expect("tempdir");
+/// Three qemu hosts on the testbed, up.
+fn start(root: &Path) -> Cluster {
     let bed = Testbed::create(3).expect("testbed (needs root)");
     let image_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-e2e-images");
-    let mut config = ClusterConfig::new(Path::new(env!("CARGO_BIN_EXE_herd")), root.path(), "qemu");
+    let mut config = ClusterConfig::new(Path::new(env!("CARGO_BIN_EXE_herd")), root, "qemu");
     config.server_args = ["--default-hypervisor", "qemu", "--host-grace-s", "5"]
         .map(str::to_owned)
         .to_vec();
@@ -176,23 +172,137 @@ fn a_running_guest_moves_between_hosts_and_a_failed_target_leaves_it_running() {
         "0".into(),
     ];
     config.env = vec![("HERD_GUEST_BINARY".into(), guest_binary())];
-    let mut cluster = Cluster::start(bed, config).expect("cluster");
+    let cluster = Cluster::start(bed, config).expect("cluster");
     cluster
         .wait_hosts(Duration::from_secs(300), |hosts| {
             hosts.len() == 3 && hosts.iter().all(|h| h["state"] == "up")
         })
         .expect("three hosts up");
-    let ids = host_ids(&cluster);
-    let index_of = |id: &str| ids.iter().position(|h| h == id).expect("a known host");
+    cluster
+}
 
-    // A guest that counts every 100 ms on its console.
+/// A guest that counts every 100 ms on its console, running; its view.
+fn launch_counter(cluster: &Cluster) -> Value {
     let counter = "i=0; while true; do i=$((i+1)); echo count=$i; sleep 0.1; done";
     cluster
         .cli(&[
             "vm", "launch", "m1", "--memory", "128", "--", "sh", "-c", counter,
         ])
         .expect("launch");
-    let view = wait_vm(&cluster, "m1", "running", |v| v["state"] == "running");
+    wait_vm(cluster, "m1", "running", |v| v["state"] == "running")
+}
+
+/// Slows `host`'s link so that a transfer lasts long enough to be interrupted, starts
+/// a migration without waiting, and returns its target once bytes are moving.
+fn slow_migration_under_way(cluster: &Cluster, host: usize) -> String {
+    let slow = Shape {
+        rate_kbit: 40_000,
+        ..Shape::default()
+    };
+    cluster.bed.shape(host, slow).expect("shape");
+    let started: Value = serde_json::from_str(
+        &cluster
+            .cli(&["vm", "migrate", "m1", "--no-wait", "-o", "json"])
+            .expect("migrate"),
+    )
+    .expect("json");
+    let target = started["target"].as_str().expect("target").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = cluster.cli(&["vm", "show", "m1"]).expect("show");
+        if out.contains("transferring") && out.contains("MiB sent") && !out.contains(" 0 MiB sent")
+        {
+            return target;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the transfer did not start: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_server_killed_mid_transfer_finishes_the_move_and_a_cut_link_moves_it_elsewhere() {
+    if !qemu_present() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = start(root.path());
+    let ids = host_ids(&cluster);
+    let index_of = |id: &str| ids.iter().position(|h| h == id).expect("a known host");
+    let view = launch_counter(&cluster);
+    let vm_id = view["id"].as_str().expect("id").to_owned();
+    let source = view["host"].as_str().expect("host").to_owned();
+
+    // The server dies mid-transfer and comes back: the move ends as it would have, on
+    // the target, with one QEMU in the whole cloud.
+    let target = slow_migration_under_way(&cluster, index_of(&source));
+    cluster.kill_server();
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.restart_server().expect("server back");
+    let view = wait_vm(&cluster, "m1", "running on its target", |v| {
+        v["state"] == "running" && v["host"] == target.as_str()
+    });
+    assert_eq!(view["id"], vm_id.as_str());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !qemus_under(&root.path().join(format!("host{}", index_of(&source)))).is_empty() {
+        assert!(Instant::now() < deadline, "the source kept its QEMU");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(qemus_under(root.path()).len(), 1, "one QEMU in the cloud");
+    cluster.bed.unshape(index_of(&source)).expect("unshape");
+    let shown = cluster.cli(&["vm", "show", "m1"]).expect("show");
+    assert!(shown.contains("done"), "{shown}");
+
+    // The target's cable is pulled mid-transfer: nothing moves, the source gives up,
+    // and the VM goes to the remaining host instead, never leaving its source before.
+    let source = target;
+    let cut = slow_migration_under_way(&cluster, index_of(&source));
+    cluster.bed.cut(index_of(&cut)).expect("cut");
+    cluster.bed.unshape(index_of(&source)).expect("unshape");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let landed = loop {
+        let view = vm(&cluster, "m1");
+        let host = view["host"].as_str().unwrap_or("").to_owned();
+        if host != source && view["state"] == "running" {
+            break host;
+        }
+        assert_eq!(host, source, "the VM left its source before the move");
+        if Instant::now() > deadline {
+            diagnose(&cluster, root.path());
+            panic!("the VM did not move elsewhere: {view:#}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_ne!(landed, cut, "moved to the cut host");
+    let shown = cluster.cli(&["vm", "show", "m1"]).expect("show");
+    assert!(
+        shown.contains("attempt 2") && shown.contains("done"),
+        "{shown}"
+    );
+    // Healed, the cut host drops its half-received copy.
+    cluster.bed.heal(index_of(&cut)).expect("heal");
+    let cut_dir = root.path().join(format!("host{}", index_of(&cut)));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while cut_dir.join("qemu").join(&vm_id).exists() || !qemus_under(&cut_dir).is_empty() {
+        assert!(Instant::now() < deadline, "the cut host kept the VM");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(qemus_under(root.path()).len(), 1, "one QEMU in the cloud");
+}
+
+#[test]
+fn a_running_guest_moves_between_hosts_and_a_failed_target_leaves_it_running() {
+    if !qemu_present() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = start(root.path());
+    let ids = host_ids(&cluster);
+    let index_of = |id: &str| ids.iter().position(|h| h == id).expect("a known host");
+
+    let view = launch_counter(&cluster);
     let vm_id = view["id"].as_str().expect("id").to_owned();
     let source = view["host"].as_str().expect("host").to_owned();
     let source_dir = root.path().join(format!("host{}", index_of(&source)));
@@ -275,36 +385,7 @@ fn a_running_guest_moves_between_hosts_and_a_failed_target_leaves_it_running() {
     // host takes it. The source's link is slowed so the transfer lasts long enough.
     let source = target;
     let source_index = index_of(&source);
-    cluster
-        .bed
-        .shape(
-            source_index,
-            Shape {
-                rate_kbit: 40_000,
-                ..Shape::default()
-            },
-        )
-        .expect("shape");
-    let started: Value = serde_json::from_str(
-        &cluster
-            .cli(&["vm", "migrate", "m1", "--no-wait", "-o", "json"])
-            .expect("migrate"),
-    )
-    .expect("json");
-    let first_target = started["target"].as_str().expect("target").to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = cluster.cli(&["vm", "show", "m1"]).expect("show");
-        if out.contains("transferring") && out.contains("MiB sent") && !out.contains(" 0 MiB sent")
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the transfer did not start: {out}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let first_target = slow_migration_under_way(&cluster, source_index);
     cluster
         .kill_agent(index_of(&first_target))
         .expect("kill the target's agent");

@@ -108,27 +108,26 @@ impl Store {
 
     /// Every migration with something left to do, for a restarted server.
     pub fn active_migrations(&self) -> Result<Vec<Migration>, StoreError> {
-        let db = self.reader();
-        let mut stmt = db.prepare("SELECT id, body FROM migrations WHERE active = 1")?;
-        let rows = stmt.query_map([], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, body) = row?;
-            out.push(migration_of(&id, &body)?);
-        }
-        Ok(out)
+        self.query_migrations("SELECT id, body FROM migrations WHERE active = 1", [])
     }
 
     /// A VM's newest migrations, newest first.
     pub fn migrations_of(&self, vm: VmId, limit: usize) -> Result<Vec<Migration>, StoreError> {
-        let db = self.reader();
-        let mut stmt = db.prepare_cached(
+        self.query_migrations(
             "SELECT id, body FROM migrations WHERE vm = ?1 \
              ORDER BY started_at DESC, rowid DESC LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![vm.to_string(), limit as i64], |row| {
+            params![vm.to_string(), limit as i64],
+        )
+    }
+
+    fn query_migrations(
+        &self,
+        sql: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Vec<Migration>, StoreError> {
+        let db = self.reader();
+        let mut stmt = db.prepare_cached(sql)?;
+        let rows = stmt.query_map(args, |row| {
             Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
         })?;
         let mut out = Vec::new();
