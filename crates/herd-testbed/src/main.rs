@@ -90,6 +90,43 @@ fn block_signals() -> Result<SigSet> {
     Ok(set)
 }
 
+/// Real guests need an image and the herd-guest inside it. The namespaces have no way
+/// out (no DNS, no Debian mirror), so both are made here, once, before any agent
+/// starts, and every agent is pointed at them.
+fn prepare_guests(config: &mut ClusterConfig) -> Result<()> {
+    let real = config.drivers.split(',').any(|d| d == "qemu" || d == "oci");
+    if !real
+        || config
+            .agent_args
+            .iter()
+            .any(|a| a.starts_with("--image-dir"))
+    {
+        return Ok(());
+    }
+    let guest = match std::env::var_os("HERD_GUEST_BINARY") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            eprintln!("building herd-guest...");
+            let root = herd_image::workspace_root(env!("CARGO_MANIFEST_DIR"));
+            herd_image::guest_binary(&root, true).context("building herd-guest")?
+        }
+    };
+    let images = PathBuf::from("/tmp/herd-testbed/images");
+    eprintln!("preparing the guest image in {}...", images.display());
+    let status = std::process::Command::new(&config.herd)
+        .args(["image", "build", "default", "--data-dir"])
+        .arg(&images)
+        .env("HERD_GUEST_BINARY", &guest)
+        .status()
+        .context("running herd image build")?;
+    anyhow::ensure!(status.success(), "herd image build failed ({status})");
+    config
+        .agent_args
+        .extend(["--image-dir".into(), images.display().to_string()]);
+    config.env.push(("HERD_GUEST_BINARY".into(), guest));
+    Ok(())
+}
+
 fn up(
     hosts: usize,
     config: impl FnOnce(u8) -> Result<ClusterConfig>,
@@ -161,6 +198,7 @@ fn main() -> Result<()> {
                             .extend(["--default-hypervisor".into(), first.to_owned()]);
                     }
                     config.agent_args = agent_args;
+                    prepare_guests(&mut config)?;
                     Ok(config)
                 },
                 &signals,

@@ -175,6 +175,11 @@ fn apply_changes(
                         None => continue,
                     },
                 };
+                if from == state {
+                    // The server's record says so already (a migration's commit wrote
+                    // the state the new host now reports).
+                    continue;
+                }
                 Metrics::inc(&cloud.metrics.vm_state_changes);
                 let mut events = derived_events(host, vm_id, from, state);
                 // What the agent found anomalous (and the server cannot derive if the
