@@ -307,6 +307,21 @@ impl Migration {
                 self.progress.remaining_bytes = 0;
                 self.enter(Phase::SwitchingOver, now_ms, &mut out);
             }
+            (
+                Phase::Committed | Phase::Done,
+                MigrationUpdate::Sent {
+                    downtime_ms,
+                    total_ms,
+                    transferred_bytes,
+                },
+            ) if from_source => {
+                // The target ran the VM before the source's word on the transfer came
+                // (its relay drains first): the figures still belong to the record.
+                self.downtime_ms = downtime_ms;
+                self.transfer_ms = Some(total_ms);
+                self.progress.transferred_bytes = transferred_bytes;
+                self.progress.remaining_bytes = 0;
+            }
             (Phase::Transferring | Phase::SwitchingOver, MigrationUpdate::Arrived)
                 if from_target =>
             {
