@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod migration;
 pub mod node;
 pub mod policy;
+pub mod spec;
 pub mod wire;
 
 pub use lifecycle::{Event, VmState};

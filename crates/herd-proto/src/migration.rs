@@ -11,7 +11,7 @@
 //! frame ([`TransferHello`]) names the migration, which the target must have been told
 //! to expect from exactly that source host.
 
-use crate::wire::{HostId, VmId, VmSpec};
+use crate::spec::{HostId, VmId, VmSpec};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 

@@ -7,10 +7,8 @@
 
 use crate::lifecycle::{Event, VmState};
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
-pub type VmId = Uuid;
-pub type HostId = Uuid;
+pub use crate::spec::{HostId, VmId, VmSpec};
 
 /// Largest frame either side accepts. A full sync of 10,000 VMs is ~200 KB.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -155,24 +153,6 @@ impl std::fmt::Display for CommandId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.vm, self.generation)
     }
-}
-
-/// What a VM should be, as the agent needs it to build one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmSpec {
-    pub name: String,
-    pub hypervisor: String,
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    pub image: String,
-    /// The workload command run inside the guest; empty runs the image's default.
-    pub command: Vec<String>,
-    /// Self-management policies, enforced in the guest and, as a backstop, by the agent.
-    #[serde(default)]
-    pub policy: crate::policy::PolicySpec,
-    /// Keep the VM up after its workload ends (by default it powers off).
-    #[serde(default)]
-    pub keep_running: bool,
 }
 
 /// Converge one VM to `target`, creating it from `spec` if the host lacks it.
@@ -336,6 +316,7 @@ pub fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8]) -> Result<T, DecodeError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use uuid::Uuid;
     use proptest::prelude::*;
 
     #[test]

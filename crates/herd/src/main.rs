@@ -6,7 +6,6 @@ mod client;
 mod config;
 mod hosts;
 mod images;
-mod migrate;
 mod policy;
 mod run;
 mod sim;

@@ -1,5 +1,7 @@
 //! Client subcommands: `herd vm ...` and `herd host ...`.
 
+mod migrate;
+
 use crate::client::{urlencode, Client};
 use crate::table::Table;
 use crate::{BillArgs, BillOutput, LaunchArgs, ListArgs, Output, RateCardCommand, VmCommand};
@@ -37,7 +39,7 @@ pub async fn vm(command: VmCommand) -> Result<()> {
                         println!(
                             "{:<14}{} at {}",
                             "migration",
-                            crate::migrate::line(m),
+                            migrate::line(m),
                             m.updated_at
                         );
                     }
@@ -72,7 +74,7 @@ pub async fn vm(command: VmCommand) -> Result<()> {
             to,
             no_wait,
             output,
-        } => crate::migrate::migrate(&client, &vm, to, no_wait, output).await,
+        } => migrate::migrate(&client, &vm, to, no_wait, output).await,
         VmCommand::Console { vm, bytes } => {
             let view = client.resolve_vm(&vm).await?;
             let (_, text) = client

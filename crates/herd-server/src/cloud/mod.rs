@@ -212,8 +212,8 @@ pub struct Cloud {
     /// Console requests awaiting their agent's answer: which host must answer, and where.
     console_waiters: Mutex<HashMap<u64, (HostId, ConsoleReply)>>,
     next_request: AtomicU64,
-    /// Live migrations in progress (see [`crate::migration`]).
-    pub migrations: crate::migration::Migrations,
+    /// Live migrations in progress (the coordinator is the `migration` module).
+    pub migrations: crate::migration::book::Migrations,
 }
 
 impl Cloud {

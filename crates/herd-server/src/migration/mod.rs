@@ -11,17 +11,18 @@
 //! placement, and a write that reaches the disk after the commit is fenced by the host
 //! it came from), so a late report from the old host never overwrites the new one's.
 
+pub mod book;
 pub mod plan;
+
+pub use book::Migrations;
 
 use crate::cloud::{Cloud, CloudError};
 use crate::store::NewEvent;
 use herd_proto::migration::{MigrationId, MigrationUpdate};
 use herd_proto::wire::{HostId, ServerMsg, VmId};
 use herd_proto::VmState;
-use parking_lot::Mutex;
 use plan::{Effect, Migration, Phase};
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -35,35 +36,6 @@ const PHASE_TIMEOUT_MS: i64 = 60_000;
 
 /// The hypervisor types whose VMs can move while running.
 const LIVE_MIGRATABLE: &[&str] = &["qemu"];
-
-/// The migrations in progress, in memory (each also in the store), and where each
-/// connected agent connects from.
-#[derive(Default)]
-pub struct Migrations {
-    active: Mutex<HashMap<MigrationId, Migration>>,
-    peers: Mutex<HashMap<HostId, IpAddr>>,
-}
-
-impl Migrations {
-    /// Remembers the address an agent's bus connection comes from: a target is reached
-    /// there, at the port it names.
-    pub fn peer_connected(&self, host: HostId, ip: IpAddr) {
-        self.peers.lock().insert(host, ip);
-    }
-
-    /// The VM's migration in progress, if it has one.
-    pub fn of_vm(&self, vm: VmId) -> Option<Migration> {
-        self.active
-            .lock()
-            .values()
-            .find(|m| m.vm == vm && !m.phase.is_over())
-            .cloned()
-    }
-
-    pub fn is_migrating(&self, vm: VmId) -> bool {
-        self.of_vm(vm).is_some()
-    }
-}
 
 fn conflict(code: &'static str, message: String) -> CloudError {
     CloudError::Conflict { code, message }

@@ -1,8 +1,8 @@
 //! `herd vm migrate`: asks for a live migration and follows it to its end, with the
 //! transfer's progress on one line.
 
+use super::{print_json, short};
 use crate::client::Client;
-use crate::vm::{print_json, short};
 use crate::Output;
 use anyhow::{bail, Result};
 use herd_server::api::{MigrateRequest, MigrationList, MigrationView};
