@@ -316,8 +316,8 @@ pub fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8]) -> Result<T, DecodeError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use uuid::Uuid;
     use proptest::prelude::*;
+    use uuid::Uuid;
 
     #[test]
     fn a_suspend_refusal_reads_back_from_the_detail() {
