@@ -99,6 +99,19 @@ fn sweep(slot: u8) -> usize {
             }
         }
     }
+    // Pairs whose namespace is gone but not yet cleaned up by the kernel.
+    let links = std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten();
+    for link in links {
+        let name = link.file_name().to_string_lossy().into_owned();
+        if plan::is_slot_veth(slot, &name)
+            && run(&plan::cmd(&["ip", "link", "delete", &name])).is_ok()
+        {
+            removed += 1;
+        }
+    }
     let bridge = plan::bridge_name(slot);
     if Path::new("/sys/class/net").join(&bridge).exists()
         && run(&plan::cmd(&["ip", "link", "delete", &bridge])).is_ok()

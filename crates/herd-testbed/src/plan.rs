@@ -134,12 +134,19 @@ impl Plan {
     /// Removes what [`Plan::setup`] made (processes inside are the caller's to end
     /// first). Each command may fail harmlessly when its object is already gone.
     pub fn teardown(&self) -> Vec<Cmd> {
+        // The pairs go first and by name: a deleted namespace's veth end goes only
+        // when the kernel gets round to cleaning the namespace up, and a testbed that
+        // claims the slot meanwhile would find the root-side name still taken.
         let mut out: Vec<Cmd> = self
             .hosts
             .iter()
-            .map(|h| cmd(&["ip", "netns", "delete", &h.ns]))
+            .map(|h| cmd(&["ip", "link", "delete", &h.veth_root]))
             .collect();
-        // Deleting a namespace deletes its veth end and so the pair; the bridge last.
+        out.extend(
+            self.hosts
+                .iter()
+                .map(|h| cmd(&["ip", "netns", "delete", &h.ns])),
+        );
         out.push(cmd(&["ip", "link", "delete", &self.bridge]));
         out
     }
@@ -231,6 +238,12 @@ pub fn bridge_name(slot: u8) -> String {
 /// Whether a namespace name is one of slot `slot`'s (for sweeping leftovers).
 pub fn is_slot_ns(slot: u8, name: &str) -> bool {
     name.strip_prefix(&format!("herd-tb{slot}-"))
+        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether a root-namespace link is one of slot `slot`'s veths (for sweeping).
+pub fn is_slot_veth(slot: u8, name: &str) -> bool {
+    name.strip_prefix(&format!("htb{slot}h"))
         .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
 }
 
@@ -327,6 +340,10 @@ mod tests {
         assert!(!is_slot_ns(3, "herd-tb33-1"));
         assert!(!is_slot_ns(3, "herd-tb3-"));
         assert!(!is_slot_ns(3, "herd-tb3-x"));
+        assert!(is_slot_veth(3, "htb3h0"));
+        assert!(!is_slot_veth(3, "htb33h0"));
+        assert!(!is_slot_veth(3, "htb3n0"));
+        assert!(!is_slot_veth(3, "htb3"));
         assert!(!is_slot_ns(3, "other"));
     }
 

@@ -194,7 +194,7 @@ fn launch_counter(cluster: &Cluster) -> Value {
 
 /// Slows `host`'s link so that a transfer lasts long enough to be interrupted, starts
 /// a migration without waiting, and returns its target once bytes are moving.
-fn slow_migration_under_way(cluster: &Cluster, host: usize) -> String {
+fn slow_migration_under_way(cluster: &Cluster, host: usize, root: &Path) -> String {
     let slow = Shape {
         rate_kbit: 40_000,
         ..Shape::default()
@@ -214,10 +214,10 @@ fn slow_migration_under_way(cluster: &Cluster, host: usize) -> String {
         {
             return target;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the transfer did not start: {out}"
-        );
+        if Instant::now() > deadline {
+            diagnose(cluster, root);
+            panic!("the transfer did not start: {out}");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -237,7 +237,7 @@ fn a_server_killed_mid_transfer_finishes_the_move_and_a_cut_link_moves_it_elsewh
 
     // The server dies mid-transfer and comes back: the move ends as it would have, on
     // the target, with one QEMU in the whole cloud.
-    let target = slow_migration_under_way(&cluster, index_of(&source));
+    let target = slow_migration_under_way(&cluster, index_of(&source), root.path());
     cluster.kill_server();
     std::thread::sleep(Duration::from_secs(2));
     cluster.restart_server().expect("server back");
@@ -258,7 +258,7 @@ fn a_server_killed_mid_transfer_finishes_the_move_and_a_cut_link_moves_it_elsewh
     // The target's cable is pulled mid-transfer: nothing moves, the source gives up,
     // and the VM goes to the remaining host instead, never leaving its source before.
     let source = target;
-    let cut = slow_migration_under_way(&cluster, index_of(&source));
+    let cut = slow_migration_under_way(&cluster, index_of(&source), root.path());
     cluster.bed.cut(index_of(&cut)).expect("cut");
     cluster.bed.unshape(index_of(&source)).expect("unshape");
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -385,7 +385,7 @@ fn a_running_guest_moves_between_hosts_and_a_failed_target_leaves_it_running() {
     // host takes it. The source's link is slowed so the transfer lasts long enough.
     let source = target;
     let source_index = index_of(&source);
-    let first_target = slow_migration_under_way(&cluster, source_index);
+    let first_target = slow_migration_under_way(&cluster, source_index, root.path());
     cluster
         .kill_agent(index_of(&first_target))
         .expect("kill the target's agent");

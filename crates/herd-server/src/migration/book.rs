@@ -13,6 +13,10 @@ use std::net::IpAddr;
 /// connected agent connects from.
 #[derive(Default)]
 pub struct Migrations {
+    /// Held across each step of any migration (read the record, decide, save, send):
+    /// answers from the two agents arrive on two connections at once, and a step that
+    /// read the record before the other's step saved it would undo that step.
+    pub(super) steps: Mutex<()>,
     pub(super) active: Mutex<HashMap<MigrationId, Migration>>,
     pub(super) peers: Mutex<HashMap<HostId, IpAddr>>,
 }

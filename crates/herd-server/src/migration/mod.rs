@@ -46,6 +46,8 @@ impl Cloud {
     /// of its type with room. Returns the migration as it starts; it goes on in the
     /// background.
     pub fn migrate(&self, id: &str, to: Option<&str>) -> Result<Migration, CloudError> {
+        // One step like any other: two requests for one VM cannot both start.
+        let _step = self.migrations.steps.lock();
         let vm = self.vm(id)?;
         let Some(source) = vm.host else {
             return Err(conflict(
@@ -235,6 +237,7 @@ impl Cloud {
         vm: VmId,
         update: MigrationUpdate,
     ) -> Result<(), CloudError> {
+        let _step = self.migrations.steps.lock();
         let Some(mut m) = self.migrations.active.lock().get(&migration).cloned() else {
             return Ok(());
         };
@@ -258,7 +261,23 @@ impl Cloud {
         self.carry_out(m, effects)
     }
 
-    /// Carries out a step's effects and saves the migration's new record.
+    /// Gives up the current phase of a migration that waited too long; `false` if the
+    /// phase waits as long as it takes (or the migration moved on meanwhile).
+    fn time_out(&self, id: MigrationId, waited_ms: i64) -> Result<bool, CloudError> {
+        let _step = self.migrations.steps.lock();
+        let Some(mut m) = self.migrations.active.lock().get(&id).cloned() else {
+            return Ok(false);
+        };
+        let effects = m.timed_out(waited_ms, crate::store::now_ms());
+        if effects.is_empty() {
+            return Ok(false);
+        }
+        self.carry_out(m, effects)?;
+        Ok(true)
+    }
+
+    /// Carries out a step's effects and saves the migration's new record; the caller
+    /// holds the step lock.
     fn carry_out(&self, mut m: Migration, effects: Vec<Effect>) -> Result<(), CloudError> {
         let mut queue: std::collections::VecDeque<Effect> = effects.into();
         let mut events = Vec::new();
@@ -364,14 +383,12 @@ impl Cloud {
                     .or_insert((m.updated_at_ms, Instant::now()));
                 let waited = since.elapsed().as_millis() as i64;
                 if waited > PHASE_TIMEOUT_MS {
-                    let mut m = m.clone();
-                    let effects = m.timed_out(waited, crate::store::now_ms());
-                    if !effects.is_empty() {
-                        let cloud = self.clone();
-                        if let Err(e) = crate::blocking(move || cloud.carry_out(m, effects)) {
-                            warn!("migration step failed: {e}");
-                        }
-                        continue;
+                    let cloud = self.clone();
+                    let stepped = crate::blocking(move || cloud.time_out(m.id, waited));
+                    match stepped {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => warn!("migration step failed: {e}"),
                     }
                 }
                 for (host, order) in m.orders() {
