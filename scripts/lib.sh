@@ -23,11 +23,11 @@ need_rust() {
     fi
 }
 
-# What real VMs and containers need: QEMU, runc (and CRIU, which it checkpoints with),
+# What real VMs and containers need: QEMU (and qemu-img for disks), runc (and CRIU, which it checkpoints with),
 # busybox for the guest image, the tools that unpack kernel modules, and package lists
 # that know the cloud kernel (apt-get download needs them).
 need_vm_packages() {
-    need_packages qemu-system-x86 runc criu busybox-static xz-utils zstd
+    need_packages qemu-system-x86 qemu-utils runc criu busybox-static xz-utils zstd
     if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
         if [ "$(id -u)" -ne 0 ]; then
             echo "run apt-get update as root: the guest kernel package is not known yet" >&2

@@ -41,6 +41,7 @@ fn bare_boot(dir: &Path, kernel: &Path, initrd: &Path, n: usize) -> Result<Durat
         command: vec![],
         policy: Default::default(),
         keep_running: false,
+        disk_mib: 0,
     };
     let launch = LaunchSpec {
         id,

@@ -86,6 +86,7 @@ fn spec(memory_mib: u64, workload: Workload) -> VmSpec {
         command: workload.command(),
         policy: Default::default(),
         keep_running: false,
+        disk_mib: 0,
     }
 }
 

@@ -38,6 +38,7 @@ fn record(id: Uuid, host: Uuid, n: usize, now: i64) -> VmRecord {
         command: vec![],
         policy: Default::default(),
         keep_running: false,
+        disk_mib: 0,
         host: Some(host),
         desired: VmState::Running,
         generation: 1,

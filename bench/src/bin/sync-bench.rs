@@ -331,6 +331,7 @@ fn setup(args: &Args, dir: &std::path::Path) -> Result<World> {
             command: vec![],
             policy: Default::default(),
             keep_running: false,
+            disk_mib: None,
         })?;
         let host = vm.host.context("every VM must be placed")?;
         let idx = index[&host];

@@ -93,6 +93,7 @@ fn spec(command: &[&str]) -> VmSpec {
         command: command.iter().map(|s| s.to_string()).collect(),
         policy: Default::default(),
         keep_running: false,
+        disk_mib: 0,
     }
 }
 

@@ -95,6 +95,7 @@ fn spec(command: &[&str], policy: PolicySpec) -> VmSpec {
         command: command.iter().map(|s| s.to_string()).collect(),
         policy,
         keep_running: false,
+        disk_mib: 0,
     }
 }
 

@@ -43,6 +43,7 @@ pub fn command(vm: u128, generation: u64) -> Command {
             command: Vec::new(),
             policy: Default::default(),
             keep_running: false,
+            disk_mib: 0,
         },
         target: VmState::Running,
     }

@@ -77,10 +77,66 @@ fn load_modules() {
     }
 }
 
+/// Where the VM's data disk is mounted for the workload.
+const DATA_DIR: &str = "/data";
+
+/// Whether a block device holds an ext2/3/4 filesystem (the superblock's magic).
+fn has_ext_fs(head: &[u8]) -> bool {
+    head.get(1024 + 56..1024 + 58) == Some(&[0x53, 0xef][..])
+}
+
+/// Mounts the VM's data disk (virtio-blk, `/dev/vda`) at /data, making a filesystem
+/// on it first if it is new (all zeros where a filesystem would start). A disk that
+/// holds something else is left alone and said so: reformatting it would destroy it.
+fn mount_disk() {
+    use nix::mount::{mount, MsFlags};
+    use std::io::Read;
+    if !Path::new("/sys/block/vda").exists() {
+        return;
+    }
+    // devtmpfs makes the node shortly after the driver sees the disk.
+    let device = Path::new("/dev/vda");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !device.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut head = vec![0u8; 64 * 1024];
+    if let Err(e) = File::open(device).and_then(|mut f| f.read_exact(&mut head)) {
+        log(format!("reading the data disk: {e}"));
+        return;
+    }
+    if !has_ext_fs(&head) {
+        if head.iter().any(|&b| b != 0) {
+            log("the data disk holds no ext filesystem and is not empty: not mounted");
+            return;
+        }
+        let made = std::process::Command::new("/bin/busybox")
+            .args(["mke2fs", "-F", "-L", "herd-data", "-m", "0", "/dev/vda"])
+            .status();
+        match made {
+            Ok(status) if status.success() => log("made a filesystem on the new data disk"),
+            Ok(status) => return log(format!("mke2fs on the data disk failed: {status}")),
+            Err(e) => return log(format!("cannot run mke2fs: {e}")),
+        }
+    }
+    let _ = std::fs::create_dir_all(DATA_DIR);
+    // The kernel's ext4 driver also mounts the ext2 that busybox makes.
+    if let Err(e) = mount(
+        Some(device),
+        DATA_DIR,
+        Some("ext4"),
+        MsFlags::MS_NOATIME,
+        None::<&str>,
+    ) {
+        log(format!("mounting the data disk at {DATA_DIR}: {e}"));
+    }
+}
+
 /// PID 1: prepare the system, start the module, reap for ever.
 pub(crate) fn run_init() -> ! {
     mount_basics();
     load_modules();
+    mount_disk();
     let module_pid = start_module(false);
     loop {
         match waitpid(Pid::from_raw(-1), None) {
@@ -164,4 +220,19 @@ fn container_shutdown(code: i32) -> ! {
     }
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     std::process::exit(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_ext_fs;
+
+    #[test]
+    fn the_superblock_magic_is_recognised() {
+        let mut head = vec![0u8; 4096];
+        assert!(!has_ext_fs(&head));
+        head[1024 + 56] = 0x53;
+        head[1024 + 57] = 0xef;
+        assert!(has_ext_fs(&head));
+        assert!(!has_ext_fs(&head[..1000]));
+    }
 }

@@ -23,4 +23,8 @@ pub struct VmSpec {
     /// Keep the VM up after its workload ends (by default it powers off).
     #[serde(default)]
     pub keep_running: bool,
+    /// The size of the VM's data disk in MiB; 0 for none. A qemu guest sees it as a
+    /// virtio-blk device that herd-guest mounts at /data.
+    #[serde(default)]
+    pub disk_mib: u64,
 }

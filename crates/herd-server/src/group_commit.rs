@@ -494,6 +494,7 @@ mod tests {
             command: vec![],
             policy: Default::default(),
             keep_running: false,
+            disk_mib: 0,
             host: Some(host),
             desired: VmState::Running,
             generation: 1,

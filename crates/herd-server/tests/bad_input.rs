@@ -111,6 +111,24 @@ async fn bad_input_is_rejected_with_stable_codes_and_changes_nothing() {
             "invalid_body",
         ),
         (
+            "empty disk",
+            json_call(&fx, "POST", launch, r#"{"name":"x","disk_mib":0}"#).await,
+            400,
+            "invalid_request",
+        ),
+        (
+            "huge disk",
+            json_call(
+                &fx,
+                "POST",
+                launch,
+                r#"{"name":"x","disk_mib":99999999999}"#,
+            )
+            .await,
+            400,
+            "invalid_request",
+        ),
+        (
             "huge vcpus",
             json_call(&fx, "POST", launch, r#"{"name":"x","vcpus":100000}"#).await,
             400,

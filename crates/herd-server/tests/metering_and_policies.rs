@@ -74,6 +74,7 @@ async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
             command: vec![],
             policy: Default::default(),
             keep_running: false,
+            disk_mib: None,
         })
         .expect("launch");
     // The host reports it running.
@@ -182,6 +183,7 @@ async fn activation_holds_a_vm_until_its_time_and_its_predecessor() {
                     ..PolicySpec::default()
                 },
                 keep_running: false,
+                disk_mib: None,
             })
             .expect("launch")
     };
@@ -196,6 +198,7 @@ async fn activation_holds_a_vm_until_its_time_and_its_predecessor() {
             command: vec![],
             policy: PolicySpec::default(),
             keep_running: false,
+            disk_mib: None,
         })
         .expect("launch");
     let soon = (now_ms() / 1000 + 2) as u64;

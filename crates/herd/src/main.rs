@@ -9,6 +9,7 @@ mod images;
 mod policy;
 mod run;
 mod sim;
+mod size;
 mod table;
 mod tenants;
 mod vm;
@@ -327,6 +328,10 @@ pub struct LaunchArgs {
     pub memory: Option<u64>,
     #[arg(long)]
     pub image: Option<String>,
+    /// A data disk of this size (e.g. 512M, 2G) that the workload finds at /data; it
+    /// keeps its content across stop, start and migration and goes with the VM.
+    #[arg(long, value_parser = size::parse_mib, value_name = "SIZE")]
+    pub disk: Option<u64>,
     /// Return at once instead of waiting for the VM to run.
     #[arg(long)]
     pub no_wait: bool,

@@ -101,6 +101,7 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
         command: (!args.command.is_empty()).then_some(args.command),
         policy: Some(crate::policy::spec(&args.policy)?).filter(|p| !p.is_empty()),
         keep_running: args.keep_running.then_some(true),
+        disk_mib: args.disk,
     };
     let started = Instant::now();
     let mut view: VmView = client.call(Method::POST, "/v1/vms", Some(&request)).await?;
@@ -225,6 +226,9 @@ fn describe(vm: &VmView) -> String {
     field("hypervisor", vm.hypervisor.clone());
     field("size", format!("{} vCPU, {} MiB", vm.vcpus, vm.memory_mib));
     field("image", vm.image.clone());
+    if vm.disk_mib > 0 {
+        field("disk", format!("{} MiB at /data", vm.disk_mib));
+    }
     if !vm.command.is_empty() {
         field("command", vm.command.join(" "));
     }

@@ -56,6 +56,18 @@ fn diagnose(cluster: &Cluster, root: &Path) {
     }
 }
 
+/// The last `key=N` a console shows.
+fn last_said(console: &str, key: &str) -> Option<u64> {
+    console.lines().rev().find_map(|l| {
+        l.trim()
+            .strip_prefix(key)?
+            .strip_prefix('=')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// Host ids by testbed index, from `herd host ls`.
 fn host_ids(cluster: &Cluster) -> Vec<String> {
     let hosts = cluster.cli_json(&["host", "ls"]).expect("host ls");
@@ -181,12 +193,19 @@ fn start(root: &Path) -> Cluster {
     cluster
 }
 
-/// A guest that counts every 100 ms on its console, running; its view.
+/// A guest with a disk that counts every 100 ms, appending each count to /data/count
+/// and printing it on its console, running; its view. At boot it says what the disk
+/// holds (`disk-last=N`, `disk-gaps=G`: counts not one more than the one before) and
+/// goes on from there.
 fn launch_counter(cluster: &Cluster) -> Value {
-    let counter = "i=0; while true; do i=$((i+1)); echo count=$i; sleep 0.1; done";
+    let counter = "if [ -s /data/count ]; then \
+         awk 'NR > 1 && $1 != p + 1 { g++ } { p = $1 } \
+              END { print \"disk-last=\" p + 0; print \"disk-gaps=\" g + 0 }' /data/count; \
+         i=$(tail -n 1 /data/count); else i=0; fi; \
+         while true; do i=$((i+1)); echo $i >> /data/count; echo count=$i; sleep 0.1; done";
     cluster
         .cli(&[
-            "vm", "launch", "m1", "--memory", "128", "--", "sh", "-c", counter,
+            "vm", "launch", "m1", "--memory", "128", "--disk", "64M", "--", "sh", "-c", counter,
         ])
         .expect("launch");
     wait_vm(cluster, "m1", "running", |v| v["state"] == "running")
@@ -380,6 +399,43 @@ fn a_running_guest_moves_between_hosts_and_a_failed_target_leaves_it_running() {
         shown.contains("migration") && shown.contains("done"),
         "{shown}"
     );
+    assert!(shown.contains("64 MiB at /data"), "{shown}");
+    assert!(
+        target_dir
+            .join("qemu")
+            .join(&vm_id)
+            .join("disk.qcow2")
+            .exists(),
+        "the disk is on the target"
+    );
+
+    // The disk came along: stopped and started on the target, the guest finds every
+    // count it wrote, before and after the move, with none missing and none repeated.
+    let last_shown = *after.last().expect("counts");
+    cluster.cli(&["vm", "stop", "m1"]).expect("stop");
+    wait_vm(&cluster, "m1", "stopped", |v| v["state"] == "stopped");
+    cluster.cli(&["vm", "start", "m1"]).expect("start");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (disk_last, disk_gaps) = loop {
+        let console = cluster.cli(&["vm", "console", "m1"]).expect("console");
+        if let (Some(last), Some(gaps)) = (
+            last_said(&console, "disk-last"),
+            last_said(&console, "disk-gaps"),
+        ) {
+            break (last, gaps);
+        }
+        if Instant::now() > deadline {
+            diagnose(&cluster, root.path());
+            panic!("the restarted guest said nothing of its disk: {console}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        disk_last >= last_shown,
+        "the disk ends at {disk_last}, before the {last_shown} the console showed"
+    );
+    assert_eq!(disk_gaps, 0, "counts went missing or back on the disk");
+    wait_vm(&cluster, "m1", "running again", |v| v["state"] == "running");
 
     // A target agent killed mid-transfer: the VM stays on its source, and the next
     // host takes it. The source's link is slowed so the transfer lasts long enough.

@@ -489,6 +489,7 @@ mod tests {
             command: vec![],
             policy: Default::default(),
             keep_running: false,
+            disk_mib: 0,
         }
     }
 

@@ -42,6 +42,10 @@ pub struct LaunchRequest {
     pub policy: Option<PolicySpec>,
     /// Keep the VM up after its workload ends; by default it powers off.
     pub keep_running: Option<bool>,
+    /// A data disk of this many MiB (qemu: virtio-blk, mounted at /data in the guest);
+    /// none by default.
+    #[schema(minimum = 1, maximum = 16777216)]
+    pub disk_mib: Option<u64>,
 }
 
 /// Many alike VMs in one request.
@@ -83,6 +87,8 @@ pub struct VmView {
     pub command: Vec<String>,
     pub policy: PolicySpec,
     pub keep_running: bool,
+    /// The data disk's size in MiB; 0 when it has none.
+    pub disk_mib: u64,
     /// The host it is placed on; absent while pending.
     pub host: Option<Uuid>,
     /// What the user asked for.
@@ -169,6 +175,7 @@ impl VmView {
             command: vm.command.clone(),
             policy: vm.policy,
             keep_running: vm.keep_running,
+            disk_mib: vm.disk_mib,
             host: vm.host,
             desired_state: vm.desired,
             state: vm.observed,

@@ -38,6 +38,7 @@ fn launch_spec(user: &User, request: LaunchRequest) -> Result<LaunchSpec, ApiErr
         command: request.command.unwrap_or_default(),
         policy: request.policy.unwrap_or_default(),
         keep_running: request.keep_running.unwrap_or(false),
+        disk_mib: request.disk_mib,
     })
 }
 

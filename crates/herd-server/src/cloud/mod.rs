@@ -123,6 +123,8 @@ pub struct LaunchSpec {
     pub command: Vec<String>,
     pub policy: PolicySpec,
     pub keep_running: bool,
+    /// The data disk's size in MiB; none by default.
+    pub disk_mib: Option<u64>,
 }
 
 /// Live facts about a host that change every interval and are not worth a disk write.
@@ -338,5 +340,6 @@ pub fn spec_of(vm: &VmRecord) -> VmSpec {
         command: vm.command.clone(),
         policy: vm.policy,
         keep_running: vm.keep_running,
+        disk_mib: vm.disk_mib,
     }
 }

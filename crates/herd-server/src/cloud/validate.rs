@@ -5,6 +5,12 @@ use super::{invalid, Cloud, CloudError, LaunchSpec};
 use herd_proto::policy::{PolicySpec, RateCard};
 use herd_proto::wire::VmSpec;
 
+/// The largest data disk a VM may ask for: 16 TiB.
+const MAX_DISK_MIB: u64 = 16 << 20;
+
+/// The hypervisor types that give a VM a data disk of its own.
+const DISK_TYPES: &[&str] = &["qemu", "sim"];
+
 pub(crate) fn valid_name(text: &str) -> bool {
     !text.is_empty()
         && text.len() <= 63
@@ -65,6 +71,23 @@ impl Cloud {
                 "at most 64 arguments and 16 KiB in total",
             ));
         }
+        let disk_mib = spec.disk_mib.unwrap_or(0);
+        if spec.disk_mib.is_some() && !(1..=MAX_DISK_MIB).contains(&disk_mib) {
+            return Err(invalid(
+                "disk_mib",
+                format!("must be between 1 and {MAX_DISK_MIB} (16 TiB); leave it out for no disk"),
+            ));
+        }
+        if disk_mib > 0 && !DISK_TYPES.contains(&hypervisor.as_str()) {
+            return Err(invalid(
+                "disk_mib",
+                format!(
+                    "{hypervisor} VMs take no data disk (only {}): a container keeps its \
+                     data in its own root",
+                    DISK_TYPES.join(", ")
+                ),
+            ));
+        }
         let policy = self.validate_policy(&project, spec.policy)?;
         self.check_offered(&hypervisor)?;
         Ok((
@@ -78,6 +101,7 @@ impl Cloud {
                 command: spec.command,
                 policy,
                 keep_running: spec.keep_running,
+                disk_mib,
             },
         ))
     }

@@ -93,6 +93,7 @@ impl Cloud {
                 command: spec.command.clone(),
                 policy: spec.policy,
                 keep_running: spec.keep_running,
+                disk_mib: spec.disk_mib,
                 host,
                 desired: VmState::Running,
                 generation: 1,

@@ -68,6 +68,8 @@ pub struct VmRecord {
     pub command: Vec<String>,
     pub policy: PolicySpec,
     pub keep_running: bool,
+    /// The data disk's size in MiB; 0 for none.
+    pub disk_mib: u64,
     pub host: Option<HostId>,
     pub desired: VmState,
     pub generation: u64,
@@ -236,6 +238,7 @@ mod tests {
             command: vec![],
             policy: PolicySpec::default(),
             keep_running: false,
+            disk_mib: 0,
             host: None,
             desired: VmState::Running,
             generation: 1,

@@ -20,7 +20,7 @@ pub(super) fn in_list(args: &mut Vec<rusqlite::types::Value>, values: &[String])
 pub(super) const VM_COLUMNS: &str =
     "id, name, project, hypervisor, vcpus, memory_mib, image, command, host, \
      desired_state, generation, issued_generation, observed_state, observed_at, last_error, \
-     deleting, created_at, updated_at, policy, keep_running";
+     deleting, created_at, updated_at, policy, keep_running, disk_mib";
 
 pub(super) fn parse_uuid(text: &str) -> Result<uuid::Uuid, StoreError> {
     text.parse()
@@ -55,6 +55,7 @@ pub(super) fn vm_from_row(row: &Row<'_>) -> Result<Result<VmRecord, StoreError>,
     );
     let policy: String = row.get(18)?;
     let keep_running: i64 = row.get(19)?;
+    let disk_mib: i64 = row.get(20)?;
     Ok((|| {
         let (
             name,
@@ -84,6 +85,7 @@ pub(super) fn vm_from_row(row: &Row<'_>) -> Result<Result<VmRecord, StoreError>,
             policy: serde_json::from_str(&policy)
                 .map_err(|e| StoreError::Corrupt(format!("policy of VM {id}: {e}")))?,
             keep_running: keep_running != 0,
+            disk_mib: disk_mib.max(0) as u64,
             host: host.as_deref().map(parse_uuid).transpose()?,
             desired: parse_state(&desired)?,
             generation: generation as u64,

@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS vms (
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL,
     policy TEXT NOT NULL DEFAULT '{}',
-    keep_running INTEGER NOT NULL DEFAULT 0
+    keep_running INTEGER NOT NULL DEFAULT 0,
+    disk_mib INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS vms_by_name ON vms (project, name);
 CREATE INDEX IF NOT EXISTS vms_by_host ON vms (host);
@@ -99,23 +100,26 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 ";
 
+/// Columns added since the first schema: (column of `vms`, its declaration).
+const ADDED_VM_COLUMNS: &[(&str, &str)] = &[
+    ("policy", "TEXT NOT NULL DEFAULT '{}'"),
+    ("keep_running", "INTEGER NOT NULL DEFAULT 0"),
+    ("disk_mib", "INTEGER NOT NULL DEFAULT 0"),
+];
+
 /// Brings a database made by an older herd up to this schema.
 pub(super) fn migrate(db: &Connection) -> Result<(), StoreError> {
-    let has_policy: i64 = db.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('vms') WHERE name = 'policy'",
-        [],
-        |row| row.get(0),
-    )?;
-    if has_policy == 0 {
-        db.execute_batch("ALTER TABLE vms ADD COLUMN policy TEXT NOT NULL DEFAULT '{}'")?;
-    }
-    let has_keep: i64 = db.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('vms') WHERE name = 'keep_running'",
-        [],
-        |row| row.get(0),
-    )?;
-    if has_keep == 0 {
-        db.execute_batch("ALTER TABLE vms ADD COLUMN keep_running INTEGER NOT NULL DEFAULT 0")?;
+    for (column, declaration) in ADDED_VM_COLUMNS {
+        let present: i64 = db.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('vms') WHERE name = ?1",
+            [column],
+            |row| row.get(0),
+        )?;
+        if present == 0 {
+            db.execute_batch(&format!(
+                "ALTER TABLE vms ADD COLUMN {column} {declaration}"
+            ))?;
+        }
     }
     // Observed-state indexes of herd before the in-memory index: dropped, or every
     // change would still pay for them.

@@ -126,6 +126,7 @@ pub fn sim_vm(cloud: &Cloud, project: Option<&str>, name: &str) -> herd_server::
             command: vec![],
             policy: Default::default(),
             keep_running: false,
+            disk_mib: None,
         })
         .expect("launch")
 }

@@ -239,6 +239,7 @@ impl Run<'_> {
                         command: None,
                         policy: None,
                         keep_running: None,
+                        disk_mib: None,
                     },
                 };
                 running.spawn(async move {

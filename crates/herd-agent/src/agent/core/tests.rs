@@ -29,6 +29,7 @@ fn command(vm_n: u8, generation: u64, target: VmState, hypervisor: &str) -> Serv
             command: Vec::new(),
             policy: Default::default(),
             keep_running: false,
+            disk_mib: 0,
         },
         target,
     }))

@@ -55,6 +55,7 @@ impl Inner {
             command: vec!["/bin/true".into()],
             policy: Default::default(),
             keep_running: false,
+            disk_mib: 0,
         };
         let launch = LaunchSpec {
             id: VmId::nil(),

@@ -46,6 +46,10 @@ impl VmPaths {
     pub fn state(&self) -> PathBuf {
         self.dir.join("state.json")
     }
+    /// The VM's data disk (qcow2), when its spec asks for one.
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
     pub fn suspend_image(&self) -> PathBuf {
         self.dir.join("suspend.img")
     }
@@ -212,6 +216,14 @@ pub fn qemu_args(paths: &VmPaths, l: &LaunchSpec<'_>) -> Result<Vec<String>, Lau
         "-qmp",
         &qmp,
     ]);
+    if l.spec.disk_mib > 0 {
+        // microvm has no PCI: the disk is a virtio-mmio block device, /dev/vda inside.
+        let drive = format!(
+            "file={},format=qcow2,if=none,id=disk0,cache=writeback,discard=unmap",
+            opt_path(&paths.disk())?
+        );
+        push(&["-drive", &drive, "-device", "virtio-blk-device,drive=disk0"]);
+    }
     match l.incoming {
         Some(Incoming::Image(image)) => {
             // -S: stay paused after loading, so the driver decides when the guest runs
@@ -271,6 +283,7 @@ mod tests {
             command,
             policy: Default::default(),
             keep_running: false,
+            disk_mib: 0,
         }
     }
 
@@ -302,6 +315,24 @@ mod tests {
         assert!(joined
             .contains("-daemonize -pidfile /state/00000000-0000-0000-0000-000000000001/qemu.pid"));
         assert!(!joined.contains("-incoming"));
+        assert!(!joined.contains("-drive"), "no disk asked for, none given");
+        let with_disk = VmSpec {
+            disk_mib: 64,
+            ..spec.clone()
+        };
+        let args = qemu_args(
+            &paths,
+            &LaunchSpec {
+                spec: &with_disk,
+                ..l.clone()
+            },
+        )
+        .expect("args");
+        let joined = args.join(" ");
+        assert!(joined.contains(
+            "-drive file=/state/00000000-0000-0000-0000-000000000001/disk.qcow2,format=qcow2"
+        ));
+        assert!(joined.contains("-device virtio-blk-device,drive=disk0"));
         let l = LaunchSpec {
             incoming: Some(Incoming::Image(Path::new("/s/it's.img"))),
             ..l

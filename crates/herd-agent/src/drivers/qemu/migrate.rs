@@ -49,12 +49,14 @@ fn number(info: &Value, path: &[&str]) -> u64 {
     at.as_u64().unwrap_or(0)
 }
 
-/// The progress figures of a `query-migrate` answer.
+/// The progress figures of a `query-migrate` answer: memory and, when the VM has a
+/// disk, the disk's blocks, which travel in the same stream.
 fn progress_of(info: &Value) -> TransferProgress {
+    let both = |field: &str| number(info, &["ram", field]) + number(info, &["disk", field]);
     TransferProgress {
-        transferred_bytes: number(info, &["ram", "transferred"]),
-        remaining_bytes: number(info, &["ram", "remaining"]),
-        total_bytes: number(info, &["ram", "total"]),
+        transferred_bytes: both("transferred"),
+        remaining_bytes: both("remaining"),
+        total_bytes: both("total"),
         pass: number(info, &["ram", "dirty-sync-count"]),
         expected_downtime_ms: info["expected-downtime"].as_u64(),
     }
@@ -111,6 +113,7 @@ impl Inner {
         max_downtime_ms: u64,
         progress: &ProgressSink,
     ) -> Result<Sent, DriverError> {
+        let has_disk = self.with_vm(id, |vm| Ok(vm.spec.disk_mib > 0))?;
         let mut qmp = self.qmp(id).await?;
         let fail = |doing: &str| {
             let doing = doing.to_owned();
@@ -122,7 +125,14 @@ impl Inner {
         };
         qmp.execute(
             "migrate-set-capabilities",
-            Some(json!({ "capabilities": [{ "capability": "auto-converge", "state": true }] })),
+            // The disk goes in the migration stream itself (QEMU's block migration):
+            // its blocks first, then memory, with writes made meanwhile sent again;
+            // zero blocks travel as markers.
+            Some(json!({ "capabilities": [
+                { "capability": "auto-converge", "state": true },
+                { "capability": "block", "state": has_disk },
+                { "capability": "zero-blocks", "state": has_disk },
+            ] })),
         )
         .await
         .map_err(fail("setting migration capabilities"))?;
@@ -237,6 +247,7 @@ impl Inner {
             born_unix_ms: handoff.born_unix_ms,
             policy_reported: handoff.policy_reported,
             migrated_out: false,
+            disk_made: false,
         };
         let socket = paths.migration_socket();
         let vm = Vm::new(paths, spec, record, VmState::Migrating);
@@ -326,5 +337,14 @@ mod tests {
             }
         );
         assert_eq!(progress_of(&json!({})), TransferProgress::default());
+        let with_disk = json!({
+            "ram": { "transferred": 1000, "remaining": 24, "total": 4096 },
+            "disk": { "transferred": 500, "remaining": 100, "total": 2048 }
+        });
+        let p = progress_of(&with_disk);
+        assert_eq!(
+            (p.transferred_bytes, p.remaining_bytes, p.total_bytes),
+            (1500, 124, 6144)
+        );
     }
 }

@@ -66,6 +66,8 @@ pub struct QemuConfig {
     /// Where images live: `<images_dir>/<name>/{vmlinuz,initrd}` (see herd-image).
     pub images_dir: PathBuf,
     pub qemu_binary: PathBuf,
+    /// Makes VMs' data disks.
+    pub qemu_img: PathBuf,
     pub accel: AccelChoice,
     /// The host TSC frequency passed to guests; `None` reads it from /proc/cpuinfo.
     pub tsc_khz: Option<u64>,
@@ -81,6 +83,7 @@ impl QemuConfig {
         QemuConfig {
             images_dir,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            qemu_img: PathBuf::from("qemu-img"),
             accel: AccelChoice::Auto,
             tsc_khz: None,
             stop_timeout: Duration::from_secs(10),
@@ -438,7 +441,7 @@ impl Driver for QemuDriver {
                     mem_kib,
                     net_rx_bytes: vm.guest_net.0,
                     net_tx_bytes: vm.guest_net.1,
-                    // No block devices: images are initramfs-only.
+                    // Data disks are not read yet: QEMU keeps their counters (query-blockstats).
                     disk_read_bytes: 0,
                     disk_write_bytes: 0,
                 })
@@ -467,6 +470,7 @@ impl Driver for QemuDriver {
                     born_unix_ms: Some(herd_proto::clock::unix_ms()),
                     policy_reported: false,
                     migrated_out: false,
+                    disk_made: false,
                 };
                 let vm = Vm::new(paths, spec, record, VmState::Booting);
                 vm.save()?;

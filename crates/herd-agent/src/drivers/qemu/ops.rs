@@ -54,6 +54,9 @@ impl Inner {
             image_accel
         };
         let (kernel, initrd) = self.image(&spec.image)?;
+        if spec.disk_mib > 0 {
+            self.ensure_disk(id, &paths, spec.disk_mib, from).await?;
+        }
         let suspend_image = paths.suspend_image();
         let migration_socket = paths.migration_socket();
         let launch = LaunchSpec {
@@ -88,35 +91,14 @@ impl Inner {
         }
         // The parent QEMU exits once the daemon is set up; its exit status says whether
         // the VM started, and waiting for it means it never lingers as our zombie.
-        let output = tokio::time::timeout(
-            Duration::from_secs(30),
-            tokio::process::Command::new(&self.config.qemu_binary)
-                .args(&args)
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .output(),
+        run_tool(
+            id,
+            &self.config.qemu_binary,
+            &args,
+            "starting QEMU",
+            "qemu failed to start",
         )
-        .await
-        .map_err(|_| DriverError::Timeout {
-            vm: id,
-            doing: "starting QEMU",
-            after: Duration::from_secs(30),
-        })?
-        .map_err(DriverError::io(format!(
-            "starting {}",
-            self.config.qemu_binary.display()
-        )))?;
-        if !output.status.success() {
-            return Err(DriverError::Hypervisor {
-                vm: id,
-                reason: format!(
-                    "qemu failed to start: {}",
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ),
-            });
-        }
+        .await?;
         let pid =
             procfs::read_pid_file(&paths.pid_file()).ok_or_else(|| DriverError::Hypervisor {
                 vm: id,
@@ -132,6 +114,60 @@ impl Inner {
         })?;
         self.spawn_channel(id, generation);
         Ok(())
+    }
+
+    /// Makes the VM's data disk the first time it is needed: at its first boot here,
+    /// or on a migration's target, where the stream fills it. A disk that was made and
+    /// is gone is an error: booting with an empty one would lose the data unseen.
+    async fn ensure_disk(
+        &self,
+        id: VmId,
+        paths: &VmPaths,
+        disk_mib: u64,
+        from: StartFrom,
+    ) -> Result<(), DriverError> {
+        let disk = paths.disk();
+        let made = self.with_vm(id, |vm| Ok(vm.record.disk_made))?;
+        if disk.exists() {
+            return Ok(());
+        }
+        if made || from == StartFrom::SuspendImage {
+            return Err(DriverError::Hypervisor {
+                vm: id,
+                reason: format!(
+                    "the VM's disk {} is gone; it is not replaced by an empty one",
+                    disk.display()
+                ),
+            });
+        }
+        let partial = paths.dir.join("disk.qcow2.partial");
+        let args = [
+            "create".to_owned(),
+            "-q".to_owned(),
+            "-f".to_owned(),
+            "qcow2".to_owned(),
+            partial.display().to_string(),
+            format!("{disk_mib}M"),
+        ];
+        let made = run_tool(
+            id,
+            &self.config.qemu_img,
+            &args,
+            "making the VM's disk (is qemu-utils installed?)",
+            "qemu-img could not make the disk",
+        )
+        .await;
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        std::fs::rename(&partial, &disk)
+            .map_err(DriverError::io(format!("placing {}", disk.display())))?;
+        info!(%id, disk_mib, "disk made");
+        self.with_vm(id, |vm| {
+            vm.record.disk_made = true;
+            vm.save()
+        })
     }
 
     pub(super) fn spawn_channel(self: &Arc<Self>, id: VmId, generation: u64) {
@@ -423,4 +459,46 @@ impl Inner {
     {
         self.op_locks.run(id, op(self.clone())).await
     }
+}
+
+/// Runs a short-lived tool to its end (30 s at most) and waits for it, so it never
+/// lingers as our zombie; a failure carries what it printed on stderr.
+async fn run_tool(
+    id: VmId,
+    program: &std::path::Path,
+    args: &[String],
+    doing: &'static str,
+    failed: &str,
+) -> Result<(), DriverError> {
+    const LIMIT: Duration = Duration::from_secs(30);
+    let output = tokio::time::timeout(
+        LIMIT,
+        tokio::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| DriverError::Timeout {
+        vm: id,
+        doing,
+        after: LIMIT,
+    })?
+    .map_err(DriverError::io(format!(
+        "{doing}: running {}",
+        program.display()
+    )))?;
+    if !output.status.success() {
+        return Err(DriverError::Hypervisor {
+            vm: id,
+            reason: format!(
+                "{failed}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
 }

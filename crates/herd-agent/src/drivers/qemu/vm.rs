@@ -52,6 +52,10 @@ pub(super) struct VmRecord {
     /// migration is committed (then it goes) or rolled back (then it runs again).
     #[serde(default)]
     pub(super) migrated_out: bool,
+    /// The VM's data disk was made: from then on a missing disk is an error, never
+    /// replaced by an empty one.
+    #[serde(default)]
+    pub(super) disk_made: bool,
 }
 
 pub(super) struct Vm {
