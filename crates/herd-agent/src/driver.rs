@@ -86,7 +86,8 @@ pub struct Capabilities {
     pub snapshot: bool,
     /// A running VM can move to another host of the same type.
     pub live_migrate: bool,
-    /// vCPUs and memory of an existing VM can change.
+    /// vCPUs and memory of a running VM change at once; without it
+    /// [`Driver::reshape`] stops the VM so that its next boot has the new shape.
     pub resize: bool,
 }
 
@@ -101,6 +102,11 @@ pub struct Sent {
 
 /// Where a live migration's progress goes while it runs.
 pub type ProgressSink = tokio::sync::watch::Sender<TransferProgress>;
+
+/// Whether two specs give a VM the same shape (what [`Driver::reshape`] changes).
+pub fn same_shape(a: &VmSpec, b: &VmSpec) -> bool {
+    a.vcpus == b.vcpus && a.memory_mib == b.memory_mib
+}
 
 fn cannot_migrate(kind: &str) -> DriverError {
     DriverError::Invalid(format!("{kind} VMs cannot migrate live"))
@@ -157,6 +163,12 @@ pub trait Driver: Send + Sync {
 
     /// Boots a stopped VM again.
     async fn start(&self, id: VmId) -> Result<(), DriverError>;
+
+    /// Gives the VM the vCPUs and memory of `spec` when they differ from its own: at
+    /// once where the hypervisor can ([`Capabilities::resize`]), else by stopping the
+    /// VM so that its next boot has them (the converge that asked starts it again).
+    /// Returns whether anything changed.
+    async fn reshape(&self, id: VmId, spec: &VmSpec) -> Result<bool, DriverError>;
 
     async fn pause(&self, id: VmId) -> Result<(), DriverError>;
 

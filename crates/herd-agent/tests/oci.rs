@@ -288,3 +288,67 @@ async fn bad_requests_leave_nothing() {
     assert_eq!(driver.state_of(id).await.expect("state"), None);
     assert_eq!(leftovers(state.path(), id), Vec::<String>::new());
 }
+
+/// A running container's limits, as its cgroup holds them: (memory bytes, CPU quota).
+fn cgroup_limits(id: VmId) -> (u64, i64) {
+    let read = |controller: &str, file: &str| {
+        std::fs::read_to_string(
+            Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join("herd")
+                .join(id.to_string())
+                .join(file),
+        )
+        .unwrap_or_else(|e| panic!("{controller}/{file}: {e}"))
+        .trim()
+        .to_owned()
+    };
+    (
+        read("memory", "memory.limit_in_bytes")
+            .parse()
+            .expect("memory"),
+        read("cpu", "cpu.cfs_quota_us").parse().expect("quota"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_container_takes_a_new_shape_at_once() {
+    if !runc_usable() || !Path::new("/sys/fs/cgroup/memory").exists() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let (driver, _events) = open(state.path());
+    let id = VmId::from_u128(0x0c6);
+    let small = spec(&["sleep", "300"]);
+    driver.create(id, &small).await.expect("create");
+    wait_state(&driver, id, VmState::Running, Duration::from_secs(30)).await;
+    assert_eq!(cgroup_limits(id), (128 << 20, 100_000));
+    let pid = driver.pid(id).expect("pid");
+    let big = VmSpec {
+        vcpus: 2,
+        memory_mib: 384,
+        ..small.clone()
+    };
+    assert!(driver.reshape(id, &big).await.expect("reshape"));
+    assert_eq!(cgroup_limits(id), (384 << 20, 200_000));
+    // The same container, still running: no restart.
+    assert_eq!(driver.pid(id), Some(pid));
+    assert_eq!(
+        driver.state_of(id).await.expect("state"),
+        Some(VmState::Running)
+    );
+    assert!(
+        !driver.reshape(id, &big).await.expect("again"),
+        "nothing left to change"
+    );
+    // Smaller again, and the shape holds across a restart.
+    assert!(driver.reshape(id, &small).await.expect("shrink"));
+    driver.stop(id).await.expect("stop");
+    wait_state(&driver, id, VmState::Stopped, Duration::from_secs(15)).await;
+    assert!(driver.reshape(id, &big).await.expect("reshape stopped"));
+    driver.start(id).await.expect("start");
+    wait_state(&driver, id, VmState::Running, Duration::from_secs(30)).await;
+    assert_eq!(cgroup_limits(id), (384 << 20, 200_000));
+    driver.terminate(id).await.expect("terminate");
+    assert!(leftovers(state.path(), id).is_empty());
+}

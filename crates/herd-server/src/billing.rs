@@ -94,16 +94,29 @@ pub fn bill_vm(
     let mut memory_mib_ms = 0u128;
     let time_rates = time_only(rates);
     for (start, end) in billable_periods(history, from_ms, to_ms) {
-        let (start, end) = (start.max(0) as u64, end.max(0) as u64);
-        billed_ms = billed_ms.saturating_add(end - start);
-        memory_mib_ms =
-            memory_mib_ms.saturating_add(u128::from(vm.memory_mib) * u128::from(end - start));
-        fine = fine.saturating_add(price_interval_fine(
-            &time_rates,
-            &sample(start, 0, 0),
-            &sample(end, 0, 0),
-            vm.memory_mib,
-        ));
+        billed_ms = billed_ms.saturating_add((end - start).max(0) as u64);
+        // A resize within the period splits it: each part at the memory it held.
+        let mut cuts: Vec<i64> = vm
+            .resized
+            .iter()
+            .map(|(at, _)| *at)
+            .filter(|at| *at > start && *at < end)
+            .collect();
+        cuts.push(end);
+        let mut from = start;
+        for until in cuts {
+            let memory_mib = vm.memory_at(from);
+            let (a, b) = (from.max(0) as u64, until.max(0) as u64);
+            memory_mib_ms =
+                memory_mib_ms.saturating_add(u128::from(memory_mib) * u128::from(b - a));
+            fine = fine.saturating_add(price_interval_fine(
+                &time_rates,
+                &sample(a, 0, 0),
+                &sample(b, 0, 0),
+                memory_mib,
+            ));
+            from = until;
+        }
     }
     let usage_rates = usage_only(rates);
     let mut cpu_ms = 0u64;
@@ -159,6 +172,7 @@ mod tests {
             project: "p".into(),
             vcpus: 2,
             memory_mib,
+            resized: Vec::new(),
         }
     }
 
@@ -231,6 +245,38 @@ mod tests {
         assert_eq!(line.net_bytes, 3 * gib);
         assert_eq!(line.cost_micros, 347_500);
         assert_eq!(format_money(line.cost_micros), "0.35");
+    }
+
+    /// Memory is billed at the size the VM held: 1 GiB for an hour, then 4 GiB for an
+    /// hour after a resize, then paused at 4 GiB for half an hour.
+    #[test]
+    fn a_resize_bills_the_new_memory_from_when_it_was_sent() {
+        let rates = RateCard {
+            per_gib_hour_memory: Rate {
+                peak: 0,
+                off_peak: 10_000,
+            },
+            peak_start_hour: 0,
+            peak_end_hour: 0,
+            ..RateCard::default()
+        };
+        let history = vec![
+            (T0, VmState::Running),
+            (T0 + 2 * HOUR, VmState::Paused),
+            (T0 + 5 * HOUR / 2, VmState::Stopped),
+        ];
+        let mut resized = vm(1024);
+        resized.resized = vec![(T0 + HOUR, 4096)];
+        let line = bill_vm(&rates, &resized, &history, &[], T0, T0 + 3 * HOUR);
+        // 1 GiB-hour + 4 GiB-hours + 2 GiB-hours, at 10,000 each.
+        assert_eq!(line.cost_micros, 70_000);
+        assert_eq!(
+            line.memory_mib_ms,
+            (1024 + 4096 + 2048) as u128 * HOUR as u128
+        );
+        assert_eq!(line.billed_ms, 5 * HOUR as u64 / 2);
+        assert_eq!(resized.memory_at(T0 - 1), 1024);
+        assert_eq!(resized.memory_at(T0 + HOUR), 4096);
     }
 
     #[test]

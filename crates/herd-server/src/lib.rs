@@ -13,6 +13,7 @@ pub mod group_commit;
 pub mod ingest;
 pub mod map;
 pub mod migration;
+pub mod resize;
 pub mod store;
 
 pub use cloud::{Cloud, CloudError, ServerConfig};

@@ -70,6 +70,9 @@ fn rule(method: &str, path: &str) -> Option<Rule> {
         // Moving VMs between hosts is the operator's; anyone who sees a VM sees its moves.
         ("POST", "/v1/vms/{id}/migrate") => CloudAdmin,
         ("GET", "/v1/vms/{id}/migrations") => InProject(Viewer),
+        // A resize is the project's: the cloud decides whether the VM moves for it.
+        ("POST", "/v1/vms/{id}/resize") => InProject(Member),
+        ("GET", "/v1/vms/{id}/resizes") => InProject(Viewer),
         ("GET", "/v1/vms/{id}/console") => InProject(Member),
         ("GET", "/v1/events") => AnyUser,
         ("GET", "/v1/hosts") => CloudAdmin,
@@ -223,6 +226,7 @@ impl World {
             ("POST", "/v1/tokens") => Some(json!({"label": "mine", "ttl_seconds": 60})),
             ("POST", "/v1/join-tokens") => Some(json!({})),
             ("POST", "/v1/vms/{id}/migrate") => Some(json!({})),
+            ("POST", "/v1/vms/{id}/resize") => Some(json!({"memory_mib": 300})),
             ("PUT", "/v1/rate-cards/{project}") => {
                 Some(serde_json::to_value(RateCard::default()).expect("json"))
             }

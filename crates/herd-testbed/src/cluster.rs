@@ -22,6 +22,9 @@ pub struct ClusterConfig {
     pub drivers: String,
     pub server_args: Vec<String>,
     pub agent_args: Vec<String>,
+    /// More arguments for some agents: entry `i` goes to host `i`'s (e.g. a smaller
+    /// `--memory-mib`, to make hosts of different sizes).
+    pub host_args: Vec<Vec<String>>,
     /// Extra environment for every herd process (e.g. `HERD_GUEST_BINARY`).
     pub env: Vec<(String, PathBuf)>,
 }
@@ -34,6 +37,7 @@ impl ClusterConfig {
             drivers: drivers.to_owned(),
             server_args: Vec::new(),
             agent_args: Vec::new(),
+            host_args: Vec::new(),
             env: Vec::new(),
         }
     }
@@ -207,12 +211,15 @@ impl Cluster {
             }
             restart_args.push(word.clone());
         }
+        let extra = self.config.host_args.get(i).cloned().unwrap_or_default();
         restart_args.extend(own.iter().cloned());
         restart_args.extend(self.config.agent_args.iter().cloned());
+        restart_args.extend(extra.iter().cloned());
         let mut args = vec!["agent".to_owned()];
         args.extend(words);
         args.extend(own);
         args.extend(self.config.agent_args.iter().cloned());
+        args.extend(extra);
         let child = self.spawn_agent(i, &args)?;
         let agent = AgentProc {
             child: Some(child),

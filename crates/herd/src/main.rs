@@ -312,6 +312,28 @@ pub enum VmCommand {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Give a VM new vCPUs or memory: where it is if its host has room, else on a host
+    /// of its type that has (it moves there live first), else refused with the reason.
+    Resize {
+        vm: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory in MiB.
+        #[arg(long)]
+        memory: Option<u64>,
+        /// Go ahead when the resize restarts the VM (a running qemu VM's shape changes
+        /// only at boot); without it such a resize is refused and says so.
+        #[arg(long)]
+        restart: bool,
+        /// With no host having room now, wait for room instead of refusing.
+        #[arg(long)]
+        wait_for_room: bool,
+        /// Return at once instead of following the resize to its end.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
 }
 
 #[derive(Args)]

@@ -1,6 +1,7 @@
 //! Client subcommands: `herd vm ...` and `herd host ...`.
 
 mod migrate;
+mod resize;
 
 use crate::client::{urlencode, Client};
 use crate::table::Table;
@@ -43,6 +44,11 @@ pub async fn vm(command: VmCommand) -> Result<()> {
                             m.updated_at
                         );
                     }
+                    let resizes: herd_server::api::ResizeList =
+                        client.get(&format!("/v1/vms/{}/resizes", view.id)).await?;
+                    if let Some(r) = resizes.items.first() {
+                        println!("{:<14}{} at {}", "resize", resize::line(r), r.updated_at);
+                    }
                     Ok(())
                 }
             }
@@ -75,6 +81,29 @@ pub async fn vm(command: VmCommand) -> Result<()> {
             no_wait,
             output,
         } => migrate::migrate(&client, &vm, to, no_wait, output).await,
+        VmCommand::Resize {
+            vm,
+            vcpus,
+            memory,
+            restart,
+            wait_for_room,
+            no_wait,
+            output,
+        } => {
+            let request = herd_server::api::ResizeRequest {
+                vcpus,
+                memory_mib: memory,
+                restart,
+                wait_for_room,
+            };
+            let ask = resize::Ask {
+                vm,
+                request,
+                no_wait,
+                output,
+            };
+            resize::resize(&client, ask).await
+        }
         VmCommand::Console { vm, bytes } => {
             let view = client.resolve_vm(&vm).await?;
             let (_, text) = client

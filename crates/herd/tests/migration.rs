@@ -2,6 +2,8 @@
 //! workload goes on counting across the move, the API names exactly one host at every
 //! moment and the source keeps no QEMU; a target agent killed mid-transfer leaves the
 //! VM running on its source, and the next host takes it; bad requests change nothing.
+//! A resize applies where the VM is when its host has room, moves the VM to the host
+//! that has when it has not, and is refused with its reason when no host could.
 
 mod common;
 
@@ -169,6 +171,11 @@ impl HostWatch {
 
 /// Three qemu hosts on the testbed, up.
 fn start(root: &Path) -> Cluster {
+    start_sized(root, &[])
+}
+
+/// Three qemu hosts on the testbed, up, host `i` with `host_args[i]` besides.
+fn start_sized(root: &Path, host_args: &[&[&str]]) -> Cluster {
     let bed = Testbed::create(3).expect("testbed (needs root)");
     let image_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-e2e-images");
     let mut config = ClusterConfig::new(Path::new(env!("CARGO_BIN_EXE_herd")), root, "qemu");
@@ -184,6 +191,10 @@ fn start(root: &Path) -> Cluster {
         "0".into(),
     ];
     config.env = vec![("HERD_GUEST_BINARY".into(), guest_binary())];
+    config.host_args = host_args
+        .iter()
+        .map(|args| args.iter().map(|a| a.to_string()).collect())
+        .collect();
     let cluster = Cluster::start(bed, config).expect("cluster");
     cluster
         .wait_hosts(Duration::from_secs(300), |hosts| {
@@ -480,4 +491,144 @@ fn a_running_guest_moves_between_hosts_and_a_failed_target_leaves_it_running() {
         assert!(Instant::now() < deadline, "the failed target kept the VM");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The shape a guest saw at its last boot (`cpus=N`, `mem=MiB`) and whether its disk
+/// held the mark an earlier boot left (`kept=1`).
+fn shape_seen(cluster: &Cluster, root: &Path, boots: usize) -> (u64, u64, bool) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let console = cluster.cli(&["vm", "console", "r1"]).expect("console");
+        let seen = console.lines().filter(|l| l.starts_with("cpus=")).count();
+        if seen >= boots {
+            if let (Some(cpus), Some(mem)) =
+                (last_said(&console, "cpus"), last_said(&console, "mem"))
+            {
+                let kept = console
+                    .lines()
+                    .rev()
+                    .take_while(|l| !l.starts_with("cpus="))
+                    .any(|l| l.trim() == "kept=1");
+                return (cpus, mem, kept);
+            }
+        }
+        if Instant::now() > deadline {
+            diagnose(cluster, root);
+            panic!("boot {boots} did not say its shape: {console}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn a_resize_applies_in_place_moves_to_a_host_with_room_or_is_refused() {
+    if !qemu_present() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    // Two small hosts and a big one.
+    let small: &[&str] = &["--memory-mib", "640"];
+    let big: &[&str] = &["--memory-mib", "2048"];
+    let cluster = start_sized(root.path(), &[small, small, big]);
+    let ids = host_ids(&cluster);
+    let shape = "echo cpus=$(grep -c ^processor /proc/cpuinfo); \
+         awk '/MemTotal/ { print \"mem=\" int($2 / 1024) }' /proc/meminfo; \
+         [ -f /data/mark ] && echo kept=1; echo x > /data/mark; sync; \
+         while true; do sleep 1; done";
+    cluster
+        .cli(&[
+            "vm", "launch", "r1", "--memory", "128", "--disk", "32M", "--", "sh", "-c", shape,
+        ])
+        .expect("launch");
+    wait_vm(&cluster, "r1", "running", |v| v["state"] == "running");
+    let (cpus, _, _) = shape_seen(&cluster, root.path(), 1);
+    assert_eq!(cpus, 1);
+    // Onto a small host first (a console starts afresh on each host).
+    cluster
+        .cli(&["vm", "migrate", "r1", "--to", "host0"])
+        .expect("migrate to host0");
+    assert_eq!(vm(&cluster, "r1")["host"], ids[0].as_str());
+
+    // Refused, each with its reason, and nothing changes.
+    let refused = |args: &[&str], needle: &str| {
+        let err = cluster.cli(args).expect_err("refused");
+        assert!(err.to_string().contains(needle), "{args:?}: {err}");
+        let view = vm(&cluster, "r1");
+        assert_eq!(view["memory_mib"], 128, "{view:#}");
+        assert_eq!(view["host"], ids[0].as_str(), "{view:#}");
+    };
+    refused(&["vm", "resize", "r1", "--memory", "256"], "--restart");
+    refused(
+        &["vm", "resize", "r1", "--memory", "4096", "--restart"],
+        "the largest holds",
+    );
+    refused(
+        &["vm", "resize", "r1", "--memory", "0", "--restart"],
+        "memory_mib",
+    );
+    refused(
+        &["vm", "resize", "r1", "--memory", "128"],
+        "nothing to change",
+    );
+
+    // Room where it is: the VM restarts there in its new shape, its disk intact.
+    cluster
+        .cli(&[
+            "vm",
+            "resize",
+            "r1",
+            "--vcpus",
+            "2",
+            "--memory",
+            "256",
+            "--restart",
+        ])
+        .expect("resize in place");
+    let view = wait_vm(&cluster, "r1", "running resized", |v| {
+        v["state"] == "running" && v["memory_mib"] == 256
+    });
+    assert_eq!(
+        view["host"],
+        ids[0].as_str(),
+        "moved though its host had room"
+    );
+    assert_eq!(view["vcpus"], 2);
+    let (cpus, mem, kept) = shape_seen(&cluster, root.path(), 1);
+    assert_eq!(cpus, 2, "the guest sees its new vCPUs");
+    assert!(mem > 160, "the guest sees {mem} MiB, not its new 256");
+    assert!(kept, "the disk lost its content in the restart");
+
+    // No room where it is: it moves to the big host, then takes its new shape there.
+    let started = Instant::now();
+    let out = cluster
+        .cli(&[
+            "vm",
+            "resize",
+            "r1",
+            "--memory",
+            "1024",
+            "--restart",
+            "-o",
+            "json",
+        ])
+        .expect("resize with a move");
+    eprintln!("resize with a move: {out} in {:?}", started.elapsed());
+    let done: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(done["status"], "done", "{done:#}");
+    assert!(done["migration"].is_string(), "{done:#}");
+    let view = wait_vm(&cluster, "r1", "running on the big host", |v| {
+        v["state"] == "running" && v["memory_mib"] == 1024
+    });
+    assert_eq!(view["host"], ids[2].as_str(), "not on the host with room");
+    let (_, mem, kept) = shape_seen(&cluster, root.path(), 1);
+    assert!(mem > 800, "the guest sees {mem} MiB, not its new 1024");
+    assert!(kept, "the disk did not come along");
+    assert!(qemus_under(&root.path().join("host0")).is_empty());
+    let shown = cluster.cli(&["vm", "show", "r1"]).expect("show");
+    assert!(
+        shown.contains("resize") && shown.contains("done"),
+        "{shown}"
+    );
+    let map = cluster.cli_json(&["map"]).expect("map");
+    eprintln!("map after the resize: {map}");
 }

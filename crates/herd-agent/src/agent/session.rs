@@ -319,6 +319,19 @@ async fn converge(driver: &dyn Driver, command: &Command) -> Result<(), String> 
     let vm = command.id.vm;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     let mut n_conflicts = 0;
+    // A new shape first (a resize): the VM goes on toward its target in it.
+    let held = driver.state_of(vm).await.map_err(|e| error_chain(&e))?;
+    if held.is_some()
+        && !matches!(
+            command.target,
+            herd_proto::VmState::Terminated | herd_proto::VmState::Purged
+        )
+    {
+        driver
+            .reshape(vm, &command.spec)
+            .await
+            .map_err(|e| error_chain(&e))?;
+    }
     loop {
         if tokio::time::Instant::now() > deadline {
             return Err(format!("VM did not reach {} in time", command.target));

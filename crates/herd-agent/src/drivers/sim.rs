@@ -287,6 +287,7 @@ impl Driver for SimDriver {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             suspend_to_disk: true,
+            resize: true,
             ..Capabilities::default()
         }
     }
@@ -345,6 +346,19 @@ impl Driver for SimDriver {
                     }
                 })
                 .collect())
+        })
+    }
+
+    async fn reshape(&self, id: VmId, spec: &VmSpec) -> Result<bool, DriverError> {
+        self.with_vms(|vms, _| {
+            let vm = vms.map.get_mut(&id).ok_or(DriverError::NoSuchVm(id))?;
+            if (vm.spec.vcpus, vm.spec.memory_mib) == (spec.vcpus, spec.memory_mib) {
+                return Ok(false);
+            }
+            vm.spec.vcpus = spec.vcpus;
+            vm.spec.memory_mib = spec.memory_mib;
+            vms.dirty = true;
+            Ok(true)
         })
     }
 

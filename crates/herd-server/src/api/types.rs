@@ -537,3 +537,75 @@ impl MigrationView {
         }
     }
 }
+
+/// A request for a new shape; what is absent stays as it is.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeRequest {
+    #[schema(minimum = 1, maximum = 256)]
+    pub vcpus: Option<u32>,
+    #[schema(minimum = 16, maximum = 1048576)]
+    pub memory_mib: Option<u64>,
+    /// Accept that the VM restarts: a running qemu VM's shape changes only at boot.
+    #[serde(default)]
+    pub restart: bool,
+    /// With no host having room now, wait (status `deferred`) instead of refusing.
+    #[serde(default)]
+    pub wait_for_room: bool,
+}
+
+/// A VM's shape.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct SizeView {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+/// A VM's resizes: the latest, if any.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ResizeList {
+    pub items: Vec<ResizeView>,
+}
+
+/// A resize, as it stands.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ResizeView {
+    pub id: Uuid,
+    pub vm: Uuid,
+    pub from: SizeView,
+    pub to: SizeView,
+    /// proposed, moving (to a host with room first), in_progress (sent to its host),
+    /// deferred (waiting for room), done or failed.
+    pub status: String,
+    /// Why it is where it is.
+    pub reason: String,
+    /// It restarts the VM.
+    pub restart: bool,
+    pub wait_for_room: bool,
+    /// The migration that moves it to a host with room, if it needed one.
+    pub migration: Option<Uuid>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl ResizeView {
+    pub fn of(r: &crate::resize::plan::Resize) -> ResizeView {
+        let size = |s: crate::resize::plan::Size| SizeView {
+            vcpus: s.vcpus,
+            memory_mib: s.memory_mib,
+        };
+        ResizeView {
+            id: r.id,
+            vm: r.vm,
+            from: size(r.from),
+            to: size(r.to),
+            status: r.status.as_str().into(),
+            reason: r.reason.clone(),
+            restart: r.restart,
+            wait_for_room: r.wait_for_room,
+            migration: r.migration,
+            created_at: rfc3339(r.created_at_ms),
+            updated_at: rfc3339(r.updated_at_ms),
+        }
+    }
+}

@@ -4,7 +4,8 @@
 use super::{
     page_size, ApiError, ApiJson, ApiPath, ApiQuery, AppState, BatchLaunchRequest, BatchLaunched,
     ConsoleQuery, ErrorBody, EventList, EventQuery, EventView, LaunchRequest, MigrateRequest,
-    MigrationList, MigrationView, User, VmList, VmQuery, VmView,
+    MigrationList, MigrationView, ResizeList, ResizeRequest, ResizeView, User, VmList, VmQuery,
+    VmView,
 };
 use crate::access::Perm;
 use crate::cloud::{Cloud, LaunchSpec};
@@ -219,6 +220,48 @@ pub(super) async fn migrate_vm(
     user.check_cloud_admin()?;
     let migration = crate::blocking(|| cloud.migrate(&id, request.to.as_deref()))?;
     Ok((StatusCode::ACCEPTED, Json(MigrationView::of(&migration))))
+}
+
+/// Give a VM new vCPUs and memory: where it is if its host has room, else on a host of
+/// its type that has (moving it there live first), else refused with the reason, or
+/// left waiting for room if asked. A running qemu VM restarts to take its new shape,
+/// and must be asked with `restart`. Returns at once; `GET /v1/vms/{id}/resizes` follows it.
+#[utoipa::path(post, path = "/v1/vms/{id}/resize", request_body = ResizeRequest,
+    params(("id" = String, Path, description = "VM id")),
+    responses((status = 202, body = ResizeView), (status = 400, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+pub(super) async fn resize_vm(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(request): ApiJson<ResizeRequest>,
+) -> Result<(StatusCode, Json<ResizeView>), ApiError> {
+    vm_for(&cloud, &user, &id, Perm::OperateVms)?;
+    let ask = crate::resize::ResizeSpec {
+        vcpus: request.vcpus,
+        memory_mib: request.memory_mib,
+        restart: request.restart,
+        wait_for_room: request.wait_for_room,
+    };
+    let resize = crate::blocking(|| cloud.resize(&id, ask))?;
+    Ok((StatusCode::ACCEPTED, Json(ResizeView::of(&resize))))
+}
+
+/// The VM's resizes: the latest, if it was ever resized (earlier ones are in its
+/// events).
+#[utoipa::path(get, path = "/v1/vms/{id}/resizes", params(("id" = String, Path, description = "VM id")),
+    responses((status = 200, body = ResizeList), (status = 404, body = ErrorBody)))]
+pub(super) async fn vm_resizes(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<ResizeList>, ApiError> {
+    let record = vm_for(&cloud, &user, &id, Perm::Read)?;
+    let latest = crate::blocking(|| cloud.vm_resize(record.id))?;
+    Ok(Json(ResizeList {
+        items: latest.iter().map(ResizeView::of).collect(),
+    }))
 }
 
 /// The VM's migrations, newest first (at most the last 20): the first is the one in

@@ -105,7 +105,13 @@ impl Cloud {
         let to_ms = to_ms.min(now_ms());
         let mut cards: HashMap<String, RateCard> = HashMap::new();
         let mut lines = Vec::new();
-        for vm in self.store.ledger(project)? {
+        for mut vm in self.store.ledger(project)? {
+            vm.resized = self
+                .store
+                .vm_sizes(vm.vm)?
+                .into_iter()
+                .map(|(at, size)| (at, size.memory_mib))
+                .collect();
             if !cards.contains_key(&vm.project) {
                 let card = self.rate_card(&vm.project)?.unwrap_or_default();
                 cards.insert(vm.project.clone(), card);

@@ -216,6 +216,8 @@ pub struct Cloud {
     next_request: AtomicU64,
     /// Live migrations in progress (the coordinator is the `migration` module).
     pub migrations: crate::migration::book::Migrations,
+    /// Resizes waiting for their host (the coordinator is the `resize` module).
+    pub resizes: crate::resize::book::Resizes,
 }
 
 impl Cloud {
@@ -247,9 +249,11 @@ impl Cloud {
             console_waiters: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             migrations: Default::default(),
+            resizes: Default::default(),
         };
         cloud.rebuild()?;
         cloud.restore_migrations()?;
+        cloud.restore_resizes()?;
         Ok(cloud)
     }
 
@@ -264,6 +268,7 @@ impl Cloud {
             }
         }
         tokio::spawn(self.clone().drive_migrations());
+        tokio::spawn(self.clone().drive_resizes());
         let cloud = self.clone();
         tokio::spawn(async move {
             loop {

@@ -131,15 +131,36 @@ impl Cloud {
     }
 
     /// A committed migration: the VM's share is counted on `to` (which held it as a
-    /// reservation already) and no longer on its old host.
-    pub(crate) fn move_share(&self, vm: VmId, to: HostId) {
+    /// reservation already, in the shape given) and no longer on its old host.
+    pub(crate) fn move_share(&self, vm: VmId, to: HostId, vcpus: u32, memory_mib: u64) {
         let mut guard = self.placement.lock();
         let placement = &mut *guard;
         if let Some(share) = placement.vms.get_mut(&vm) {
-            let (from, vcpus, memory_mib) = *share;
-            share.0 = to;
-            placement.sched.release(from, vcpus, memory_mib);
+            let (from, old_vcpus, old_memory_mib) = *share;
+            *share = (to, vcpus, memory_mib);
+            placement.sched.release(from, old_vcpus, old_memory_mib);
         }
+    }
+
+    /// A resize in place: the VM's share on its host becomes `vcpus` and `memory_mib`
+    /// if `decide` (given the scheduler's view) says so, in one step under the lock,
+    /// so that no launch takes the room between the decision and the count.
+    pub(crate) fn reshape_share<T>(
+        &self,
+        vm: VmId,
+        decide: impl FnOnce(&[HostSlot]) -> (T, Option<(u32, u64)>),
+    ) -> T {
+        let mut guard = self.placement.lock();
+        let placement = &mut *guard;
+        let hosts: Vec<HostSlot> = placement.sched.hosts().cloned().collect();
+        let (answer, apply) = decide(&hosts);
+        if let (Some((vcpus, memory_mib)), Some(share)) = (apply, placement.vms.get_mut(&vm)) {
+            let (host, old_vcpus, old_memory_mib) = *share;
+            *share = (host, vcpus, memory_mib);
+            placement.sched.release(host, old_vcpus, old_memory_mib);
+            placement.sched.reserve(host, vcpus, memory_mib);
+        }
+        answer
     }
 
     /// Drops what the server holds of the VM's old host (its last usage counters and

@@ -450,6 +450,23 @@ impl Cloud {
         vcpus: u32,
         memory_mib: u64,
     ) -> Result<(), CloudError> {
+        self.check_quota_adding(
+            project,
+            n,
+            n.saturating_mul(u64::from(vcpus)),
+            n.saturating_mul(memory_mib),
+        )
+    }
+
+    /// Whether the project may hold `vms` more VMs and `vcpus` and `memory_mib` more
+    /// in all (a launch, or a resize that grows a VM).
+    pub(crate) fn check_quota_adding(
+        &self,
+        project: &str,
+        n: u64,
+        vcpus: u64,
+        memory_mib: u64,
+    ) -> Result<(), CloudError> {
         let quota = self.project(project)?.quota;
         if quota == Quota::default() {
             return Ok(());
@@ -463,13 +480,8 @@ impl Cloud {
             _ => Ok(()),
         };
         over("VMs", vms, n, quota.max_vms)?;
-        over("vCPUs", used_vcpus, n * u64::from(vcpus), quota.max_vcpus)?;
-        over(
-            "MiB of memory",
-            used_mem,
-            n.saturating_mul(memory_mib),
-            quota.max_memory_mib,
-        )?;
+        over("vCPUs", used_vcpus, vcpus, quota.max_vcpus)?;
+        over("MiB of memory", used_mem, memory_mib, quota.max_memory_mib)?;
         if let Some(budget) = quota.budget_micros {
             let now = now_ms();
             let spent: u64 = self

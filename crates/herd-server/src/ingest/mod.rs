@@ -517,6 +517,9 @@ async fn on_frame(
                 return Ok(());
             }
             owed.acks.push(id);
+            if cloud.resizes.awaits(id.vm, id.generation) {
+                crate::blocking(|| cloud.resize_applied(id.vm, id.generation, error.as_deref()));
+            }
             if let Some(error) = error {
                 Metrics::inc(&cloud.metrics.command_errors);
                 let Some(vm) = cloud.vm_brief(id.vm).map_err(|e| e.to_string())? else {

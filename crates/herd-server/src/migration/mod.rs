@@ -17,6 +17,7 @@ pub mod plan;
 pub use book::Migrations;
 
 use crate::cloud::{Cloud, CloudError};
+use crate::resize::plan::Size;
 use crate::store::NewEvent;
 use herd_proto::migration::{MigrationId, MigrationUpdate};
 use herd_proto::wire::{HostId, ServerMsg, VmId};
@@ -37,6 +38,14 @@ const PHASE_TIMEOUT_MS: i64 = 60_000;
 /// The hypervisor types whose VMs can move while running.
 const LIVE_MIGRATABLE: &[&str] = &["qemu"];
 
+/// A migration's target as the caller names it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum HostRef<'a> {
+    Id(HostId),
+    /// A host id or hostname, as a user typed it.
+    Named(&'a str),
+}
+
 fn conflict(code: &'static str, message: String) -> CloudError {
     CloudError::Conflict { code, message }
 }
@@ -46,6 +55,17 @@ impl Cloud {
     /// of its type with room. Returns the migration as it starts; it goes on in the
     /// background.
     pub fn migrate(&self, id: &str, to: Option<&str>) -> Result<Migration, CloudError> {
+        self.start_migration(id, to.map(HostRef::Named), None)
+    }
+
+    /// [`Cloud::migrate`], holding `hold` on the target instead of the VM's own shape
+    /// (a resize that moves the VM).
+    pub(crate) fn start_migration(
+        &self,
+        id: &str,
+        to: Option<HostRef<'_>>,
+        hold: Option<Size>,
+    ) -> Result<Migration, CloudError> {
         // One step like any other: two requests for one VM cannot both start.
         let _step = self.migrations.steps.lock();
         let vm = self.vm(id)?;
@@ -100,7 +120,11 @@ impl Cloud {
                 ),
             ));
         }
-        let to = to.map(|to| self.resolve_host(to)).transpose()?;
+        let to = match to {
+            None => None,
+            Some(HostRef::Id(id)) => Some(id),
+            Some(HostRef::Named(to)) => Some(self.resolve_host(to)?),
+        };
         if let Some(to) = to {
             if to == source {
                 return Err(crate::cloud::invalid(
@@ -132,8 +156,13 @@ impl Cloud {
             }
         }
         let spec = crate::cloud::spec_of(&vm);
+        let mut held = spec.clone();
+        if let Some(size) = hold {
+            held.vcpus = size.vcpus;
+            held.memory_mib = size.memory_mib;
+        }
         let target = self
-            .reserve_target(&spec, to, &[source])
+            .reserve_target(&held, to, &[source])
             .map_err(|no_fit| {
                 conflict(
                     "no_capacity",
@@ -141,7 +170,7 @@ impl Cloud {
                         Some(to) => format!("host {to} cannot take VM {}: {no_fit}", vm.name),
                         None => format!(
                             "no other host can take VM {} ({} vCPUs, {} MiB): {no_fit}",
-                            vm.name, spec.vcpus, spec.memory_mib
+                            vm.name, held.vcpus, held.memory_mib
                         ),
                     },
                 )
@@ -156,6 +185,7 @@ impl Cloud {
             to.is_some(),
             now,
         );
+        migration.hold = hold;
         let event = self.migration_event(
             &migration,
             format!(
@@ -169,7 +199,7 @@ impl Cloud {
             ),
         );
         if let Err(e) = self.store.save_migration(&migration, &[event]) {
-            self.release_target(target, &spec);
+            self.release_target(target, &held);
             return Err(e.into());
         }
         info!(vm = %vm.id, %source, %target, migration = %migration.id, "migration started");
@@ -287,7 +317,7 @@ impl Cloud {
             match effect {
                 Effect::Order(host, order) => orders.push((host, order)),
                 Effect::Event(message) => events.push(self.migration_event(&m, message)),
-                Effect::ReleaseTarget(host) => self.release_target(host, &m.spec),
+                Effect::ReleaseTarget(host) => self.release_target(host, &m.held_spec()),
                 Effect::Commit => commit = true,
                 Effect::Retry => {
                     let now = crate::store::now_ms();
@@ -301,7 +331,7 @@ impl Cloud {
                     } else {
                         let mut exclude = m.tried.clone();
                         exclude.push(m.source);
-                        match self.reserve_target(&m.spec, None, &exclude) {
+                        match self.reserve_target(&m.held_spec(), None, &exclude) {
                             Ok(target) => m.retry(target, now),
                             Err(no_fit) if no_fit.n_hosts == 0 => m.fail(
                                 &format!("no {} host is left to try", m.spec.hypervisor),
@@ -318,7 +348,8 @@ impl Cloud {
         }
         if commit {
             if self.store.commit_migration(&m, &events)? {
-                self.move_share(m.vm, m.target);
+                let held = m.held_spec();
+                self.move_share(m.vm, m.target, held.vcpus, held.memory_mib);
                 self.forget_host_facts(m.vm);
                 info!(vm = %m.vm, source = %m.source, target = %m.target, "migration committed");
             } else {
@@ -352,7 +383,7 @@ impl Cloud {
         let mut map = self.migrations.active.lock();
         for m in active {
             if m.phase.holds_target() {
-                if let Err(no_fit) = self.reserve_target(&m.spec, Some(m.target), &[]) {
+                if let Err(no_fit) = self.reserve_target(&m.held_spec(), Some(m.target), &[]) {
                     warn!(migration = %m.id, "target's capacity cannot be held again: {no_fit}");
                 }
             }

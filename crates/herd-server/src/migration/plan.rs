@@ -95,6 +95,10 @@ pub struct Migration {
     pub cleanup: Vec<HostId>,
     pub started_at_ms: i64,
     pub updated_at_ms: i64,
+    /// The shape held on the target when it is not the spec's: a resize that moves
+    /// the VM holds its new size there, and applies it once the move is committed.
+    #[serde(default)]
+    pub hold: Option<crate::resize::plan::Size>,
 }
 
 /// What the coordinator must do after a step, besides saving the record.
@@ -141,7 +145,18 @@ impl Migration {
             cleanup: Vec::new(),
             started_at_ms: now_ms,
             updated_at_ms: now_ms,
+            hold: None,
         }
+    }
+
+    /// The spec whose capacity a target holds: the VM's, in the held shape if any.
+    pub fn held_spec(&self) -> VmSpec {
+        let mut spec = self.spec.clone();
+        if let Some(size) = self.hold {
+            spec.vcpus = size.vcpus;
+            spec.memory_mib = size.memory_mib;
+        }
+        spec
     }
 
     /// The order the current phase repeats until it is answered.

@@ -46,7 +46,21 @@ pub struct LedgerVm {
     pub name: String,
     pub project: String,
     pub vcpus: u32,
+    /// The memory it was launched with.
     pub memory_mib: u64,
+    /// Its later memory sizes, each from when its resize was sent (ms), oldest first.
+    pub resized: Vec<(i64, u64)>,
+}
+
+impl LedgerVm {
+    /// The memory the VM held at `at_ms`.
+    pub fn memory_at(&self, at_ms: i64) -> u64 {
+        self.resized
+            .iter()
+            .take_while(|(since, _)| *since <= at_ms)
+            .last()
+            .map_or(self.memory_mib, |(_, memory_mib)| *memory_mib)
+    }
 }
 
 impl Store {
@@ -81,6 +95,7 @@ impl Store {
                 project,
                 vcpus: vcpus as u32,
                 memory_mib: memory_mib as u64,
+                resized: Vec::new(),
             });
         }
         Ok(out)

@@ -10,6 +10,7 @@ mod events;
 mod hosts;
 mod metering;
 mod migrations;
+mod resizes;
 mod rows;
 mod schema;
 mod tenancy;
@@ -172,6 +173,7 @@ impl Store {
         migrate(&db)?;
         db.execute_batch(tenancy::SCHEMA)?;
         db.execute_batch(migrations::SCHEMA)?;
+        db.execute_batch(resizes::SCHEMA)?;
         tenancy::bootstrap(&db)?;
         let index = Mutex::new(load_index(&db)?);
         let readers = (0..READERS)

@@ -262,6 +262,14 @@ impl VmIndex {
         self.set_state(vm, VmState::Scheduled);
     }
 
+    /// The VM has a new shape (a resize).
+    pub fn resize(&mut self, vm: VmId, vcpus: u32, memory_mib: u64) {
+        if let Some(entry) = self.vms.get_mut(&vm) {
+            entry.vcpus = vcpus;
+            entry.memory_mib = memory_mib;
+        }
+    }
+
     /// The VM moved to another host (a committed migration).
     pub fn move_host(&mut self, vm: VmId, host: HostId) {
         let Some(entry) = self.vms.get_mut(&vm) else {

@@ -64,10 +64,18 @@ pub(super) fn hostname(name: &str) -> String {
     }
 }
 
+/// The cgroup limits of a shape: (CPU quota, CPU period) in µs and memory in bytes.
+pub(super) fn limits(vcpus: u32, memory_mib: u64) -> (u64, u64, u64) {
+    (
+        u64::from(vcpus.max(1)) * CPU_PERIOD_US,
+        CPU_PERIOD_US,
+        memory_mib.saturating_mul(1024 * 1024),
+    )
+}
+
 /// The `config.json` of the container.
 pub(super) fn config(spec: &BundleSpec<'_>) -> Value {
-    let memory = spec.memory_mib.saturating_mul(1024 * 1024);
-    let quota = u64::from(spec.vcpus.max(1)) * CPU_PERIOD_US;
+    let (quota, _, memory) = limits(spec.vcpus, spec.memory_mib);
     let caps: Vec<&str> = CAPABILITIES.to_vec();
     json!({
         "ociVersion": "1.0.2",

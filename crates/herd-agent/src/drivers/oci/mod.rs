@@ -22,7 +22,7 @@ mod container;
 mod ops;
 mod runc;
 
-use crate::driver::{Capabilities, Driver, DriverError, ObservedVm};
+use crate::driver::{same_shape, Capabilities, Driver, DriverError, ObservedVm};
 use crate::drivers::channel::Guests;
 use crate::drivers::{console, images};
 use crate::persist;
@@ -298,7 +298,10 @@ impl Driver for OciDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+        Capabilities {
+            resize: true,
+            ..Capabilities::default()
+        }
     }
 
     fn footprint(&self) -> Option<herd_util::Footprint> {
@@ -409,6 +412,19 @@ impl Driver for OciDriver {
                 move |inner| async move { inner.do_create(id, spec).await },
             )
             .await
+    }
+
+    async fn reshape(&self, id: VmId, spec: &VmSpec) -> Result<bool, DriverError> {
+        if self.inner.with(id, |c| Ok(same_shape(&c.spec, spec)))? {
+            return Ok(false);
+        }
+        let (vcpus, memory_mib) = (spec.vcpus, spec.memory_mib);
+        self.inner
+            .run_op(id, move |inner| async move {
+                inner.do_reshape(id, vcpus, memory_mib).await
+            })
+            .await?;
+        Ok(true)
     }
 
     async fn start(&self, id: VmId) -> Result<(), DriverError> {

@@ -37,10 +37,7 @@ impl Inner {
         let paths = Paths::new(&self.state_dir, id);
         std::fs::create_dir_all(&paths.dir)
             .map_err(DriverError::io("creating the container dir"))?;
-        let spec_json =
-            serde_json::to_vec_pretty(&spec).map_err(DriverError::encode("the VM's spec"))?;
-        persist::write_atomic(&paths.spec(), &spec_json)
-            .map_err(DriverError::io("saving spec.json"))?;
+        crate::drivers::save_spec(&paths.spec(), &spec)?;
         let c = Container {
             id,
             paths,
@@ -233,6 +230,29 @@ impl Inner {
             return;
         }
         task.abort();
+    }
+
+    /// A new shape: a live container's cgroup limits change at once; a stopped one
+    /// gets them at its next start (its `config.json` is made from the spec then).
+    pub(super) async fn do_reshape(
+        self: Arc<Self>,
+        id: VmId,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> Result<(), DriverError> {
+        let state = self.with(id, |c| Ok(c.observe()))?;
+        if matches!(state, VmState::Running | VmState::Paused | VmState::Booting) {
+            let (quota, period, memory) = bundle::limits(vcpus, memory_mib);
+            self.runc
+                .update(&container::runc_name(id), quota, period, memory)
+                .await
+                .map_err(Self::hypervisor(id))?;
+        }
+        self.with(id, |c| {
+            crate::drivers::reshape_spec(&mut c.spec, &c.paths.spec(), vcpus, memory_mib)
+        })?;
+        info!(%id, vcpus, memory_mib, "container resized");
+        Ok(())
     }
 
     /// Pauses (freezes the cgroup) or resumes (thaws it).

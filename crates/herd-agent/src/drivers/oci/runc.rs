@@ -109,6 +109,33 @@ impl Runc {
         self.exec(&["resume", name]).await.map(drop)
     }
 
+    /// Changes a running container's CPU quota and memory limit in its cgroup.
+    pub(super) async fn update(
+        &self,
+        name: &str,
+        cpu_quota_us: u64,
+        cpu_period_us: u64,
+        memory_bytes: u64,
+    ) -> Result<(), String> {
+        let (quota, period, memory) = (
+            cpu_quota_us.to_string(),
+            cpu_period_us.to_string(),
+            memory_bytes.to_string(),
+        );
+        self.exec(&[
+            "update",
+            "--cpu-quota",
+            &quota,
+            "--cpu-period",
+            &period,
+            "--memory",
+            &memory,
+            name,
+        ])
+        .await
+        .map(drop)
+    }
+
     /// Sends `signal` (`TERM`, `KILL`) to the container's init.
     pub(super) async fn kill(&self, name: &str, signal: &str) -> Result<(), String> {
         self.exec(&["kill", name, signal]).await.map(drop)

@@ -26,7 +26,9 @@ pub use crate::drivers::procfs;
 pub mod qmp;
 mod vm;
 
-use crate::driver::{Capabilities, Driver, DriverError, ObservedVm, ProgressSink, Sent};
+use crate::driver::{
+    same_shape, Capabilities, Driver, DriverError, ObservedVm, ProgressSink, Sent,
+};
 use crate::drivers::channel::Guests;
 use crate::drivers::{console, guest_config, images};
 use crate::persist;
@@ -136,10 +138,7 @@ impl Inner {
     fn vm_dir_with_spec(&self, id: VmId, spec: &VmSpec) -> Result<VmPaths, DriverError> {
         let paths = VmPaths::new(&self.state_dir, id);
         std::fs::create_dir_all(&paths.dir).map_err(DriverError::io("creating the VM dir"))?;
-        let spec_json =
-            serde_json::to_vec_pretty(spec).map_err(DriverError::encode("the VM's spec"))?;
-        persist::write_atomic(&paths.spec(), &spec_json)
-            .map_err(DriverError::io("saving spec.json"))?;
+        crate::drivers::save_spec(&paths.spec(), spec)?;
         Ok(paths)
     }
 
@@ -627,6 +626,20 @@ impl Driver for QemuDriver {
         self.inner
             .run_op(id, move |inner| inner.do_migrate_out_undo(id))
             .await
+    }
+
+    async fn reshape(&self, id: VmId, spec: &VmSpec) -> Result<bool, DriverError> {
+        if self
+            .inner
+            .with_vm(id, |vm| Ok(same_shape(&vm.spec, spec)))?
+        {
+            return Ok(false);
+        }
+        let (vcpus, memory_mib) = (spec.vcpus, spec.memory_mib);
+        self.inner
+            .run_op(id, move |inner| inner.do_reshape(id, vcpus, memory_mib))
+            .await?;
+        Ok(true)
     }
 
     async fn migrate_in(

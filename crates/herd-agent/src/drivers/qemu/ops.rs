@@ -406,6 +406,36 @@ impl Inner {
         }
     }
 
+    /// A new shape. QEMU fixes a guest's vCPUs and memory at launch, so a live VM is
+    /// stopped (the server said so to the user before asking) and boots again with
+    /// the new shape when the converge that asked starts it. A suspended VM's memory
+    /// image holds the old shape: it is refused.
+    pub(super) async fn do_reshape(
+        self: Arc<Self>,
+        id: VmId,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> Result<(), DriverError> {
+        match self.with_vm(id, |vm| Ok(vm.observe()))? {
+            VmState::Suspended => {
+                return Err(DriverError::Invalid(
+                    "a suspended VM keeps the shape its memory image was saved with: \
+                     resume or stop it first"
+                        .into(),
+                ))
+            }
+            VmState::Running | VmState::Paused | VmState::Booting | VmState::Resuming => {
+                self.clone().do_stop(id).await?;
+            }
+            _ => {}
+        }
+        self.with_vm(id, |vm| {
+            crate::drivers::reshape_spec(&mut vm.spec, &vm.paths.spec(), vcpus, memory_mib)
+        })?;
+        info!(%id, vcpus, memory_mib, "VM reshaped; it boots with the new shape");
+        Ok(())
+    }
+
     pub(super) async fn do_stop(self: Arc<Self>, id: VmId) -> Result<(), DriverError> {
         let (paused, sender) = self.with_vm(id, |vm| {
             let state = vm.observe();
