@@ -236,11 +236,16 @@ impl Testbed {
         Ok(&self.plan.host(i).map_err(TestbedError::Plan)?.ns)
     }
 
-    /// `program` to run inside host `i`'s namespace (`ip netns exec` execs it, so the
-    /// child's pid is the program's).
+    /// `program` to run inside host `i`'s network namespace. `nsenter` enters only
+    /// that one and execs the program (so the child's pid is the program's);
+    /// `ip netns exec` would also mount a sysfs of the namespace's own over /sys,
+    /// hiding the cgroup hierarchies that containers are made in.
     pub fn command(&self, i: usize, program: &Path) -> Result<Command, TestbedError> {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", self.ns(i)?]).arg(program);
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.ns(i)?))
+            .arg("--")
+            .arg(program);
         Ok(command)
     }
 

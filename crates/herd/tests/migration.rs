@@ -3,7 +3,8 @@
 //! moment and the source keeps no QEMU; a target agent killed mid-transfer leaves the
 //! VM running on its source, and the next host takes it; bad requests change nothing.
 //! A resize applies where the VM is when its host has room, moves the VM to the host
-//! that has when it has not, and is refused with its reason when no host could.
+//! that has when it has not, and is refused with its reason when no host could. A
+//! container moves cold, with the files it wrote.
 
 mod common;
 
@@ -176,9 +177,14 @@ fn start(root: &Path) -> Cluster {
 
 /// Three qemu hosts on the testbed, up, host `i` with `host_args[i]` besides.
 fn start_sized(root: &Path, host_args: &[&[&str]]) -> Cluster {
+    start_with(root, "qemu", host_args)
+}
+
+/// Three hosts with these drivers on the testbed, up.
+fn start_with(root: &Path, drivers: &str, host_args: &[&[&str]]) -> Cluster {
     let bed = Testbed::create(3).expect("testbed (needs root)");
     let image_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-e2e-images");
-    let mut config = ClusterConfig::new(Path::new(env!("CARGO_BIN_EXE_herd")), root, "qemu");
+    let mut config = ClusterConfig::new(Path::new(env!("CARGO_BIN_EXE_herd")), root, drivers);
     config.server_args = ["--default-hypervisor", "qemu", "--host-grace-s", "5"]
         .map(str::to_owned)
         .to_vec();
@@ -253,7 +259,8 @@ fn slow_migration_under_way(cluster: &Cluster, host: usize, root: &Path) -> Stri
 }
 
 #[test]
-fn a_server_killed_mid_transfer_finishes_the_move_and_a_cut_link_moves_it_elsewhere() {
+fn a_server_killed_mid_transfer_a_cut_link_and_a_source_killed_after_the_switch_over_lose_nothing()
+{
     if !qemu_present() {
         return;
     }
@@ -317,6 +324,55 @@ fn a_server_killed_mid_transfer_finishes_the_move_and_a_cut_link_moves_it_elsewh
     let deadline = Instant::now() + Duration::from_secs(90);
     while cut_dir.join("qemu").join(&vm_id).exists() || !qemus_under(&cut_dir).is_empty() {
         assert!(Instant::now() < deadline, "the cut host kept the VM");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(qemus_under(root.path()).len(), 1, "one QEMU in the cloud");
+
+    // The source's agent killed -9 the moment its QEMU has sent everything and
+    // stopped (the switch-over): the target owns the VM, and the source, back, drops
+    // its stopped copy.
+    let source = landed;
+    let source_index = index_of(&source);
+    let record = root
+        .path()
+        .join(format!("host{source_index}"))
+        .join("qemu")
+        .join(&vm_id)
+        .join("state.json");
+    let started: Value = serde_json::from_str(
+        &cluster
+            .cli(&["vm", "migrate", "m1", "--no-wait", "-o", "json"])
+            .expect("migrate"),
+    )
+    .expect("json");
+    let target = started["target"].as_str().expect("target").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&record).unwrap_or_default();
+        if text.contains("\"migrated_out\": true") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source never switched over: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cluster
+        .kill_agent(source_index)
+        .expect("kill the source's agent");
+    let view = wait_vm(&cluster, "m1", "running on the target", |v| {
+        v["state"] == "running" && v["host"] == target.as_str()
+    });
+    assert_eq!(view["id"], vm_id.as_str());
+    cluster.restart_agent(source_index).expect("restart");
+    let source_dir = root.path().join(format!("host{source_index}"));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while source_dir.join("qemu").join(&vm_id).exists() || !qemus_under(&source_dir).is_empty() {
+        if Instant::now() > deadline {
+            diagnose(&cluster, root.path());
+            panic!("the source kept its copy after the switch-over");
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(qemus_under(root.path()).len(), 1, "one QEMU in the cloud");
@@ -631,4 +687,87 @@ fn a_resize_applies_in_place_moves_to_a_host_with_room_or_is_refused() {
     );
     let map = cluster.cli_json(&["map"]).expect("map");
     eprintln!("map after the resize: {map}");
+}
+
+#[test]
+fn a_container_moves_cold_with_the_files_it_wrote() {
+    let runc = std::process::Command::new("runc")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !runc || !qemu_present() {
+        eprintln!("SKIPPED: needs runc (and the guest image QEMU boots)");
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let cluster = start_with(root.path(), "oci", &[]);
+    let ids = host_ids(&cluster);
+    let index_of = |id: &str| ids.iter().position(|h| h == id).expect("a known host");
+    // Each boot counts itself in a file of its own root, says what the last one left
+    // and removes a file of the image (a whiteout in its layer).
+    let workload = "n=$(cat /var/boots 2>/dev/null || echo 0); n=$((n+1)); echo $n > /var/boots; \
+         echo boot=$n; [ -f /srv/note ] && echo note=$(cat /srv/note); \
+         [ -e /bin/yes ] || echo yes=gone; mkdir -p /srv; echo kept > /srv/note; rm -f /bin/yes; \
+         sync; while true; do sleep 1; done";
+    cluster
+        .cli(&[
+            "vm",
+            "launch",
+            "c1",
+            "--hypervisor",
+            "oci",
+            "--",
+            "sh",
+            "-c",
+            workload,
+        ])
+        .expect("launch");
+    let view = wait_vm(&cluster, "c1", "running", |v| v["state"] == "running");
+    let vm_id = view["id"].as_str().expect("id").to_owned();
+    let source = view["host"].as_str().expect("host").to_owned();
+    let started = Instant::now();
+    let moved: Value = serde_json::from_str(
+        &cluster
+            .cli(&["vm", "migrate", "c1", "-o", "json"])
+            .expect("migrate"),
+    )
+    .expect("json");
+    eprintln!("container moved: {moved:#} in {:?}", started.elapsed());
+    assert_eq!(moved["phase"], "done", "{moved:#}");
+    let target = moved["target"].as_str().expect("target").to_owned();
+    assert_ne!(target, source);
+    wait_vm(&cluster, "c1", "running on its target", |v| {
+        v["state"] == "running" && v["host"] == target.as_str()
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let console = loop {
+        let console = cluster.cli(&["vm", "console", "c1"]).expect("console");
+        if console.contains("boot=2") || Instant::now() > deadline {
+            break console;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        console.contains("boot=2"),
+        "a second boot, from the moved files: {console}"
+    );
+    assert!(
+        console.contains("note=kept"),
+        "the files it wrote moved: {console}"
+    );
+    assert!(
+        console.contains("yes=gone"),
+        "the file it removed came back: {console}"
+    );
+    let source_dir = root
+        .path()
+        .join(format!("host{}", index_of(&source)))
+        .join("oci")
+        .join(&vm_id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while source_dir.exists() {
+        assert!(Instant::now() < deadline, "the source kept the container");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cluster.cli(&["vm", "rm", "c1"]).expect("rm");
 }

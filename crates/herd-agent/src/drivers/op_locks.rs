@@ -17,9 +17,10 @@ pub(crate) struct OpLocks(Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>);
 
 impl OpLocks {
     /// Runs `op` in its own task once no other operation on `id` runs.
-    pub(crate) async fn run<Fut>(&self, id: VmId, op: Fut) -> Result<(), DriverError>
+    pub(crate) async fn run<T, Fut>(&self, id: VmId, op: Fut) -> Result<T, DriverError>
     where
-        Fut: Future<Output = Result<(), DriverError>> + Send + 'static,
+        T: Send + 'static,
+        Fut: Future<Output = Result<T, DriverError>> + Send + 'static,
     {
         let lock = self.0.lock().entry(id).or_default().clone();
         tokio::spawn(async move {

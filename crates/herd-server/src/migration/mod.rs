@@ -35,8 +35,9 @@ const DRIVE_EVERY: Duration = Duration::from_secs(2);
 /// attempt is given up (progress counts as an answer while transferring).
 const PHASE_TIMEOUT_MS: i64 = 60_000;
 
-/// The hypervisor types whose VMs can move while running.
-const LIVE_MIGRATABLE: &[&str] = &["qemu"];
+/// The hypervisor types whose VMs move, and how: qemu live (pre-copy), containers
+/// cold (stopped, their writable layer sent, started on the target) until CRIU works.
+const MIGRATABLE: &[(&str, &str)] = &[("qemu", "live"), ("oci", "cold")];
 
 /// A migration's target as the caller names it.
 #[derive(Debug, Clone, Copy)]
@@ -93,13 +94,14 @@ impl Cloud {
                 ),
             ));
         }
-        if !LIVE_MIGRATABLE.contains(&vm.hypervisor.as_str()) {
+        if !MIGRATABLE.iter().any(|(kind, _)| *kind == vm.hypervisor) {
+            let kinds: Vec<&str> = MIGRATABLE.iter().map(|(kind, _)| *kind).collect();
             return Err(conflict(
                 "unsupported",
                 format!(
-                    "live migration of {} VMs is not supported (only {})",
+                    "migration of {} VMs is not supported (only {})",
                     vm.hypervisor,
-                    LIVE_MIGRATABLE.join(", ")
+                    kinds.join(", ")
                 ),
             ));
         }

@@ -196,10 +196,12 @@ impl Cloud {
                 sent
             }
             Route::Move(target) => {
-                if vm.hypervisor != "qemu" || vm.observed != VmState::Running {
+                if !matches!(vm.hypervisor.as_str(), "qemu" | "oci")
+                    || vm.observed != VmState::Running
+                {
                     let why = format!(
-                        "VM {} needs a host with room for {wanted}, and only a running qemu VM \
-                         moves live (it is a {} VM, {})",
+                        "VM {} needs a host with room for {wanted}, and only a running qemu \
+                         or oci VM moves (it is a {} VM, {})",
                         vm.name, vm.hypervisor, vm.observed
                     );
                     return if first {

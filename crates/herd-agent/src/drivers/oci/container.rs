@@ -104,6 +104,10 @@ pub(super) struct Record {
     pub(super) born_unix_ms: Option<u64>,
     /// The guest's policy action of the current run reached the agent.
     pub(super) policy_reported: bool,
+    /// Stopped and sent to another host; it stays until the migration is committed
+    /// (then it goes) or rolled back (then it starts here again).
+    #[serde(default)]
+    pub(super) migrated_out: bool,
 }
 
 pub(super) struct Container {
@@ -122,6 +126,8 @@ pub(super) struct Container {
     /// The init ended on its own; what it held on the host (runc state, mount) is still
     /// to be released.
     pub(super) ended: bool,
+    /// A migration's receiver writing the container's layer, until its stream ends.
+    pub(super) receiving: Option<tokio::task::JoinHandle<Result<u64, String>>>,
 }
 
 impl Container {
@@ -144,6 +150,7 @@ impl Container {
             return busy;
         }
         match &self.record.phase {
+            Phase::Stopped if self.record.migrated_out => VmState::Migrating,
             Phase::Stopped => VmState::Stopped,
             Phase::Failed { .. } => VmState::Error,
             Phase::Launched if self.alive() => {

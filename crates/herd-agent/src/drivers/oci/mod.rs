@@ -19,10 +19,13 @@
 
 mod bundle;
 mod container;
+mod migrate;
 mod ops;
 mod runc;
 
-use crate::driver::{same_shape, Capabilities, Driver, DriverError, ObservedVm};
+use crate::driver::{
+    same_shape, Capabilities, Driver, DriverError, ObservedVm, ProgressSink, Sent,
+};
 use crate::drivers::channel::Guests;
 use crate::drivers::{console, images};
 use crate::persist;
@@ -224,6 +227,7 @@ impl OciDriver {
                     channel: None,
                     unreported: None,
                     ended,
+                    receiving: None,
                 },
             );
         }
@@ -411,6 +415,49 @@ impl Driver for OciDriver {
                 id,
                 move |inner| async move { inner.do_create(id, spec).await },
             )
+            .await
+    }
+
+    async fn migration_handoff(&self, id: VmId) -> Result<Vec<u8>, DriverError> {
+        self.inner.handoff(id)
+    }
+
+    /// Cold: the container stops here and starts on the target (see `migrate`); the
+    /// downtime limit does not apply.
+    async fn migrate_out(
+        &self,
+        id: VmId,
+        to: &std::path::Path,
+        _max_downtime_ms: u64,
+        progress: ProgressSink,
+    ) -> Result<Sent, DriverError> {
+        let to = to.to_owned();
+        self.inner
+            .run_op(id, move |inner| inner.do_migrate_out(id, to, progress))
+            .await
+    }
+
+    async fn migrate_out_undo(&self, id: VmId) -> Result<(), DriverError> {
+        self.inner
+            .run_op(id, move |inner| inner.do_migrate_out_undo(id))
+            .await
+    }
+
+    async fn migrate_in(
+        &self,
+        id: VmId,
+        spec: &VmSpec,
+        handoff: &[u8],
+    ) -> Result<PathBuf, DriverError> {
+        let (spec, handoff) = (spec.clone(), handoff.to_vec());
+        self.inner
+            .run_op(id, move |inner| inner.do_migrate_in(id, spec, handoff))
+            .await
+    }
+
+    async fn migrate_in_finish(&self, id: VmId) -> Result<(), DriverError> {
+        self.inner
+            .run_op(id, move |inner| inner.do_migrate_in_finish(id))
             .await
     }
 

@@ -50,6 +50,7 @@ impl Inner {
                 exit_code: None,
                 born_unix_ms: Some(herd_proto::clock::unix_ms()),
                 policy_reported: false,
+                migrated_out: false,
             },
             pid: None,
             busy: Some(VmState::Booting),
@@ -58,6 +59,7 @@ impl Inner {
             channel: None,
             unreported: None,
             ended: false,
+            receiving: None,
         };
         c.save()?;
         self.containers.lock().insert(id, c);
@@ -292,6 +294,16 @@ impl Inner {
     /// Asks the guest to power off and the init to end (SIGTERM), kills it after the
     /// grace, and removes its runc state and mount.
     pub(super) async fn do_stop(self: Arc<Self>, id: VmId) -> Result<(), DriverError> {
+        self.stop_showing(id, VmState::Stopping).await
+    }
+
+    /// Stops the container, showing `shown` meanwhile; a migration keeps showing
+    /// `Migrating` after it (its caller decides what the container is then).
+    pub(super) async fn stop_showing(
+        self: Arc<Self>,
+        id: VmId,
+        shown: VmState,
+    ) -> Result<(), DriverError> {
         let (paused, sender) = self
             .with(id, |c| {
                 let state = c.observe();
@@ -300,7 +312,7 @@ impl Inner {
                     VmState::Running | VmState::Paused | VmState::Booting => {}
                     state => return Err(DriverError::WrongState { op: "stop", state }),
                 }
-                c.busy = Some(VmState::Stopping);
+                c.busy = Some(shown);
                 Ok(Some((
                     c.record.paused,
                     c.channel.as_ref().map(|(_, tx)| tx.clone()),
@@ -322,7 +334,7 @@ impl Inner {
         let result = self.wait_gone(id, self.config.stop_timeout).await;
         let released = self.release(id).await;
         self.with(id, |c| {
-            c.busy = None;
+            c.busy = (shown == VmState::Migrating).then_some(shown);
             c.record.phase = Phase::Stopped;
             c.record.paused = false;
             c.record.hello_seen = false;
@@ -396,6 +408,9 @@ impl Inner {
             if let Some((handle, _)) = c.channel {
                 handle.abort();
             }
+            if let Some(receiving) = c.receiving {
+                receiving.abort();
+            }
         }
         if paths.dir.exists() {
             std::fs::remove_dir_all(&paths.dir)
@@ -405,10 +420,15 @@ impl Inner {
     }
 
     /// Runs an operation under the VM's operation lock (see `drivers::op_locks`).
-    pub(super) async fn run_op<F, Fut>(self: &Arc<Self>, id: VmId, op: F) -> Result<(), DriverError>
+    pub(super) async fn run_op<T, F, Fut>(
+        self: &Arc<Self>,
+        id: VmId,
+        op: F,
+    ) -> Result<T, DriverError>
     where
+        T: Send + 'static,
         F: FnOnce(Arc<Inner>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), DriverError>> + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, DriverError>> + Send + 'static,
     {
         self.op_locks.run(id, op(self.clone())).await
     }

@@ -608,18 +608,11 @@ impl Driver for QemuDriver {
         progress: ProgressSink,
     ) -> Result<Sent, DriverError> {
         let to = to.to_owned();
-        let (tx, rx) = tokio::sync::oneshot::channel();
         self.inner
-            .run_op(id, move |inner| async move {
-                let sent = inner
-                    .do_migrate_out(id, to, max_downtime_ms, progress)
-                    .await?;
-                let _ = tx.send(sent);
-                Ok(())
+            .run_op(id, move |inner| {
+                inner.do_migrate_out(id, to, max_downtime_ms, progress)
             })
-            .await?;
-        rx.await
-            .map_err(|_| DriverError::State("the migration's result was lost".into()))
+            .await
     }
 
     async fn migrate_out_undo(&self, id: VmId) -> Result<(), DriverError> {
@@ -649,16 +642,9 @@ impl Driver for QemuDriver {
         handoff: &[u8],
     ) -> Result<PathBuf, DriverError> {
         let (spec, handoff) = (spec.clone(), handoff.to_vec());
-        let (tx, rx) = tokio::sync::oneshot::channel();
         self.inner
-            .run_op(id, move |inner| async move {
-                let socket = inner.do_migrate_in(id, spec, handoff).await?;
-                let _ = tx.send(socket);
-                Ok(())
-            })
-            .await?;
-        rx.await
-            .map_err(|_| DriverError::State("the migration socket was lost".into()))
+            .run_op(id, move |inner| inner.do_migrate_in(id, spec, handoff))
+            .await
     }
 
     async fn migrate_in_finish(&self, id: VmId) -> Result<(), DriverError> {

@@ -482,10 +482,15 @@ impl Inner {
     }
 
     /// Runs an operation under the VM's operation lock (see `drivers::op_locks`).
-    pub(super) async fn run_op<F, Fut>(self: &Arc<Self>, id: VmId, op: F) -> Result<(), DriverError>
+    pub(super) async fn run_op<T, F, Fut>(
+        self: &Arc<Self>,
+        id: VmId,
+        op: F,
+    ) -> Result<T, DriverError>
     where
+        T: Send + 'static,
         F: FnOnce(Arc<Inner>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), DriverError>> + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, DriverError>> + Send + 'static,
     {
         self.op_locks.run(id, op(self.clone())).await
     }
