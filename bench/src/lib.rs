@@ -1,3 +1,4 @@
 //! Code shared by herd's benchmark binaries.
 
+pub mod herd_up;
 pub mod plot;

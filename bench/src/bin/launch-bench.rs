@@ -6,6 +6,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use herd_agent::drivers::qemu::launch::{host_tsc_khz, qemu_args, Accel, LaunchSpec, VmPaths};
+use herd_bench::herd_up::{median, Herd};
 use herd_proto::guest::{FrameDecoder, GuestMsg};
 use herd_proto::wire::VmSpec;
 use std::io::Read;
@@ -96,94 +97,6 @@ fn bare_boot(dir: &Path, kernel: &Path, initrd: &Path, n: usize) -> Result<Durat
     result
 }
 
-struct Herd {
-    child: Child,
-    url: String,
-    token: String,
-    http: reqwest::blocking::Client,
-}
-
-impl Drop for Herd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_herd(root: &Path, image_dir: &Path) -> Result<Herd> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    let herd = target.join("release/herd");
-    let data = root.join("herd");
-    let child = Command::new(&herd)
-        .args(["up", "--drivers", "qemu", "--accel", "tcg", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--image-dir")
-        .arg(image_dir)
-        .env("XDG_CONFIG_HOME", root.join("config"))
-        .env(
-            "HERD_GUEST_BINARY",
-            herd_image::guest_binary(&workspace_root(), true)?,
-        )
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(root.join("herd.log"))?)
-        .spawn()
-        .with_context(|| format!("starting {}", herd.display()))?;
-    // `herd up` serves HTTPS with a CA it writes (whole, by rename) before it listens.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let ca_path = data.join("server/ca.pem");
-    while !ca_path.exists() {
-        if Instant::now() > deadline {
-            bail!("herd up made no CA");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let ca_pem = std::fs::read_to_string(&ca_path)?;
-    let url = format!("https://127.0.0.1:{port}");
-    let http = reqwest::blocking::Client::builder()
-        .use_preconfigured_tls(herd_tls::client_config(&ca_pem, None)?)
-        .build()?;
-    while http.get(format!("{url}/healthz")).send().is_err() {
-        if Instant::now() > deadline {
-            bail!("herd up did not start");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let token = std::fs::read_to_string(data.join("admin.token"))?
-        .trim()
-        .to_owned();
-    // Wait for the local agent to join.
-    loop {
-        let hosts: serde_json::Value = http
-            .get(format!("{url}/v1/hosts"))
-            .bearer_auth(&token)
-            .send()?
-            .json()?;
-        if hosts
-            .as_array()
-            .is_some_and(|h| h.iter().any(|h| h["state"] == "up"))
-        {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the local agent did not join");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(Herd {
-        child,
-        url,
-        token,
-        http,
-    })
-}
-
 fn herd_boot(herd: &Herd, n: usize) -> Result<Duration> {
     let started = Instant::now();
     let vm: serde_json::Value = herd
@@ -230,16 +143,6 @@ fn herd_boot(herd: &Herd, n: usize) -> Result<Duration> {
     Ok(elapsed)
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     let root = tempfile::tempdir()?;
@@ -247,7 +150,7 @@ fn main() -> Result<()> {
     let guest = herd_image::guest_binary(&workspace_root(), true)?;
     let image =
         herd_image::build_image(&image_dir, "default", &guest, |m| eprintln!("image: {m}"))?;
-    let herd = start_herd(root.path(), &image_dir)?;
+    let herd = Herd::start(root.path(), &image_dir, "qemu")?;
     let bare_dir = root.path().join("bare");
     let mut bare = Vec::new();
     let mut through_herd = Vec::new();

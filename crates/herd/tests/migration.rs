@@ -685,6 +685,12 @@ fn a_resize_applies_in_place_moves_to_a_host_with_room_or_is_refused() {
         shown.contains("resize") && shown.contains("done"),
         "{shown}"
     );
+    // A host too small for it is refused as a target, and nothing moves.
+    let err = cluster
+        .cli(&["vm", "migrate", "r1", "--to", "host0"])
+        .expect_err("host0 is too small");
+    assert!(err.to_string().contains("cannot take"), "{err}");
+    assert_eq!(vm(&cluster, "r1")["host"], ids[2].as_str());
     let map = cluster.cli_json(&["map"]).expect("map");
     eprintln!("map after the resize: {map}");
 }
