@@ -113,3 +113,43 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
         (xs[n / 2 - 1] + xs[n / 2]) / 2.0
     }
 }
+
+/// Builds the benchmarks' guest image (once per herd-guest build) and returns the
+/// directory `herd up --image-dir` takes.
+pub fn bench_image() -> Result<PathBuf> {
+    let workspace = workspace_root();
+    let image_dir = workspace.join("target/tmp/herd-bench-images");
+    let guest = herd_image::guest_binary(&workspace, true)?;
+    herd_image::build_image(&image_dir, "default", &guest, |m| eprintln!("image: {m}"))?;
+    Ok(image_dir)
+}
+
+impl Herd {
+    /// One API call as the admin; a status that is not a success is the error.
+    pub fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send()?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().unwrap_or(serde_json::Value::Null);
+        if !status.is_success() {
+            bail!("{path}: {status}: {body}");
+        }
+        Ok(body)
+    }
+}
+
+/// Durations in milliseconds.
+pub fn ms(xs: &[Duration]) -> Vec<f64> {
+    xs.iter().map(|d| d.as_secs_f64() * 1000.0).collect()
+}

@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use herd_bench::herd_up::{median, Herd};
+use herd_bench::herd_up::{bench_image, median, ms, Herd};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -24,21 +24,7 @@ struct Args {
 
 impl Bench {
     fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
-        let mut request = self
-            .herd
-            .http
-            .request(method, format!("{}{path}", self.herd.url))
-            .bearer_auth(&self.herd.token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send()?;
-        let status = response.status();
-        let body: Value = response.json().unwrap_or(Value::Null);
-        if !status.is_success() {
-            bail!("{path}: {status}: {body}");
-        }
-        Ok(body)
+        self.herd.call(method, path, body)
     }
 
     /// Polls a VM until `done` says so.
@@ -149,17 +135,10 @@ fn runc_update(root: &Path, name: &str, memory_mib: u64) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
-fn ms(xs: &[Duration]) -> Vec<f64> {
-    xs.iter().map(|d| d.as_secs_f64() * 1000.0).collect()
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     let root = tempfile::tempdir()?;
-    let workspace = herd_image::workspace_root(env!("CARGO_MANIFEST_DIR"));
-    let image_dir = workspace.join("target/tmp/herd-bench-images");
-    let guest = herd_image::guest_binary(&workspace, true)?;
-    herd_image::build_image(&image_dir, "default", &guest, |m| eprintln!("image: {m}"))?;
+    let image_dir = bench_image()?;
     let bench = Bench {
         herd: Herd::start(root.path(), &image_dir, "qemu,oci")?,
     };

@@ -50,10 +50,11 @@ fn diagnose(cluster: &Cluster, root: &Path) {
     );
     for log in ["server.log", "host0.log", "host1.log", "host2.log"] {
         let text = std::fs::read_to_string(root.join(log)).unwrap_or_default();
-        for line in text
-            .lines()
-            .filter(|l| l.contains("migrat") || l.contains("transfer") || l.contains("VM"))
-        {
+        for line in text.lines().filter(|l| {
+            ["migrat", "transfer", "VM", "qemu", "WARN", "ERROR"]
+                .iter()
+                .any(|word| l.contains(word))
+        }) {
             eprintln!("{log}: {line}");
         }
     }
@@ -287,7 +288,18 @@ fn a_server_killed_mid_transfer_a_cut_link_and_a_source_killed_after_the_switch_
         assert!(Instant::now() < deadline, "the source kept its QEMU");
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(qemus_under(root.path()).len(), 1, "one QEMU in the cloud");
+    if qemus_under(root.path()).len() != 1 {
+        diagnose(&cluster, root.path());
+        for host in 0..3 {
+            let console = root
+                .path()
+                .join(format!("host{host}/qemu/{vm_id}/console.log"));
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            eprintln!("host{host} console tail: {tail:?}");
+        }
+        panic!("not one QEMU in the cloud: {:?}", qemus_under(root.path()));
+    }
     cluster.bed.unshape(index_of(&source)).expect("unshape");
     let shown = cluster.cli(&["vm", "show", "m1"]).expect("show");
     assert!(shown.contains("done"), "{shown}");
@@ -549,6 +561,16 @@ fn a_running_guest_moves_between_hosts_and_a_failed_target_leaves_it_running() {
     }
 }
 
+/// A resize refused for want of room now, which leaves the VM as it was.
+fn refused_now(cluster: &Cluster, args: &[&str]) {
+    let before = vm(cluster, "r1");
+    let err = cluster.cli(args).expect_err("no room now");
+    assert!(err.to_string().contains("has room for"), "{args:?}: {err}");
+    let after = vm(cluster, "r1");
+    assert_eq!(before["memory_mib"], after["memory_mib"]);
+    assert_eq!(before["host"], after["host"]);
+}
+
 /// The shape a guest saw at its last boot (`cpus=N`, `mem=MiB`) and whether its disk
 /// held the mark an earlier boot left (`kept=1`).
 fn shape_seen(cluster: &Cluster, root: &Path, boots: usize) -> (u64, u64, bool) {
@@ -691,6 +713,63 @@ fn a_resize_applies_in_place_moves_to_a_host_with_room_or_is_refused() {
         .expect_err("host0 is too small");
     assert!(err.to_string().contains("cannot take"), "{err}");
     assert_eq!(vm(&cluster, "r1")["host"], ids[2].as_str());
+
+    // No room anywhere now, but a host big enough: asked to wait, it waits, and goes
+    // ahead when room appears.
+    cluster
+        .cli(&[
+            "vm", "launch", "filler", "--memory", "900", "--", "sleep", "3600",
+        ])
+        .expect("launch the filler");
+    let filler = wait_vm(&cluster, "filler", "running", |v| v["state"] == "running");
+    assert_eq!(
+        filler["host"],
+        ids[2].as_str(),
+        "the filler is on the big host"
+    );
+    refused_now(
+        &cluster,
+        &["vm", "resize", "r1", "--memory", "1536", "--restart"],
+    );
+    let waiting: Value = serde_json::from_str(
+        &cluster
+            .cli(&[
+                "vm",
+                "resize",
+                "r1",
+                "--memory",
+                "1536",
+                "--restart",
+                "--wait-for-room",
+                "--no-wait",
+                "-o",
+                "json",
+            ])
+            .expect("resize that waits"),
+    )
+    .expect("json");
+    assert_eq!(waiting["status"], "deferred", "{waiting:#}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        vm(&cluster, "r1")["memory_mib"],
+        1024,
+        "applied without room"
+    );
+    cluster.cli(&["vm", "rm", "filler"]).expect("rm the filler");
+    let view = wait_vm(&cluster, "r1", "resized once room appeared", |v| {
+        v["state"] == "running" && v["memory_mib"] == 1536
+    });
+    assert_eq!(view["host"], ids[2].as_str());
+    // Its record has the new shape at once; the resize is done once the host says so.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shown = cluster.cli(&["vm", "show", "r1"]).expect("show");
+        if shown.contains("1536 MiB: done") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the resize did not end: {shown}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let map = cluster.cli_json(&["map"]).expect("map");
     eprintln!("map after the resize: {map}");
 }

@@ -189,32 +189,41 @@ async fn connect_and_serve(
         tokio::time::interval(Duration::from_millis(discovery.usage_interval_ms.max(10)));
     usage_interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let input = tokio::select! {
+        let report_due = session.report_due;
+        let inputs = tokio::select! {
             _ = stopped(stopping) => {
                 // A clean stop: a close frame ends the session on the server without
                 // an error.
                 let _ = tx.close().await;
                 return Ok(());
             }
-            _ = sync_interval.tick() => session.tick().await?,
+            _ = sync_interval.tick() => vec![session.tick().await?],
+            _ = tokio::time::sleep_until(report_due.unwrap_or_else(tokio::time::Instant::now)),
+                if report_due.is_some() => vec![session.tick().await?],
             Some((vm, msg)) = next_guest_event(&mut session.guest_events) => {
-                Input::Guest { vm, msg, now_ms: unix_ms() }
+                vec![Input::Guest { vm, msg, now_ms: unix_ms() }]
             }
             Some(()) = utility_changed(&mut session.utility) => {
                 send_node(session, &mut tx).await?;
                 continue;
             }
-            _ = usage_interval.tick() => Input::Usage {
+            _ = usage_interval.tick() => vec![Input::Usage {
                 usage: session.usage().await,
                 now_ms: unix_ms(),
-            },
+            }],
             Some(answer) = session.migration_rx.recv() => {
                 send_frame(&mut tx, wire::encode(&answer)).await?;
                 continue;
             }
             Some((id, error)) = session.done_rx.recv() => {
+                // Commands that ended together are answered together, with one report.
                 session.converged(id);
-                Input::Converged { id, error }
+                let mut done = vec![Input::Converged { id, error }];
+                while let Ok((id, error)) = session.done_rx.try_recv() {
+                    session.converged(id);
+                    done.push(Input::Converged { id, error });
+                }
+                done
             }
             frame = rx.next() => {
                 let frame = match frame {
@@ -228,7 +237,7 @@ async fn connect_and_serve(
                     _ => continue,
                 };
                 match wire::decode::<ServerMsg>(&bytes) {
-                    Ok(msg) => Input::Server { msg, now_ms: unix_ms() },
+                    Ok(msg) => vec![Input::Server { msg, now_ms: unix_ms() }],
                     Err(e) => {
                         warn!("undecodable message from server: {e}");
                         continue;
@@ -236,7 +245,7 @@ async fn connect_and_serve(
                 }
             }
         };
-        session.step(input, &mut tx).await?;
+        session.step_all(inputs, &mut tx).await?;
         if session.health.take_changed() {
             send_node(session, &mut tx).await?;
         }

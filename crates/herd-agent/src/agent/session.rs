@@ -57,7 +57,16 @@ pub(super) struct Session {
     pub(super) migrations: crate::migration::Migrations,
     /// Their answers, sent up as they come.
     pub(super) migration_rx: mpsc::UnboundedReceiver<AgentMsg>,
+    /// When the last observation was made.
+    last_tick: tokio::time::Instant,
+    /// An observation asked for out of the interval, held back to keep reports at
+    /// least [`MIN_REPORT_GAP`] apart.
+    pub(super) report_due: Option<tokio::time::Instant>,
 }
+
+/// The least time between two observations asked for out of the interval (a command
+/// done, a guest's hello): bursts of them make one report, not one each.
+const MIN_REPORT_GAP: Duration = Duration::from_millis(50);
 
 impl Session {
     pub(super) fn new(
@@ -91,6 +100,8 @@ impl Session {
             guest_events: None,
             probe: None,
             was_connected: false,
+            last_tick: tokio::time::Instant::now(),
+            report_due: None,
         }
     }
 
@@ -119,6 +130,8 @@ impl Session {
 
     /// The interval's observation, as the core's input.
     pub(super) async fn tick(&mut self) -> Result<Input, String> {
+        self.last_tick = tokio::time::Instant::now();
+        self.report_due = None;
         let mut observed = BTreeMap::new();
         for watch in &mut self.watches {
             for vm in watch.list(&mut self.health).await {
@@ -183,18 +196,35 @@ impl Session {
         input: Input,
         tx: &mut (impl Sink<Message, Error = tungstenite::Error> + Unpin),
     ) -> Result<(), String> {
-        let mut actions = self.core.step(input);
-        loop {
-            let mut report_now = false;
-            for action in actions {
+        self.step_all(vec![input], tx).await
+    }
+
+    /// Feeds the inputs in order; an observation any of them asks for is made once,
+    /// after them all, at once or [`MIN_REPORT_GAP`] after the last one.
+    pub(super) async fn step_all(
+        &mut self,
+        inputs: Vec<Input>,
+        tx: &mut (impl Sink<Message, Error = tungstenite::Error> + Unpin),
+    ) -> Result<(), String> {
+        let mut report_now = false;
+        for input in inputs {
+            for action in self.core.step(input) {
                 report_now |= self.carry_out(action, tx).await?;
             }
-            if !report_now {
+        }
+        while report_now {
+            let due = self.last_tick + MIN_REPORT_GAP;
+            if tokio::time::Instant::now() < due {
+                self.report_due = Some(due);
                 return Ok(());
             }
             let input = self.tick().await?;
-            actions = self.core.step(input);
+            report_now = false;
+            for action in self.core.step(input) {
+                report_now |= self.carry_out(action, tx).await?;
+            }
         }
+        Ok(())
     }
 
     /// Carries out one action; `true` if the core asked to report now.

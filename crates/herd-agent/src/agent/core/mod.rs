@@ -195,6 +195,8 @@ impl Core {
                     self.save(&mut out);
                 }
                 out.push(Action::Send(AgentMsg::CommandDone { id, error }));
+                // What the command did is seen now, not at the next interval.
+                out.push(Action::ReportNow);
             }
         }
         out

@@ -165,6 +165,8 @@ impl World {
                     self.in_flight.insert(id.vm, id);
                 }
                 Action::Acked { .. } => {}
+                // An early observation: the model's ticks come when the test says.
+                Action::ReportNow => {}
                 other => panic!("unexpected action {other:?}"),
             }
         }
@@ -308,6 +310,29 @@ fn a_guest_hello_is_reported_at_once() {
         matches!(actions.last(), Some(Action::ReportNow)),
         "{actions:?}"
     );
+}
+
+#[test]
+fn a_command_done_is_reported_at_once_after_its_answer() {
+    let mut core = Core::new(SavedState::default(), vec![KIND.into()], true);
+    let id = CommandId {
+        vm: vm(0),
+        generation: 1,
+    };
+    for error in [None, Some("failed".to_owned())] {
+        let actions = core.step(Input::Converged {
+            id,
+            error: error.clone(),
+        });
+        let done = actions
+            .iter()
+            .position(|a| matches!(a, Action::Send(AgentMsg::CommandDone { .. })));
+        let now = actions.iter().position(|a| matches!(a, Action::ReportNow));
+        assert!(
+            matches!((done, now), (Some(d), Some(n)) if d < n),
+            "{actions:?}"
+        );
+    }
 }
 
 #[test]

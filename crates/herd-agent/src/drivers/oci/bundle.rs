@@ -36,15 +36,15 @@ const CAPABILITIES: [&str; 11] = [
 
 /// What one container's configuration is made of.
 #[derive(Debug, Clone)]
-pub(super) struct BundleSpec<'a> {
+pub struct BundleSpec<'a> {
     /// The VM's name; becomes the hostname (cut to what a hostname may hold).
-    pub(super) name: &'a str,
-    pub(super) vcpus: u32,
-    pub(super) memory_mib: u64,
+    pub name: &'a str,
+    pub vcpus: u32,
+    pub memory_mib: u64,
     /// The cgroup path, relative to each hierarchy's root.
-    pub(super) cgroup: &'a str,
+    pub cgroup: &'a str,
     /// The host directory mounted at [`CHANNEL_MOUNT`].
-    pub(super) channel_dir: &'a str,
+    pub channel_dir: &'a str,
 }
 
 /// A hostname from a VM name: lowercase letters, digits and dashes, at most 63, never
@@ -74,7 +74,7 @@ pub(super) fn limits(vcpus: u32, memory_mib: u64) -> (u64, u64, u64) {
 }
 
 /// The `config.json` of the container.
-pub(super) fn config(spec: &BundleSpec<'_>) -> Value {
+pub fn config(spec: &BundleSpec<'_>) -> Value {
     let (quota, _, memory) = limits(spec.vcpus, spec.memory_mib);
     let caps: Vec<&str> = CAPABILITIES.to_vec();
     json!({

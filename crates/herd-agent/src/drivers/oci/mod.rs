@@ -17,7 +17,7 @@
 //! Suspend to disk needs CRIU; where `criu check` fails (it does on this kernel), the
 //! driver says so in its probe and refuses `suspend` with that reason.
 
-mod bundle;
+pub mod bundle;
 mod container;
 mod migrate;
 mod ops;
