@@ -60,6 +60,40 @@ fn diagnose(cluster: &Cluster, root: &Path) {
     }
 }
 
+/// Stops and starts m1; its boot number `boot` (counting from the first restart) must
+/// find on its disk every count up to `shown` at least, none missing or repeated.
+fn disk_holds_every_count(cluster: &Cluster, root: &Path, shown: u64, boot: usize) {
+    cluster.cli(&["vm", "stop", "m1"]).expect("stop");
+    wait_vm(cluster, "m1", "stopped", |v| v["state"] == "stopped");
+    cluster.cli(&["vm", "start", "m1"]).expect("start");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (disk_last, disk_gaps) = loop {
+        let console = cluster.cli(&["vm", "console", "m1"]).expect("console");
+        let said = console
+            .lines()
+            .filter(|l| l.starts_with("disk-gaps="))
+            .count();
+        if let (true, Some(last), Some(gaps)) = (
+            said >= boot,
+            last_said(&console, "disk-last"),
+            last_said(&console, "disk-gaps"),
+        ) {
+            break (last, gaps);
+        }
+        if Instant::now() > deadline {
+            diagnose(cluster, root);
+            panic!("the restarted guest said nothing of its disk: {console}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        disk_last >= shown,
+        "the disk ends at {disk_last}, before the {shown} the console showed"
+    );
+    assert_eq!(disk_gaps, 0, "counts went missing or back on the disk");
+    wait_vm(cluster, "m1", "running again", |v| v["state"] == "running");
+}
+
 /// The last `key=N` a console shows.
 fn last_said(console: &str, key: &str) -> Option<u64> {
     console.lines().rev().find_map(|l| {
@@ -491,30 +525,16 @@ fn a_running_guest_moves_between_hosts_and_a_failed_target_leaves_it_running() {
     // The disk came along: stopped and started on the target, the guest finds every
     // count it wrote, before and after the move, with none missing and none repeated.
     let last_shown = *after.last().expect("counts");
-    cluster.cli(&["vm", "stop", "m1"]).expect("stop");
-    wait_vm(&cluster, "m1", "stopped", |v| v["state"] == "stopped");
-    cluster.cli(&["vm", "start", "m1"]).expect("start");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let (disk_last, disk_gaps) = loop {
-        let console = cluster.cli(&["vm", "console", "m1"]).expect("console");
-        if let (Some(last), Some(gaps)) = (
-            last_said(&console, "disk-last"),
-            last_said(&console, "disk-gaps"),
-        ) {
-            break (last, gaps);
-        }
-        if Instant::now() > deadline {
-            diagnose(&cluster, root.path());
-            panic!("the restarted guest said nothing of its disk: {console}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert!(
-        disk_last >= last_shown,
-        "the disk ends at {disk_last}, before the {last_shown} the console showed"
-    );
-    assert_eq!(disk_gaps, 0, "counts went missing or back on the disk");
+    disk_holds_every_count(&cluster, root.path(), last_shown, 1);
+    // And across a suspend to disk and a resume.
+    cluster.cli(&["vm", "suspend", "m1"]).expect("suspend");
+    wait_vm(&cluster, "m1", "suspended", |v| v["state"] == "suspended");
+    cluster.cli(&["vm", "resume", "m1"]).expect("resume");
     wait_vm(&cluster, "m1", "running again", |v| v["state"] == "running");
+    std::thread::sleep(Duration::from_secs(1));
+    let console = cluster.cli(&["vm", "console", "m1"]).expect("console");
+    let last_shown = *counts(&console).last().expect("counts");
+    disk_holds_every_count(&cluster, root.path(), last_shown, 2);
 
     // A target agent killed mid-transfer: the VM stays on its source, and the next
     // host takes it. The source's link is slowed so the transfer lasts long enough.
