@@ -16,7 +16,7 @@ mod placement;
 mod reconcile;
 mod sessions;
 pub mod tenancy;
-mod validate;
+pub(crate) mod validate;
 mod vms;
 
 use console::ConsoleReply;

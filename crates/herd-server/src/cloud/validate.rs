@@ -11,6 +11,20 @@ const MAX_DISK_MIB: u64 = 16 << 20;
 /// The hypervisor types that give a VM a data disk of its own.
 const DISK_TYPES: &[&str] = &["qemu", "sim"];
 
+/// The vCPUs and memory a VM may have, at launch and in a resize.
+pub(crate) fn check_shape(vcpus: u32, memory_mib: u64) -> Result<(), CloudError> {
+    if !(1..=256).contains(&vcpus) {
+        return Err(invalid("vcpus", "must be between 1 and 256"));
+    }
+    if !(16..=1 << 20).contains(&memory_mib) {
+        return Err(invalid(
+            "memory_mib",
+            "must be between 16 and 1048576 (1 TiB)",
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn valid_name(text: &str) -> bool {
     !text.is_empty()
         && text.len() <= 63
@@ -39,16 +53,8 @@ impl Cloud {
             .hypervisor
             .unwrap_or_else(|| self.config.default_hypervisor.clone());
         let vcpus = spec.vcpus.unwrap_or(1);
-        if !(1..=256).contains(&vcpus) {
-            return Err(invalid("vcpus", "must be between 1 and 256"));
-        }
         let memory_mib = spec.memory_mib.unwrap_or(256);
-        if !(16..=1 << 20).contains(&memory_mib) {
-            return Err(invalid(
-                "memory_mib",
-                "must be between 16 and 1048576 (1 TiB)",
-            ));
-        }
+        check_shape(vcpus, memory_mib)?;
         let image = spec
             .image
             .unwrap_or_else(|| self.config.default_image.clone());

@@ -156,7 +156,7 @@ impl Cloud {
     }
 
     /// A VM on its way between hosts takes no other change until the move ends.
-    fn refuse_while_migrating(&self, vm: &VmRecord) -> Result<(), CloudError> {
+    pub(crate) fn refuse_while_migrating(&self, vm: &VmRecord) -> Result<(), CloudError> {
         match self.migrations.of_vm(vm.id) {
             Some(m) => Err(CloudError::Conflict {
                 code: "vm_migrating",

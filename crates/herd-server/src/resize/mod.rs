@@ -60,15 +60,7 @@ impl Cloud {
             vcpus: ask.vcpus.unwrap_or(from.vcpus),
             memory_mib: ask.memory_mib.unwrap_or(from.memory_mib),
         };
-        if !(1..=256).contains(&to.vcpus) {
-            return Err(invalid("vcpus", "must be between 1 and 256"));
-        }
-        if !(16..=1 << 20).contains(&to.memory_mib) {
-            return Err(invalid(
-                "memory_mib",
-                "must be between 16 and 1048576 (1 TiB)",
-            ));
-        }
+        crate::cloud::validate::check_shape(to.vcpus, to.memory_mib)?;
         if to == from {
             return Err(invalid(
                 "vcpus",
@@ -87,17 +79,7 @@ impl Cloud {
                 format!("VM {} is not on a host yet", vm.name),
             ));
         }
-        if let Some(m) = self.migrations.of_vm(vm.id) {
-            return Err(conflict(
-                "vm_migrating",
-                format!(
-                    "VM {} is migrating to host {} ({}); try again when it ends",
-                    vm.name,
-                    m.target,
-                    m.phase.as_str()
-                ),
-            ));
-        }
+        self.refuse_while_migrating(&vm)?;
         if let Some(open) = self.store.resize(vm.id)?.filter(Resize::is_open) {
             return Err(conflict(
                 "resize_in_progress",

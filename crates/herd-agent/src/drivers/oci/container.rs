@@ -131,6 +131,41 @@ pub(super) struct Container {
 }
 
 impl Container {
+    /// A container new to this host (made here, or arriving by a migration): a new
+    /// guest credential, nothing running, `busy` shown until its first operation ends.
+    pub(super) fn fresh(
+        id: VmId,
+        paths: Paths,
+        spec: VmSpec,
+        phase: Phase,
+        born_unix_ms: Option<u64>,
+        busy: VmState,
+    ) -> Container {
+        Container {
+            id,
+            paths,
+            spec,
+            record: Record {
+                token: crate::drivers::guest_config::new_token(),
+                phase,
+                paused: false,
+                hello_seen: false,
+                exit_code: None,
+                born_unix_ms,
+                policy_reported: false,
+                migrated_out: false,
+            },
+            pid: None,
+            busy: Some(busy),
+            guest_net: (0, 0),
+            generation: 0,
+            channel: None,
+            unreported: None,
+            ended: false,
+            receiving: None,
+        }
+    }
+
     pub(super) fn save(&self) -> Result<(), DriverError> {
         let bytes = serde_json::to_vec_pretty(&self.record)
             .map_err(DriverError::encode("the container's state"))?;

@@ -4,10 +4,9 @@
 //! start afresh (a new boot, a new hello). A live move needs CRIU's checkpoint, and
 //! `criu check` fails on the kernels this runs on (the driver's probe says why).
 
-use super::container::{Container, Paths, Phase, Record};
+use super::container::{Container, Paths, Phase};
 use super::Inner;
 use crate::driver::{DriverError, ProgressSink, Sent};
-use crate::drivers::guest_config;
 use herd_proto::migration::TransferProgress;
 use herd_proto::wire::{VmId, VmSpec};
 use herd_proto::VmState;
@@ -164,29 +163,15 @@ impl Inner {
                 .map_err(|e| format!("accepting the stream: {e}"))?;
             receive_layer(stream, &upper).await
         });
-        let c = Container {
+        let mut c = Container::fresh(
             id,
             paths,
             spec,
-            record: Record {
-                token: guest_config::new_token(),
-                phase: Phase::Stopped,
-                paused: false,
-                hello_seen: false,
-                exit_code: None,
-                born_unix_ms: handoff.born_unix_ms,
-                policy_reported: false,
-                migrated_out: false,
-            },
-            pid: None,
-            busy: Some(VmState::Migrating),
-            guest_net: (0, 0),
-            generation: 0,
-            channel: None,
-            unreported: None,
-            ended: false,
-            receiving: Some(receiving),
-        };
+            Phase::Stopped,
+            handoff.born_unix_ms,
+            VmState::Migrating,
+        );
+        c.receiving = Some(receiving);
         c.save()?;
         self.containers.lock().insert(id, c);
         Ok(socket)

@@ -3,7 +3,7 @@
 //! finishes even if the agent gives up waiting, and never races another on one container.
 
 use super::bundle::{self, BundleSpec};
-use super::container::{self, Container, Paths, Phase, Record};
+use super::container::{self, Container, Paths, Phase};
 use super::Inner;
 use crate::driver::DriverError;
 use crate::drivers::{channel, guest_config};
@@ -38,29 +38,14 @@ impl Inner {
         std::fs::create_dir_all(&paths.dir)
             .map_err(DriverError::io("creating the container dir"))?;
         crate::drivers::save_spec(&paths.spec(), &spec)?;
-        let c = Container {
+        let c = Container::fresh(
             id,
             paths,
             spec,
-            record: Record {
-                token: guest_config::new_token(),
-                phase: Phase::Launched,
-                paused: false,
-                hello_seen: false,
-                exit_code: None,
-                born_unix_ms: Some(herd_proto::clock::unix_ms()),
-                policy_reported: false,
-                migrated_out: false,
-            },
-            pid: None,
-            busy: Some(VmState::Booting),
-            guest_net: (0, 0),
-            generation: 0,
-            channel: None,
-            unreported: None,
-            ended: false,
-            receiving: None,
-        };
+            Phase::Launched,
+            Some(herd_proto::clock::unix_ms()),
+            VmState::Booting,
+        );
         c.save()?;
         self.containers.lock().insert(id, c);
         self.launch_or_fail(id).await
