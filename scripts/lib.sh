@@ -14,6 +14,14 @@ need_packages() {
     echo "installing ${missing[*]}" >&2
     apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+    # apt may resolve a conflict by removing a package it was asked for (an older
+    # qemu-utils from backports against qemu-system-x86): ask again for what is gone.
+    local still=()
+    for pkg in "${missing[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || still+=("$pkg")
+    done
+    [ ${#still[@]} -eq 0 ] && return 0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${still[@]}" >&2
 }
 
 need_rust() {

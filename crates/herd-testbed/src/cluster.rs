@@ -318,10 +318,14 @@ impl Cluster {
                 return Ok(hosts);
             }
             if Instant::now() > deadline {
-                return Err(TestbedError::Herd(format!(
+                let mut what = format!(
                     "hosts not as awaited after {timeout:?}: {}",
                     serde_json::Value::Array(hosts)
-                )));
+                );
+                for i in 0..self.bed.len() {
+                    what = self.failed(&what, &format!("host{i}.log")).to_string();
+                }
+                return Err(TestbedError::Herd(what));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
