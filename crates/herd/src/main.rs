@@ -166,6 +166,10 @@ pub struct UpArgs {
     pub image_dir: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelArg,
+    /// With `--accel auto`: probe KVM again, even if the verdict kept from an earlier
+    /// start still holds (same kernel, boot, QEMU and CPU).
+    #[arg(long)]
+    pub reprobe_kvm: bool,
     /// How often the node's utility module (`herd-util`, beside `herd`) samples this
     /// host; 0 runs none.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
@@ -251,6 +255,10 @@ pub struct AgentArgs {
     pub image_dir: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: AccelArg,
+    /// With `--accel auto`: probe KVM again, even if the verdict kept from an earlier
+    /// start still holds (same kernel, boot, QEMU and CPU).
+    #[arg(long)]
+    pub reprobe_kvm: bool,
     /// Boot time of simulated VMs.
     #[arg(long, default_value_t = 300)]
     pub sim_boot_ms: u64,

@@ -79,6 +79,7 @@ pub struct DriverSetup<'a> {
     /// Holds `images/` (and the kernel package cache).
     pub image_dir: &'a Path,
     pub accel: AccelArg,
+    pub reprobe_kvm: bool,
     pub sim_boot_ms: u64,
 }
 
@@ -134,6 +135,7 @@ fn build_drivers(setup: &DriverSetup<'_>) -> Result<Drivers> {
                     AccelArg::Tcg => AccelChoice::Force(Accel::Tcg),
                     AccelArg::Kvm => AccelChoice::Force(Accel::Kvm),
                 };
+                config.reprobe = setup.reprobe_kvm;
                 drivers.list.push(Arc::new(QemuDriver::open(
                     setup.agent_dir.join("qemu"),
                     config,
@@ -276,6 +278,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         agent_dir: &agent_dir,
         image_dir: &image_dir,
         accel: args.accel,
+        reprobe_kvm: args.reprobe_kvm,
         sim_boot_ms: 300,
     })?;
     let server_args = ServerArgs {
@@ -424,6 +427,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         agent_dir: &data_dir,
         image_dir: &image_dir,
         accel: args.accel,
+        reprobe_kvm: args.reprobe_kvm,
         sim_boot_ms: args.sim_boot_ms,
     })?;
     let ca_pem = match &args.ca {

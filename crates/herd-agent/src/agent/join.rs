@@ -73,9 +73,19 @@ impl Agent {
     pub(super) async fn credentials(&self) -> Result<Credentials, AgentError> {
         std::fs::create_dir_all(&self.config.data_dir)
             .map_err(|e| AgentError::State(format!("creating data dir: {e}")))?;
-        if let Some(creds) = persist::load_json::<Credentials>(&self.credentials_path())
+        if let Some(mut creds) = persist::load_json::<Credentials>(&self.credentials_path())
             .map_err(AgentError::State)?
         {
+            // A server named now is where the server is now (`herd up` on another
+            // address, a server moved): the host keeps its identity and follows it.
+            if let Some(url) = &self.config.server_url {
+                let url = url.trim_end_matches('/');
+                if url != creds.server_url {
+                    info!(was = %creds.server_url, now = %url, "the server is at a new address");
+                    creds.server_url = url.to_owned();
+                    self.save_credentials(&creds)?;
+                }
+            }
             return Ok(creds);
         }
         let (Some(url), Some(token)) = (&self.config.server_url, &self.config.join_token) else {
@@ -143,12 +153,17 @@ impl Agent {
             host_id: joined.host_id,
             agent_token: joined.agent_token,
         };
-        let bytes = serde_json::to_vec_pretty(&creds)
-            .map_err(|e| AgentError::State(format!("encoding credentials: {e}")))?;
-        // Last, and owner-only (it holds the agent token): its presence means "joined".
-        persist::write_private(&self.credentials_path(), &bytes)
-            .map_err(|e| AgentError::State(format!("saving credentials: {e}")))?;
+        // Last: its presence means "joined".
+        self.save_credentials(&creds)?;
         info!(host = %creds.host_id, "joined");
         Ok(creds)
+    }
+
+    /// Writes the credentials owner-only (they hold the agent token), whole or not at all.
+    fn save_credentials(&self, creds: &Credentials) -> Result<(), AgentError> {
+        let bytes = serde_json::to_vec_pretty(creds)
+            .map_err(|e| AgentError::State(format!("encoding credentials: {e}")))?;
+        persist::write_private(&self.credentials_path(), &bytes)
+            .map_err(|e| AgentError::State(format!("saving credentials: {e}")))
     }
 }

@@ -420,25 +420,31 @@ impl Up {
         Up::start_drivers(root, "qemu").await
     }
 
-    /// `herd up` with these drivers (`qemu`, `qemu,oci`).
+    /// `herd up` with these drivers (`qemu`, `qemu,oci`), under TCG.
     pub async fn start_drivers(root: &Path, drivers: &str) -> Up {
+        Up::start_with(root, drivers, &["--accel", "tcg"]).await
+    }
+
+    /// `herd up` with these drivers and these arguments besides.
+    pub async fn start_with(root: &Path, drivers: &str, extra: &[&str]) -> Up {
         let data_dir = root.join("data");
         let port = free_port();
         // Images are shared by every test run (built once, under a lock).
         let image_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-e2e-images");
-        let args: Vec<String> = vec![
-            "up".into(),
+        let args: Vec<String> = [
+            "up".to_owned(),
             "--data-dir".into(),
             data_dir.display().to_string(),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
             "--drivers".into(),
             drivers.into(),
-            "--accel".into(),
-            "tcg".into(),
             "--image-dir".into(),
             image_dir.display().to_string(),
-        ];
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|a| a.to_string()))
+        .collect();
         let log = root.join("up.log");
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut proc =

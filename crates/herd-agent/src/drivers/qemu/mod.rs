@@ -77,6 +77,8 @@ pub struct QemuConfig {
     pub stop_timeout: Duration,
     /// How long a KVM probe guest gets to reach userspace.
     pub kvm_probe_timeout: Duration,
+    /// Probe KVM again even if the kept verdict still holds for this host.
+    pub reprobe: bool,
     pub qmp_timeout: Duration,
 }
 
@@ -90,6 +92,7 @@ impl QemuConfig {
             tsc_khz: None,
             stop_timeout: Duration::from_secs(10),
             kvm_probe_timeout: Duration::from_secs(8),
+            reprobe: false,
             qmp_timeout: Duration::from_secs(10),
         }
     }
