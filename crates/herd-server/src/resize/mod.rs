@@ -224,14 +224,20 @@ impl Cloud {
     /// host's answer finishes the resize.
     fn send_size(&self, vm: &VmRecord, r: &mut Resize) -> Result<(), CloudError> {
         r.status = Status::InProgress;
+        let keep_stopped = vm.observed == VmState::Stopped;
         r.reason = if r.restart {
             format!("sent to its host: the VM restarts with {}", r.to)
+        } else if keep_stopped {
+            format!(
+                "sent to its host: {} from its next start; it stays stopped",
+                r.to
+            )
         } else {
             format!("sent to its host: {} at once", r.to)
         };
         r.updated_at_ms = crate::store::now_ms();
         let event = self.resize_event(r, format!("resize {} -> {}: {}", r.from, r.to, r.reason));
-        let Some(generation) = self.store.apply_size(r, &[event])? else {
+        let Some(generation) = self.store.apply_size(r, keep_stopped, &[event])? else {
             return Err(CloudError::NotFound {
                 kind: "VM",
                 id: vm.id.to_string(),

@@ -69,9 +69,13 @@ impl Store {
     /// in that shape), records the shape's start for bills, and saves the resize as
     /// sent with that generation, in one transaction. Returns the generation, or
     /// `None` (writing nothing) if the VM is gone.
+    /// With `keep_stopped`, the VM's desired state becomes stopped: a new generation is
+    /// a command its host carries out whole, and a stopped VM asked only for a new shape
+    /// must not start.
     pub fn apply_size(
         &self,
         resize: &mut Resize,
+        keep_stopped: bool,
         events: &[NewEvent],
     ) -> Result<Option<u64>, StoreError> {
         let mut db = self.db();
@@ -81,8 +85,9 @@ impl Store {
         let Size { vcpus, memory_mib } = resize.to;
         let changed = tx.execute(
             "UPDATE vms SET vcpus = ?2, memory_mib = ?3, generation = generation + 1, \
+             desired_state = CASE WHEN ?5 THEN 'stopped' ELSE desired_state END, \
              last_error = NULL, updated_at = ?4 WHERE id = ?1",
-            params![vm, vcpus, memory_mib as i64, now],
+            params![vm, vcpus, memory_mib as i64, now, keep_stopped],
         )?;
         if changed != 1 {
             return Ok(None);
