@@ -10,26 +10,12 @@ use common::{free_port, guest_binary, qemu_present, Proc, Up};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Live QEMUs whose command line names a probe dir under `data_dir`.
+/// Live QEMUs whose command line names the probe dir under `data_dir`.
 fn probes(data_dir: &Path) -> Vec<i32> {
-    let marker = data_dir.join("agent/qemu/.kvm-probe").display().to_string();
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat.rsplit(')').next().unwrap_or("").trim_start();
-        if state.starts_with('Z') || state.starts_with('X') || stat.is_empty() {
-            continue;
-        }
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.split('\0').next().unwrap_or("").contains("qemu") && cmdline.contains(&marker) {
-            pids.push(pid);
-        }
-    }
-    pids
+    common::processes(
+        "qemu",
+        &data_dir.join("agent/qemu/.kvm-probe").display().to_string(),
+    )
 }
 
 /// The qemu driver's line in `herd host ls`, once it names its accelerator.

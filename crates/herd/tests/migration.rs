@@ -293,6 +293,17 @@ fn launch_counter(cluster: &Cluster) -> Value {
     wait_vm(cluster, "m1", "running", |v| v["state"] == "running")
 }
 
+/// Starts moving m1 to the host the scheduler picks, without waiting; its target.
+fn migrate_no_wait(cluster: &Cluster) -> String {
+    let started: Value = serde_json::from_str(
+        &cluster
+            .cli(&["vm", "migrate", "m1", "--no-wait", "-o", "json"])
+            .expect("migrate"),
+    )
+    .expect("json");
+    started["target"].as_str().expect("target").to_owned()
+}
+
 /// Slows `host`'s link so that a transfer lasts long enough to be interrupted, starts
 /// a migration without waiting, and returns its target once bytes are moving.
 fn slow_migration_under_way(cluster: &Cluster, host: usize, root: &Path) -> String {
@@ -301,13 +312,7 @@ fn slow_migration_under_way(cluster: &Cluster, host: usize, root: &Path) -> Stri
         ..Shape::default()
     };
     cluster.bed.shape(host, slow).expect("shape");
-    let started: Value = serde_json::from_str(
-        &cluster
-            .cli(&["vm", "migrate", "m1", "--no-wait", "-o", "json"])
-            .expect("migrate"),
-    )
-    .expect("json");
-    let target = started["target"].as_str().expect("target").to_owned();
+    let target = migrate_no_wait(cluster);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let out = cluster.cli(&["vm", "show", "m1"]).expect("show");
@@ -417,13 +422,7 @@ fn a_server_killed_mid_transfer_a_cut_link_and_a_source_killed_after_the_switch_
             .join("qemu")
             .join(&vm_id)
             .join("state.json");
-        let started: Value = serde_json::from_str(
-            &cluster
-                .cli(&["vm", "migrate", "m1", "--no-wait", "-o", "json"])
-                .expect("migrate"),
-        )
-        .expect("json");
-        let target = started["target"].as_str().expect("target").to_owned();
+        let target = migrate_no_wait(&cluster);
         let deadline = Instant::now() + Duration::from_secs(60);
         let seen = loop {
             match std::fs::read_to_string(&record) {

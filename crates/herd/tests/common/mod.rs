@@ -499,36 +499,41 @@ impl Up {
 
     /// Live processes of `program` whose command line names this test's data dir.
     pub fn processes(&self, program: &str) -> Vec<i32> {
-        let needle = self.data_dir.display().to_string();
-        let mut pids = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            let state = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .chars()
-                .next();
-            if matches!(state, Some('Z') | Some('X')) {
-                continue;
-            }
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            // The program is the first argument: herd-util's own arguments name
-            // qemu-system too.
-            let argv0 = cmdline.split('\0').next().unwrap_or("");
-            if argv0.contains(program) && cmdline.contains(&needle) {
-                pids.push(pid);
-            }
-        }
-        pids
+        processes(program, &self.data_dir.display().to_string())
     }
+}
+
+/// Live (not zombie) processes whose first argument contains `program` and whose
+/// command line contains `needle`.
+pub fn processes(program: &str, needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .chars()
+            .next();
+        if matches!(state, Some('Z') | Some('X')) {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        // The program is the first argument: herd-util's own arguments name
+        // qemu-system too.
+        let argv0 = cmdline.split('\0').next().unwrap_or("");
+        if argv0.contains(program) && cmdline.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// The static herd-guest, built from this tree (wherever the target dir is).
