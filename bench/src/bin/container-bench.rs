@@ -80,6 +80,7 @@ impl Bare {
             policy: Default::default(),
             keep_running: false,
             disk_mib: 0,
+            burst: Default::default(),
         };
         let token = guest_config::new_token();
         let identity = GuestIdentity {

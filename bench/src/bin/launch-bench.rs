@@ -43,6 +43,7 @@ fn bare_boot(dir: &Path, kernel: &Path, initrd: &Path, n: usize) -> Result<Durat
         policy: Default::default(),
         keep_running: false,
         disk_mib: 0,
+        burst: Default::default(),
     };
     let launch = LaunchSpec {
         id,

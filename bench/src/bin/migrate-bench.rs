@@ -87,6 +87,7 @@ fn spec(memory_mib: u64, workload: Workload) -> VmSpec {
         policy: Default::default(),
         keep_running: false,
         disk_mib: 0,
+        burst: Default::default(),
     }
 }
 

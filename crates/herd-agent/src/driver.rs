@@ -89,6 +89,8 @@ pub struct Capabilities {
     /// vCPUs and memory of a running VM change at once; without it
     /// [`Driver::reshape`] stops the VM so that its next boot has the new shape.
     pub resize: bool,
+    /// A running VM can get more CPU time and memory for a while ([`Driver::burst`]).
+    pub burst: bool,
 }
 
 /// What a source's hypervisor says once it has sent a VM away.
@@ -186,6 +188,26 @@ pub trait Driver: Send + Sync {
 
     /// The last `max_bytes` of the VM's serial console.
     async fn console(&self, id: VmId, max_bytes: usize) -> Result<Vec<u8>, DriverError>;
+
+    /// The specs of the VMs whose process runs now (not stopped, not suspended): the
+    /// shapes and burst limits a burst is decided from.
+    async fn running_specs(&self) -> Vec<(VmId, VmSpec)> {
+        Vec::new()
+    }
+
+    /// Gives a running VM `cpus` vCPUs' worth of CPU time and `memory_mib` of memory
+    /// above its spec's shape (a burst), at once; `(0, 0)` gives it its shape alone.
+    /// Only a driver with [`Capabilities::burst`] can.
+    async fn burst(&self, id: VmId, _cpus: u32, _memory_mib: u64) -> Result<(), DriverError> {
+        let _ = id;
+        Err(DriverError::Invalid(format!(
+            "{} VMs cannot burst",
+            self.kind()
+        )))
+    }
+
+    /// Sends a message to a VM's guest module, if its channel is open; dropped if not.
+    fn tell_guest(&self, _id: VmId, _msg: herd_proto::guest::HostMsg) {}
 
     /// Live migration, source side: what the target's driver needs to go on with the
     /// VM (its guest's credential and the like), opaque to the agent.

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod backstop;
+pub mod bursts;
 pub mod conformance;
 pub mod converge;
 pub mod driver;

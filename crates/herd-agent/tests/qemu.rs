@@ -94,6 +94,7 @@ fn spec(command: &[&str]) -> VmSpec {
         policy: Default::default(),
         keep_running: false,
         disk_mib: 0,
+        burst: Default::default(),
     }
 }
 

@@ -96,6 +96,7 @@ fn spec(command: &[&str], policy: PolicySpec) -> VmSpec {
         policy,
         keep_running: false,
         disk_mib: 0,
+        burst: Default::default(),
     }
 }
 

@@ -44,6 +44,7 @@ pub fn command(vm: u128, generation: u64) -> Command {
             policy: Default::default(),
             keep_running: false,
             disk_mib: 0,
+            burst: Default::default(),
         },
         target: VmState::Running,
     }

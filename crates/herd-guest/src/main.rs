@@ -28,6 +28,7 @@
 //! workload ends it reports the exit code and powers the VM off, unless `herd.keep=1` or
 //! a policy rule says otherwise (task basis, restarts on errors).
 
+mod burst;
 mod cmdline;
 mod init;
 mod outbox;
@@ -98,6 +99,8 @@ pub(crate) struct Shared {
     pub(crate) cgroup: Option<herd_cgroup::Layout>,
     started: Instant,
     policy: Option<Mutex<policy::Monitor>>,
+    /// The host's answer to the workload's ask for a burst.
+    bursts: burst::Pending,
 }
 
 /// Messages kept for a host that is not there: the ones a later reader needs.
@@ -421,6 +424,7 @@ fn handle_host_msg(shared: &Arc<Shared>, msg: HostMsg) {
         HostMsg::Time { unix_ms } if !shared.container => set_clock(unix_ms),
         HostMsg::Time { .. } => {}
         HostMsg::Ack => {}
+        HostMsg::Burst { answer } => shared.bursts.answered(answer),
         HostMsg::PowerOff => {
             log("power-off requested by the host");
             shared.power_off_requested.store(true, Ordering::SeqCst);
@@ -489,6 +493,10 @@ fn spawn_workload(command: &[String]) -> Result<i32, String> {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "burst") {
+        burst::client(&args[1..]);
+    }
     let pid = nix::unistd::getpid().as_raw();
     let container = std::env::var_os(CHANNEL_ENV).is_some();
     if pid == 1 && container {
@@ -553,6 +561,7 @@ pub(crate) fn run_module(in_guest: bool, container: bool) -> ! {
         cgroup: container.then(herd_cgroup::Layout::detect).flatten(),
         started: Instant::now(),
         policy: monitor,
+        bursts: burst::Pending::default(),
     });
 
     if let Some(path) = std::env::var_os(CHANNEL_ENV).filter(|_| container) {
@@ -570,6 +579,10 @@ pub(crate) fn run_module(in_guest: bool, container: bool) -> ! {
     {
         let s = shared.clone();
         std::thread::spawn(move || policy::monitor_loop(s));
+    }
+    {
+        let s = shared.clone();
+        std::thread::spawn(move || burst::serve(s));
     }
 
     start_workload(&shared);

@@ -68,6 +68,9 @@ pub enum GuestMsg {
     PolicyProgress {
         items: Vec<(String, String, u32, Option<u64>)>,
     },
+    /// The workload asks for more CPU or memory for a while; the host answers with
+    /// [`HostMsg::Burst`].
+    Burst { ask: crate::burst::BurstAsk },
 }
 
 /// Host to guest.
@@ -84,6 +87,8 @@ pub enum HostMsg {
     /// suspend image (or booted from a whole-second RTC) sets its clock from it, so time
     /// rules count the time it spent suspended.
     Time { unix_ms: u64 },
+    /// The answer to the guest's latest [`GuestMsg::Burst`].
+    Burst { answer: crate::burst::BurstAnswer },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -223,7 +228,6 @@ impl GuestMsg {
             GuestMsg::Error { message } => Some(GuestReport::Error {
                 message: message.clone(),
             }),
-            // No server report exists for these yet (they need new GuestReport variants).
             GuestMsg::PolicyWarning { rule, message } => Some(GuestReport::PolicyWarning {
                 rule: rule.clone(),
                 message: message.clone(),
@@ -240,6 +244,8 @@ impl GuestMsg {
             GuestMsg::PolicyProgress { items } => Some(GuestReport::PolicyProgress {
                 items: items.clone(),
             }),
+            // The host answers these itself; the server hears the leases they give.
+            GuestMsg::Burst { .. } => None,
         }
     }
 }
@@ -282,6 +288,13 @@ mod tests {
             },
             GuestMsg::PolicyProgress {
                 items: vec![("idle".into(), "idle 1.0 of 5 s".into(), 200, Some(4))],
+            },
+            GuestMsg::Burst {
+                ask: crate::burst::BurstAsk {
+                    cpus: 1,
+                    memory_mib: 512,
+                    seconds: 600,
+                },
             },
         ];
         let mut stream = Vec::new();

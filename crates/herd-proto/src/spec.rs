@@ -27,4 +27,7 @@ pub struct VmSpec {
     /// virtio-blk device that herd-guest mounts at /data.
     #[serde(default)]
     pub disk_mib: u64,
+    /// The most the VM may burst by (its project's limits), for its host to decide alone.
+    #[serde(default)]
+    pub burst: crate::burst::BurstLimits,
 }

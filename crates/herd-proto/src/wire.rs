@@ -218,6 +218,16 @@ pub enum AgentMsg {
         vm: VmId,
         update: crate::migration::MigrationUpdate,
     },
+    /// The answer to a [`ServerMsg::Burst`].
+    BurstAnswer {
+        request: u64,
+        vm: VmId,
+        answer: crate::burst::BurstAnswer,
+    },
+    /// Every burst in force on this host, whole: on each change and on each connection.
+    Bursts {
+        leases: Vec<(VmId, crate::burst::BurstLease)>,
+    },
 }
 
 /// A guest module's report, as relayed to the server.
@@ -280,6 +290,13 @@ pub enum ServerMsg {
     },
     /// An order for this host's part in a live migration (see [`crate::migration`]).
     Migration(Box<crate::migration::MigrationOrder>),
+    /// A user asks for a burst of one of this host's VMs; answered by
+    /// [`AgentMsg::BurstAnswer`] with the same `request`.
+    Burst {
+        request: u64,
+        vm: VmId,
+        ask: crate::burst::BurstAsk,
+    },
 }
 
 /// Why a frame could not be decoded.

@@ -73,6 +73,7 @@ fn rule(method: &str, path: &str) -> Option<Rule> {
         // A resize is the project's: the cloud decides whether the VM moves for it.
         ("POST", "/v1/vms/{id}/resize") => InProject(Member),
         ("GET", "/v1/vms/{id}/resizes") => InProject(Viewer),
+        ("POST", "/v1/vms/{id}/bursts") => InProject(Member),
         ("GET", "/v1/vms/{id}/console") => InProject(Member),
         ("GET", "/v1/events") => AnyUser,
         ("GET", "/v1/hosts") => CloudAdmin,
@@ -227,6 +228,7 @@ impl World {
             ("POST", "/v1/join-tokens") => Some(json!({})),
             ("POST", "/v1/vms/{id}/migrate") => Some(json!({})),
             ("POST", "/v1/vms/{id}/resize") => Some(json!({"memory_mib": 300})),
+            ("POST", "/v1/vms/{id}/bursts") => Some(json!({"cpus": 1, "seconds": 60})),
             ("PUT", "/v1/rate-cards/{project}") => {
                 Some(serde_json::to_value(RateCard::default()).expect("json"))
             }

@@ -342,6 +342,23 @@ pub enum VmCommand {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Give a running VM more CPU and memory than its shape for a while (a burst). Its
+    /// host grants it from its own room and takes it back at expiry, with or without
+    /// the server; asking again renews or replaces it.
+    Burst {
+        vm: String,
+        /// Extra vCPUs' worth of CPU time.
+        #[arg(long, default_value_t = 0)]
+        cpu: u32,
+        /// Extra memory (`512M`, `1G`).
+        #[arg(long, value_parser = size::parse_mib, value_name = "SIZE")]
+        memory: Option<u64>,
+        /// How long (`90s`, `10m`, `1h`).
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
 }
 
 #[derive(Args)]

@@ -104,6 +104,39 @@ pub async fn vm(command: VmCommand) -> Result<()> {
             };
             resize::resize(&client, ask).await
         }
+        VmCommand::Burst {
+            vm,
+            cpu,
+            memory,
+            duration,
+            output,
+        } => {
+            let seconds = humantime::parse_duration(&duration)
+                .map_err(|e| anyhow::anyhow!("--for {duration:?}: {e} (write e.g. 90s, 10m, 1h)"))?
+                .as_secs();
+            let seconds = u32::try_from(seconds)
+                .map_err(|_| anyhow::anyhow!("--for {duration:?} is too long"))?;
+            let view = client.resolve_vm(&vm).await?;
+            let request = herd_server::api::BurstRequest {
+                cpus: cpu,
+                memory_mib: memory.unwrap_or(0),
+                seconds,
+            };
+            let lease: herd_server::api::BurstView = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/vms/{}/bursts", view.id),
+                    Some(&request),
+                )
+                .await?;
+            match output {
+                Output::Json => print_json(&lease),
+                Output::Table => {
+                    println!("{}: {}", view.name, burst_line(&lease));
+                    Ok(())
+                }
+            }
+        }
         VmCommand::Console { vm, bytes } => {
             let view = client.resolve_vm(&vm).await?;
             let (_, text) = client
@@ -235,6 +268,23 @@ async fn list(client: &Client, args: ListArgs) -> Result<()> {
     }
 }
 
+/// A burst as one line: what it adds, and until when.
+fn burst_line(burst: &herd_server::api::BurstView) -> String {
+    let mut adds = Vec::new();
+    if burst.cpus > 0 {
+        adds.push(format!("+{} vCPU", burst.cpus));
+    }
+    if burst.memory_mib > 0 {
+        adds.push(format!("+{} MiB", burst.memory_mib));
+    }
+    format!(
+        "{} until {} ({} left)",
+        adds.join(", "),
+        burst.expires_at,
+        humantime::format_duration(Duration::from_secs(burst.seconds_left))
+    )
+}
+
 fn describe(vm: &VmView) -> String {
     let mut out = String::new();
     let mut field = |key: &str, value: String| out.push_str(&format!("{key:<14}{value}\n"));
@@ -254,6 +304,9 @@ fn describe(vm: &VmView) -> String {
     );
     field("hypervisor", vm.hypervisor.clone());
     field("size", format!("{} vCPU, {} MiB", vm.vcpus, vm.memory_mib));
+    if let Some(burst) = &vm.burst {
+        field("burst", burst_line(burst));
+    }
     field("image", vm.image.clone());
     if vm.disk_mib > 0 {
         field("disk", format!("{} MiB at /data", vm.disk_mib));

@@ -6,21 +6,9 @@
 
 mod common;
 
-use common::{qemu_present, Api, Up};
+use common::{qemu_present, runc_usable, Api, Up};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-
-fn runc_usable() -> bool {
-    let present = std::process::Command::new("runc")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let root = nix::unistd::geteuid().is_root();
-    if !present || !root {
-        eprintln!("NOTE: no containers in this run: they need runc and root");
-    }
-    present && root
-}
 
 /// Polls `path` until `done` holds of it.
 async fn wait_for(

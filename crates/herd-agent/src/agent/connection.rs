@@ -11,6 +11,7 @@ use super::{Agent, GuestEvents};
 use crate::probe::SyncProbe;
 use crate::utility::UtilityState;
 use futures_util::{SinkExt, StreamExt};
+use herd_proto::burst::BurstLease;
 use herd_proto::clock::unix_ms;
 use herd_proto::guest::GuestMsg;
 use herd_proto::join::Discovery;
@@ -61,6 +62,34 @@ async fn send_node(
     tx: &mut (impl futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin),
 ) -> Result<(), String> {
     send_frame(tx, wire::encode(&AgentMsg::Node(session.node_report()))).await
+}
+
+/// Resolves when the leases in force change (never, without bursts).
+async fn leases_changed(
+    leases: &mut Option<watch::Receiver<Vec<(VmId, BurstLease)>>>,
+) -> Option<()> {
+    match leases {
+        Some(leases) => leases.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_burst_answer(answers: &mut Option<crate::bursts::Answers>) -> Option<AgentMsg> {
+    match answers {
+        Some(answers) => answers.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send_leases(
+    session: &mut Session,
+    tx: &mut (impl futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin),
+) -> Result<(), String> {
+    let Some(leases) = session.burst_leases.as_mut() else {
+        return Ok(());
+    };
+    let leases = leases.borrow_and_update().clone();
+    send_frame(tx, wire::encode(&AgentMsg::Bursts { leases })).await
 }
 
 async fn next_guest_event(events: &mut Option<GuestEvents>) -> Option<(VmId, GuestMsg)> {
@@ -182,6 +211,8 @@ async fn connect_and_serve(
     // What the node says of itself, at once: the server forgot it with the connection.
     session.health.take_changed();
     send_node(session, &mut tx).await?;
+    // The leases in force, whole: the server forgot them with the connection too.
+    send_leases(session, &mut tx).await?;
     let mut sync_interval =
         tokio::time::interval(Duration::from_millis(discovery.sync_interval_ms.max(10)));
     sync_interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -211,6 +242,14 @@ async fn connect_and_serve(
                 usage: session.usage().await,
                 now_ms: unix_ms(),
             }],
+            Some(()) = leases_changed(&mut session.burst_leases) => {
+                send_leases(session, &mut tx).await?;
+                continue;
+            }
+            Some(answer) = next_burst_answer(&mut session.burst_answers) => {
+                send_frame(&mut tx, wire::encode(&answer)).await?;
+                continue;
+            }
             Some(answer) = session.migration_rx.recv() => {
                 send_frame(&mut tx, wire::encode(&answer)).await?;
                 continue;

@@ -97,6 +97,27 @@ pub fn guest_event_channel() -> (GuestEventSender, GuestEvents) {
     mpsc::channel(GUEST_EVENT_BACKLOG)
 }
 
+/// Passes guest messages on to the session, except asks for bursts, which go to `bursts`:
+/// those are this host's to answer, with or without a server.
+fn route_guest_events(mut events: GuestEvents, bursts: crate::bursts::Bursts) -> GuestEvents {
+    let (tx, out) = guest_event_channel();
+    tokio::spawn(async move {
+        while let Some((vm, msg)) = events.recv().await {
+            match msg {
+                GuestMsg::Burst { ask } => {
+                    bursts.ask(vm, ask, crate::bursts::Asker::Guest);
+                }
+                msg => {
+                    if tx.send((vm, msg)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
 pub struct Agent {
     config: AgentConfig,
     drivers: Vec<Arc<dyn Driver>>,
@@ -229,7 +250,17 @@ impl Agent {
             self.state_path(),
             self.ephemeral_state,
         );
-        session.guest_events = self.guest_events.take();
+        let capacity = self.capacity();
+        let mut guest_events = self.guest_events.take();
+        if self.drivers.iter().any(|d| d.capabilities().burst) {
+            let (bursts, answers) =
+                crate::bursts::start(self.drivers.clone(), capacity, self.config.data_dir.clone());
+            guest_events = guest_events.map(|events| route_guest_events(events, bursts.clone()));
+            session.burst_leases = Some(bursts.leases());
+            session.burst_answers = Some(answers);
+            session.bursts = Some(bursts);
+        }
+        session.guest_events = guest_events;
         session.probe = self.probe.clone();
         let transfers = self.listen_for_transfers(&creds, &mut session).await?;
         let utility = self.utility.clone().map(|config| {
@@ -250,7 +281,6 @@ impl Agent {
             // Once now, so that the new epoch is on disk even if this process dies.
             session.write_state().map_err(AgentError::State)?;
         }
-        let capacity = self.capacity();
         let hello = AgentMsg::Hello {
             protocol: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),

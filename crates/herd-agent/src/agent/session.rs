@@ -15,6 +15,7 @@ use crate::hostinfo::{self, CpuMeter};
 use crate::probe::SyncProbe;
 use crate::utility::UtilityState;
 use futures_util::{Sink, SinkExt};
+use herd_proto::burst::{BurstAnswer, BurstLease};
 use herd_proto::clock::unix_ms;
 use herd_proto::node::NodeReport;
 use herd_proto::policy::PolicyAction;
@@ -57,6 +58,12 @@ pub(super) struct Session {
     pub(super) migrations: crate::migration::Migrations,
     /// Their answers, sent up as they come.
     pub(super) migration_rx: mpsc::UnboundedReceiver<AgentMsg>,
+    /// Where a user's asks for bursts go, when a driver here can burst.
+    pub(super) bursts: Option<crate::bursts::Bursts>,
+    /// The leases in force, sent whole when they change.
+    pub(super) burst_leases: Option<watch::Receiver<Vec<(VmId, BurstLease)>>>,
+    /// Answers to the server's asks.
+    pub(super) burst_answers: Option<crate::bursts::Answers>,
     /// When the last observation was made.
     last_tick: tokio::time::Instant,
     /// An observation asked for out of the interval, held back to keep reports at
@@ -100,6 +107,9 @@ impl Session {
             guest_events: None,
             probe: None,
             was_connected: false,
+            bursts: None,
+            burst_leases: None,
+            burst_answers: None,
             last_tick: tokio::time::Instant::now(),
             report_due: None,
         }
@@ -265,6 +275,26 @@ impl Session {
                 }
             }
             Action::Migration(order) => self.migrations.order(*order),
+            Action::Burst { request, vm, ask } => {
+                let asked = self.bursts.as_ref().is_some_and(|bursts| {
+                    bursts.ask(vm, ask, crate::bursts::Asker::Server { request })
+                });
+                if !asked {
+                    let reason = match self.bursts {
+                        Some(_) => "the host is busy with other asks; try again",
+                        None => "no driver on this host can burst",
+                    };
+                    let answer = BurstAnswer::Denied {
+                        reason: reason.into(),
+                    };
+                    let msg = AgentMsg::BurstAnswer {
+                        request,
+                        vm,
+                        answer,
+                    };
+                    send_frame(tx, wire::encode(&msg)).await?;
+                }
+            }
             Action::Disconnect(reason) => return Err(reason),
         }
         Ok(false)

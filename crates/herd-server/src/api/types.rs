@@ -105,6 +105,46 @@ pub struct VmView {
     pub usage: Option<UsageView>,
     /// The guest module, once it has said hello.
     pub guest: Option<GuestView>,
+    /// The burst in force, as its host last said (shown on a single VM's read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<BurstView>,
+}
+
+/// A burst granted by a VM's host: this much above the VM's shape until it expires.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BurstView {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub granted_at: String,
+    pub expires_at: String,
+    pub seconds_left: u64,
+}
+
+impl BurstView {
+    pub fn of(lease: &herd_proto::burst::BurstLease, now_ms: u64) -> BurstView {
+        let at = |ms: u64| rfc3339(i64::try_from(ms).unwrap_or(i64::MAX));
+        BurstView {
+            cpus: lease.cpus,
+            memory_mib: lease.memory_mib,
+            granted_at: at(lease.granted_ms),
+            expires_at: at(lease.expires_ms),
+            seconds_left: lease.seconds_left(now_ms),
+        }
+    }
+}
+
+/// An ask for a burst: this much more than the VM's shape, for `seconds` from now.
+/// Asking again while one holds renews or replaces it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BurstRequest {
+    /// Extra vCPUs' worth of CPU time.
+    #[serde(default)]
+    pub cpus: u32,
+    #[serde(default)]
+    pub memory_mib: u64,
+    #[schema(minimum = 1)]
+    pub seconds: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -195,6 +235,7 @@ impl VmView {
                 sampled_at: rfc3339(at),
             }),
             guest: guest.map(|g| GuestView::of(&g, vm.observed)),
+            burst: None,
         }
     }
 }

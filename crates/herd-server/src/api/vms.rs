@@ -3,9 +3,9 @@
 
 use super::{
     page_size, ApiError, ApiJson, ApiPath, ApiQuery, AppState, BatchLaunchRequest, BatchLaunched,
-    ConsoleQuery, ErrorBody, EventList, EventQuery, EventView, LaunchRequest, MigrateRequest,
-    MigrationList, MigrationView, ResizeList, ResizeRequest, ResizeView, User, VmList, VmQuery,
-    VmView,
+    BurstRequest, BurstView, ConsoleQuery, ErrorBody, EventList, EventQuery, EventView,
+    LaunchRequest, MigrateRequest, MigrationList, MigrationView, ResizeList, ResizeRequest,
+    ResizeView, User, VmList, VmQuery, VmView,
 };
 use crate::access::Perm;
 use crate::cloud::{Cloud, LaunchSpec};
@@ -161,7 +161,37 @@ pub(super) async fn get_vm(
 ) -> Result<Json<VmView>, ApiError> {
     let record = vm_for(&cloud, &user, &id, Perm::Read)?;
     let usage = cloud.vm_usage(record.id);
-    Ok(Json(VmView::of(&record, usage, cloud.guest(record.id))))
+    let mut view = VmView::of(&record, usage, cloud.guest(record.id));
+    let now = herd_proto::clock::unix_ms();
+    view.burst = cloud
+        .bursts
+        .lease(record.id)
+        .filter(|lease| lease.expires_ms > now)
+        .map(|lease| BurstView::of(&lease, now));
+    Ok(Json(view))
+}
+
+/// Ask for a burst: more CPU and memory than the VM's shape, for a while. The VM's host
+/// decides from its own room and answers at once; the lease ends on its own at expiry.
+#[utoipa::path(post, path = "/v1/vms/{id}/bursts", request_body = BurstRequest,
+    params(("id" = String, Path, description = "VM id")),
+    responses((status = 201, body = BurstView), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn burst_vm(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(request): ApiJson<BurstRequest>,
+) -> Result<(StatusCode, Json<BurstView>), ApiError> {
+    let record = vm_for(&cloud, &user, &id, Perm::OperateVms)?;
+    let ask = herd_proto::burst::BurstAsk {
+        cpus: request.cpus,
+        memory_mib: request.memory_mib,
+        seconds: request.seconds,
+    };
+    let lease = cloud.burst(&record.id.to_string(), ask).await?;
+    let now = herd_proto::clock::unix_ms();
+    Ok((StatusCode::CREATED, Json(BurstView::of(&lease, now))))
 }
 
 /// Delete a VM: terminate it on its host, then drop the record.

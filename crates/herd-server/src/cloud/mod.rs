@@ -218,6 +218,8 @@ pub struct Cloud {
     pub migrations: crate::migration::book::Migrations,
     /// Resizes waiting for their host (the coordinator is the `resize` module).
     pub resizes: crate::resize::book::Resizes,
+    /// Bursts in force and asks waiting for their host (the `bursts` module).
+    pub bursts: crate::bursts::book::Bursts,
 }
 
 impl Cloud {
@@ -250,6 +252,7 @@ impl Cloud {
             next_request: AtomicU64::new(1),
             migrations: Default::default(),
             resizes: Default::default(),
+            bursts: Default::default(),
         };
         cloud.rebuild()?;
         cloud.restore_migrations()?;
@@ -346,5 +349,6 @@ pub fn spec_of(vm: &VmRecord) -> VmSpec {
         policy: vm.policy,
         keep_running: vm.keep_running,
         disk_mib: vm.disk_mib,
+        burst: herd_proto::burst::BurstLimits::default(),
     }
 }

@@ -108,6 +108,7 @@ impl Cloud {
                 policy,
                 keep_running: spec.keep_running,
                 disk_mib,
+                burst: Default::default(),
             },
         ))
     }

@@ -201,6 +201,7 @@ async fn session_loop(
     )
     .await;
     cloud.close_outbox(host, session);
+    cloud.bursts.host_gone(host);
     result
 }
 
@@ -495,6 +496,29 @@ async fn on_frame(
             cloud.host_seen(host, session, None);
             crate::blocking(|| cloud.migration_update(host, migration, attempt, vm, update))
                 .map_err(|e| e.to_string())
+        }
+        AgentMsg::BurstAnswer {
+            request,
+            vm,
+            answer,
+        } => {
+            cloud.host_seen(host, session, None);
+            if !cloud.bursts.answered(host, request, vm, answer) {
+                warn!(%host, request, "burst answer nobody asked this host for; dropped");
+                Metrics::inc(&cloud.metrics.rejected_reports);
+            }
+            Ok(())
+        }
+        AgentMsg::Bursts { leases } => {
+            cloud.host_seen(host, session, None);
+            let refused = cloud
+                .bursts
+                .reported(host, leases, |vm| cloud.vm_on_host(vm, host));
+            if refused > 0 {
+                warn!(%host, refused, "burst leases of VMs not on this host dropped");
+                Metrics::inc(&cloud.metrics.rejected_reports);
+            }
+            Ok(())
         }
         AgentMsg::Node(report) => {
             if !cloud.host_node(host, session, report) {

@@ -475,6 +475,7 @@ mod tests {
             policy: Default::default(),
             keep_running: false,
             disk_mib: 0,
+            burst: Default::default(),
         }
     }
 

@@ -200,6 +200,17 @@ impl Server {
     }
 
     pub async fn start_agent(&self, root: &Path, name: &str, extra: &[&str]) -> Agent {
+        self.start_agent_env(root, name, extra, &[]).await
+    }
+
+    /// Like [`Server::start_agent`], with these variables in the agent's environment.
+    pub async fn start_agent_env(
+        &self,
+        root: &Path,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Agent {
         let token = self.join_token().await;
         let data_dir = root.join(name);
         let mut args: Vec<String> = vec![
@@ -221,7 +232,7 @@ impl Server {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proc = Proc::spawn(name, &refs, &root.join(format!("{name}.log")));
+        let proc = Proc::spawn_env(name, &refs, &root.join(format!("{name}.log")), env);
         Agent {
             proc,
             args,
@@ -393,6 +404,19 @@ impl Api {
 
 pub fn all_in(vms: &[Value], state: &str) -> bool {
     vms.iter().all(|v| v["state"] == state)
+}
+
+/// Whether containers can run here (runc, as root); says so when they cannot.
+pub fn runc_usable() -> bool {
+    let present = std::process::Command::new("runc")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let root = nix::unistd::geteuid().is_root();
+    if !present || !root {
+        eprintln!("NOTE: no containers in this run: they need runc and root");
+    }
+    present && root
 }
 
 pub fn qemu_present() -> bool {

@@ -89,6 +89,12 @@ pub(crate) enum Action {
     },
     /// Carry out (or answer again) an order about a live migration.
     Migration(Box<herd_proto::migration::MigrationOrder>),
+    /// Pass a user's ask for a burst to the host's bursts, to answer as `request`.
+    Burst {
+        request: u64,
+        vm: VmId,
+        ask: herd_proto::burst::BurstAsk,
+    },
     /// End the connection with this reason.
     Disconnect(String),
 }
@@ -226,6 +232,7 @@ impl Core {
             }
             ServerMsg::Command(command) => self.accept(command, now_ms, out),
             ServerMsg::Migration(order) => out.push(Action::Migration(order)),
+            ServerMsg::Burst { request, vm, ask } => out.push(Action::Burst { request, vm, ask }),
             ServerMsg::ConsoleRequest {
                 request,
                 vm,

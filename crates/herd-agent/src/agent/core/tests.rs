@@ -30,6 +30,7 @@ fn command(vm_n: u8, generation: u64, target: VmState, hypervisor: &str) -> Serv
             policy: Default::default(),
             keep_running: false,
             disk_mib: 0,
+            burst: Default::default(),
         },
         target,
     }))

@@ -185,7 +185,8 @@ impl Guard {
             }
             GuestMsg::PolicyWarning { .. }
             | GuestMsg::Error { .. }
-            | GuestMsg::WorkloadExit { .. } => {
+            | GuestMsg::WorkloadExit { .. }
+            | GuestMsg::Burst { .. } => {
                 if self.reports.take(now) {
                     Ok(())
                 } else {
@@ -286,6 +287,7 @@ pub(crate) fn clamp(msg: GuestMsg) -> GuestMsg {
         }
         other @ (GuestMsg::Status { .. }
         | GuestMsg::Usage { .. }
-        | GuestMsg::WorkloadExit { .. }) => other,
+        | GuestMsg::WorkloadExit { .. }
+        | GuestMsg::Burst { .. }) => other,
     }
 }

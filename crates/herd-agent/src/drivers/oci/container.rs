@@ -128,6 +128,9 @@ pub(super) struct Container {
     pub(super) ended: bool,
     /// A migration's receiver writing the container's layer, until its stream ends.
     pub(super) receiving: Option<tokio::task::JoinHandle<Result<u64, String>>>,
+    /// The burst in force (vCPUs, MiB above the spec's shape). Not saved: the agent's
+    /// bursts task gives a restarted driver its leases again.
+    pub(super) burst: (u32, u64),
 }
 
 impl Container {
@@ -163,6 +166,7 @@ impl Container {
             unreported: None,
             ended: false,
             receiving: None,
+            burst: (0, 0),
         }
     }
 

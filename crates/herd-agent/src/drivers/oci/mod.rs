@@ -228,6 +228,8 @@ impl OciDriver {
                     unreported: None,
                     ended,
                     receiving: None,
+                    // The agent's bursts task gives it its lease again, if it has one.
+                    burst: (0, 0),
                 },
             );
         }
@@ -304,7 +306,34 @@ impl Driver for OciDriver {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             resize: true,
+            burst: true,
             ..Capabilities::default()
+        }
+    }
+
+    async fn running_specs(&self) -> Vec<(VmId, VmSpec)> {
+        self.inner
+            .containers
+            .lock()
+            .values()
+            .filter(|c| c.record.phase == Phase::Launched && c.alive())
+            .map(|c| (c.id, c.spec.clone()))
+            .collect()
+    }
+
+    async fn burst(&self, id: VmId, cpus: u32, memory_mib: u64) -> Result<(), DriverError> {
+        self.inner
+            .run_op(id, move |inner| async move {
+                inner.do_burst(id, cpus, memory_mib).await
+            })
+            .await
+    }
+
+    fn tell_guest(&self, id: VmId, msg: herd_proto::guest::HostMsg) {
+        if let Some(c) = self.inner.containers.lock().get(&id) {
+            if let Some((_, tx)) = &c.channel {
+                let _ = tx.send(msg);
+            }
         }
     }
 

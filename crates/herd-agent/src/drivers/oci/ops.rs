@@ -145,6 +145,7 @@ impl Inner {
             .map_err(DriverError::io("writing config.json"))?;
         let generation = self.with(id, |c| {
             c.generation += 1;
+            c.burst = (0, 0);
             Ok(c.generation)
         })?;
         let _ = std::fs::remove_file(paths.pid_file());
@@ -227,9 +228,13 @@ impl Inner {
         vcpus: u32,
         memory_mib: u64,
     ) -> Result<(), DriverError> {
-        let state = self.with(id, |c| Ok(c.observe()))?;
+        let (state, burst) = self.with(id, |c| Ok((c.observe(), c.burst)))?;
         if matches!(state, VmState::Running | VmState::Paused | VmState::Booting) {
-            let (quota, period, memory) = bundle::limits(vcpus, memory_mib);
+            // A burst in force stays on top of the new shape.
+            let (quota, period, memory) = bundle::limits(
+                vcpus.saturating_add(burst.0),
+                memory_mib.saturating_add(burst.1),
+            );
             self.runc
                 .update(&container::runc_name(id), quota, period, memory)
                 .await
@@ -239,6 +244,34 @@ impl Inner {
             crate::drivers::reshape_spec(&mut c.spec, &c.paths.spec(), vcpus, memory_mib)
         })?;
         info!(%id, vcpus, memory_mib, "container resized");
+        Ok(())
+    }
+
+    /// Gives a live container a burst above its shape, or (0, 0) its shape alone.
+    pub(super) async fn do_burst(
+        self: Arc<Self>,
+        id: VmId,
+        cpus: u32,
+        memory_mib: u64,
+    ) -> Result<(), DriverError> {
+        let (state, vcpus, shape_mib) =
+            self.with(id, |c| Ok((c.observe(), c.spec.vcpus, c.spec.memory_mib)))?;
+        if !matches!(state, VmState::Running | VmState::Paused | VmState::Booting) {
+            return Err(DriverError::WrongState { op: "burst", state });
+        }
+        let (quota, period, memory) = bundle::limits(
+            vcpus.saturating_add(cpus),
+            shape_mib.saturating_add(memory_mib),
+        );
+        self.runc
+            .update(&container::runc_name(id), quota, period, memory)
+            .await
+            .map_err(Self::hypervisor(id))?;
+        self.with(id, |c| {
+            c.burst = (cpus, memory_mib);
+            Ok(())
+        })?;
+        info!(%id, cpus, memory_mib, "container burst set");
         Ok(())
     }
 

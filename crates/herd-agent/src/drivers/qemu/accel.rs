@@ -225,6 +225,7 @@ impl Inner {
             policy: Default::default(),
             keep_running: false,
             disk_mib: 0,
+            burst: Default::default(),
         };
         let launch = LaunchSpec {
             id: VmId::nil(),

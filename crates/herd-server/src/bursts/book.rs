@@ -1,0 +1,93 @@
+//! What the server holds in memory about bursts: the leases hosts last reported and
+//! the asks waiting for their host. Apart from the rest of the module so that the cloud
+//! can hold it without depending on what uses the cloud.
+
+use herd_proto::burst::{BurstAnswer, BurstLease};
+use herd_proto::wire::{HostId, VmId};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::oneshot;
+
+/// An ask waiting: which host must answer, about which VM, and where the answer goes.
+type Waiter = (HostId, VmId, oneshot::Sender<BurstAnswer>);
+
+/// The leases in force and the asks waiting for their host.
+#[derive(Default)]
+pub struct Bursts {
+    /// Each VM's lease, with the host that reported it.
+    leases: Mutex<HashMap<VmId, (HostId, BurstLease)>>,
+    /// Asks waiting for their host, by request.
+    waiters: Mutex<HashMap<u64, Waiter>>,
+    next_request: AtomicU64,
+}
+
+impl Bursts {
+    /// The VM's lease in force, as its host last said.
+    pub fn lease(&self, vm: VmId) -> Option<BurstLease> {
+        self.leases.lock().get(&vm).map(|(_, lease)| *lease)
+    }
+
+    /// A host's whole report of its leases, which replaces what it said before. Only
+    /// leases of VMs placed on that host count: a host cannot speak for another's VM.
+    /// Returns how many it named that are not its own.
+    pub fn reported(
+        &self,
+        host: HostId,
+        leases: Vec<(VmId, BurstLease)>,
+        placed_here: impl Fn(VmId) -> bool,
+    ) -> usize {
+        let total = leases.len();
+        let kept: Vec<_> = leases
+            .into_iter()
+            .filter(|(vm, _)| placed_here(*vm))
+            .collect();
+        let refused = total - kept.len();
+        let mut book = self.leases.lock();
+        book.retain(|_, (from, _)| *from != host);
+        for (vm, lease) in kept {
+            book.insert(vm, (host, lease));
+        }
+        refused
+    }
+
+    /// A host is gone: what it said is no longer known to hold.
+    pub fn host_gone(&self, host: HostId) {
+        self.leases.lock().retain(|_, (from, _)| *from != host);
+    }
+
+    /// A host's answer; only the host asked may answer, and only about the VM asked.
+    pub fn answered(&self, host: HostId, request: u64, vm: VmId, answer: BurstAnswer) -> bool {
+        let mut waiters = self.waiters.lock();
+        match waiters.get(&request) {
+            Some((asked, about, _)) if *asked == host && *about == vm => {
+                if let Some((_, _, tx)) = waiters.remove(&request) {
+                    let _ = tx.send(answer);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Bursts {
+    /// Registers an ask `host` must answer about `vm`; returns its request number and
+    /// where the answer will arrive.
+    pub(super) fn wait_for(&self, host: HostId, vm: VmId) -> (u64, oneshot::Receiver<BurstAnswer>) {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().insert(request, (host, vm, tx));
+        (request, rx)
+    }
+
+    /// Forgets an ask, answered or not.
+    pub(super) fn forget(&self, request: u64) {
+        self.waiters.lock().remove(&request);
+    }
+
+    /// A lease the server saw granted, before the host's next report says it.
+    pub(super) fn granted(&self, host: HostId, vm: VmId, lease: BurstLease) {
+        self.leases.lock().insert(vm, (host, lease));
+    }
+}

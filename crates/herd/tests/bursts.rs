@@ -1,0 +1,341 @@
+//! Bursts through the whole product, on real containers: a user's burst granted in
+//! place by the VM's host (its cgroup's CPU quota and memory limit change, the workload
+//! gets more done), one the host has no room for refused with the figures, bad asks
+//! refused before any host is asked, the lease ended at its expiry by the agent with the
+//! server down, and a guest's own ask (`herd-guest burst` inside the container) answered
+//! by its host with no server at all.
+
+mod common;
+
+use common::{guest_binary, runc_usable, Server};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A container's CPU quota in whole vCPUs' worth (µs per period) and its memory limit
+/// in MiB, read from its cgroup on the host (v1 here, v2 elsewhere).
+fn limits(vm: &str) -> (f64, u64) {
+    let read = |path: PathBuf| std::fs::read_to_string(&path).unwrap_or_default();
+    let v1 = Path::new("/sys/fs/cgroup/cpu/herd").join(vm);
+    if v1.exists() {
+        let quota: f64 = read(v1.join("cpu.cfs_quota_us"))
+            .trim()
+            .parse()
+            .unwrap_or(0.0);
+        let period: f64 = read(v1.join("cpu.cfs_period_us"))
+            .trim()
+            .parse()
+            .unwrap_or(1.0);
+        let memory: u64 = read(
+            Path::new("/sys/fs/cgroup/memory/herd")
+                .join(vm)
+                .join("memory.limit_in_bytes"),
+        )
+        .trim()
+        .parse()
+        .unwrap_or(0);
+        return (quota / period, memory >> 20);
+    }
+    let v2 = Path::new("/sys/fs/cgroup/herd").join(vm);
+    let max = read(v2.join("cpu.max"));
+    let mut words = max.split_whitespace();
+    let quota: f64 = words.next().and_then(|q| q.parse().ok()).unwrap_or(0.0);
+    let period: f64 = words.next().and_then(|p| p.parse().ok()).unwrap_or(1.0);
+    let memory: u64 = read(v2.join("memory.max")).trim().parse().unwrap_or(0);
+    (quota / period, memory >> 20)
+}
+
+/// How long the container's cgroup has held its processes back for its quota, in ms.
+fn throttled_ms(vm: &str) -> u64 {
+    let (path, key, per_ms) = if Path::new("/sys/fs/cgroup/cpu/herd").exists() {
+        ("/sys/fs/cgroup/cpu/herd", "throttled_time", 1_000_000)
+    } else {
+        ("/sys/fs/cgroup/herd", "throttled_usec", 1_000)
+    };
+    std::fs::read_to_string(Path::new(path).join(vm).join("cpu.stat"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        / per_ms
+}
+
+/// Ticks the workload wrote to its console so far: each is a fixed chunk of work done
+/// by one of its two busy workers.
+fn ticks(console: &Path) -> usize {
+    std::fs::read_to_string(console)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.trim() == "tick")
+        .count()
+}
+
+/// Work per second over `window`, as the workload itself counts it, and how long its
+/// quota held it back meanwhile (ms).
+fn work_rate(vm: &str, console: &Path, window: Duration) -> (f64, u64) {
+    let (before, held) = (ticks(console), throttled_ms(vm));
+    std::thread::sleep(window);
+    let rate = (ticks(console) - before) as f64 / window.as_secs_f64();
+    (rate, throttled_ms(vm) - held)
+}
+
+fn console_of(agent_dir: &Path, vm: &str) -> PathBuf {
+    agent_dir.join("oci").join(vm).join("console.log")
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `herd-guest burst ARGS` inside the container, as its workload would.
+fn guest_burst(agent_dir: &Path, vm: &str, args: &[&str]) -> (bool, String) {
+    let runc_root = agent_dir.join("oci").join(".runc");
+    let out = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(&runc_root)
+        .args(["exec", &format!("herd-{vm}"), "herd-guest", "burst"])
+        .args(args)
+        .output()
+        .expect("runc exec");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text.trim().to_owned())
+}
+
+/// A user's ask for a burst of `vm`: the status and the answer.
+async fn ask(api: &common::Api, vm: &str, body: Value) -> (u16, Value) {
+    api.request(
+        reqwest::Method::POST,
+        &format!("/v1/vms/{vm}/bursts"),
+        Some(body),
+    )
+    .await
+    .expect("request")
+}
+
+/// Removes every container the agent made when the test ends, passed or failed:
+/// containers outlive their agent, and busy ones left behind would skew the next run.
+struct Containers(PathBuf);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        let root = self.0.join("oci").join(".runc");
+        let listed = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(&root)
+            .args(["list", "-q"])
+            .output();
+        let Ok(listed) = listed else {
+            return;
+        };
+        for name in String::from_utf8_lossy(&listed.stdout).lines() {
+            let _ = std::process::Command::new("runc")
+                .arg("--root")
+                .arg(&root)
+                .args(["delete", "-f", name])
+                .output();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_is_granted_in_place_refused_without_room_and_ends_on_time_with_the_server_down() {
+    if !runc_usable() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(root.path(), &[]).await;
+    let api = server.client();
+    let images = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-e2e-images");
+    let images = images.display().to_string();
+    // Three vCPUs offered: two one-vCPU containers and one vCPU of room for a burst.
+    let agent = server
+        .start_agent_env(
+            root.path(),
+            "host1",
+            &[
+                "--drivers",
+                "oci",
+                "--cpus",
+                "3",
+                "--memory-mib",
+                "4096",
+                "--image-dir",
+                &images,
+            ],
+            &[("HERD_GUEST_BINARY", &guest_binary())],
+        )
+        .await;
+    let _containers = Containers(agent.data_dir.clone());
+    // Two busy workers, each writing a tick per chunk of work: with one vCPU of quota
+    // they share one CPU, with two each has its own.
+    let workload = "work() { while :; do i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; \
+                    echo tick; done; }; work & work & wait";
+    // c2 only holds its vCPU (this machine may have no more CPUs than c1 can use).
+    let mut ids = Vec::new();
+    for (name, command) in [("c1", workload), ("c2", "while :; do sleep 1; done")] {
+        let vm = api
+            .post(
+                "/v1/vms",
+                json!({"name": name, "hypervisor": "oci", "vcpus": 1, "memory_mib": 64,
+                       "command": ["sh", "-c", command]}),
+            )
+            .await
+            .expect("launch");
+        ids.push(vm["id"].as_str().expect("id").to_owned());
+    }
+    for id in &ids {
+        wait_for(
+            "the containers running",
+            Duration::from_secs(180),
+            async || api.get(&format!("/v1/vms/{id}")).await["state"] == "running",
+        )
+        .await;
+    }
+    let (c1, c2) = (ids[0].clone(), ids[1].clone());
+    assert_eq!(limits(&c1), (1.0, 64), "c1 starts in its shape");
+    let console = console_of(&agent.data_dir, &c1);
+    let (before, held_before) = work_rate(&c1, &console, Duration::from_secs(4));
+
+    // Bad asks: refused before any host is asked, and nothing changes.
+    for (body, why) in [
+        (
+            json!({"cpus": 0, "memory_mib": 0, "seconds": 30}),
+            "asks for neither",
+        ),
+        (json!({"cpus": 1, "seconds": 0}), "at least one second"),
+        (
+            json!({"cpus": 9, "seconds": 30}),
+            "past what this VM's project allows",
+        ),
+        (
+            json!({"cpus": 1, "seconds": 999999}),
+            "past what this VM's project allows",
+        ),
+    ] {
+        let (status, answer) = ask(&api, &c1, body).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.to_string().contains(why), "{answer}");
+    }
+    for body in [json!({"cpus": 1, "seconds": -5}), json!({"cpus": 1})] {
+        assert_eq!(ask(&api, &c1, body).await.0, 400);
+    }
+    assert_eq!(limits(&c1), (1.0, 64));
+
+    // Granted in place: the quota and the limit change at once.
+    let lease_s: u64 = 20;
+    let lease = api
+        .post(
+            &format!("/v1/vms/{c1}/bursts"),
+            json!({"cpus": 1, "memory_mib": 64, "seconds": lease_s}),
+        )
+        .await
+        .expect("a burst with room");
+    assert_eq!(lease["cpus"], 1);
+    assert!(
+        lease["seconds_left"].as_u64() >= Some(lease_s - 2),
+        "{lease}"
+    );
+    assert_eq!(limits(&c1), (2.0, 128), "c1 bursts");
+    let shown = api.get(&format!("/v1/vms/{c1}")).await;
+    assert_eq!(shown["burst"]["cpus"], 1, "{shown:#}");
+    let (during, held_during) = work_rate(&c1, &console, Duration::from_secs(4));
+    eprintln!(
+        "work per second inside c1: {before:.1} in its shape, {during:.1} with +1 vCPU \
+         ({:.2}x); held back by its quota {held_before} ms, then {held_during} ms",
+        during / before.max(0.1)
+    );
+    // Two busy workers need two vCPUs: one vCPU's quota holds them back, two do not
+    // (what they then get depends on what else this machine runs; the bench measures it).
+    assert!(
+        held_before > 500,
+        "its shape held it back: {held_before} ms"
+    );
+    assert!(
+        held_during * 10 < held_before,
+        "the burst let it run: held back {held_before} ms, then {held_during} ms"
+    );
+
+    // No room left for c2: refused with the figures that decided it.
+    let (status, answer) = ask(&api, &c2, json!({"cpus": 1, "seconds": 30})).await;
+    assert_eq!(status, 409, "{answer}");
+    let reason = answer["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        reason.contains("no room") && reason.contains("0 vCPUs"),
+        "{answer}"
+    );
+    assert_eq!(limits(&c2), (1.0, 64));
+
+    // The server goes away; the lease still ends at its expiry, by the agent alone.
+    let expires_ms = humantime::parse_rfc3339(lease["expires_at"].as_str().expect("expiry"))
+        .expect("rfc3339")
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64;
+    server.proc.kill9();
+    let deadline = Instant::now() + Duration::from_secs(lease_s + 30);
+    while limits(&c1).0 > 1.0 {
+        assert!(Instant::now() < deadline, "the burst was never taken back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let late_ms = herd_proto::clock::unix_ms() as i64 - expires_ms;
+    eprintln!("with the server down, the burst ended {late_ms} ms after its expiry");
+    assert!(late_ms > -100, "ended {late_ms} ms early");
+    assert!(late_ms < 3_000, "ended {late_ms} ms late");
+    assert_eq!(limits(&c1), (1.0, 64), "c1 back in its shape");
+    let (after, held_after) = work_rate(&c1, &console, Duration::from_secs(4));
+    eprintln!("work per second inside c1 after the burst: {after:.1}, held back {held_after} ms");
+    assert!(
+        held_after > 500,
+        "back in its shape, held back again: {held_after} ms"
+    );
+
+    // The guest asks for itself, with no server at all: its host answers.
+    let (granted, text) = guest_burst(&agent.data_dir, &c1, &["--cpu", "1", "--for", "3s"]);
+    assert!(granted, "a guest's burst with room: {text}");
+    assert!(text.starts_with("granted 1 0 "), "{text}");
+    assert_eq!(limits(&c1).0, 2.0);
+    let (granted, text) = guest_burst(&agent.data_dir, &c2, &["--cpu", "1", "--for", "3s"]);
+    assert!(!granted && text.contains("no room"), "{text}");
+    let (granted, text) = guest_burst(&agent.data_dir, &c2, &["--cpu", "5", "--for", "3s"]);
+    assert!(!granted && text.contains("past what"), "{text}");
+    let (granted, text) = guest_burst(&agent.data_dir, &c2, &["--cpu", "1", "--for", "0s"]);
+    assert!(!granted, "{text}");
+    let (granted, text) = guest_burst(&agent.data_dir, &c2, &["--cpu", "x", "--for", "3s"]);
+    assert!(!granted && text.contains("not a whole number"), "{text}");
+    // A guest that asks in a loop is held back; its neighbour is answered as before.
+    let flood: Vec<String> = (0..5)
+        .map(|_| guest_burst(&agent.data_dir, &c2, &["--memory", "16M", "--for", "3s"]).1)
+        .collect();
+    assert!(
+        flood.iter().any(|t| t.contains("asked too often")),
+        "{flood:#?}"
+    );
+    let (granted, text) = guest_burst(&agent.data_dir, &c1, &["--cpu", "1", "--for", "3s"]);
+    assert!(granted, "c1 renews while c2 floods: {text}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while limits(&c1).0 > 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the guest's burst was never taken back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Back, the server hears the host's leases again: none.
+    server.kill9_and_restart(root.path()).await;
+    let api = server.client();
+    let shown: Value = api.get(&format!("/v1/vms/{c1}")).await;
+    assert!(shown["burst"].is_null(), "{shown:#}");
+    drop(agent);
+}
