@@ -399,6 +399,7 @@ fn full_policy() -> PolicySpec {
                 per_gib_transferred: rate(50_000, 50_000),
                 peak_start_hour: 22,
                 peak_end_hour: 6,
+                burst_per_vcpu_hour: Default::default(),
             },
             enforce: enforce(PolicyAction::Stop, Some(900)),
         }),

@@ -163,7 +163,11 @@ pub fn container_rootfs(image_dir: &Path) -> Result<PathBuf, ImageError> {
         what: format!("unpacking {}", initrd.display()),
         detail: e.to_string(),
     })?;
-    let tmp = image_dir.join(format!("rootfs-{hash}.tmp-{}", std::process::id()));
+    // A name of its own per unpacking: two containers of one agent may start at once,
+    // and neither may remove what the other is writing.
+    static UNPACKING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = UNPACKING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = image_dir.join(format!("rootfs-{hash}.tmp-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let unpack = |context: &str| io_err(format!("{context} in {}", tmp.display()));
     std::fs::create_dir_all(&tmp).map_err(unpack("creating the root"))?;
@@ -690,6 +694,59 @@ mod tests {
             .collect();
         assert_eq!(got, vec!["c", "b", "a"]);
         assert!(collect_modules(dir.path(), &["zzz"]).is_err());
+    }
+
+    /// Containers of one agent starting at once unpack the same image side by side:
+    /// each gets the whole root, none fails for another's work.
+    #[test]
+    fn a_root_unpacked_by_many_at_once_is_whole_for_each() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = cpio::CpioWriter::new(Vec::new());
+        w.dir("/bin").expect("dir");
+        w.file("/init", 0o755, b"guest").expect("init");
+        for i in 0..200 {
+            w.file(&format!("/bin/f{i}"), 0o644, &[7u8; 4096])
+                .expect("file");
+        }
+        w.symlink("/bin/herd-guest", "/init").expect("link");
+        std::fs::write(dir.path().join("initrd"), w.finish().expect("finish")).expect("initrd");
+        let info = ImageInfo {
+            name: "t".into(),
+            kernel_package: String::new(),
+            kernel_version: String::new(),
+            vmlinuz: PathBuf::new(),
+            initrd: dir.path().join("initrd"),
+            modules: Vec::new(),
+            guest_sha256: "ab".repeat(32),
+            guest_bytes: 5,
+            initrd_bytes: 0,
+        };
+        let meta = serde_json::to_vec(&info).expect("json");
+        std::fs::write(dir.path().join("image.json"), meta).expect("meta");
+        let roots: Vec<PathBuf> = std::thread::scope(|scope| {
+            let unpacking: Vec<_> = (0..4)
+                .map(|_| scope.spawn(|| container_rootfs(dir.path())))
+                .collect();
+            unpacking
+                .into_iter()
+                .map(|h| h.join().expect("thread").expect("unpacked"))
+                .collect()
+        });
+        assert!(roots.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(
+            std::fs::read_dir(roots[0].join("bin"))
+                .expect("bin")
+                .count(),
+            201
+        );
+        let leftovers = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            })
+            .count();
+        assert_eq!(leftovers, 0);
     }
 
     #[test]

@@ -285,6 +285,7 @@ fn rates(per_hour: u64, cpu: u64, mem: u64, net: u64) -> RateCard {
         per_gib_transferred: r(net),
         peak_start_hour: 8,
         peak_end_hour: 20,
+        burst_per_vcpu_hour: Default::default(),
     }
 }
 

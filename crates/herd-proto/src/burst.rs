@@ -15,6 +15,7 @@ pub const MAX_BURST_SECONDS: u32 = 7 * 24 * 3600;
 /// The most a VM may burst by, set per project by an admin and carried in each VM's
 /// spec so that its host decides without a server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BurstLimits {
     /// Extra vCPUs' worth of CPU time.
@@ -70,6 +71,17 @@ impl BurstLease {
     pub fn seconds_left(&self, now_ms: u64) -> u64 {
         self.expires_ms.saturating_sub(now_ms) / 1000
     }
+}
+
+/// A host's leases, whole: those in force, and those that ended within the last week
+/// with when (unix ms), so that one granted and ended while the server was away is
+/// still billed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BurstReport {
+    /// By VM id (`spec::VmId`, which is a `Uuid`: the spec carries burst limits, so this
+    /// module names the id by its type rather than import the spec).
+    pub in_force: Vec<(uuid::Uuid, BurstLease)>,
+    pub ended: Vec<(uuid::Uuid, BurstLease, u64)>,
 }
 
 /// A host's answer to an ask.

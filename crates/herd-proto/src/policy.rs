@@ -144,6 +144,11 @@ pub struct RateCard {
     pub peak_start_hour: u8,
     #[serde(default)]
     pub peak_end_hour: u8,
+    /// What each vCPU of a burst costs per hour it is granted, on top of the CPU it
+    /// uses (priced per CPU-second like any) and the memory it adds (per GiB-hour like
+    /// any). None by default: a burst costs what it uses, at the normal prices.
+    #[serde(default)]
+    pub burst_per_vcpu_hour: Rate,
 }
 
 /// One price with its peak and off-peak values, in micro-units.

@@ -224,10 +224,8 @@ pub enum AgentMsg {
         vm: VmId,
         answer: crate::burst::BurstAnswer,
     },
-    /// Every burst in force on this host, whole: on each change and on each connection.
-    Bursts {
-        leases: Vec<(VmId, crate::burst::BurstLease)>,
-    },
+    /// This host's bursts, whole: on each change and on each connection.
+    Bursts(crate::burst::BurstReport),
 }
 
 /// A guest module's report, as relayed to the server.

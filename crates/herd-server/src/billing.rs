@@ -13,7 +13,7 @@
 //! Prices come from `herd_policy::pricing`, the same code that prices a cost cap inside
 //! the guest: exact integer arithmetic, one rounding per line.
 
-use crate::store::{LedgerVm, UsageRow};
+use crate::store::{BurstRow, LedgerVm, UsageRow};
 use herd_policy::{fine_to_micros, price_interval_fine, Sample, Workload};
 use herd_proto::policy::{Rate, RateCard};
 use herd_proto::VmState;
@@ -28,7 +28,43 @@ pub struct BillLine {
     pub net_bytes: u64,
     /// Memory held, in MiB-milliseconds.
     pub memory_mib_ms: u128,
+    /// Everything, bursts included.
     pub cost_micros: u64,
+    /// The VM's bursts within the period, each with its part of the cost.
+    pub bursts: Vec<BurstCharge>,
+}
+
+/// One burst's part of a bill: its lease within the period, and what it added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BurstCharge {
+    pub burst: BurstRow,
+    /// The lease's time within the period.
+    pub billed_ms: u64,
+    /// The extra memory at the memory price and the burst's vCPUs at the rate card's
+    /// `burst_per_vcpu_hour` (its CPU use is priced with the VM's, per CPU-second).
+    pub cost_micros: u64,
+}
+
+/// Prices one burst over `[from_ms, to_ms)`, at the rates of `rates`.
+pub fn bill_burst(rates: &RateCard, burst: &BurstRow, from_ms: i64, to_ms: i64) -> (u64, u128) {
+    let (start, end) = (burst.from_ms.max(from_ms), burst.to_ms.min(to_ms));
+    if end <= start {
+        return (0, 0);
+    }
+    let per_vcpu = rates.burst_per_vcpu_hour;
+    let cpus = u64::from(burst.cpus);
+    let card = RateCard {
+        per_hour: Rate {
+            peak: per_vcpu.peak.saturating_mul(cpus),
+            off_peak: per_vcpu.off_peak.saturating_mul(cpus),
+        },
+        per_cpu_second: Rate::default(),
+        per_gib_transferred: Rate::default(),
+        ..*rates
+    };
+    let (a, b) = (start.max(0) as u64, end.max(0) as u64);
+    let fine = price_interval_fine(&card, &sample(a, 0, 0), &sample(b, 0, 0), burst.memory_mib);
+    (b - a, fine)
 }
 
 /// Whether the VM holds a running process (and its memory) in this state.
@@ -144,6 +180,18 @@ pub fn bill_vm(
         }
         prev = Some(row);
     }
+    let mut bursts = Vec::new();
+    for burst in &vm.bursts {
+        let (burst_ms, burst_fine) = bill_burst(rates, burst, from_ms, to_ms);
+        if burst_ms > 0 {
+            fine = fine.saturating_add(burst_fine);
+            bursts.push(BurstCharge {
+                burst: *burst,
+                billed_ms: burst_ms,
+                cost_micros: fine_to_micros(burst_fine),
+            });
+        }
+    }
     BillLine {
         vm: vm.clone(),
         billed_ms,
@@ -151,6 +199,7 @@ pub fn bill_vm(
         net_bytes,
         memory_mib_ms,
         cost_micros: fine_to_micros(fine),
+        bursts,
     }
 }
 
@@ -173,6 +222,7 @@ mod tests {
             vcpus: 2,
             memory_mib,
             resized: Vec::new(),
+            bursts: Vec::new(),
         }
     }
 
@@ -213,6 +263,7 @@ mod tests {
             }, // 0.09 / GiB
             peak_start_hour: 0,
             peak_end_hour: 0,
+            burst_per_vcpu_hour: Default::default(),
         };
         let history = vec![
             (T0 - 5_000, VmState::Scheduled),
@@ -277,6 +328,53 @@ mod tests {
         assert_eq!(line.billed_ms, 5 * HOUR as u64 / 2);
         assert_eq!(resized.memory_at(T0 - 1), 1024);
         assert_eq!(resized.memory_at(T0 + HOUR), 4096);
+    }
+
+    /// A burst of +2 vCPUs and +1 GiB for half an hour, then cut by the period's end:
+    /// its memory at the memory price, its vCPUs at the burst price, priced by hand.
+    #[test]
+    fn a_burst_adds_its_memory_and_its_vcpus_for_its_lease() {
+        let rates = RateCard {
+            per_gib_hour_memory: Rate {
+                peak: 0,
+                off_peak: 10_000,
+            },
+            burst_per_vcpu_hour: Rate {
+                peak: 0,
+                off_peak: 6_000,
+            },
+            peak_start_hour: 0,
+            peak_end_hour: 0,
+            ..RateCard::default()
+        };
+        let history = vec![(T0, VmState::Running)];
+        let mut burst = vm(1024);
+        burst.bursts = vec![
+            BurstRow {
+                cpus: 2,
+                memory_mib: 1024,
+                from_ms: T0 + HOUR,
+                to_ms: T0 + 3 * HOUR / 2,
+            },
+            BurstRow {
+                cpus: 1,
+                memory_mib: 0,
+                from_ms: T0 + 5 * HOUR / 2,
+                to_ms: T0 + 4 * HOUR,
+            },
+        ];
+        let line = bill_vm(&rates, &burst, &history, &[], T0, T0 + 3 * HOUR);
+        // The VM: 1 GiB for 3 hours = 30,000. The first burst: 1 GiB and 2 vCPUs for
+        // half an hour = 5,000 + 6,000. The second, cut to half an hour: 3,000.
+        assert_eq!(line.bursts.len(), 2);
+        assert_eq!(line.bursts[0].cost_micros, 11_000);
+        assert_eq!(line.bursts[1].billed_ms, HOUR as u64 / 2);
+        assert_eq!(line.bursts[1].cost_micros, 3_000);
+        assert_eq!(line.cost_micros, 30_000 + 11_000 + 3_000);
+        // Outside the period, a burst costs nothing.
+        let before = bill_vm(&rates, &burst, &history, &[], T0, T0 + HOUR);
+        assert!(before.bursts.is_empty());
+        assert_eq!(before.cost_micros, 10_000);
     }
 
     #[test]

@@ -48,6 +48,15 @@ pub struct QuotaArgs {
     /// Spend allowed over the last 30 days, e.g. 50.00; launches stop when it is spent.
     #[arg(long)]
     pub budget: Option<String>,
+    /// The most extra vCPUs one VM may burst by (default 2).
+    #[arg(long)]
+    pub max_burst_cpus: Option<u32>,
+    /// The most extra memory one VM may burst by (`512M`, `2G`; default 2G).
+    #[arg(long, value_parser = crate::size::parse_mib, value_name = "SIZE")]
+    pub max_burst_memory: Option<u64>,
+    /// The longest burst lease (`30m`, `2h`; default 1h, at most a week).
+    #[arg(long, value_name = "DURATION")]
+    pub max_burst_for: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -188,11 +197,37 @@ fn quota_of(args: &QuotaArgs) -> Result<QuotaView> {
         .as_deref()
         .map(|text| crate::policy::money_micros("--budget", text))
         .transpose()?;
+    let any_burst = args.max_burst_cpus.is_some()
+        || args.max_burst_memory.is_some()
+        || args.max_burst_for.is_some();
+    let burst = if any_burst {
+        let default = herd_proto::burst::BurstLimits::default();
+        let max_seconds = match args.max_burst_for.as_deref() {
+            None => default.max_seconds,
+            Some(text) => {
+                let seconds = humantime::parse_duration(text)
+                    .with_context(|| {
+                        format!("--max-burst-for {text:?} is not a duration such as 30m")
+                    })?
+                    .as_secs();
+                u32::try_from(seconds)
+                    .with_context(|| format!("--max-burst-for {text:?} is too long"))?
+            }
+        };
+        Some(herd_proto::burst::BurstLimits {
+            max_cpus: args.max_burst_cpus.unwrap_or(default.max_cpus),
+            max_memory_mib: args.max_burst_memory.unwrap_or(default.max_memory_mib),
+            max_seconds,
+        })
+    } else {
+        None
+    };
     Ok(QuotaView {
         max_vms: args.max_vms,
         max_vcpus: args.max_vcpus,
         max_memory_mib: args.max_memory,
         budget_micros,
+        burst,
     })
 }
 
@@ -344,6 +379,24 @@ pub async fn project(command: ProjectCommand) -> Result<()> {
                         "30-day budget".into(),
                         or_dash(view.quota.budget_micros.map(format_money)),
                         "see herd bill".into(),
+                    ]);
+                    let burst = view.quota.burst.unwrap_or_default();
+                    table.row(vec![
+                        "burst per VM".into(),
+                        format!(
+                            "+{} vCPU, +{} MiB, {}{}",
+                            burst.max_cpus,
+                            burst.max_memory_mib,
+                            humantime::format_duration(std::time::Duration::from_secs(
+                                burst.max_seconds.into()
+                            )),
+                            if view.quota.burst.is_none() {
+                                " (default)"
+                            } else {
+                                ""
+                            }
+                        ),
+                        "see herd vm show".into(),
                     ]);
                     println!("project {} (created {})", view.name, view.created_at);
                     print!("{}", table.render());

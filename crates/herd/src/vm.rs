@@ -477,10 +477,13 @@ pub async fn bill(args: BillArgs) -> Result<()> {
     match args.output {
         BillOutput::Json => print_json(&bill),
         BillOutput::Csv => {
-            println!("vm,name,project,hours,cpu_seconds,memory_gib_hours,net_gib,cost_micros,cost");
+            println!(
+                "vm,name,project,hours,cpu_seconds,memory_gib_hours,net_gib,cost_micros,cost,\
+                 burst_hours,burst_cost_micros"
+            );
             for l in &bill.lines {
                 println!(
-                    "{},{},{},{:.6},{:.3},{:.6},{:.6},{},{}",
+                    "{},{},{},{:.6},{:.3},{:.6},{:.6},{},{},{:.6},{}",
                     l.vm,
                     l.name,
                     l.project,
@@ -489,10 +492,12 @@ pub async fn bill(args: BillArgs) -> Result<()> {
                     l.memory_gib_hours,
                     l.net_gib,
                     l.cost_micros,
-                    l.cost
+                    l.cost,
+                    l.bursts.iter().map(|b| b.hours).sum::<f64>(),
+                    l.bursts.iter().map(|b| b.cost_micros).sum::<u64>()
                 );
             }
-            println!(",total,,,,,,{},{}", bill.total_micros, bill.total);
+            println!(",total,,,,,,{},{},,", bill.total_micros, bill.total);
             Ok(())
         }
         BillOutput::Table => {
@@ -507,6 +512,8 @@ pub async fn bill(args: BillArgs) -> Result<()> {
                 "COST",
             ]);
             for l in &bill.lines {
+                // The VM's own line, then one per burst: the rows add up to the total.
+                let bursts: u64 = l.bursts.iter().map(|b| b.cost_micros).sum();
                 table.row(vec![
                     l.name.clone(),
                     l.project.clone(),
@@ -514,8 +521,19 @@ pub async fn bill(args: BillArgs) -> Result<()> {
                     format!("{:.1}", l.cpu_seconds),
                     format!("{:.3}", l.memory_gib_hours),
                     format!("{:.3}", l.net_gib),
-                    l.cost.clone(),
+                    herd_server::billing::format_money(l.cost_micros.saturating_sub(bursts)),
                 ]);
+                for b in &l.bursts {
+                    table.row(vec![
+                        format!("  burst +{} vCPU +{} MiB", b.cpus, b.memory_mib),
+                        String::new(),
+                        format!("{:.2}", b.hours),
+                        String::new(),
+                        format!("{:.3}", b.memory_mib as f64 / 1024.0 * b.hours),
+                        String::new(),
+                        b.cost.clone(),
+                    ]);
+                }
             }
             table.row(vec![
                 "total".into(),

@@ -83,10 +83,26 @@ fn console_of(agent_dir: &Path, vm: &str) -> PathBuf {
     agent_dir.join("oci").join(vm).join("console.log")
 }
 
-async fn wait_for(what: &str, timeout: Duration, mut done: impl AsyncFnMut() -> bool) {
+/// Waits until `done`; a timeout says so with the end of every log in `root`.
+async fn wait_for(root: &Path, what: &str, timeout: Duration, mut done: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() > deadline {
+            let mut logs = String::new();
+            for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                    logs.push_str(&format!("--- {}\n", path.display()));
+                    for line in tail.into_iter().rev() {
+                        logs.push_str(line);
+                        logs.push('\n');
+                    }
+                }
+            }
+            panic!("timed out waiting for {what}\n{logs}");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -174,6 +190,19 @@ async fn a_burst_is_granted_in_place_refused_without_room_and_ends_on_time_with_
         )
         .await;
     let _containers = Containers(agent.data_dir.clone());
+    // The agent may first build the guest image (herd-guest changed), as `herd up` does.
+    wait_for(
+        root.path(),
+        "the host",
+        Duration::from_secs(300),
+        async || {
+            let hosts = api.get("/v1/hosts").await;
+            hosts
+                .as_array()
+                .is_some_and(|h| h.iter().any(|h| h["state"] == "up"))
+        },
+    )
+    .await;
     // Two busy workers, each writing a tick per chunk of work: with one vCPU of quota
     // they share one CPU, with two each has its own.
     let workload = "work() { while :; do i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; \
@@ -193,6 +222,7 @@ async fn a_burst_is_granted_in_place_refused_without_room_and_ends_on_time_with_
     }
     for id in &ids {
         wait_for(
+            root.path(),
             "the containers running",
             Duration::from_secs(180),
             async || api.get(&format!("/v1/vms/{id}")).await["state"] == "running",
@@ -337,5 +367,89 @@ async fn a_burst_is_granted_in_place_refused_without_room_and_ends_on_time_with_
     let api = server.client();
     let shown: Value = api.get(&format!("/v1/vms/{c1}")).await;
     assert!(shown["burst"].is_null(), "{shown:#}");
+
+    // The bill has each burst as a line of its own, the guest's too (granted and
+    // ended while the server was away), priced by the rate card: 1 per ms per vCPU.
+    let per_ms = json!({"peak": 3_600_000, "off_peak": 3_600_000});
+    let zero = json!({"peak": 0, "off_peak": 0});
+    let put = |path: String, body: Value| {
+        let api = api.clone();
+        async move {
+            let (status, answer) = api
+                .request(reqwest::Method::PUT, &path, Some(body))
+                .await
+                .expect("request");
+            assert_eq!(status, 200, "{answer}");
+        }
+    };
+    put(
+        "/v1/rate-cards/default".into(),
+        json!({"per_hour": zero, "per_cpu_second": zero, "per_gib_hour_memory": zero,
+               "per_gib_transferred": zero, "burst_per_vcpu_hour": per_ms}),
+    )
+    .await;
+    let mut bill = Value::Null;
+    wait_for(
+        root.path(),
+        "both bursts billed",
+        Duration::from_secs(30),
+        async || {
+            bill = api.get("/v1/billing").await;
+            let bursts = |b: &Value| -> usize {
+                b["lines"]
+                    .as_array()
+                    .and_then(|l| l.iter().find(|l| l["vm"] == c1.as_str()))
+                    .and_then(|l| l["bursts"].as_array().map(Vec::len))
+                    .unwrap_or(0)
+            };
+            bursts(&bill) >= 2
+        },
+    )
+    .await;
+    let line = bill["lines"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["vm"] == c1.as_str()))
+        .cloned()
+        .expect("c1's line");
+    let user = &line["bursts"][0];
+    assert_eq!(
+        (user["cpus"].as_u64(), user["memory_mib"].as_u64()),
+        (Some(1), Some(64))
+    );
+    let cost = user["cost_micros"].as_u64().unwrap_or(0);
+    assert!(
+        (19_900..=20_200).contains(&cost),
+        "a 20 s lease of one vCPU: {line:#}"
+    );
+    assert_eq!(
+        line["bursts"][1]["memory_mib"], 0,
+        "the guest's own: {line:#}"
+    );
+    let spent = bill["total_micros"].as_u64().unwrap_or(0);
+
+    // A burst that could take the project past its budget is refused, and says so.
+    put(
+        "/v1/projects/default/quota".into(),
+        json!({"budget_micros": spent + 1_000}),
+    )
+    .await;
+    let (status, answer) = ask(&api, &c1, json!({"cpus": 1, "seconds": 60})).await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(answer.to_string().contains("over budget"), "{answer}");
+    // An admin's limits hold for the project's VMs.
+    put(
+        "/v1/projects/default/quota".into(),
+        json!({"burst": {"max_cpus": 0, "max_memory_mib": 128, "max_seconds": 60}}),
+    )
+    .await;
+    let (status, answer) = ask(&api, &c1, json!({"cpus": 1, "seconds": 10})).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.to_string().contains("allows (+0)"), "{answer}");
+    let (status, answer) = ask(&api, &c1, json!({"memory_mib": 64, "seconds": 120})).await;
+    assert!(
+        status == 400 && answer.to_string().contains("(60 s)"),
+        "{answer}"
+    );
+    assert_eq!(limits(&c1), (1.0, 64), "nothing granted");
     drop(agent);
 }

@@ -11,7 +11,7 @@ use super::{Agent, GuestEvents};
 use crate::probe::SyncProbe;
 use crate::utility::UtilityState;
 use futures_util::{SinkExt, StreamExt};
-use herd_proto::burst::BurstLease;
+use herd_proto::burst::BurstReport;
 use herd_proto::clock::unix_ms;
 use herd_proto::guest::GuestMsg;
 use herd_proto::join::Discovery;
@@ -65,9 +65,7 @@ async fn send_node(
 }
 
 /// Resolves when the leases in force change (never, without bursts).
-async fn leases_changed(
-    leases: &mut Option<watch::Receiver<Vec<(VmId, BurstLease)>>>,
-) -> Option<()> {
+async fn leases_changed(leases: &mut Option<watch::Receiver<BurstReport>>) -> Option<()> {
     match leases {
         Some(leases) => leases.changed().await.ok(),
         None => std::future::pending().await,
@@ -88,8 +86,8 @@ async fn send_leases(
     let Some(leases) = session.burst_leases.as_mut() else {
         return Ok(());
     };
-    let leases = leases.borrow_and_update().clone();
-    send_frame(tx, wire::encode(&AgentMsg::Bursts { leases })).await
+    let report = leases.borrow_and_update().clone();
+    send_frame(tx, wire::encode(&AgentMsg::Bursts(report))).await
 }
 
 async fn next_guest_event(events: &mut Option<GuestEvents>) -> Option<(VmId, GuestMsg)> {

@@ -15,7 +15,7 @@ use crate::hostinfo::{self, CpuMeter};
 use crate::probe::SyncProbe;
 use crate::utility::UtilityState;
 use futures_util::{Sink, SinkExt};
-use herd_proto::burst::{BurstAnswer, BurstLease};
+use herd_proto::burst::BurstAnswer;
 use herd_proto::clock::unix_ms;
 use herd_proto::node::NodeReport;
 use herd_proto::policy::PolicyAction;
@@ -60,8 +60,8 @@ pub(super) struct Session {
     pub(super) migration_rx: mpsc::UnboundedReceiver<AgentMsg>,
     /// Where a user's asks for bursts go, when a driver here can burst.
     pub(super) bursts: Option<crate::bursts::Bursts>,
-    /// The leases in force, sent whole when they change.
-    pub(super) burst_leases: Option<watch::Receiver<Vec<(VmId, BurstLease)>>>,
+    /// The host's bursts, sent whole when they change.
+    pub(super) burst_leases: Option<watch::Receiver<herd_proto::burst::BurstReport>>,
     /// Answers to the server's asks.
     pub(super) burst_answers: Option<crate::bursts::Answers>,
     /// When the last observation was made.

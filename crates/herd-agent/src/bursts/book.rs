@@ -16,6 +16,11 @@ use std::collections::BTreeMap;
 pub const ASK_EVERY_MS: u64 = 1_000;
 pub const ASKS_AT_ONCE: u64 = 3;
 
+/// Ended leases are kept this long, and at most this many, for the server to bill:
+/// one granted and ended while the server was away is reported when it is back.
+pub const KEEP_ENDED_MS: u64 = 7 * 24 * 3_600_000;
+pub const KEEP_ENDED: usize = 256;
+
 /// What a VM is on this host, as the book needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {
@@ -35,6 +40,9 @@ pub struct Room {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Book {
     pub leases: BTreeMap<VmId, BurstLease>,
+    /// Leases that ended, with when (unix ms), newest last.
+    #[serde(default)]
+    pub ended: Vec<(VmId, BurstLease, u64)>,
     /// Each VM's asks left, in thousandths, and when that was counted (not saved: a
     /// restart forgives).
     #[serde(skip)]
@@ -120,7 +128,13 @@ impl Book {
         let granted_ms = match self.leases.get(&vm) {
             // A renewal of the same size keeps its start, so a bill shows one burst.
             Some(l) if l.cpus == ask.cpus && l.memory_mib == ask.memory_mib => l.granted_ms,
-            _ => now_ms,
+            // A new size ends the old lease now and starts another.
+            Some(l) => {
+                let old = *l;
+                self.end(vm, old, now_ms);
+                now_ms
+            }
+            None => now_ms,
         };
         let lease = BurstLease {
             cpus: ask.cpus,
@@ -151,9 +165,29 @@ impl Book {
     /// Puts back `vm`'s lease as it was before a grant that could not be applied.
     pub fn undo(&mut self, vm: VmId, before: Option<BurstLease>) {
         match before {
-            Some(lease) => self.leases.insert(vm, lease),
+            Some(lease) => {
+                self.ended
+                    .retain(|(id, l, _)| !(*id == vm && l.granted_ms == lease.granted_ms));
+                self.leases.insert(vm, lease)
+            }
             None => self.leases.remove(&vm),
         };
+    }
+
+    /// Ends `vm`'s lease at `now_ms` (or at its expiry, if that came first) and keeps
+    /// it among the ended.
+    pub fn finish(&mut self, vm: VmId, now_ms: u64) {
+        if let Some(lease) = self.leases.remove(&vm) {
+            self.end(vm, lease, now_ms);
+        }
+    }
+
+    fn end(&mut self, vm: VmId, lease: BurstLease, now_ms: u64) {
+        self.ended.push((vm, lease, now_ms.min(lease.expires_ms)));
+        let oldest = now_ms.saturating_sub(KEEP_ENDED_MS);
+        self.ended.retain(|(_, _, at)| *at >= oldest);
+        let over = self.ended.len().saturating_sub(KEEP_ENDED);
+        self.ended.drain(..over);
     }
 
     /// Leases that end at `now_ms`: expired, or of a VM no longer running here.
@@ -337,8 +371,15 @@ mod tests {
         assert_eq!(book.due(&running, 10_000), vec![vm(1)]);
         let only_two = shapes(&[(2, 1, 0)]);
         assert_eq!(book.due(&only_two, 0), vec![vm(1)]);
-        book.undo(vm(1), None);
+        book.finish(vm(1), 12_000);
         assert_eq!(book.next_expiry(), Some(20_000));
+        // Kept for the bill, ended at its expiry (the check came late).
+        let (id, lease, ended) = book.ended[0];
+        assert_eq!((id, lease.granted_ms, ended), (vm(1), 0, 10_000));
+        // A new size ends the lease in force now and starts another.
+        granted(&book.decide(vm(2), ask(2, 0, 20), CAPACITY, &running, 5_000));
+        assert_eq!(book.ended[1].2, 5_000);
+        assert_eq!(book.leases[&vm(2)].granted_ms, 5_000);
     }
 
     proptest! {

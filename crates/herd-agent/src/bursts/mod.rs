@@ -19,7 +19,7 @@ pub mod book;
 use crate::driver::Driver;
 use crate::persist;
 use book::{Book, Shape};
-use herd_proto::burst::{BurstAnswer, BurstAsk, BurstLease};
+use herd_proto::burst::{BurstAnswer, BurstAsk, BurstLease, BurstReport};
 use herd_proto::clock::unix_ms;
 use herd_proto::guest::HostMsg;
 use herd_proto::wire::{AgentMsg, Capacity, VmId};
@@ -57,7 +57,7 @@ struct Ask {
 #[derive(Clone)]
 pub struct Bursts {
     asks: mpsc::Sender<Ask>,
-    leases: watch::Receiver<Vec<(VmId, BurstLease)>>,
+    leases: watch::Receiver<BurstReport>,
 }
 
 /// What the task tells the server's connection: answers to the server's asks.
@@ -69,8 +69,8 @@ impl Bursts {
         self.asks.try_send(Ask { vm, ask, asker }).is_ok()
     }
 
-    /// The leases in force, and a way to hear when they change.
-    pub fn leases(&self) -> watch::Receiver<Vec<(VmId, BurstLease)>> {
+    /// The leases in force and lately ended, and a way to hear when they change.
+    pub fn leases(&self) -> watch::Receiver<BurstReport> {
         self.leases.clone()
     }
 }
@@ -92,7 +92,7 @@ pub fn start(
         }
     };
     let (asks_tx, asks) = mpsc::channel(ASK_BACKLOG);
-    let (leases_tx, leases) = watch::channel(in_force(&book));
+    let (leases_tx, leases) = watch::channel(report(&book));
     let (answers_tx, answers) = mpsc::unbounded_channel();
     let task = Task {
         drivers,
@@ -116,6 +116,13 @@ fn in_force(book: &Book) -> Vec<(VmId, BurstLease)> {
     book.leases.iter().map(|(vm, l)| (*vm, *l)).collect()
 }
 
+fn report(book: &Book) -> BurstReport {
+    BurstReport {
+        in_force: in_force(book),
+        ended: book.ended.clone(),
+    }
+}
+
 /// The VMs running on this host, by driver.
 #[derive(Default)]
 struct Running {
@@ -129,7 +136,7 @@ struct Task {
     capacity: Capacity,
     path: PathBuf,
     book: Book,
-    leases: watch::Sender<Vec<(VmId, BurstLease)>>,
+    leases: watch::Sender<BurstReport>,
     answers: mpsc::UnboundedSender<AgentMsg>,
 }
 
@@ -254,8 +261,12 @@ impl Task {
         for vm in self.book.due(&running.shapes, now) {
             match self.apply(&running, vm, None).await {
                 Ok(()) => {
-                    let lease = self.book.leases.remove(&vm);
-                    let late_ms = lease.map(|l| now.saturating_sub(l.expires_ms));
+                    let late_ms = self
+                        .book
+                        .leases
+                        .get(&vm)
+                        .map(|l| now.saturating_sub(l.expires_ms));
+                    self.book.finish(vm, now);
                     info!(%vm, ?late_ms, "burst ended");
                     ended = true;
                 }
@@ -285,7 +296,7 @@ impl Task {
 
     /// Tells the server's connection what is in force.
     fn publish(&self) {
-        self.leases.send_replace(in_force(&self.book));
+        self.leases.send_replace(report(&self.book));
     }
 
     /// Writes the book to disk.

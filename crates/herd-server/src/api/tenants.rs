@@ -36,6 +36,9 @@ pub struct QuotaView {
     pub max_memory_mib: Option<u64>,
     /// Spend allowed over the last 30 days, in millionths of the currency unit.
     pub budget_micros: Option<u64>,
+    /// The most one VM may burst by (absent: +2 vCPUs, +2048 MiB, 3600 s).
+    #[serde(default)]
+    pub burst: Option<herd_proto::burst::BurstLimits>,
 }
 
 impl QuotaView {
@@ -45,6 +48,7 @@ impl QuotaView {
             max_vcpus: quota.max_vcpus,
             max_memory_mib: quota.max_memory_mib,
             budget_micros: quota.budget_micros.map(|b| b.max(0) as u64),
+            burst: quota.burst,
         }
     }
 
@@ -54,11 +58,23 @@ impl QuotaView {
             .map(i64::try_from)
             .transpose()
             .map_err(|_| ApiError::bad_request("invalid_request", "budget_micros: too large"))?;
+        if let Some(limits) = self.burst {
+            if limits.max_seconds > herd_proto::burst::MAX_BURST_SECONDS {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    format!(
+                        "burst.max_seconds: at most {} (a week)",
+                        herd_proto::burst::MAX_BURST_SECONDS
+                    ),
+                ));
+            }
+        }
         Ok(Quota {
             max_vms: self.max_vms,
             max_vcpus: self.max_vcpus,
             max_memory_mib: self.max_memory_mib,
             budget_micros,
+            burst: self.burst,
         })
     }
 }

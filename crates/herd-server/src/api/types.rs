@@ -473,9 +473,25 @@ pub struct BillLineView {
     pub cpu_seconds: f64,
     pub memory_gib_hours: f64,
     pub net_gib: f64,
-    /// Exact, in millionths of the currency unit.
+    /// Exact, in millionths of the currency unit; bursts included.
     pub cost_micros: u64,
     /// Rounded half up to the cent.
+    pub cost: String,
+    /// The VM's bursts within the period, each with its part of the cost.
+    #[serde(default)]
+    pub bursts: Vec<BurstChargeView>,
+}
+
+/// A burst's part of a bill.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BurstChargeView {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub from: String,
+    pub to: String,
+    /// The lease's hours within the period.
+    pub hours: f64,
+    pub cost_micros: u64,
     pub cost: String,
 }
 
@@ -506,6 +522,19 @@ impl BillView {
                     net_gib: l.net_bytes as f64 / (1u64 << 30) as f64,
                     cost_micros: l.cost_micros,
                     cost: crate::billing::format_money(l.cost_micros),
+                    bursts: l
+                        .bursts
+                        .iter()
+                        .map(|b| BurstChargeView {
+                            cpus: b.burst.cpus,
+                            memory_mib: b.burst.memory_mib,
+                            from: rfc3339(b.burst.from_ms),
+                            to: rfc3339(b.burst.to_ms),
+                            hours: b.billed_ms as f64 / 3_600_000.0,
+                            cost_micros: b.cost_micros,
+                            cost: crate::billing::format_money(b.cost_micros),
+                        })
+                        .collect(),
                 })
                 .collect(),
             total_micros,

@@ -51,6 +51,16 @@ impl Bursts {
         refused
     }
 
+    /// The leases a host last reported (of VMs placed on it).
+    pub fn of_host(&self, host: HostId) -> Vec<(VmId, BurstLease)> {
+        self.leases
+            .lock()
+            .iter()
+            .filter(|(_, (from, _))| *from == host)
+            .map(|(vm, (_, lease))| (*vm, *lease))
+            .collect()
+    }
+
     /// A host is gone: what it said is no longer known to hold.
     pub fn host_gone(&self, host: HostId) {
         self.leases.lock().retain(|_, (from, _)| *from != host);

@@ -10,7 +10,9 @@
 
 pub mod book;
 
+use crate::billing;
 use crate::cloud::{Cloud, CloudError};
+use crate::store::BurstRow;
 use herd_proto::burst::{BurstAnswer, BurstAsk, BurstLease, BurstLimits};
 use herd_proto::wire::ServerMsg;
 use std::time::Duration;
@@ -19,10 +21,56 @@ use std::time::Duration;
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
 impl Cloud {
-    /// What a VM of `project` may burst by. Every project has the default limits for
-    /// now: two vCPUs and 2 GiB more, for up to an hour.
-    pub fn burst_limits(&self, _project: &str) -> BurstLimits {
-        BurstLimits::default()
+    /// What a VM of `project` may burst by: its admin-set limits, else the defaults
+    /// (two vCPUs and 2 GiB more, for up to an hour).
+    pub fn burst_limits(&self, project: &str) -> BurstLimits {
+        self.tenancy.burst_limits(project)
+    }
+
+    /// Refuses a burst whose most it could cost would take its project past its 30-day
+    /// budget: its memory and vCPUs at the rate card's prices for the whole lease, and
+    /// every burst vCPU busy throughout at the dearer CPU-second price.
+    fn check_burst_budget(&self, project: &str, ask: &BurstAsk) -> Result<(), CloudError> {
+        let Some(budget) = self
+            .tenancy
+            .project(project)
+            .and_then(|p| p.quota.budget_micros)
+        else {
+            return Ok(());
+        };
+        let budget = budget.max(0) as u64;
+        let rates = self.rate_card(project)?.unwrap_or_default();
+        let now = crate::store::now_ms();
+        let burst = BurstRow {
+            cpus: ask.cpus,
+            memory_mib: ask.memory_mib,
+            from_ms: now,
+            to_ms: now.saturating_add(i64::from(ask.seconds) * 1000),
+        };
+        let (_, fine) = billing::bill_burst(&rates, &burst, burst.from_ms, burst.to_ms);
+        let per_cpu_second = rates.per_cpu_second.peak.max(rates.per_cpu_second.off_peak);
+        let cpu = u64::from(ask.cpus)
+            .saturating_mul(u64::from(ask.seconds))
+            .saturating_mul(per_cpu_second);
+        let most = herd_policy::fine_to_micros(fine).saturating_add(cpu);
+        let spent: u64 = self
+            .bill(Some(project), now - 30 * 86_400_000, now)?
+            .iter()
+            .map(|line| line.cost_micros)
+            .sum();
+        if spent.saturating_add(most) > budget {
+            return Err(CloudError::Conflict {
+                code: "burst_denied",
+                message: format!(
+                    "over budget: the burst could cost up to {}, and project {project:?} has \
+                     spent {} of its 30-day budget of {}",
+                    billing::format_money(most),
+                    billing::format_money(spent),
+                    billing::format_money(budget)
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Asks the VM's host for a burst and returns its answer: the lease granted, or a
@@ -48,6 +96,7 @@ impl Cloud {
                 format!("VM {} is not on a host", vm.name),
             ));
         };
+        crate::blocking(|| self.check_burst_budget(&vm.project, &ask))?;
         let (request, rx) = self.bursts.wait_for(host, vm.id);
         let sent = self.send_to_agent(
             host,

@@ -112,6 +112,7 @@ impl Cloud {
                 .into_iter()
                 .map(|(at, size)| (at, size.memory_mib))
                 .collect();
+            vm.bursts = self.store.bursts_of(vm.vm)?;
             if !cards.contains_key(&vm.project) {
                 let card = self.rate_card(&vm.project)?.unwrap_or_default();
                 cards.insert(vm.project.clone(), card);
@@ -120,7 +121,11 @@ impl Cloud {
             let history = self.store.state_history(vm.vm)?;
             let samples = self.store.usage_samples(vm.vm, to_ms)?;
             let line = billing::bill_vm(&rates, &vm, &history, &samples, from_ms, to_ms);
-            if line.billed_ms > 0 || line.cpu_ms > 0 || line.net_bytes > 0 {
+            if line.billed_ms > 0
+                || line.cpu_ms > 0
+                || line.net_bytes > 0
+                || !line.bursts.is_empty()
+            {
                 lines.push(line);
             }
         }

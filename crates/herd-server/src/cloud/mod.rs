@@ -338,7 +338,18 @@ pub(crate) fn reported_by_host(state: VmState) -> bool {
     )
 }
 
-pub fn spec_of(vm: &VmRecord) -> VmSpec {
+impl Cloud {
+    /// What a VM's host is told it should be: its record, with its project's burst
+    /// limits as they are now.
+    pub fn spec_of(&self, vm: &VmRecord) -> VmSpec {
+        let mut spec = shape_of(vm);
+        spec.burst = self.tenancy.burst_limits(&vm.project);
+        spec
+    }
+}
+
+/// A VM's spec from its record alone (placement needs only its shape).
+pub fn shape_of(vm: &VmRecord) -> VmSpec {
     VmSpec {
         name: vm.name.clone(),
         hypervisor: vm.hypervisor.clone(),

@@ -1,7 +1,7 @@
 //! The reconciler: desired state carried to hosts as level-triggered commands,
 //! pending VMs placed, lifespans the server can judge alone enforced.
 
-use super::{spec_of, Cloud, CloudError};
+use super::{shape_of, Cloud, CloudError};
 use crate::store::{now_ms, NewEvent, Observation, VmRecord};
 use herd_proto::policy::{PolicyAction, PolicySpec};
 use herd_proto::wire::{Command, CommandId, HostId, VmId};
@@ -101,7 +101,7 @@ impl Cloud {
         }
         let why = match self.activation_wait(vm, now_ms)? {
             Some(why) => why,
-            None => match self.try_place(vm.id, &spec_of(vm)) {
+            None => match self.try_place(vm.id, &shape_of(vm)) {
                 Ok(host) => {
                     if let Err(e) = self.store.assign_host(
                         vm.id,
@@ -179,7 +179,7 @@ impl Cloud {
                         vm: vm.id,
                         generation: vm.generation,
                     },
-                    spec: spec_of(vm),
+                    spec: self.spec_of(vm),
                     target: vm.desired,
                 };
                 (*host, command)

@@ -126,6 +126,16 @@ impl Tenancy {
         self.tables.read().projects.get(name).cloned()
     }
 
+    /// The most a VM of the project may burst by: what an admin set, else the defaults.
+    pub fn burst_limits(&self, project: &str) -> herd_proto::burst::BurstLimits {
+        self.tables
+            .read()
+            .projects
+            .get(project)
+            .and_then(|p| p.quota.burst)
+            .unwrap_or_default()
+    }
+
     pub fn projects(&self) -> Vec<ProjectRow> {
         self.tables.read().projects.values().cloned().collect()
     }

@@ -509,11 +509,21 @@ async fn on_frame(
             }
             Ok(())
         }
-        AgentMsg::Bursts { leases } => {
+        AgentMsg::Bursts(report) => {
             cloud.host_seen(host, session, None);
             let refused = cloud
                 .bursts
-                .reported(host, leases, |vm| cloud.vm_on_host(vm, host));
+                .reported(host, report.in_force, |vm| cloud.vm_on_host(vm, host));
+            let in_force = cloud.bursts.of_host(host);
+            // An ended lease of a VM no longer here counts only if this host reported
+            // it in force before (the store checks): a host bills only its own VMs.
+            let ended: Vec<_> = report
+                .ended
+                .into_iter()
+                .map(|(vm, lease, at)| (vm, lease, at, cloud.vm_on_host(vm, host)))
+                .collect();
+            crate::blocking(|| cloud.store.record_bursts(host, &in_force, &ended))
+                .map_err(|e| e.to_string())?;
             if refused > 0 {
                 warn!(%host, refused, "burst leases of VMs not on this host dropped");
                 Metrics::inc(&cloud.metrics.rejected_reports);

@@ -157,7 +157,7 @@ impl Cloud {
                 ));
             }
         }
-        let spec = crate::cloud::spec_of(&vm);
+        let spec = self.spec_of(&vm);
         let mut held = spec.clone();
         if let Some(size) = hold {
             held.vcpus = size.vcpus;

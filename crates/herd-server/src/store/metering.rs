@@ -50,6 +50,8 @@ pub struct LedgerVm {
     pub memory_mib: u64,
     /// Its later memory sizes, each from when its resize was sent (ms), oldest first.
     pub resized: Vec<(i64, u64)>,
+    /// Its bursts, oldest first.
+    pub bursts: Vec<super::BurstRow>,
 }
 
 impl LedgerVm {
@@ -96,6 +98,7 @@ impl Store {
                 vcpus: vcpus as u32,
                 memory_mib: memory_mib as u64,
                 resized: Vec::new(),
+                bursts: Vec::new(),
             });
         }
         Ok(out)

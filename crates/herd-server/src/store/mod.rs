@@ -6,6 +6,7 @@
 //! columns, as Kubernetes separates spec and status; the reconciler drives one toward
 //! the other. Only this module writes SQL.
 
+mod bursts;
 mod events;
 mod hosts;
 mod metering;
@@ -18,6 +19,7 @@ mod tokens;
 mod vm_index;
 mod vms;
 
+pub use bursts::BurstRow;
 pub use events::{EventRecord, EventScope, NewEvent};
 pub use metering::{LedgerVm, UsageRow};
 pub use tenancy::{
@@ -170,10 +172,11 @@ impl Store {
         db.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
         db.busy_timeout(std::time::Duration::from_secs(5))?;
         db.execute_batch(SCHEMA)?;
-        migrate(&db)?;
         db.execute_batch(tenancy::SCHEMA)?;
+        migrate(&db)?;
         db.execute_batch(migrations::SCHEMA)?;
         db.execute_batch(resizes::SCHEMA)?;
+        db.execute_batch(bursts::SCHEMA)?;
         tenancy::bootstrap(&db)?;
         let index = Mutex::new(load_index(&db)?);
         let readers = (0..READERS)

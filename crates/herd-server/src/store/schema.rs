@@ -100,24 +100,25 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 ";
 
-/// Columns added since the first schema: (column of `vms`, its declaration).
-const ADDED_VM_COLUMNS: &[(&str, &str)] = &[
-    ("policy", "TEXT NOT NULL DEFAULT '{}'"),
-    ("keep_running", "INTEGER NOT NULL DEFAULT 0"),
-    ("disk_mib", "INTEGER NOT NULL DEFAULT 0"),
+/// Columns added since the first schema: (table, column, its declaration).
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("vms", "policy", "TEXT NOT NULL DEFAULT '{}'"),
+    ("vms", "keep_running", "INTEGER NOT NULL DEFAULT 0"),
+    ("vms", "disk_mib", "INTEGER NOT NULL DEFAULT 0"),
+    ("projects", "burst", "TEXT"),
 ];
 
 /// Brings a database made by an older herd up to this schema.
 pub(super) fn migrate(db: &Connection) -> Result<(), StoreError> {
-    for (column, declaration) in ADDED_VM_COLUMNS {
+    for (table, column, declaration) in ADDED_COLUMNS {
         let present: i64 = db.query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('vms') WHERE name = ?1",
-            [column],
+            "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+            [table, column],
             |row| row.get(0),
         )?;
         if present == 0 {
             db.execute_batch(&format!(
-                "ALTER TABLE vms ADD COLUMN {column} {declaration}"
+                "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
             ))?;
         }
     }

@@ -21,7 +21,8 @@ CREATE TABLE IF NOT EXISTS projects (
     max_vms INTEGER,
     max_vcpus INTEGER,
     max_memory_mib INTEGER,
-    budget_micros INTEGER
+    budget_micros INTEGER,
+    burst TEXT
 );
 CREATE TABLE IF NOT EXISTS members (
     project TEXT NOT NULL REFERENCES projects (name) ON DELETE CASCADE,
@@ -51,6 +52,15 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_by_project ON audit (project, id);
 CREATE INDEX IF NOT EXISTS vms_by_project ON vms (project);
 ";
+
+/// A quota's burst limits as stored: JSON, or NULL for the defaults.
+fn burst_text(quota: &Quota) -> Result<Option<String>, StoreError> {
+    quota
+        .burst
+        .map(|limits| serde_json::to_string(&limits))
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("burst limits do not encode: {e}")))
+}
 
 /// The first admin and the default project on a new database; a project for every
 /// project name VMs of an older herd already carry.
@@ -86,6 +96,8 @@ pub struct Quota {
     pub max_memory_mib: Option<u64>,
     /// Spend over the last 30 days, in micro-units of the currency.
     pub budget_micros: Option<i64>,
+    /// The most a VM may burst by; `None` is the default limits.
+    pub burst: Option<herd_proto::burst::BurstLimits>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,7 +182,8 @@ impl Store {
             out.users.push(row?);
         }
         let mut stmt = db.prepare_cached(
-            "SELECT name, created_at, max_vms, max_vcpus, max_memory_mib, budget_micros FROM projects",
+            "SELECT name, created_at, max_vms, max_vcpus, max_memory_mib, budget_micros, burst \
+             FROM projects",
         )?;
         for row in stmt.query_map([], |row| {
             Ok(ProjectRow {
@@ -181,6 +194,9 @@ impl Store {
                     max_vcpus: opt_u64(row.get(3)?),
                     max_memory_mib: opt_u64(row.get(4)?),
                     budget_micros: row.get(5)?,
+                    burst: row
+                        .get::<_, Option<String>>(6)?
+                        .and_then(|text| serde_json::from_str(&text).ok()),
                 },
             })
         })? {
@@ -249,15 +265,16 @@ impl Store {
     pub fn insert_project(&self, name: &str, quota: &Quota) -> Result<bool, StoreError> {
         let n = self.db().execute(
             "INSERT OR IGNORE INTO projects \
-             (name, created_at, max_vms, max_vcpus, max_memory_mib, budget_micros) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+             (name, created_at, max_vms, max_vcpus, max_memory_mib, budget_micros, burst) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 name,
                 now_ms(),
                 opt_i64(quota.max_vms),
                 opt_i64(quota.max_vcpus),
                 opt_i64(quota.max_memory_mib),
-                quota.budget_micros
+                quota.budget_micros,
+                burst_text(quota)?
             ],
         )?;
         Ok(n == 1)
@@ -266,13 +283,14 @@ impl Store {
     pub fn set_quota(&self, project: &str, quota: &Quota) -> Result<bool, StoreError> {
         let n = self.db().execute(
             "UPDATE projects SET max_vms = ?2, max_vcpus = ?3, max_memory_mib = ?4, \
-             budget_micros = ?5 WHERE name = ?1",
+             budget_micros = ?5, burst = ?6 WHERE name = ?1",
             params![
                 project,
                 opt_i64(quota.max_vms),
                 opt_i64(quota.max_vcpus),
                 opt_i64(quota.max_memory_mib),
-                quota.budget_micros
+                quota.budget_micros,
+                burst_text(quota)?
             ],
         )?;
         Ok(n == 1)
