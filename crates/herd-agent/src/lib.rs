@@ -17,6 +17,7 @@ pub mod drivers;
 pub mod health;
 pub mod hostinfo;
 pub mod migration;
+pub mod peers;
 pub mod persist;
 pub mod probe;
 pub mod transfer;

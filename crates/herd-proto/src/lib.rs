@@ -16,6 +16,7 @@ pub mod migration;
 pub mod node;
 pub mod policy;
 pub mod spec;
+pub mod status;
 pub mod wire;
 
 pub use lifecycle::{Event, VmState};

@@ -226,6 +226,13 @@ pub enum AgentMsg {
     },
     /// This host's bursts, whole: on each change and on each connection.
     Bursts(crate::burst::BurstReport),
+    /// This host's status for the others, every status interval.
+    Status(crate::status::StatusUpdate),
+    /// The answer to a [`ServerMsg::PeersRequest`]: what this host knows of the others.
+    Peers {
+        request: u64,
+        peers: Vec<crate::status::PeerView>,
+    },
 }
 
 /// A guest module's report, as relayed to the server.
@@ -288,6 +295,12 @@ pub enum ServerMsg {
     },
     /// An order for this host's part in a live migration (see [`crate::migration`]).
     Migration(Box<crate::migration::MigrationOrder>),
+    /// Other hosts' statuses, as the bus heard them since the last batch.
+    Peers(Vec<crate::status::PeerUpdate>),
+    /// Say what this host knows of the others, answered by [`AgentMsg::Peers`].
+    PeersRequest {
+        request: u64,
+    },
     /// A user asks for a burst of one of this host's VMs; answered by
     /// [`AgentMsg::BurstAnswer`] with the same `request`.
     Burst {

@@ -15,7 +15,9 @@ pub mod ingest;
 pub mod map;
 pub mod migration;
 pub mod resize;
+pub mod status;
 pub mod store;
+pub mod waiters;
 
 pub use cloud::{Cloud, CloudError, ServerConfig};
 

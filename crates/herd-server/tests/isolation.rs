@@ -78,6 +78,7 @@ fn rule(method: &str, path: &str) -> Option<Rule> {
         ("GET", "/v1/events") => AnyUser,
         ("GET", "/v1/hosts") => CloudAdmin,
         ("GET", "/v1/hosts/{id}") => CloudAdmin,
+        ("GET", "/v1/hosts/{id}/status") => CloudAdmin,
         // Cloud admins get hosts and free room; others their projects' aggregates.
         ("GET", "/v1/map") => AnyUser,
         ("POST", "/v1/join-tokens") => CloudAdmin,

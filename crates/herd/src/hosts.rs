@@ -7,6 +7,7 @@ use crate::table::Table;
 use crate::vm::{print_json, short};
 use crate::{HostCommand, Output};
 use anyhow::Result;
+use herd_proto::status::PeerView;
 use herd_server::api::{HostInfo, JoinTokenView};
 use herd_server::map::ResourceMap;
 use reqwest::Method;
@@ -20,6 +21,26 @@ pub async fn host(command: HostCommand) -> Result<()> {
                 Output::Json => print_json(&hosts),
                 Output::Table => {
                     print!("{}", host_table(&hosts));
+                    Ok(())
+                }
+            }
+        }
+        HostCommand::Status { host, output } => {
+            let hosts: Vec<HostInfo> = client.get("/v1/hosts").await?;
+            let Some(found) = hosts
+                .iter()
+                .find(|h| h.id.to_string() == host || h.hostname == host)
+            else {
+                anyhow::bail!("no host {host:?}: herd host ls lists them");
+            };
+            let peers: Vec<PeerView> = client
+                .get(&format!("/v1/hosts/{}/status", found.id))
+                .await?;
+            match output {
+                Output::Json => print_json(&peers),
+                Output::Table => {
+                    println!("what {} hears of the others:", found.hostname);
+                    print!("{}", peer_table(&peers));
                     Ok(())
                 }
             }
@@ -40,6 +61,48 @@ pub async fn host(command: HostCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn peer_table(peers: &[PeerView]) -> String {
+    let mut table = Table::new(vec![
+        "HOSTNAME",
+        "ID",
+        "AGE",
+        "",
+        "CPU",
+        "MEM FREE",
+        "DISK FREE",
+        "ROOM",
+        "BURSTS",
+    ]);
+    for p in peers {
+        let figures = p.status.map(|s| {
+            [
+                format!("{:.1}%", f64::from(s.cpu_permille) / 10.0),
+                format!("{} MiB", s.mem_free_mib),
+                format!("{} MiB", s.disk_free_mib),
+                format!("{} vCPU, {} MiB", s.room_cpus, s.room_mib),
+                s.bursts.to_string(),
+            ]
+        });
+        let [cpu, mem, disk, room, bursts] = figures.unwrap_or_default();
+        table.row(vec![
+            p.hostname.clone(),
+            short(&p.host),
+            format!("{:.1} s", p.age_ms as f64 / 1000.0),
+            if p.stale {
+                "stale".into()
+            } else {
+                String::new()
+            },
+            cpu,
+            mem,
+            disk,
+            room,
+            bursts,
+        ]);
+    }
+    table.render()
 }
 
 fn host_table(hosts: &[HostInfo]) -> String {

@@ -492,6 +492,14 @@ pub enum HostCommand {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// What a host knows of the others from their status messages: each one's figures,
+    /// room and age, stale when it has been silent for two intervals.
+    Status {
+        /// The host, by id or hostname.
+        host: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Create a one-time token and print the command that joins a new host.
     JoinToken {
         /// Lifetime in seconds.

@@ -682,8 +682,8 @@ fn describe_policy(policy: &PolicySpec) -> Vec<String> {
     }
     if let Some(c) = &policy.cost_cap {
         lines.push(format!(
-            "cost cap {:.2} {}",
-            c.max_micros as f64 / 1e6,
+            "cost cap {} {}",
+            herd_server::billing::format_money(c.max_micros),
             enforce(&c.enforce, false)
         ));
     }
@@ -695,4 +695,29 @@ fn describe_policy(policy: &PolicySpec) -> Vec<String> {
         ));
     }
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herd_proto::policy::{CostCap, PolicyAction};
+
+    /// Money shows as bills round it (half up to the cent), not as a float truncates.
+    #[test]
+    fn a_cost_cap_shows_as_a_bill_rounds_it() {
+        let cap = |max_micros| PolicySpec {
+            cost_cap: Some(CostCap {
+                max_micros,
+                rates: Default::default(),
+                enforce: Enforcement {
+                    action: PolicyAction::Stop,
+                    warn: None,
+                },
+            }),
+            ..PolicySpec::default()
+        };
+        assert!(describe_policy(&cap(5_000))[0].starts_with("cost cap 0.01 "));
+        assert!(describe_policy(&cap(4_999))[0].starts_with("cost cap 0.00 "));
+        assert!(describe_policy(&cap(12_345_678))[0].starts_with("cost cap 12.35 "));
+    }
 }

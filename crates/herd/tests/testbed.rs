@@ -1,7 +1,8 @@
 //! The multi-host testbed with herd on it: three hosts in network namespaces joined to
-//! one server over a bridge, the way an operator joins hosts; a cut link marks exactly
-//! that host down and healing brings it back; a shaped link really carries less; an
-//! agent killed and restarted comes back on its saved credentials; and nothing the
+//! one server over a bridge, the way an operator joins hosts, hearing each other's
+//! status messages; a cut link marks exactly that host down (and stale to the others
+//! within two intervals) and healing brings it back; a shaped link really carries less;
+//! an agent killed and restarted comes back on its saved credentials; and nothing the
 //! testbed made survives it, not even when its process is killed.
 
 use herd_testbed::{net, Cluster, ClusterConfig, Shape, Testbed, TestbedError};
@@ -125,8 +126,41 @@ fn three_hosts_join_over_the_bridge_and_links_cut_heal_and_shape() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // A pulled cable: that host goes down, and only it.
+    // Each host hears the others' status messages across the bridge.
+    let peer_stale = |of: &str, peer: &str| -> Option<bool> {
+        let peers = cluster.cli_json(&["host", "status", of]).ok()?;
+        let peers = peers.as_array()?.clone();
+        peers
+            .iter()
+            .find(|p| p["hostname"] == peer)
+            .and_then(|p| p["stale"].as_bool())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while peer_stale("host0", "host1") != Some(false) || peer_stale("host2", "host1") != Some(false)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "host0 and host2 never heard host1"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A pulled cable: that host goes down, and only it; the others hear it go silent
+    // within two status intervals (1 s each).
     cluster.bed.cut(1).expect("cut");
+    let cut = Instant::now();
+    while peer_stale("host0", "host1") != Some(true) {
+        assert!(
+            Instant::now() < cut + Duration::from_secs(10),
+            "host0 never marked host1 stale"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "host0 marked the cut host1 stale after {:.2} s",
+        cut.elapsed().as_secs_f64()
+    );
+    assert_eq!(peer_stale("host0", "host2"), Some(false), "host2 is fresh");
     cluster
         .wait_hosts(
             Duration::from_secs(30),

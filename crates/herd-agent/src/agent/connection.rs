@@ -211,6 +211,7 @@ async fn connect_and_serve(
     send_node(session, &mut tx).await?;
     // The leases in force, whole: the server forgot them with the connection too.
     send_leases(session, &mut tx).await?;
+    session.status_resend();
     let mut sync_interval =
         tokio::time::interval(Duration::from_millis(discovery.sync_interval_ms.max(10)));
     sync_interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -234,6 +235,9 @@ async fn connect_and_serve(
             }
             Some(()) = utility_changed(&mut session.utility) => {
                 send_node(session, &mut tx).await?;
+                if let Some(status) = session.next_status().await {
+                    send_frame(&mut tx, wire::encode(&AgentMsg::Status(status))).await?;
+                }
                 continue;
             }
             _ = usage_interval.tick() => vec![Input::Usage {

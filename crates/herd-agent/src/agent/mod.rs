@@ -251,6 +251,7 @@ impl Agent {
             self.ephemeral_state,
         );
         let capacity = self.capacity();
+        session.capacity = capacity;
         let mut guest_events = self.guest_events.take();
         if self.drivers.iter().any(|d| d.capabilities().burst) {
             let (bursts, answers) =

@@ -19,6 +19,7 @@ use herd_proto::burst::BurstAnswer;
 use herd_proto::clock::unix_ms;
 use herd_proto::node::NodeReport;
 use herd_proto::policy::PolicyAction;
+use herd_proto::status::{HostStatus, StatusUpdate};
 use herd_proto::wire::{self, AgentMsg, Command, CommandId, HostUtil, VmId, VmUsage};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -64,6 +65,13 @@ pub(super) struct Session {
     pub(super) burst_leases: Option<watch::Receiver<herd_proto::burst::BurstReport>>,
     /// Answers to the server's asks.
     pub(super) burst_answers: Option<crate::bursts::Answers>,
+    /// What this host knows of the others.
+    peers: crate::peers::Peers,
+    /// This host's capacity, for the room its status tells the others of.
+    pub(super) capacity: herd_proto::wire::Capacity,
+    /// The last status sent whole, and the number of the next.
+    status_sent: Option<HostStatus>,
+    status_seq: u64,
     /// When the last observation was made.
     last_tick: tokio::time::Instant,
     /// An observation asked for out of the interval, held back to keep reports at
@@ -110,6 +118,10 @@ impl Session {
             bursts: None,
             burst_leases: None,
             burst_answers: None,
+            peers: Default::default(),
+            capacity: Default::default(),
+            status_sent: None,
+            status_seq: 1,
             last_tick: tokio::time::Instant::now(),
             report_due: None,
         }
@@ -181,6 +193,64 @@ impl Session {
 
     /// What the node says about itself now: the utility module's latest sample and the
     /// drivers' health.
+    /// How often this host and, it assumes, its peers send a status: the utility
+    /// module's interval.
+    fn status_interval_ms(&self) -> u64 {
+        self.utility
+            .as_ref()
+            .and_then(|u| u.borrow().stats.as_ref().map(|s| u64::from(s.interval_ms)))
+            .filter(|ms| *ms > 0)
+            .unwrap_or(1_000)
+    }
+
+    /// This host's next status for the others (its figures when they moved, else a
+    /// heartbeat), or `None` without a utility sample to take them from.
+    pub(super) async fn next_status(&mut self) -> Option<StatusUpdate> {
+        let stats = self.utility.as_ref()?.borrow().stats.clone()?;
+        let mut room_cpus = i64::from(self.capacity.cpus);
+        let mut room_mib = i64::try_from(self.capacity.memory_mib).unwrap_or(i64::MAX);
+        for driver in &self.drivers {
+            for (_, spec) in driver.running_specs().await {
+                room_cpus -= i64::from(spec.vcpus);
+                room_mib -= i64::try_from(spec.memory_mib).unwrap_or(i64::MAX);
+            }
+        }
+        let leases = self
+            .burst_leases
+            .as_ref()
+            .map(|l| l.borrow().in_force.clone())
+            .unwrap_or_default();
+        for (_, lease) in &leases {
+            room_cpus -= i64::from(lease.cpus);
+            room_mib -= i64::try_from(lease.memory_mib).unwrap_or(i64::MAX);
+        }
+        let status = HostStatus {
+            cpu_permille: stats.cpu_permille,
+            mem_free_mib: stats.mem_total_mib.saturating_sub(stats.mem_used_mib),
+            disk_free_mib: stats.disk.free_mib,
+            net_bytes_per_s: stats
+                .net
+                .iter()
+                .map(|n| n.rx_bytes_per_s.saturating_add(n.tx_bytes_per_s))
+                .sum(),
+            room_cpus,
+            room_mib,
+            bursts: u32::try_from(leases.len()).unwrap_or(u32::MAX),
+        };
+        let update =
+            herd_proto::status::next_update(&status, self.status_sent.as_ref(), self.status_seq);
+        self.status_seq += 1;
+        if update.status.is_some() {
+            self.status_sent = Some(status);
+        }
+        Some(update)
+    }
+
+    /// A new connection: the next status goes whole (the others may have forgotten).
+    pub(super) fn status_resend(&mut self) {
+        self.status_sent = None;
+    }
+
     pub(super) fn node_report(&self) -> NodeReport {
         let (stats, util_error) = match &self.utility {
             Some(utility) => {
@@ -275,6 +345,11 @@ impl Session {
                 }
             }
             Action::Migration(order) => self.migrations.order(*order),
+            Action::Peers(updates) => self.peers.heard(updates, unix_ms()),
+            Action::PeersRequest { request } => {
+                let peers = self.peers.view(unix_ms(), self.status_interval_ms());
+                send_frame(tx, wire::encode(&AgentMsg::Peers { request, peers })).await?;
+            }
             Action::Burst { request, vm, ask } => {
                 let asked = self.bursts.as_ref().is_some_and(|bursts| {
                     bursts.ask(vm, ask, crate::bursts::Asker::Server { request })

@@ -21,6 +21,19 @@ pub(super) async fn list_hosts(
     Ok(Json(cloud.hosts()?.iter().map(HostInfo::of).collect()))
 }
 
+/// What a host knows of the others, from their status messages: each one's latest
+/// figures and age, stale when it has been silent two intervals. Asked of the host.
+#[utoipa::path(get, path = "/v1/hosts/{id}/status", params(("id" = String, Path, description = "host id")),
+    responses((status = 200, body = Vec<herd_proto::status::PeerView>), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+pub(super) async fn host_status(
+    _: CloudAdmin,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Vec<herd_proto::status::PeerView>>, ApiError> {
+    Ok(Json(cloud.host_peers(&id).await?))
+}
+
 /// One host.
 #[utoipa::path(get, path = "/v1/hosts/{id}", params(("id" = String, Path, description = "host id")),
     responses((status = 200, body = HostInfo), (status = 404, body = ErrorBody)))]

@@ -6,20 +6,14 @@ use herd_proto::burst::{BurstAnswer, BurstLease};
 use herd_proto::wire::{HostId, VmId};
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::sync::oneshot;
-
-/// An ask waiting: which host must answer, about which VM, and where the answer goes.
-type Waiter = (HostId, VmId, oneshot::Sender<BurstAnswer>);
 
 /// The leases in force and the asks waiting for their host.
 #[derive(Default)]
 pub struct Bursts {
     /// Each VM's lease, with the host that reported it.
     leases: Mutex<HashMap<VmId, (HostId, BurstLease)>>,
-    /// Asks waiting for their host, by request.
-    waiters: Mutex<HashMap<u64, Waiter>>,
-    next_request: AtomicU64,
+    /// Asks waiting for their host, each about one VM.
+    pub waiters: crate::waiters::Waiters<(HostId, VmId), BurstAnswer>,
 }
 
 impl Bursts {
@@ -64,36 +58,6 @@ impl Bursts {
     /// A host is gone: what it said is no longer known to hold.
     pub fn host_gone(&self, host: HostId) {
         self.leases.lock().retain(|_, (from, _)| *from != host);
-    }
-
-    /// A host's answer; only the host asked may answer, and only about the VM asked.
-    pub fn answered(&self, host: HostId, request: u64, vm: VmId, answer: BurstAnswer) -> bool {
-        let mut waiters = self.waiters.lock();
-        match waiters.get(&request) {
-            Some((asked, about, _)) if *asked == host && *about == vm => {
-                if let Some((_, _, tx)) = waiters.remove(&request) {
-                    let _ = tx.send(answer);
-                }
-                true
-            }
-            _ => false,
-        }
-    }
-}
-
-impl Bursts {
-    /// Registers an ask `host` must answer about `vm`; returns its request number and
-    /// where the answer will arrive.
-    pub(super) fn wait_for(&self, host: HostId, vm: VmId) -> (u64, oneshot::Receiver<BurstAnswer>) {
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.waiters.lock().insert(request, (host, vm, tx));
-        (request, rx)
-    }
-
-    /// Forgets an ask, answered or not.
-    pub(super) fn forget(&self, request: u64) {
-        self.waiters.lock().remove(&request);
     }
 
     /// A lease the server saw granted, before the host's next report says it.

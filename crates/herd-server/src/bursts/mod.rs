@@ -17,6 +17,10 @@ use herd_proto::burst::{BurstAnswer, BurstAsk, BurstLease, BurstLimits};
 use herd_proto::wire::ServerMsg;
 use std::time::Duration;
 
+/// The types whose VMs burst: a container's limits change while it runs; a qemu
+/// VM's vCPUs and memory are fixed when it boots.
+const BURSTABLE: &[&str] = &["oci"];
+
 /// How long a user's ask waits for its host.
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
@@ -81,6 +85,18 @@ impl Cloud {
         // What no host could grant is refused here, in the words a host would use.
         ask.check(&self.burst_limits(&vm.project))
             .map_err(|e| crate::cloud::invalid("burst", e.to_string()))?;
+        if !BURSTABLE.contains(&vm.hypervisor.as_str()) {
+            return Err(conflict(
+                "cannot_burst",
+                format!(
+                    "VM {} is a {} VM: only {} VMs burst (a qemu VM's vCPUs and memory are \
+                     fixed when it boots; resize it instead)",
+                    vm.name,
+                    vm.hypervisor,
+                    BURSTABLE.join(", ")
+                ),
+            ));
+        }
         if vm.observed != herd_proto::VmState::Running {
             return Err(conflict(
                 "not_running",
@@ -97,7 +113,7 @@ impl Cloud {
             ));
         };
         crate::blocking(|| self.check_burst_budget(&vm.project, &ask))?;
-        let (request, rx) = self.bursts.wait_for(host, vm.id);
+        let (request, rx) = self.bursts.waiters.wait_for((host, vm.id));
         let sent = self.send_to_agent(
             host,
             ServerMsg::Burst {
@@ -119,7 +135,7 @@ impl Cloud {
         } else {
             Err(format!("the host of VM {} is not connected", vm.name))
         };
-        self.bursts.forget(request);
+        self.bursts.waiters.forget(request);
         match answer {
             Ok(BurstAnswer::Granted(lease)) => {
                 self.bursts.granted(host, vm.id, lease);

@@ -3,12 +3,8 @@
 
 use super::{Cloud, CloudError};
 use herd_proto::wire::{HostId, ServerMsg};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
-
-/// Where an agent's console answer goes.
-pub(super) type ConsoleReply = oneshot::Sender<Result<Vec<u8>, String>>;
+use tokio::sync::mpsc;
 
 impl Cloud {
     /// The last `max_bytes` of a VM's serial console, fetched from its host.
@@ -30,20 +26,18 @@ impl Cloud {
             .get(&host)
             .map(|(_, sender)| sender.clone())
             .ok_or_else(|| unreachable(format!("the host of VM {} is not connected", vm.name)))?;
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.console_waiters.lock().insert(request, (host, tx));
+        let (request, rx) = self.console_waiters.wait_for(host);
         let sent = sender.send(ServerMsg::ConsoleRequest {
             request,
             vm: vm.id,
             max_bytes,
         });
         if sent.is_err() {
-            self.console_waiters.lock().remove(&request);
+            self.console_waiters.forget(request);
             return Err(unreachable("the host disconnected".into()));
         }
         let answer = tokio::time::timeout(Duration::from_secs(10), rx).await;
-        self.console_waiters.lock().remove(&request);
+        self.console_waiters.forget(request);
         match answer {
             Ok(Ok(Ok(bytes))) => Ok(bytes),
             Ok(Ok(Err(e))) => Err(unreachable(format!(
@@ -63,6 +57,11 @@ impl Cloud {
             .get(&host)
             .map(|(_, sender)| sender.clone());
         sender.is_some_and(|sender| sender.send(msg).is_ok())
+    }
+
+    /// Every host with an agent connected now.
+    pub(crate) fn connected_hosts(&self) -> Vec<HostId> {
+        self.outbox.lock().keys().copied().collect()
     }
 
     /// Registers a connected agent's session for out-of-queue messages.
@@ -89,15 +88,6 @@ impl Cloud {
         request: u64,
         result: Result<Vec<u8>, String>,
     ) -> bool {
-        let mut waiters = self.console_waiters.lock();
-        match waiters.get(&request) {
-            Some((asked, _)) if *asked == host => {
-                if let Some((_, tx)) = waiters.remove(&request) {
-                    let _ = tx.send(result);
-                }
-                true
-            }
-            _ => false,
-        }
+        self.console_waiters.answered(host, request, result)
     }
 }

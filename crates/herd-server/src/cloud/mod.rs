@@ -19,7 +19,6 @@ pub mod tenancy;
 pub(crate) mod validate;
 mod vms;
 
-use console::ConsoleReply;
 use liveness::LIVENESS_TICK;
 use placement::{slot_of, Placement};
 pub(crate) use validate::valid_name;
@@ -212,14 +211,15 @@ pub struct Cloud {
     /// Messages for each connected agent, outside the command queue (console requests).
     outbox: Mutex<HashMap<HostId, (u64, mpsc::UnboundedSender<ServerMsg>)>>,
     /// Console requests awaiting their agent's answer: which host must answer, and where.
-    console_waiters: Mutex<HashMap<u64, (HostId, ConsoleReply)>>,
-    next_request: AtomicU64,
+    console_waiters: crate::waiters::Waiters<HostId, Result<Vec<u8>, String>>,
     /// Live migrations in progress (the coordinator is the `migration` module).
     pub migrations: crate::migration::book::Migrations,
     /// Resizes waiting for their host (the coordinator is the `resize` module).
     pub resizes: crate::resize::book::Resizes,
     /// Bursts in force and asks waiting for their host (the `bursts` module).
     pub bursts: crate::bursts::book::Bursts,
+    /// Hosts' status messages, relayed to the others (the `status` module).
+    pub statuses: crate::status::book::Statuses,
 }
 
 impl Cloud {
@@ -248,11 +248,11 @@ impl Cloud {
             reconcile_now: Notify::new(),
             metrics: Metrics::default(),
             outbox: Mutex::new(HashMap::new()),
-            console_waiters: Mutex::new(HashMap::new()),
-            next_request: AtomicU64::new(1),
+            console_waiters: Default::default(),
             migrations: Default::default(),
             resizes: Default::default(),
             bursts: Default::default(),
+            statuses: Default::default(),
         };
         cloud.rebuild()?;
         cloud.restore_migrations()?;
@@ -272,6 +272,7 @@ impl Cloud {
         }
         tokio::spawn(self.clone().drive_migrations());
         tokio::spawn(self.clone().drive_resizes());
+        tokio::spawn(self.clone().relay_statuses());
         let cloud = self.clone();
         tokio::spawn(async move {
             loop {

@@ -120,8 +120,9 @@ impl Cloud {
         }
     }
 
-    /// Records that a host was heard from, without taking its resync flag: for a frame
-    /// read ahead, which is handled (and sees the flag) later.
+    /// Records that a host was heard from, without taking its resync flag: for every
+    /// message but a report (only a report's handler acts on the flag, by asking for a
+    /// full one; any other that took it would leave a host marked down for good).
     pub fn host_heard(&self, host: HostId, session: u64) {
         if let Some(entry) = self.live.lock().get_mut(&host) {
             if entry.session == session {

@@ -149,6 +149,9 @@ pub async fn serve_agent(cloud: Arc<Cloud>, host: HostId, mut socket: WebSocket)
         }
     };
     info!(%host, session, "agent connected");
+    if let Ok(record) = crate::blocking(|| cloud.host(&host.to_string())) {
+        cloud.statuses.named(host, &record.record.hostname);
+    }
     let result = session_loop(&cloud, host, session, &mut socket).await;
     cloud.host_disconnected(host, session);
     match result {
@@ -445,7 +448,7 @@ async fn on_frame(
             }
         }
         AgentMsg::Usage { sampled_at_ms, vms } => {
-            cloud.host_seen(host, session, None);
+            cloud.host_heard(host, session);
             let (n_rejected, written) = cloud.hand_over_usage(host, sampled_at_ms, &vms);
             // No agent sends a sample twice: it is received when it is on disk.
             wait_for_disk(cloud, host, session, socket, &mut owed.deferred, written).await?;
@@ -468,7 +471,7 @@ async fn on_frame(
             action,
             reason,
         } => {
-            cloud.host_seen(host, session, None);
+            cloud.host_heard(host, session);
             if !crate::blocking(|| cloud.record_backstop(host, vm, &rule, action, &reason))
                 .map_err(|e| e.to_string())?
             {
@@ -478,7 +481,7 @@ async fn on_frame(
             Ok(())
         }
         AgentMsg::Guest { vm, report } => {
-            cloud.host_seen(host, session, None);
+            cloud.host_heard(host, session);
             if !crate::blocking(|| cloud.record_guest(host, vm, &report))
                 .map_err(|e| e.to_string())?
             {
@@ -493,7 +496,7 @@ async fn on_frame(
             vm,
             update,
         } => {
-            cloud.host_seen(host, session, None);
+            cloud.host_heard(host, session);
             crate::blocking(|| cloud.migration_update(host, migration, attempt, vm, update))
                 .map_err(|e| e.to_string())
         }
@@ -502,15 +505,15 @@ async fn on_frame(
             vm,
             answer,
         } => {
-            cloud.host_seen(host, session, None);
-            if !cloud.bursts.answered(host, request, vm, answer) {
+            cloud.host_heard(host, session);
+            if !cloud.bursts.waiters.answered((host, vm), request, answer) {
                 warn!(%host, request, "burst answer nobody asked this host for; dropped");
                 Metrics::inc(&cloud.metrics.rejected_reports);
             }
             Ok(())
         }
         AgentMsg::Bursts(report) => {
-            cloud.host_seen(host, session, None);
+            cloud.host_heard(host, session);
             let refused = cloud
                 .bursts
                 .reported(host, report.in_force, |vm| cloud.vm_on_host(vm, host));
@@ -530,6 +533,18 @@ async fn on_frame(
             }
             Ok(())
         }
+        AgentMsg::Status(update) => {
+            cloud.host_heard(host, session);
+            cloud.statuses.heard(host, update);
+            Ok(())
+        }
+        AgentMsg::Peers { request, peers } => {
+            if !cloud.statuses.waiters.answered(host, request, peers) {
+                warn!(%host, request, "peers answer nobody asked this host for; dropped");
+                Metrics::inc(&cloud.metrics.rejected_reports);
+            }
+            Ok(())
+        }
         AgentMsg::Node(report) => {
             if !cloud.host_node(host, session, report) {
                 return Err("replaced by a newer connection".into());
@@ -537,7 +552,7 @@ async fn on_frame(
             Ok(())
         }
         AgentMsg::CommandDone { id, error } => {
-            cloud.host_seen(host, session, None);
+            cloud.host_heard(host, session);
             // Placed here (in memory), or else ask the store: a VM that ended is no
             // longer placed, and its last command's result still counts.
             let on_host = cloud.vm_on_host_now(id.vm, host)

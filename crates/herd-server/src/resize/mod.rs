@@ -1,4 +1,4 @@
-//! Resizes (seed 003): a VM gets new vCPUs and memory where it is if its host has
+//! Resizes: a VM gets new vCPUs and memory where it is if its host has
 //! room, else on a host of its type that has, moving there first (a live migration
 //! that holds the new size on the target), else it waits for room if asked to, or is
 //! refused with the reason and nothing changes. `plan` decides where; this module

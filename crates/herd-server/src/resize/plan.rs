@@ -1,5 +1,5 @@
-//! Where a resize goes, decided from the scheduler's view alone (seed 003: a VM that
-//! outgrows its host moves to a host of its type with room). Pure, so every case is
+//! Where a resize goes, decided from the scheduler's view alone (a VM that outgrows its
+//! host moves to a host of its type with room rather than be refused). Pure, so every case is
 //! tested without a cloud, and the same answer serves the request and the retries of
 //! a resize that waits for room.
 

@@ -89,6 +89,12 @@ pub(crate) enum Action {
     },
     /// Carry out (or answer again) an order about a live migration.
     Migration(Box<herd_proto::migration::MigrationOrder>),
+    /// Take other hosts' statuses into the peer table.
+    Peers(Vec<herd_proto::status::PeerUpdate>),
+    /// Say what this host knows of the others, as `request`'s answer.
+    PeersRequest {
+        request: u64,
+    },
     /// Pass a user's ask for a burst to the host's bursts, to answer as `request`.
     Burst {
         request: u64,
@@ -232,6 +238,8 @@ impl Core {
             }
             ServerMsg::Command(command) => self.accept(command, now_ms, out),
             ServerMsg::Migration(order) => out.push(Action::Migration(order)),
+            ServerMsg::Peers(updates) => out.push(Action::Peers(updates)),
+            ServerMsg::PeersRequest { request } => out.push(Action::PeersRequest { request }),
             ServerMsg::Burst { request, vm, ask } => out.push(Action::Burst { request, vm, ask }),
             ServerMsg::ConsoleRequest {
                 request,
