@@ -647,16 +647,23 @@ fn shape_seen(cluster: &Cluster, root: &Path, boots: usize) -> (u64, u64, bool) 
     loop {
         let console = cluster.cli(&["vm", "console", "r1"]).expect("console");
         let seen = console.lines().filter(|l| l.starts_with("cpus=")).count();
+        // The boot's whole say: its shape, then whether the disk kept its mark (the
+        // console may be read between the lines).
+        let last_boot: Vec<&str> = console
+            .lines()
+            .rev()
+            .take_while(|l| !l.starts_with("cpus="))
+            .collect();
+        let kept = last_boot
+            .iter()
+            .find_map(|l| l.trim().strip_prefix("kept="));
         if seen >= boots {
-            if let (Some(cpus), Some(mem)) =
-                (last_said(&console, "cpus"), last_said(&console, "mem"))
-            {
-                let kept = console
-                    .lines()
-                    .rev()
-                    .take_while(|l| !l.starts_with("cpus="))
-                    .any(|l| l.trim() == "kept=1");
-                return (cpus, mem, kept);
+            if let (Some(cpus), Some(mem), Some(kept)) = (
+                last_said(&console, "cpus"),
+                last_said(&console, "mem"),
+                kept,
+            ) {
+                return (cpus, mem, kept == "1");
             }
         }
         if Instant::now() > deadline {
@@ -680,7 +687,8 @@ fn a_resize_applies_in_place_moves_to_a_host_with_room_or_is_refused() {
     let ids = host_ids(&cluster);
     let shape = "echo cpus=$(grep -c ^processor /proc/cpuinfo); \
          awk '/MemTotal/ { print \"mem=\" int($2 / 1024) }' /proc/meminfo; \
-         [ -f /data/mark ] && echo kept=1; echo x > /data/mark; sync; \
+         if [ -f /data/mark ]; then echo kept=1; else echo kept=0; fi; \
+         echo x > /data/mark; sync; \
          while true; do sleep 1; done";
     cluster
         .cli(&[
