@@ -15,6 +15,7 @@
 //! - round-trip mode: the same chunking bytes, then the rest of the input builds up to 8
 //!   messages with [`arbitrary`].
 
+use herd_proto::burst::{BurstAnswer, BurstAsk, BurstLease};
 use arbitrary::Unstructured;
 use herd_proto::guest::{
     encode_frame, FrameDecoder, GuestFrameError, GuestMsg, HostMsg, MAX_GUEST_FRAME,
@@ -198,11 +199,12 @@ fn guest_variants(msg: &GuestMsg) -> u8 {
         GuestMsg::PolicyWarning { .. } => 5,
         GuestMsg::PolicyAction { .. } => 6,
         GuestMsg::PolicyProgress { .. } => 7,
+        GuestMsg::Burst { .. } => 8,
     }
 }
 
 pub fn arb_guest_msg(u: &mut Unstructured) -> arbitrary::Result<GuestMsg> {
-    let msg = match u.int_in_range(0..=7u8)? {
+    let msg = match u.int_in_range(0..=8u8)? {
         0 => GuestMsg::Hello {
             vm_id: Uuid::from_u128(u.arbitrary()?),
             management_token: u.arbitrary()?,
@@ -234,11 +236,18 @@ pub fn arb_guest_msg(u: &mut Unstructured) -> arbitrary::Result<GuestMsg> {
             action: *u.choose(&PolicyAction::ALL)?,
             reason: u.arbitrary()?,
         },
-        _ => GuestMsg::PolicyProgress {
+        7 => GuestMsg::PolicyProgress {
             items: u.arbitrary()?,
         },
+        _ => GuestMsg::Burst {
+            ask: BurstAsk {
+                cpus: u.arbitrary()?,
+                memory_mib: u.arbitrary()?,
+                seconds: u.arbitrary()?,
+            },
+        },
     };
-    debug_assert!(guest_variants(&msg) <= 7);
+    debug_assert!(guest_variants(&msg) <= 8);
     Ok(msg)
 }
 
@@ -249,18 +258,33 @@ fn host_variants(msg: &HostMsg) -> u8 {
         HostMsg::Ack => 1,
         HostMsg::PowerOff => 2,
         HostMsg::Time { .. } => 3,
+        HostMsg::Burst { .. } => 4,
     }
 }
 
 pub fn arb_host_msg(u: &mut Unstructured) -> arbitrary::Result<HostMsg> {
-    let msg = match u.int_in_range(0..=3u8)? {
+    let msg = match u.int_in_range(0..=4u8)? {
         0 => HostMsg::Hello,
         1 => HostMsg::Ack,
         2 => HostMsg::PowerOff,
-        _ => HostMsg::Time {
+        3 => HostMsg::Time {
             unix_ms: u.arbitrary()?,
         },
+        _ => HostMsg::Burst {
+            answer: if u.arbitrary()? {
+                BurstAnswer::Granted(BurstLease {
+                    cpus: u.arbitrary()?,
+                    memory_mib: u.arbitrary()?,
+                    granted_ms: u.arbitrary()?,
+                    expires_ms: u.arbitrary()?,
+                })
+            } else {
+                BurstAnswer::Denied {
+                    reason: u.arbitrary()?,
+                }
+            },
+        },
     };
-    debug_assert!(host_variants(&msg) <= 3);
+    debug_assert!(host_variants(&msg) <= 4);
     Ok(msg)
 }
