@@ -153,3 +153,19 @@ impl Herd {
 pub fn ms(xs: &[Duration]) -> Vec<f64> {
     xs.iter().map(|d| d.as_secs_f64() * 1000.0).collect()
 }
+
+/// Where the agent's runc keeps its containers' state.
+pub fn runc_root(data: &Path) -> Result<PathBuf> {
+    let mut stack = vec![data.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_name() == ".runc" {
+                return Ok(entry.path());
+            }
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(entry.path());
+            }
+        }
+    }
+    bail!("no runc state under {}", data.display())
+}

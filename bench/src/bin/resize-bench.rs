@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use herd_bench::herd_up::{bench_image, median, ms, Herd};
+use herd_bench::herd_up::{bench_image, median, ms, runc_root, Herd};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -103,22 +103,6 @@ impl Bench {
 
 struct Bench {
     herd: Herd,
-}
-
-/// Where the agent's runc keeps its containers' state.
-fn runc_root(data: &Path) -> Result<PathBuf> {
-    let mut stack = vec![data.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            if entry.file_name() == ".runc" {
-                return Ok(entry.path());
-            }
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(entry.path());
-            }
-        }
-    }
-    bail!("no runc state under {}", data.display())
 }
 
 /// A bare `runc update` of the same container.

@@ -159,9 +159,10 @@ fn scaled(text: &str, what: &str, units: &[(&str, u64)]) -> Result<u64, String> 
         .map(|(name, _)| *name)
         .filter(|n| !n.is_empty())
         .collect();
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a {what}: write e.g. 10{}", names[0]))?;
+    let value: u64 = number.parse().map_err(|_| {
+        let example = names.first().copied().unwrap_or_default();
+        format!("{text:?} is not a {what}: write e.g. 10{example}")
+    })?;
     let scale = units
         .iter()
         .find(|(name, _)| *name == unit)

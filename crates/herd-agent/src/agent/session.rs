@@ -8,6 +8,7 @@ use super::state::{self, SavedState};
 use super::transport::error_chain;
 use super::GuestEvents;
 use crate::backstop::Enforce;
+use crate::bursts::book::{room, Shape};
 use crate::converge::{next_step, Plan};
 use crate::driver::{Driver, DriverError};
 use crate::health::HealthBook;
@@ -207,12 +208,10 @@ impl Session {
     /// heartbeat), or `None` without a utility sample to take them from.
     pub(super) async fn next_status(&mut self) -> Option<StatusUpdate> {
         let stats = self.utility.as_ref()?.borrow().stats.clone()?;
-        let mut room_cpus = i64::from(self.capacity.cpus);
-        let mut room_mib = i64::try_from(self.capacity.memory_mib).unwrap_or(i64::MAX);
+        let mut shapes = BTreeMap::new();
         for driver in &self.drivers {
-            for (_, spec) in driver.running_specs().await {
-                room_cpus -= i64::from(spec.vcpus);
-                room_mib -= i64::try_from(spec.memory_mib).unwrap_or(i64::MAX);
+            for (vm, spec) in driver.running_specs().await {
+                shapes.insert(vm, Shape::of(&spec));
             }
         }
         let leases = self
@@ -220,10 +219,7 @@ impl Session {
             .as_ref()
             .map(|l| l.borrow().in_force.clone())
             .unwrap_or_default();
-        for (_, lease) in &leases {
-            room_cpus -= i64::from(lease.cpus);
-            room_mib -= i64::try_from(lease.memory_mib).unwrap_or(i64::MAX);
-        }
+        let room = room(self.capacity, &shapes, leases.iter().map(|(vm, l)| (vm, l)));
         let status = HostStatus {
             cpu_permille: stats.cpu_permille,
             mem_free_mib: stats.mem_total_mib.saturating_sub(stats.mem_used_mib),
@@ -233,8 +229,8 @@ impl Session {
                 .iter()
                 .map(|n| n.rx_bytes_per_s.saturating_add(n.tx_bytes_per_s))
                 .sum(),
-            room_cpus,
-            room_mib,
+            room_cpus: room.cpus,
+            room_mib: room.memory_mib,
             bursts: u32::try_from(leases.len()).unwrap_or(u32::MAX),
         };
         let update =

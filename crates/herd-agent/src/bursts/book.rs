@@ -6,7 +6,7 @@
 //! lease in force count as taken, whether the VM is busy or idle.
 
 use herd_proto::burst::{BurstAnswer, BurstAsk, BurstLease, BurstLimits};
-use herd_proto::wire::{Capacity, VmId};
+use herd_proto::wire::{Capacity, VmId, VmSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -57,6 +57,39 @@ pub struct Decision {
     pub apply: Option<BurstLease>,
 }
 
+impl Shape {
+    pub fn of(spec: &VmSpec) -> Shape {
+        Shape {
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            limits: spec.burst,
+        }
+    }
+}
+
+/// The room left on a host of `capacity` running VMs of `shapes` with `leases` in force
+/// (a lease of a VM not running holds nothing).
+pub fn room<'a>(
+    capacity: Capacity,
+    shapes: &BTreeMap<VmId, Shape>,
+    leases: impl IntoIterator<Item = (&'a VmId, &'a BurstLease)>,
+) -> Room {
+    let mib = |m: u64| i64::try_from(m).unwrap_or(i64::MAX);
+    let mut room = Room {
+        cpus: i64::from(capacity.cpus),
+        memory_mib: mib(capacity.memory_mib),
+    };
+    for shape in shapes.values() {
+        room.cpus -= i64::from(shape.vcpus);
+        room.memory_mib -= mib(shape.memory_mib);
+    }
+    for (_, lease) in leases.into_iter().filter(|(vm, _)| shapes.contains_key(vm)) {
+        room.cpus -= i64::from(lease.cpus);
+        room.memory_mib -= mib(lease.memory_mib);
+    }
+    room
+}
+
 impl Book {
     /// The room left on a host of `capacity` running VMs of `shapes`, with the leases
     /// in force, leaving out `except`'s lease (an ask replaces it).
@@ -66,22 +99,11 @@ impl Book {
         shapes: &BTreeMap<VmId, Shape>,
         except: Option<VmId>,
     ) -> Room {
-        let mut room = Room {
-            cpus: i64::from(capacity.cpus),
-            memory_mib: i64::try_from(capacity.memory_mib).unwrap_or(i64::MAX),
-        };
-        for shape in shapes.values() {
-            room.cpus -= i64::from(shape.vcpus);
-            room.memory_mib -= i64::try_from(shape.memory_mib).unwrap_or(i64::MAX);
-        }
-        for (vm, lease) in &self.leases {
-            if Some(*vm) == except || !shapes.contains_key(vm) {
-                continue;
-            }
-            room.cpus -= i64::from(lease.cpus);
-            room.memory_mib -= i64::try_from(lease.memory_mib).unwrap_or(i64::MAX);
-        }
-        room
+        room(
+            capacity,
+            shapes,
+            self.leases.iter().filter(|(vm, _)| Some(**vm) != except),
+        )
     }
 
     /// Decides `vm`'s ask at `now_ms`. A grant replaces the VM's lease (a renewal, or a

@@ -10,9 +10,9 @@
 //! passed while it was down.
 //!
 //! This task runs beside the connection to the server, not inside it: asks come from
-//! guests (the agent routes their asks here before anything else sees them) and from the server (a user's `herd vm
-//! burst`), answers go back the way they came, and the server hears the leases in force
-//! whenever they change and on every new connection.
+//! guests (the agent routes them here before anything else sees them) and from the
+//! server (a user's `herd vm burst`), answers go back the way they came, and the server
+//! hears the leases in force whenever they change and on every new connection.
 
 pub mod book;
 
@@ -168,18 +168,16 @@ impl Task {
         let mut running = Running::default();
         for (i, driver) in self.drivers.iter().enumerate() {
             for (vm, spec) in driver.running_specs().await {
-                running.shapes.insert(
-                    vm,
-                    Shape {
-                        vcpus: spec.vcpus,
-                        memory_mib: spec.memory_mib,
-                        limits: spec.burst,
-                    },
-                );
+                running.shapes.insert(vm, Shape::of(&spec));
                 running.owners.insert(vm, i);
             }
         }
         running
+    }
+
+    /// The driver that runs `vm`, if it runs.
+    fn owner(&self, running: &Running, vm: VmId) -> Option<&Arc<dyn Driver>> {
+        running.owners.get(&vm).and_then(|i| self.drivers.get(*i))
     }
 
     /// Gives `vm` its lease on top of its shape, or (`None`) its shape alone.
@@ -189,7 +187,7 @@ impl Task {
         vm: VmId,
         lease: Option<BurstLease>,
     ) -> Result<(), String> {
-        let Some(driver) = running.owners.get(&vm).and_then(|i| self.drivers.get(*i)) else {
+        let Some(driver) = self.owner(running, vm) else {
             // Not running: nothing holds the lease's CPU or memory.
             return Ok(());
         };
@@ -234,7 +232,7 @@ impl Task {
         }
         match asker {
             Asker::Guest => {
-                if let Some(driver) = running.owners.get(&vm).and_then(|i| self.drivers.get(*i)) {
+                if let Some(driver) = self.owner(&running, vm) {
                     driver.tell_guest(vm, HostMsg::Burst { answer });
                 }
             }
@@ -280,16 +278,12 @@ impl Task {
             self.save().await;
             self.publish();
         }
-        let now = unix_ms();
-        let mut wait = CHECK_EVERY;
-        if let Some(next) = self.book.next_expiry() {
-            wait = wait.min(Duration::from_millis(next.saturating_sub(now)));
-        }
+        let Some(next) = self.book.next_expiry() else {
+            return far;
+        };
+        let mut wait = CHECK_EVERY.min(Duration::from_millis(next.saturating_sub(unix_ms())));
         if failed {
             wait = wait.min(RETRY_END);
-        }
-        if self.book.leases.is_empty() {
-            return far;
         }
         tokio::time::Instant::now() + wait
     }

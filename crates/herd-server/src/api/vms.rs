@@ -189,7 +189,7 @@ pub(super) async fn burst_vm(
         memory_mib: request.memory_mib,
         seconds: request.seconds,
     };
-    let lease = cloud.burst(&record.id.to_string(), ask).await?;
+    let lease = cloud.burst(&record, ask).await?;
     let now = herd_proto::clock::unix_ms();
     Ok((StatusCode::CREATED, Json(BurstView::of(&lease, now))))
 }

@@ -24,13 +24,13 @@ impl Bursts {
 
     /// A host's whole report of its leases, which replaces what it said before. Only
     /// leases of VMs placed on that host count: a host cannot speak for another's VM.
-    /// Returns how many it named that are not its own.
+    /// Returns the leases kept, and how many it named that are not its own.
     pub fn reported(
         &self,
         host: HostId,
         leases: Vec<(VmId, BurstLease)>,
         placed_here: impl Fn(VmId) -> bool,
-    ) -> usize {
+    ) -> (Vec<(VmId, BurstLease)>, usize) {
         let total = leases.len();
         let kept: Vec<_> = leases
             .into_iter()
@@ -39,20 +39,8 @@ impl Bursts {
         let refused = total - kept.len();
         let mut book = self.leases.lock();
         book.retain(|_, (from, _)| *from != host);
-        for (vm, lease) in kept {
-            book.insert(vm, (host, lease));
-        }
-        refused
-    }
-
-    /// The leases a host last reported (of VMs placed on it).
-    pub fn of_host(&self, host: HostId) -> Vec<(VmId, BurstLease)> {
-        self.leases
-            .lock()
-            .iter()
-            .filter(|(_, (from, _))| *from == host)
-            .map(|(vm, (_, lease))| (*vm, *lease))
-            .collect()
+        book.extend(kept.iter().map(|(vm, lease)| (*vm, (host, *lease))));
+        (kept, refused)
     }
 
     /// A host is gone: what it said is no longer known to hold.

@@ -12,7 +12,7 @@ pub mod book;
 
 use crate::billing;
 use crate::cloud::{Cloud, CloudError};
-use crate::store::BurstRow;
+use crate::store::{BurstRow, VmRecord};
 use herd_proto::burst::{BurstAnswer, BurstAsk, BurstLease, BurstLimits};
 use herd_proto::wire::ServerMsg;
 use std::time::Duration;
@@ -57,11 +57,7 @@ impl Cloud {
             .saturating_mul(u64::from(ask.seconds))
             .saturating_mul(per_cpu_second);
         let most = herd_policy::fine_to_micros(fine).saturating_add(cpu);
-        let spent: u64 = self
-            .bill(Some(project), now - 30 * 86_400_000, now)?
-            .iter()
-            .map(|line| line.cost_micros)
-            .sum();
+        let spent = self.spent_last_30_days(project)?;
         if spent.saturating_add(most) > budget {
             return Err(CloudError::Conflict {
                 code: "burst_denied",
@@ -78,9 +74,9 @@ impl Cloud {
     }
 
     /// Asks the VM's host for a burst and returns its answer: the lease granted, or a
-    /// conflict saying why not with the figures the host decided by.
-    pub async fn burst(&self, id: &str, ask: BurstAsk) -> Result<BurstLease, CloudError> {
-        let vm = self.vm(id)?;
+    /// conflict saying why not with the figures the host decided by. `vm` is the record
+    /// as the caller read it (with its rights checked).
+    pub async fn burst(&self, vm: &VmRecord, ask: BurstAsk) -> Result<BurstLease, CloudError> {
         let conflict = |code: &'static str, message: String| CloudError::Conflict { code, message };
         // What no host could grant is refused here, in the words a host would use.
         ask.check(&self.burst_limits(&vm.project))

@@ -89,9 +89,10 @@ impl Cloud {
         Ok(session)
     }
 
-    /// Records that a host was heard from. Returns false if `session` was replaced by
-    /// a newer connection, and whether the host must resync (it had been marked down).
-    pub fn host_seen(&self, host: HostId, session: u64, util: Option<HostUtil>) -> (bool, bool) {
+    /// Records a host's report and its utilization. Returns false if `session` was
+    /// replaced by a newer connection, and whether the host must resync (it had been
+    /// marked down).
+    pub fn host_seen(&self, host: HostId, session: u64, util: HostUtil) -> (bool, bool) {
         let mut live = self.live.lock();
         let Some(entry) = live.get_mut(&host) else {
             return (false, false);
@@ -100,9 +101,7 @@ impl Cloud {
             return (false, false);
         }
         entry.last_seen = Instant::now();
-        if let Some(util) = util {
-            entry.util = util;
-        }
+        entry.util = util;
         let resync = std::mem::take(&mut entry.needs_resync);
         (true, resync)
     }

@@ -468,6 +468,17 @@ impl Cloud {
         )
     }
 
+    /// What the project's VMs cost over the last 30 days, bursts included (what its
+    /// budget counts), in micro-units.
+    pub(crate) fn spent_last_30_days(&self, project: &str) -> Result<u64, CloudError> {
+        let now = now_ms();
+        Ok(self
+            .bill(Some(project), now - 30 * 86_400_000, now)?
+            .iter()
+            .map(|line| line.cost_micros)
+            .sum())
+    }
+
     /// Whether the project may hold `vms` more VMs and `vcpus` and `memory_mib` more
     /// in all (a launch, or a resize that grows a VM).
     pub(crate) fn check_quota_adding(
@@ -493,12 +504,7 @@ impl Cloud {
         over("vCPUs", used_vcpus, vcpus, quota.max_vcpus)?;
         over("MiB of memory", used_mem, memory_mib, quota.max_memory_mib)?;
         if let Some(budget) = quota.budget_micros {
-            let now = now_ms();
-            let spent: u64 = self
-                .bill(Some(project), now - 30 * 86_400_000, now)?
-                .iter()
-                .map(|line| line.cost_micros)
-                .sum();
+            let spent = self.spent_last_30_days(project)?;
             if spent >= budget.max(0) as u64 {
                 warn!(project, spent, budget, "launch refused: budget spent");
                 return Err(conflict(

@@ -122,7 +122,10 @@ pub async fn serve_agent(cloud: Arc<Cloud>, host: HostId, mut socket: WebSocket)
                     &agent_version,
                 )
             }) {
-                Ok(session) => session,
+                Ok(session) => {
+                    cloud.statuses.named(host, &hostname);
+                    session
+                }
                 Err(e) => {
                     warn!(%host, hostname, "agent session refused: {e}");
                     cloud.audit_system(
@@ -149,9 +152,6 @@ pub async fn serve_agent(cloud: Arc<Cloud>, host: HostId, mut socket: WebSocket)
         }
     };
     info!(%host, session, "agent connected");
-    if let Ok(record) = crate::blocking(|| cloud.host(&host.to_string())) {
-        cloud.statuses.named(host, &record.record.hostname);
-    }
     let result = session_loop(&cloud, host, session, &mut socket).await;
     cloud.host_disconnected(host, session);
     match result {
@@ -393,7 +393,7 @@ async fn on_frame(
     match msg {
         AgentMsg::Hello { .. } => Err("hello sent twice".into()),
         AgentMsg::Report(report) => {
-            let (current, resync) = cloud.host_seen(host, session, Some(report.util));
+            let (current, resync) = cloud.host_seen(host, session, report.util);
             if !current {
                 return Err("replaced by a newer connection".into());
             }
@@ -514,10 +514,9 @@ async fn on_frame(
         }
         AgentMsg::Bursts(report) => {
             cloud.host_heard(host, session);
-            let refused = cloud
+            let (in_force, refused) = cloud
                 .bursts
                 .reported(host, report.in_force, |vm| cloud.vm_on_host(vm, host));
-            let in_force = cloud.bursts.of_host(host);
             // An ended lease of a VM no longer here counts only if this host reported
             // it in force before (the store checks): a host bills only its own VMs.
             let ended: Vec<_> = report
