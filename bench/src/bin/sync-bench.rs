@@ -300,6 +300,7 @@ fn setup(args: &Args, dir: &std::path::Path) -> Result<World> {
             join_token: token,
             hostname: format!("host-{n}"),
             csr_pem: String::new(),
+            labels: Default::default(),
         })?;
         cloud.host_hello(
             joined.host_id,

@@ -20,6 +20,7 @@ pub mod migration;
 pub mod peers;
 pub mod persist;
 pub mod probe;
+pub mod proximity;
 pub mod transfer;
 pub mod utility;
 

@@ -15,6 +15,10 @@ pub struct JoinRequest {
     /// PKCS#10 CSR (PEM) for the agent's key. Only its key and self-signature count: the
     /// server decides the certificate's identity (the new host id).
     pub csr_pem: String,
+    /// The host's first labels (`rack`, `zone`, `region` place it); an admin changes
+    /// them later with `herd host label`.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The host's identity and its long-lived credentials.

@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod migration;
 pub mod node;
 pub mod policy;
+pub mod proximity;
 pub mod spec;
 pub mod status;
 pub mod wire;

@@ -176,6 +176,9 @@ pub enum AgentMsg {
         hostname: String,
         capacity: Capacity,
         hypervisors: Vec<HypervisorInfo>,
+        /// The port this agent takes transfers from other agents on, if it takes any
+        /// (at the address the server sees it connect from).
+        transfer_port: Option<u16>,
     },
     Report(Report),
     /// Counters sampled at one instant (unix ms). The instant makes a retransmitted
@@ -233,6 +236,9 @@ pub enum AgentMsg {
         request: u64,
         peers: Vec<crate::status::PeerView>,
     },
+    /// Round trips to the neighbours of the last [`ServerMsg::Neighbours`], each time
+    /// they are measured.
+    RoundTrips(Vec<crate::proximity::RoundTrip>),
 }
 
 /// A guest module's report, as relayed to the server.
@@ -308,6 +314,9 @@ pub enum ServerMsg {
         vm: VmId,
         ask: crate::burst::BurstAsk,
     },
+    /// The hosts this one should measure its round trips to, whole: each replaces the
+    /// last. Answered, now and then, by [`AgentMsg::RoundTrips`].
+    Neighbours(Vec<crate::proximity::Neighbour>),
 }
 
 /// Why a frame could not be decoded.

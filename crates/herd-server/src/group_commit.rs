@@ -476,7 +476,7 @@ mod tests {
             .insert_token("join-hash", "join", "join", None)
             .expect("token");
         assert!(store
-            .join_host("join-hash", host, "h", "agent-hash")
+            .join_host("join-hash", host, "h", "agent-hash", &Default::default())
             .expect("join"));
         store
             .host_hello(host, "h", &[], 4, 4096, "test")

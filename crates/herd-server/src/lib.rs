@@ -17,6 +17,7 @@ pub mod migration;
 pub mod resize;
 pub mod status;
 pub mod store;
+pub mod topology;
 pub mod waiters;
 
 pub use cloud::{Cloud, CloudError, ServerConfig};

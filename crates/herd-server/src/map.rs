@@ -365,6 +365,7 @@ mod tests {
                 up: true,
                 joined_at_ms: 0,
                 agent_version: Some("t".into()),
+                labels: Default::default(),
             },
             live: Some(HostLive {
                 last_seen: now,

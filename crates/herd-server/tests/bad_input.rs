@@ -416,6 +416,7 @@ async fn bad_input_is_rejected_with_stable_codes_and_changes_nothing() {
             hostname: "h".into(),
             // A Cloud opened without a CA issues no certificate.
             csr_pem: String::new(),
+            labels: Default::default(),
         })
         .expect("join");
     let agent_call = call(&fx, "GET", "/v1/vms", Some(&joined.agent_token), None, "").await;

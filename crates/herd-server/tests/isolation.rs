@@ -79,6 +79,8 @@ fn rule(method: &str, path: &str) -> Option<Rule> {
         ("GET", "/v1/hosts") => CloudAdmin,
         ("GET", "/v1/hosts/{id}") => CloudAdmin,
         ("GET", "/v1/hosts/{id}/status") => CloudAdmin,
+        ("POST", "/v1/hosts/{id}/labels") => CloudAdmin,
+        ("GET", "/v1/topology") => CloudAdmin,
         // Cloud admins get hosts and free room; others their projects' aggregates.
         ("GET", "/v1/map") => AnyUser,
         ("POST", "/v1/join-tokens") => CloudAdmin,
@@ -227,6 +229,7 @@ impl World {
             ("POST", "/v1/users") => Some(json!({"name": self.fresh("newbie")})),
             ("POST", "/v1/tokens") => Some(json!({"label": "mine", "ttl_seconds": 60})),
             ("POST", "/v1/join-tokens") => Some(json!({})),
+            ("POST", "/v1/hosts/{id}/labels") => Some(json!({"set": {"rack": "r1"}})),
             ("POST", "/v1/vms/{id}/migrate") => Some(json!({})),
             ("POST", "/v1/vms/{id}/resize") => Some(json!({"memory_mib": 300})),
             ("POST", "/v1/vms/{id}/bursts") => Some(json!({"cpus": 1, "seconds": 60})),
@@ -238,6 +241,7 @@ impl World {
                     join_token: "herd_join_forged".into(),
                     hostname: "intruder".into(),
                     csr_pem: String::new(),
+                    labels: Default::default(),
                 })
                 .expect("json"),
             ),

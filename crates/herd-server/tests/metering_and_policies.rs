@@ -30,6 +30,7 @@ fn cloud_with_one_sim_host() -> (tempfile::TempDir, Arc<Cloud>, HostId) {
             hostname: "h".into(),
             // A Cloud opened without a CA issues no certificate.
             csr_pem: String::new(),
+            labels: Default::default(),
         })
         .expect("join")
         .host_id;
@@ -144,6 +145,7 @@ async fn retransmitted_usage_is_counted_once_and_priced_by_the_rate_card() {
             hostname: "other".into(),
             // A Cloud opened without a CA issues no certificate.
             csr_pem: String::new(),
+            labels: Default::default(),
         })
         .expect("join")
         .host_id;

@@ -106,6 +106,7 @@ async fn hello(
             memory_mib: 4096,
         },
         hypervisors: sim(),
+        transfer_port: None,
     };
     socket
         .send(Message::Binary(wire::encode(&hello).into()))

@@ -10,6 +10,7 @@ use anyhow::Result;
 use herd_proto::status::PeerView;
 use herd_server::api::{HostInfo, JoinTokenView};
 use herd_server::map::ResourceMap;
+use herd_server::topology::{TopologyHost, TopologyView};
 use reqwest::Method;
 
 pub async fn host(command: HostCommand) -> Result<()> {
@@ -26,13 +27,7 @@ pub async fn host(command: HostCommand) -> Result<()> {
             }
         }
         HostCommand::Status { host, output } => {
-            let hosts: Vec<HostInfo> = client.get("/v1/hosts").await?;
-            let Some(found) = hosts
-                .iter()
-                .find(|h| h.id.to_string() == host || h.hostname == host)
-            else {
-                anyhow::bail!("no host {host:?}: herd host ls lists them");
-            };
+            let found = find_host(&client, &host).await?;
             let peers: Vec<PeerView> = client
                 .get(&format!("/v1/hosts/{}/status", found.id))
                 .await?;
@@ -44,6 +39,29 @@ pub async fn host(command: HostCommand) -> Result<()> {
                     Ok(())
                 }
             }
+        }
+        HostCommand::Label { host, changes } => {
+            let found = find_host(&client, &host).await?;
+            let mut set = std::collections::BTreeMap::new();
+            let mut remove = Vec::new();
+            for change in &changes {
+                match change.strip_suffix('-') {
+                    Some(key) if !change.contains('=') => remove.push(key.to_owned()),
+                    _ => {
+                        let (key, value) = parse_label(change).map_err(anyhow::Error::msg)?;
+                        set.insert(key, value);
+                    }
+                }
+            }
+            let labels: std::collections::BTreeMap<String, String> = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/hosts/{}/labels", found.id),
+                    Some(&serde_json::json!({ "set": set, "remove": remove })),
+                )
+                .await?;
+            println!("{}: {}", found.hostname, label_text(&labels));
+            Ok(())
         }
         HostCommand::JoinToken { ttl } => {
             let view: JoinTokenView = client
@@ -61,6 +79,88 @@ pub async fn host(command: HostCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A host by id or hostname.
+async fn find_host(client: &Client, host: &str) -> Result<HostInfo> {
+    let hosts: Vec<HostInfo> = client.get("/v1/hosts").await?;
+    hosts
+        .into_iter()
+        .find(|h| h.id.to_string() == host || h.hostname == host)
+        .ok_or_else(|| anyhow::anyhow!("no host {host:?}: herd host ls lists them"))
+}
+
+/// `KEY=VALUE`, checked as the server checks labels.
+pub fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: a label is KEY=VALUE"))?;
+    let one = std::collections::BTreeMap::from([(key.to_owned(), value.to_owned())]);
+    herd_topology::check_labels(&one).map_err(|e| e.to_string())?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+fn label_text(labels: &std::collections::BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "no labels".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `herd topology`: the proximity tree, indented by depth.
+pub async fn topology(root: Option<String>, fanout: usize, output: Output) -> Result<()> {
+    let client = Client::from_config()?;
+    let mut path = format!("/v1/topology?fanout={fanout}");
+    if let Some(root) = root {
+        path.push_str(&format!("&root={}", find_host(&client, &root).await?.id));
+    }
+    let view: TopologyView = client.get(&path).await?;
+    match output {
+        Output::Json => print_json(&view),
+        Output::Table => {
+            print!("{}", topology_text(&view));
+            Ok(())
+        }
+    }
+}
+
+/// One line per host, depth-first from the root, each indented under its parent with
+/// its place and the round trip to its parent.
+fn topology_text(view: &TopologyView) -> String {
+    let mut children: std::collections::HashMap<uuid::Uuid, Vec<&TopologyHost>> =
+        Default::default();
+    for host in &view.hosts {
+        if let Some(parent) = host.parent {
+            children.entry(parent).or_default().push(host);
+        }
+    }
+    let mut out = String::new();
+    let mut stack: Vec<&TopologyHost> = view.hosts.iter().filter(|h| h.parent.is_none()).collect();
+    while let Some(host) = stack.pop() {
+        let place = [&host.region, &host.zone, &host.rack]
+            .iter()
+            .map(|p| if p.is_empty() { "-" } else { p.as_str() })
+            .collect::<Vec<_>>()
+            .join("/");
+        let rtt = host
+            .rtt_to_parent_us
+            .map(|us| format!("  {:.2} ms", f64::from(us) / 1000.0))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{}{} ({}){rtt}\n",
+            "  ".repeat(host.depth),
+            host.hostname,
+            place
+        ));
+        if let Some(kids) = children.get(&host.id) {
+            stack.extend(kids.iter().rev());
+        }
+    }
+    out
 }
 
 fn peer_table(peers: &[PeerView]) -> String {
@@ -116,6 +216,7 @@ fn host_table(hosts: &[HostInfo]) -> String {
         "CPU",
         "HYPERVISORS",
         "HEALTH",
+        "LABELS",
     ]);
     for host in hosts {
         table.row(vec![
@@ -132,6 +233,11 @@ fn host_table(hosts: &[HostInfo]) -> String {
                 .collect::<Vec<_>>()
                 .join("; "),
             health(host),
+            if host.labels.is_empty() {
+                "-".into()
+            } else {
+                label_text(&host.labels)
+            },
         ]);
     }
     table.render()

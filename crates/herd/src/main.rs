@@ -43,6 +43,17 @@ enum Command {
     /// Inspect hosts and let new ones join.
     #[command(subcommand)]
     Host(HostCommand),
+    /// The proximity tree of the hosts that are up: grouped by region, zone and rack
+    /// labels, ordered by measured round trips, at most FANOUT children per host.
+    Topology {
+        /// The host the tree grows from, by id or hostname (default: the first up host).
+        #[arg(long)]
+        root: Option<String>,
+        #[arg(long, default_value_t = 4)]
+        fanout: usize,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// The live resource map: per hypervisor type and per host, what is allocated,
     /// measured and free.
     Map {
@@ -241,6 +252,10 @@ pub struct AgentArgs {
     pub transfer_port: u16,
     #[arg(long)]
     pub hostname: Option<String>,
+    /// A label for this host at join, KEY=VALUE (repeat it): `rack`, `zone` and
+    /// `region` place the host in the proximity tree. Later, `herd host label`.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = hosts::parse_label)]
+    pub labels: Vec<(String, String)>,
     /// CPUs to offer (default: all of this host's).
     #[arg(long)]
     pub cpus: Option<u32>,
@@ -500,6 +515,14 @@ pub enum HostCommand {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Set labels (KEY=VALUE) and remove them (KEY-) on a host, and print its labels.
+    Label {
+        /// The host, by id or hostname.
+        host: String,
+        /// KEY=VALUE to set, KEY- to remove.
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        changes: Vec<String>,
+    },
     /// Create a one-time token and print the command that joins a new host.
     JoinToken {
         /// Lifetime in seconds.
@@ -528,6 +551,11 @@ fn main() {
             Command::Vm(command) => vm::vm(command).await,
             Command::Host(command) => hosts::host(command).await,
             Command::Map { output } => hosts::map(output).await,
+            Command::Topology {
+                root,
+                fanout,
+                output,
+            } => hosts::topology(root, fanout, output).await,
             Command::Bill(args) => vm::bill(args).await,
             Command::RateCard(command) => vm::rate_card(command).await,
             Command::Login(args) => tenants::login(args).await,

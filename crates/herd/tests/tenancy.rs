@@ -4,38 +4,11 @@
 
 mod common;
 
-use common::{herd_bin, Server};
+use common::{err, ok, Server};
 use std::path::Path;
-use std::process::Output;
 
-/// Runs the CLI with its own config dir (a separate "machine").
-fn herd(config: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
-    let mut command = std::process::Command::new(herd_bin());
-    command
-        .args(args)
-        .env("XDG_CONFIG_HOME", config)
-        .env_remove("HERD_URL")
-        .env_remove("HERD_TOKEN")
-        .env_remove("HERD_CA");
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    command.output().expect("run herd")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "herd failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn err(out: Output) -> String {
-    assert!(!out.status.success(), "herd should have failed");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+fn herd(config: &Path, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    common::herd_cli(config, env, args)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -252,7 +252,7 @@ async fn connect_and_serve(
                 send_frame(&mut tx, wire::encode(&answer)).await?;
                 continue;
             }
-            Some(answer) = session.migration_rx.recv() => {
+            Some(answer) = session.outbox_rx.recv() => {
                 send_frame(&mut tx, wire::encode(&answer)).await?;
                 continue;
             }

@@ -113,6 +113,7 @@ impl Agent {
                 join_token: token.clone(),
                 hostname: self.config.hostname.clone(),
                 csr_pem,
+                labels: self.config.labels.clone(),
             })
             .send()
             .await

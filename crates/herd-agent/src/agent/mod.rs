@@ -79,8 +79,13 @@ pub struct AgentConfig {
     /// HTTPS when `ca_pem` is not given.
     pub ca_fingerprint: Option<String>,
     /// The TCP port other agents send live migrations to; 0 picks a free one (the
-    /// server learns it with each migration).
+    /// server learns it from the hello).
     pub transfer_port: u16,
+    /// The host's labels at join (`rack`, `zone`, `region` place it).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Whether to measure round trips to the neighbours the server names (not in
+    /// `herd sim`, whose thousands of agents share one machine).
+    pub round_trips: bool,
 }
 
 /// Messages from guest modules, named by the VM whose channel they came in on.
@@ -264,6 +269,9 @@ impl Agent {
         session.guest_events = guest_events;
         session.probe = self.probe.clone();
         let transfers = self.listen_for_transfers(&creds, &mut session).await?;
+        if transfers.is_some() && self.config.round_trips {
+            session.proximity = Some(crate::proximity::Proximity::start(session.outbox.clone()));
+        }
         let utility = self.utility.clone().map(|config| {
             let sources = self
                 .drivers
@@ -288,6 +296,7 @@ impl Agent {
             hostname: self.config.hostname.clone(),
             capacity,
             hypervisors,
+            transfer_port: session.migrations.port(),
         };
         let (stopping_tx, stopping) = watch::channel(false);
         {

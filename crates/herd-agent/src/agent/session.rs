@@ -58,8 +58,11 @@ pub(super) struct Session {
     pub(super) was_connected: bool,
     /// This host's part in live migrations.
     pub(super) migrations: crate::migration::Migrations,
-    /// Their answers, sent up as they come.
-    pub(super) migration_rx: mpsc::UnboundedReceiver<AgentMsg>,
+    /// What the agent's side tasks (migrations, round trips) say, sent up as it comes.
+    pub(super) outbox: mpsc::UnboundedSender<AgentMsg>,
+    pub(super) outbox_rx: mpsc::UnboundedReceiver<AgentMsg>,
+    /// Measures round trips to the neighbours the server names, when it is asked to.
+    pub(super) proximity: Option<crate::proximity::Proximity>,
     /// Where a user's asks for bursts go, when a driver here can burst.
     pub(super) bursts: Option<crate::bursts::Bursts>,
     /// The host's bursts, sent whole when they change.
@@ -94,14 +97,17 @@ impl Session {
         let kinds = drivers.iter().map(|d| d.kind().to_owned()).collect();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let health = HealthBook::new(drivers.iter().map(|d| d.kind()));
-        let (migration_tx, migration_rx) = mpsc::unbounded_channel();
+        let (outbox, outbox_rx) = mpsc::unbounded_channel();
         let sockets = state_path
             .parent()
             .map_or_else(|| PathBuf::from("."), |dir| dir.join("migrations"));
-        let migrations = crate::migration::Migrations::new(drivers.clone(), migration_tx, sockets);
+        let migrations =
+            crate::migration::Migrations::new(drivers.clone(), outbox.clone(), sockets);
         Session {
             migrations,
-            migration_rx,
+            outbox,
+            outbox_rx,
+            proximity: None,
             core: Core::new(saved, kinds, !ephemeral_state),
             watches: drivers.iter().cloned().map(DriverWatch::new).collect(),
             health,
@@ -345,6 +351,11 @@ impl Session {
             Action::PeersRequest { request } => {
                 let peers = self.peers.view(unix_ms(), self.status_interval_ms());
                 send_frame(tx, wire::encode(&AgentMsg::Peers { request, peers })).await?;
+            }
+            Action::Neighbours(list) => {
+                if let Some(proximity) = &self.proximity {
+                    proximity.neighbours(list);
+                }
             }
             Action::Burst { request, vm, ask } => {
                 let asked = self.bursts.as_ref().is_some_and(|bursts| {

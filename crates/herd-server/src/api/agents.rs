@@ -50,7 +50,7 @@ pub(super) async fn agent_bus(
 ) -> Response {
     // Other agents reach this one where it connects from (migration transfers).
     if let Some(Extension(ConnectInfo(remote))) = remote {
-        cloud.migrations.peer_connected(agent.0, remote.ip());
+        cloud.topology.connected_from(agent.0, remote.ip());
     }
     // Buffers are per connection and a server holds one connection per host: the
     // library's 128 KiB read buffer, reserved up front, would cost 1.25 GiB at 10,000

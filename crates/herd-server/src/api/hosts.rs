@@ -2,11 +2,12 @@
 //! add to it.
 
 use super::{
-    types, ApiError, ApiJson, ApiPath, AppState, CloudAdmin, ErrorBody, HostInfo, JoinTokenRequest,
-    JoinTokenView, User,
+    types, ApiError, ApiJson, ApiPath, ApiQuery, AppState, CloudAdmin, ErrorBody, HostInfo,
+    JoinTokenRequest, JoinTokenView, User,
 };
 use crate::access::Perm;
 use crate::map::{MapScope, ResourceMap};
+use crate::topology::{LabelChange, TopologyView};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -32,6 +33,44 @@ pub(super) async fn host_status(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Vec<herd_proto::status::PeerView>>, ApiError> {
     Ok(Json(cloud.host_peers(&id).await?))
+}
+
+/// Set and remove a host's labels (`region`, `zone` and `rack` place it in the
+/// proximity tree); answers its labels after the change.
+#[utoipa::path(post, path = "/v1/hosts/{id}/labels", params(("id" = String, Path, description = "host id")),
+    request_body = LabelChange,
+    responses((status = 200, body = std::collections::BTreeMap<String, String>), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
+pub(super) async fn label_host(
+    _: CloudAdmin,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(change): ApiJson<LabelChange>,
+) -> Result<Json<herd_topology::Labels>, ApiError> {
+    Ok(Json(crate::blocking(|| cloud.label_host(&id, &change))?))
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TopologyQuery {
+    /// The host the tree grows from (default: the first up host by name).
+    root: Option<String>,
+    /// At most this many children per host (1 to 64; 1 is a chain).
+    fanout: Option<usize>,
+}
+
+/// The proximity tree of the hosts that are up: grouped by their region, zone and rack
+/// labels, ordered by the round trips the agents measured.
+#[utoipa::path(get, path = "/v1/topology", params(TopologyQuery),
+    responses((status = 200, body = TopologyView), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn get_topology(
+    _: CloudAdmin,
+    State(cloud): State<AppState>,
+    ApiQuery(query): ApiQuery<TopologyQuery>,
+) -> Result<Json<TopologyView>, ApiError> {
+    let fanout = query.fanout.unwrap_or(4);
+    Ok(Json(cloud.topology_tree(query.root.as_deref(), fanout)?))
 }
 
 /// One host.

@@ -60,6 +60,8 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/v1/hosts", get(hosts::list_hosts))
         .route("/v1/hosts/{id}", get(hosts::get_host))
         .route("/v1/hosts/{id}/status", get(hosts::host_status))
+        .route("/v1/hosts/{id}/labels", post(hosts::label_host))
+        .route("/v1/topology", get(hosts::get_topology))
         .route("/v1/map", get(hosts::get_map))
         .route("/v1/join-tokens", post(hosts::create_join_token))
         .route(

@@ -342,6 +342,8 @@ pub struct HostInfo {
     pub last_seen_ms_ago: Option<u64>,
     pub agent_version: Option<String>,
     pub joined_at: String,
+    /// Free-form; `region`, `zone` and `rack` place the host in the proximity tree.
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Each driver's health as the agent last saw it: `ok`, `unresponsive` or
     /// `failing`, with why. Empty until the agent has said.
     pub drivers: Vec<DriverView>,
@@ -422,6 +424,7 @@ impl HostInfo {
             last_seen_ms_ago: live.map(|l| l.last_seen.elapsed().as_millis() as u64),
             agent_version: host.agent_version.clone(),
             joined_at: rfc3339(host.joined_at_ms),
+            labels: host.labels.clone(),
             drivers: node
                 .map(|(_, n)| n.drivers.iter().map(DriverView::of).collect())
                 .unwrap_or_default(),

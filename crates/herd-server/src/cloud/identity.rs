@@ -41,6 +41,8 @@ impl Cloud {
         if hostname.is_empty() || hostname.len() > 253 {
             return Err(invalid("hostname", "must be 1 to 253 characters"));
         }
+        herd_topology::check_labels(&request.labels)
+            .map_err(|e| invalid("labels", e.to_string()))?;
         let host = Uuid::new_v4();
         // The certificate is issued before the token is spent, so a bad CSR does not
         // burn the token. Without a CA (plain HTTP) there is nothing to issue.
@@ -57,6 +59,7 @@ impl Cloud {
             host,
             hostname,
             &auth::hash_token(&agent_token),
+            &request.labels,
         )?;
         if !joined {
             warn!(

@@ -220,6 +220,8 @@ pub struct Cloud {
     pub bursts: crate::bursts::book::Bursts,
     /// Hosts' status messages, relayed to the others (the `status` module).
     pub statuses: crate::status::book::Statuses,
+    /// Where agents are reached and how close they are (the `topology` module).
+    pub topology: crate::topology::book::Topology,
 }
 
 impl Cloud {
@@ -253,6 +255,7 @@ impl Cloud {
             resizes: Default::default(),
             bursts: Default::default(),
             statuses: Default::default(),
+            topology: Default::default(),
         };
         cloud.rebuild()?;
         cloud.restore_migrations()?;
@@ -273,6 +276,7 @@ impl Cloud {
         tokio::spawn(self.clone().drive_migrations());
         tokio::spawn(self.clone().drive_resizes());
         tokio::spawn(self.clone().relay_statuses());
+        tokio::spawn(self.clone().tell_neighbours());
         let cloud = self.clone();
         tokio::spawn(async move {
             loop {

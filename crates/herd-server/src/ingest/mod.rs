@@ -104,6 +104,7 @@ pub async fn serve_agent(cloud: Arc<Cloud>, host: HostId, mut socket: WebSocket)
             hostname,
             capacity,
             hypervisors,
+            transfer_port,
         }) => {
             if protocol != PROTOCOL_VERSION {
                 let reason = format!(
@@ -124,6 +125,7 @@ pub async fn serve_agent(cloud: Arc<Cloud>, host: HostId, mut socket: WebSocket)
             }) {
                 Ok(session) => {
                     cloud.statuses.named(host, &hostname);
+                    cloud.topology.hello(host, transfer_port);
                     session
                 }
                 Err(e) => {
@@ -542,6 +544,17 @@ async fn on_frame(
                 warn!(%host, request, "peers answer nobody asked this host for; dropped");
                 Metrics::inc(&cloud.metrics.rejected_reports);
             }
+            Ok(())
+        }
+        AgentMsg::RoundTrips(trips) => {
+            if trips.len() > herd_proto::proximity::MAX_NEIGHBOURS {
+                return Err(format!(
+                    "{} round trips, over the {} neighbours a host is given",
+                    trips.len(),
+                    herd_proto::proximity::MAX_NEIGHBOURS
+                ));
+            }
+            cloud.topology.measured(host, &trips);
             Ok(())
         }
         AgentMsg::Node(report) => {

@@ -280,9 +280,9 @@ impl Cloud {
         let now = crate::store::now_ms();
         let mut effects = match &update {
             MigrationUpdate::Expecting { port } if host == m.target && attempt == m.attempt => {
-                match self.migrations.peers.lock().get(&host) {
+                match self.topology.ip(host) {
                     Some(ip) => {
-                        m.expecting_at(std::net::SocketAddr::new(*ip, *port).to_string(), now)
+                        m.expecting_at(std::net::SocketAddr::new(ip, *port).to_string(), now)
                     }
                     None => Vec::new(),
                 }

@@ -5,13 +5,14 @@ use super::rows::{host_from_row, parse_state, parse_uuid};
 use super::{now_ms, HostRecord, Store, StoreError};
 use herd_proto::wire::{HostId, HypervisorInfo, VmId};
 use herd_proto::VmState;
+use herd_topology::Labels;
 use rusqlite::{params, OptionalExtension};
 
 impl Store {
     pub fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
         let db = self.reader();
         let mut stmt = db.prepare_cached(
-            "SELECT id, hostname, hypervisors, cpus, memory_mib, up, joined_at, agent_version \
+            "SELECT id, hostname, hypervisors, cpus, memory_mib, up, joined_at, agent_version, labels \
              FROM hosts ORDER BY hostname, id",
         )?;
         let rows = stmt.query_map([], host_from_row)?;
@@ -26,12 +27,22 @@ impl Store {
         let db = self.reader();
         let row = db
             .prepare_cached(
-                "SELECT id, hostname, hypervisors, cpus, memory_mib, up, joined_at, agent_version \
+                "SELECT id, hostname, hypervisors, cpus, memory_mib, up, joined_at, agent_version, labels \
                  FROM hosts WHERE id = ?1",
             )?
             .query_row(params![id.to_string()], host_from_row)
             .optional()?;
         row.transpose()
+    }
+
+    /// Replaces a host's labels; `false` if there is no such host.
+    pub fn set_host_labels(&self, id: HostId, labels: &Labels) -> Result<bool, StoreError> {
+        let text = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
+        let changed = self.db().execute(
+            "UPDATE hosts SET labels = ?2 WHERE id = ?1",
+            params![id.to_string(), text],
+        )?;
+        Ok(changed == 1)
     }
 
     /// Records what a host said in its hello and marks it up.

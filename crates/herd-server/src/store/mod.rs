@@ -96,6 +96,8 @@ pub struct HostRecord {
     pub up: bool,
     pub joined_at_ms: i64,
     pub agent_version: Option<String>,
+    /// Free-form; `region`, `zone` and `rack` place the host in the proximity tree.
+    pub labels: herd_topology::Labels,
 }
 
 /// Filters for listing VMs; `after` is the pagination cursor (an id).

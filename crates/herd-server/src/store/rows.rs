@@ -121,6 +121,7 @@ pub(super) fn host_from_row(
     let up: i64 = row.get(5)?;
     let joined_at_ms: i64 = row.get(6)?;
     let agent_version: Option<String> = row.get(7)?;
+    let labels: String = row.get(8)?;
     Ok((|| {
         Ok(HostRecord {
             id: parse_uuid(&id)?,
@@ -135,6 +136,8 @@ pub(super) fn host_from_row(
             up: up != 0,
             joined_at_ms,
             agent_version,
+            labels: serde_json::from_str(&labels)
+                .map_err(|e| StoreError::Corrupt(format!("labels of host {id}: {e}")))?,
         })
     })())
 }

@@ -106,6 +106,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("vms", "keep_running", "INTEGER NOT NULL DEFAULT 0"),
     ("vms", "disk_mib", "INTEGER NOT NULL DEFAULT 0"),
     ("projects", "burst", "TEXT"),
+    ("hosts", "labels", "TEXT NOT NULL DEFAULT '{}'"),
 ];
 
 /// Brings a database made by an older herd up to this schema.

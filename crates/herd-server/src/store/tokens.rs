@@ -38,6 +38,7 @@ impl Store {
         host: HostId,
         hostname: &str,
         agent_token_hash: &str,
+        labels: &herd_topology::Labels,
     ) -> Result<bool, StoreError> {
         let mut db = self.db();
         let tx = db.transaction()?;
@@ -51,8 +52,15 @@ impl Store {
             return Ok(false);
         }
         tx.execute(
-            "INSERT INTO hosts (id, hostname, token_hash, joined_at) VALUES (?1, ?2, ?3, ?4)",
-            params![host.to_string(), hostname, agent_token_hash, now],
+            "INSERT INTO hosts (id, hostname, token_hash, joined_at, labels) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                host.to_string(),
+                hostname,
+                agent_token_hash,
+                now,
+                serde_json::to_string(labels).unwrap_or_else(|_| "{}".into())
+            ],
         )?;
         insert_event(
             &tx,

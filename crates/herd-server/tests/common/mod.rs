@@ -95,6 +95,7 @@ pub fn sim_host(cloud: &Cloud, name: &str) -> herd_proto::wire::HostId {
             join_token: token,
             hostname: name.into(),
             csr_pem: String::new(),
+            labels: Default::default(),
         })
         .expect("join")
         .host_id;

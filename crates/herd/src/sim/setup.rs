@@ -142,6 +142,8 @@ impl Run<'_> {
                 ca_pem: self.ca_pem.map(str::to_owned),
                 ca_fingerprint: None,
                 transfer_port: 0,
+                labels: Default::default(),
+                round_trips: false,
             },
             vec![driver.clone() as Arc<dyn Driver>],
         )

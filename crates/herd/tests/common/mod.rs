@@ -15,6 +15,38 @@ pub fn herd_bin() -> &'static str {
     env!("CARGO_BIN_EXE_herd")
 }
 
+/// Runs the CLI with its own config dir (a separate "machine") and these variables.
+pub fn herd_cli(config: &Path, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    let mut command = Command::new(herd_bin());
+    command
+        .args(args)
+        .env("XDG_CONFIG_HOME", config)
+        .env_remove("HERD_URL")
+        .env_remove("HERD_TOKEN")
+        .env_remove("HERD_CA");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run herd")
+}
+
+/// What a CLI run that must succeed printed.
+pub fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "herd failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Why a CLI run that must fail failed.
+pub fn err(out: std::process::Output) -> String {
+    assert!(!out.status.success(), "herd should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
