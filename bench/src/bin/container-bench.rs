@@ -81,6 +81,7 @@ impl Bare {
             keep_running: false,
             disk_mib: 0,
             burst: Default::default(),
+            seed: None,
         };
         let token = guest_config::new_token();
         let identity = GuestIdentity {

@@ -44,6 +44,7 @@ fn bare_boot(dir: &Path, kernel: &Path, initrd: &Path, n: usize) -> Result<Durat
         keep_running: false,
         disk_mib: 0,
         burst: Default::default(),
+        seed: None,
     };
     let launch = LaunchSpec {
         id,

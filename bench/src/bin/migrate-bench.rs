@@ -88,6 +88,7 @@ fn spec(memory_mib: u64, workload: Workload) -> VmSpec {
         keep_running: false,
         disk_mib: 0,
         burst: Default::default(),
+        seed: None,
     }
 }
 

@@ -49,6 +49,7 @@ fn record(id: Uuid, host: Uuid, n: usize, now: i64) -> VmRecord {
         deleting: false,
         created_at_ms: now,
         updated_at_ms: now,
+        seed: None,
     }
 }
 

@@ -102,6 +102,17 @@ pub struct Sent {
     pub transferred_bytes: u64,
 }
 
+/// A snapshot a driver took for a broadcast, in the directory it was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Its files in that directory, by plain name, in the order they are sent.
+    pub files: Vec<String>,
+    /// What a copy's driver needs besides the files (opaque to the agent).
+    pub handoff: Vec<u8>,
+    /// How long the VM was paused while it was taken.
+    pub paused_ms: u64,
+}
+
 /// Where a live migration's progress goes while it runs.
 pub type ProgressSink = tokio::sync::watch::Sender<TransferProgress>;
 
@@ -208,6 +219,30 @@ pub trait Driver: Send + Sync {
 
     /// Sends a message to a VM's guest module, if its channel is open; dropped if not.
     fn tell_guest(&self, _id: VmId, _msg: herd_proto::guest::HostMsg) {}
+
+    /// A broadcast's snapshot of a running or paused VM into `dir`: a running VM is
+    /// paused only while it is taken, and runs again after.
+    async fn snapshot(&self, _id: VmId, _dir: &Path) -> Result<Snapshot, DriverError> {
+        Err(DriverError::Invalid(format!(
+            "the {} driver takes no snapshots",
+            self.kind()
+        )))
+    }
+
+    /// Makes `id` as a copy of another host's VM from its snapshot (the files in
+    /// `dir`, the source driver's handoff) and starts it, as [`Driver::create`] does.
+    async fn create_from(
+        &self,
+        _id: VmId,
+        _spec: &VmSpec,
+        _dir: &Path,
+        _handoff: &[u8],
+    ) -> Result<(), DriverError> {
+        Err(DriverError::Invalid(format!(
+            "the {} driver makes no VMs from snapshots",
+            self.kind()
+        )))
+    }
 
     /// Live migration, source side: what the target's driver needs to go on with the
     /// VM (its guest's credential and the like), opaque to the agent.

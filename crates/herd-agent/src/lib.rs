@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod backstop;
+pub mod broadcast;
 pub mod bursts;
 pub mod conformance;
 pub mod converge;

@@ -10,6 +10,7 @@
 
 use crate::driver::{Driver, DriverError};
 use crate::transfer::{self, PeerTls, Stream};
+use herd_proto::broadcast::TransferOpen;
 use herd_proto::migration::{
     MigrationId, MigrationOrder, MigrationUpdate, TransferHello, TransferProgress, TransferReply,
 };
@@ -20,7 +21,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -83,24 +84,11 @@ impl Migrations {
         }
     }
 
-    /// Listens for transfers from other agents on `listener` (in a task that ends when
-    /// the returned handle is aborted).
-    pub fn listen(
-        &mut self,
-        listener: TcpListener,
-        tls: PeerTls,
-    ) -> std::io::Result<JoinHandle<()>> {
-        self.port = Some(listener.local_addr()?.port());
-        self.tls = Some(tls.clone());
-        let me = self.clone();
-        Ok(tokio::spawn(transfer::serve(
-            listener,
-            tls,
-            move |peer, stream| {
-                let me = me.clone();
-                async move { me.receive(peer, stream).await }
-            },
-        )))
+    /// Transfers come in on `port` (the agent's listener routes them here), and go out
+    /// with `tls`.
+    pub fn listening(&mut self, port: u16, tls: PeerTls) {
+        self.port = Some(port);
+        self.tls = Some(tls);
     }
 
     /// The port transfers come in on, when this agent takes any.
@@ -300,12 +288,12 @@ impl Migrations {
             .map_err(|e| error_text(&e))?;
         transfer::write_frame(
             &mut stream,
-            &TransferHello {
+            &TransferOpen::Migration(TransferHello {
                 migration: job.0,
                 attempt: job.1,
                 vm,
                 handoff,
-            },
+            }),
         )
         .await
         .map_err(|e| error_text(&e))?;
@@ -380,11 +368,8 @@ impl Migrations {
     }
 
     /// The target's part, for one connection from another agent.
-    async fn receive(&self, peer: HostId, mut stream: Stream) {
-        let hello = match transfer::read_frame::<TransferHello>(&mut stream).await {
-            Ok(hello) => hello,
-            Err(e) => return warn!(%peer, "transfer without a valid hello: {}", error_text(&e)),
-        };
+    /// A peer's connection, after its first frame named a migration.
+    pub async fn receive(&self, peer: HostId, mut stream: Stream, hello: TransferHello) {
         let (migration, vm) = (hello.migration, hello.vm);
         let job = (migration, hello.attempt);
         let expected = self.book.lock().expected.get(&migration).cloned();

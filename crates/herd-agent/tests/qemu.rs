@@ -95,6 +95,7 @@ fn spec(command: &[&str]) -> VmSpec {
         keep_running: false,
         disk_mib: 0,
         burst: Default::default(),
+        seed: None,
     }
 }
 

@@ -97,6 +97,7 @@ fn spec(command: &[&str], policy: PolicySpec) -> VmSpec {
         keep_running: false,
         disk_mib: 0,
         burst: Default::default(),
+        seed: None,
     }
 }
 

@@ -45,6 +45,7 @@ pub fn command(vm: u128, generation: u64) -> Command {
             keep_running: false,
             disk_mib: 0,
             burst: Default::default(),
+            seed: None,
         },
         target: VmState::Running,
     }

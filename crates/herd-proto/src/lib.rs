@@ -7,6 +7,7 @@
 //! tested exhaustively on its own. It is the only place the state flow is written down;
 //! everything else (API validation, agent transition checks, docs) is derived from it.
 
+pub mod broadcast;
 pub mod burst;
 pub mod clock;
 pub mod guest;

@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 pub type VmId = Uuid;
 pub type HostId = Uuid;
+pub type BroadcastId = Uuid;
 
 /// What a VM should be, as the agent needs it to build one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,4 +31,8 @@ pub struct VmSpec {
     /// The most the VM may burst by (its project's limits), for its host to decide alone.
     #[serde(default)]
     pub burst: crate::burst::BurstLimits,
+    /// A copy made from this broadcast's snapshot, which its host holds, instead of
+    /// from its image alone.
+    #[serde(default)]
+    pub seed: Option<BroadcastId>,
 }

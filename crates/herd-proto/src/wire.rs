@@ -239,6 +239,11 @@ pub enum AgentMsg {
     /// Round trips to the neighbours of the last [`ServerMsg::Neighbours`], each time
     /// they are measured.
     RoundTrips(Vec<crate::proximity::RoundTrip>),
+    /// An answer about one broadcast (see [`crate::broadcast`]).
+    Broadcast {
+        broadcast: crate::broadcast::BroadcastId,
+        update: crate::broadcast::BroadcastUpdate,
+    },
 }
 
 /// A guest module's report, as relayed to the server.
@@ -317,6 +322,8 @@ pub enum ServerMsg {
     /// The hosts this one should measure its round trips to, whole: each replaces the
     /// last. Answered, now and then, by [`AgentMsg::RoundTrips`].
     Neighbours(Vec<crate::proximity::Neighbour>),
+    /// An order for this host's part in a broadcast (see [`crate::broadcast`]).
+    Broadcast(Box<crate::broadcast::BroadcastOrder>),
 }
 
 /// Why a frame could not be decoded.

@@ -505,6 +505,7 @@ mod tests {
             deleting: false,
             created_at_ms: now,
             updated_at_ms: now,
+            seed: None,
         };
         let event = NewEvent {
             vm: Some(vm),

@@ -8,6 +8,7 @@ pub mod access;
 pub mod api;
 pub mod auth;
 pub mod billing;
+pub mod broadcast;
 pub mod bursts;
 pub mod cloud;
 pub mod group_commit;

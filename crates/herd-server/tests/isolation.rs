@@ -74,6 +74,8 @@ fn rule(method: &str, path: &str) -> Option<Rule> {
         ("POST", "/v1/vms/{id}/resize") => InProject(Member),
         ("GET", "/v1/vms/{id}/resizes") => InProject(Viewer),
         ("POST", "/v1/vms/{id}/bursts") => InProject(Member),
+        ("POST", "/v1/vms/{id}/broadcast") => InProject(Member),
+        ("GET", "/v1/vms/{id}/broadcasts") => InProject(Viewer),
         ("GET", "/v1/vms/{id}/console") => InProject(Member),
         ("GET", "/v1/events") => AnyUser,
         ("GET", "/v1/hosts") => CloudAdmin,
@@ -233,6 +235,7 @@ impl World {
             ("POST", "/v1/vms/{id}/migrate") => Some(json!({})),
             ("POST", "/v1/vms/{id}/resize") => Some(json!({"memory_mib": 300})),
             ("POST", "/v1/vms/{id}/bursts") => Some(json!({"cpus": 1, "seconds": 60})),
+            ("POST", "/v1/vms/{id}/broadcast") => Some(json!({})),
             ("PUT", "/v1/rate-cards/{project}") => {
                 Some(serde_json::to_value(RateCard::default()).expect("json"))
             }

@@ -335,6 +335,32 @@ pub enum VmCommand {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Spread a VM's snapshot to other hosts of its type down the proximity tree (the VM
+    /// is paused only while it is taken); with --start each host starts a copy.
+    Broadcast {
+        vm: String,
+        /// `all`, or KEY=VALUE: the hosts with that label.
+        #[arg(long, default_value = "all")]
+        to: String,
+        /// Each host that receives the snapshot starts a copy of the VM from it.
+        #[arg(long)]
+        start: bool,
+        /// Children per host (1, a chain, reaches one link's rate whatever the number
+        /// of hosts).
+        #[arg(long, default_value_t = 1)]
+        fanout: usize,
+        /// Follow it: every host's progress until all are done.
+        #[arg(long)]
+        watch: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// A VM's broadcasts, newest first, with every host's part.
+    Broadcasts {
+        vm: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Give a VM new vCPUs or memory: where it is if its host has room, else on a host
     /// of its type that has (it moves there live first), else refused with the reason.
     Resize {

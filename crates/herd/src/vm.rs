@@ -1,5 +1,6 @@
 //! Client subcommands: `herd vm ...` and `herd host ...`.
 
+mod broadcast;
 mod migrate;
 mod resize;
 
@@ -81,6 +82,28 @@ pub async fn vm(command: VmCommand) -> Result<()> {
             no_wait,
             output,
         } => migrate::migrate(&client, &vm, to, no_wait, output).await,
+        VmCommand::Broadcast {
+            vm,
+            to,
+            start,
+            fanout,
+            watch,
+            output,
+        } => {
+            let request = herd_server::api::BroadcastRequest {
+                to: Some(to),
+                start,
+                fanout: Some(fanout),
+            };
+            let ask = broadcast::Ask {
+                vm,
+                request,
+                watch,
+                output,
+            };
+            broadcast::broadcast(&client, ask).await
+        }
+        VmCommand::Broadcasts { vm, output } => broadcast::list(&client, &vm, output).await,
         VmCommand::Resize {
             vm,
             vcpus,

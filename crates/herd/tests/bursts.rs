@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{guest_binary, runc_usable, Server};
+use common::{guest_binary, runc_usable, Containers, Server};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -136,31 +136,6 @@ async fn ask(api: &common::Api, vm: &str, body: Value) -> (u16, Value) {
     .expect("request")
 }
 
-/// Removes every container the agent made when the test ends, passed or failed:
-/// containers outlive their agent, and busy ones left behind would skew the next run.
-struct Containers(PathBuf);
-
-impl Drop for Containers {
-    fn drop(&mut self) {
-        let root = self.0.join("oci").join(".runc");
-        let listed = std::process::Command::new("runc")
-            .arg("--root")
-            .arg(&root)
-            .args(["list", "-q"])
-            .output();
-        let Ok(listed) = listed else {
-            return;
-        };
-        for name in String::from_utf8_lossy(&listed.stdout).lines() {
-            let _ = std::process::Command::new("runc")
-                .arg("--root")
-                .arg(&root)
-                .args(["delete", "-f", name])
-                .output();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_is_granted_in_place_refused_without_room_and_ends_on_time_with_the_server_down() {
     if !runc_usable() {
@@ -189,7 +164,7 @@ async fn a_burst_is_granted_in_place_refused_without_room_and_ends_on_time_with_
             &[("HERD_GUEST_BINARY", &guest_binary())],
         )
         .await;
-    let _containers = Containers(agent.data_dir.clone());
+    let _containers = Containers(vec![agent.data_dir.clone()]);
     // The agent may first build the guest image (herd-guest changed), as `herd up` does.
     wait_for(
         root.path(),

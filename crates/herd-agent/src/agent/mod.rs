@@ -25,6 +25,7 @@ mod drivers_view;
 mod join;
 mod session;
 mod state;
+mod transfers;
 mod transport;
 
 use crate::driver::{Driver, DriverError};
@@ -200,30 +201,6 @@ impl Agent {
         }
         self.drivers = usable;
         Ok(infos)
-    }
-
-    /// Over HTTPS, listens for other agents' transfers (live migrations), with this
-    /// host's certificate; over plain HTTP there is nothing to authenticate them with.
-    async fn listen_for_transfers(
-        &self,
-        creds: &state::Credentials,
-        session: &mut Session,
-    ) -> Result<Option<tokio::task::JoinHandle<()>>, AgentError> {
-        if !creds.server_url.starts_with("https://") {
-            return Ok(None);
-        }
-        let [key, cert, ca] = self.tls_files()?;
-        let tls = crate::transfer::PeerTls::from_pem(&key, &cert, &ca)?;
-        let addr = std::net::SocketAddr::from(([0, 0, 0, 0], self.config.transfer_port));
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| AgentError::State(format!("listening for transfers on {addr}: {e}")))?;
-        let handle = session
-            .migrations
-            .listen(listener, tls)
-            .map_err(|e| AgentError::State(format!("listening for transfers: {e}")))?;
-        info!(port = ?session.migrations.port(), "listening for transfers from other hosts");
-        Ok(Some(handle))
     }
 
     fn capacity(&self) -> Capacity {

@@ -61,6 +61,8 @@ pub(super) struct Session {
     /// What the agent's side tasks (migrations, round trips) say, sent up as it comes.
     pub(super) outbox: mpsc::UnboundedSender<AgentMsg>,
     pub(super) outbox_rx: mpsc::UnboundedReceiver<AgentMsg>,
+    /// This host's part in broadcasts, when it takes transfers.
+    pub(super) broadcasts: Option<crate::broadcast::Broadcasts>,
     /// Measures round trips to the neighbours the server names, when it is asked to.
     pub(super) proximity: Option<crate::proximity::Proximity>,
     /// Where a user's asks for bursts go, when a driver here can burst.
@@ -108,6 +110,7 @@ impl Session {
             outbox,
             outbox_rx,
             proximity: None,
+            broadcasts: None,
             core: Core::new(saved, kinds, !ephemeral_state),
             watches: drivers.iter().cloned().map(DriverWatch::new).collect(),
             health,
@@ -352,6 +355,19 @@ impl Session {
                 let peers = self.peers.view(unix_ms(), self.status_interval_ms());
                 send_frame(tx, wire::encode(&AgentMsg::Peers { request, peers })).await?;
             }
+            Action::Broadcast(order) => match &self.broadcasts {
+                Some(broadcasts) => broadcasts.order(*order),
+                None => {
+                    let msg = AgentMsg::Broadcast {
+                        broadcast: order.broadcast(),
+                        update: herd_proto::broadcast::BroadcastUpdate::Failed {
+                            reason: "this host joined over plain HTTP and takes no transfers"
+                                .into(),
+                        },
+                    };
+                    send_frame(tx, wire::encode(&msg)).await?;
+                }
+            },
             Action::Neighbours(list) => {
                 if let Some(proximity) = &self.proximity {
                     proximity.neighbours(list);
@@ -405,8 +421,9 @@ impl Session {
         };
         let id = command.id;
         let done = self.done_tx.clone();
+        let broadcasts = self.broadcasts.clone();
         let handle = tokio::spawn(async move {
-            let result = converge(driver.as_ref(), &command).await;
+            let result = converge(driver.as_ref(), &command, broadcasts.as_ref()).await;
             if let Err(e) = &result {
                 warn!(command = %command.id, "command failed: {e}");
             }
@@ -457,7 +474,11 @@ pub(super) async fn send_frame(
 }
 
 /// Drives one VM to the command's target, one driver operation at a time.
-async fn converge(driver: &dyn Driver, command: &Command) -> Result<(), String> {
+async fn converge(
+    driver: &dyn Driver,
+    command: &Command,
+    broadcasts: Option<&crate::broadcast::Broadcasts>,
+) -> Result<(), String> {
     let vm = command.id.vm;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     let mut n_conflicts = 0;
@@ -493,7 +514,25 @@ async fn converge(driver: &dyn Driver, command: &Command) -> Result<(), String> 
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
-            Plan::Create => driver.create(vm, &command.spec).await,
+            Plan::Create => match (command.spec.seed, broadcasts) {
+                (Some(seed), Some(broadcasts)) => {
+                    let dir = broadcasts.dir_of(seed);
+                    match crate::broadcast::held::Held::manifest_in(&dir) {
+                        Some(manifest) => {
+                            driver
+                                .create_from(vm, &command.spec, &dir, &manifest.handoff)
+                                .await
+                        }
+                        None => Err(DriverError::Invalid(format!(
+                            "the snapshot of broadcast {seed} is not on this host"
+                        ))),
+                    }
+                }
+                (Some(seed), None) => Err(DriverError::Invalid(format!(
+                    "a copy of broadcast {seed} needs a host that takes transfers"
+                ))),
+                (None, _) => driver.create(vm, &command.spec).await,
+            },
             Plan::Start => driver.start(vm).await,
             Plan::Pause => driver.pause(vm).await,
             Plan::Resume => driver.resume(vm).await,

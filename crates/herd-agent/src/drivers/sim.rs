@@ -505,6 +505,7 @@ mod tests {
             keep_running: false,
             disk_mib: 0,
             burst: Default::default(),
+            seed: None,
         }
     }
 

@@ -54,6 +54,8 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/v1/vms/{id}/resize", post(vms::resize_vm))
         .route("/v1/vms/{id}/resizes", get(vms::vm_resizes))
         .route("/v1/vms/{id}/bursts", post(vms::burst_vm))
+        .route("/v1/vms/{id}/broadcast", post(vms::broadcast_vm))
+        .route("/v1/vms/{id}/broadcasts", get(vms::vm_broadcasts))
         .route("/v1/vms/{id}/events", get(vms::vm_events))
         .route("/v1/vms/{id}/console", get(vms::vm_console))
         .route("/v1/events", get(vms::list_events))

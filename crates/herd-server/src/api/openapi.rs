@@ -16,7 +16,7 @@ use utoipa::OpenApi;
 #[openapi(
     info(title = "herd", description = "A self-hosted cloud for virtual machines and system containers."),
     paths(
-        healthz, metrics, launch_vm, launch_batch, list_vms, get_vm, delete_vm, vm_action, migrate_vm, vm_migrations, resize_vm, vm_resizes, burst_vm, vm_events, vm_console,
+        healthz, metrics, launch_vm, launch_batch, list_vms, get_vm, delete_vm, vm_action, migrate_vm, vm_migrations, resize_vm, vm_resizes, burst_vm, broadcast_vm, vm_broadcasts, vm_events, vm_console,
         list_events, list_hosts, get_host, host_status, label_host, get_topology, get_map, create_join_token, get_rate_card, put_rate_card,
         get_bill, agent_join, agent_discovery, agent_bus,
         tenants::whoami, tenants::list_projects, tenants::create_project, tenants::get_project,

@@ -3,9 +3,9 @@
 
 use super::{
     page_size, ApiError, ApiJson, ApiPath, ApiQuery, AppState, BatchLaunchRequest, BatchLaunched,
-    BurstRequest, BurstView, ConsoleQuery, ErrorBody, EventList, EventQuery, EventView,
-    LaunchRequest, MigrateRequest, MigrationList, MigrationView, ResizeList, ResizeRequest,
-    ResizeView, User, VmList, VmQuery, VmView,
+    BroadcastList, BroadcastRequest, BroadcastView, BurstRequest, BurstView, ConsoleQuery,
+    ErrorBody, EventList, EventQuery, EventView, LaunchRequest, MigrateRequest, MigrationList,
+    MigrationView, ResizeList, ResizeRequest, ResizeView, User, VmList, VmQuery, VmView,
 };
 use crate::access::Perm;
 use crate::cloud::{Cloud, LaunchSpec};
@@ -291,6 +291,60 @@ pub(super) async fn vm_resizes(
     let latest = crate::blocking(|| cloud.vm_resize(record.id))?;
     Ok(Json(ResizeList {
         items: latest.iter().map(ResizeView::of).collect(),
+    }))
+}
+
+/// Spread the VM's snapshot to other hosts of its type, down a proximity tree from its
+/// host; with `start`, each starts a copy. The VM is paused only while its snapshot is
+/// taken. Returns at once; `GET /v1/vms/{id}/broadcasts` follows it.
+#[utoipa::path(post, path = "/v1/vms/{id}/broadcast", request_body = BroadcastRequest,
+    params(("id" = String, Path, description = "VM id")),
+    responses((status = 202, body = BroadcastView), (status = 400, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+pub(super) async fn broadcast_vm(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(request): ApiJson<BroadcastRequest>,
+) -> Result<(StatusCode, Json<BroadcastView>), ApiError> {
+    let record = vm_for(&cloud, &user, &id, Perm::OperateVms)?;
+    let to = match request.to.as_deref() {
+        None | Some("all") => None,
+        Some(label) => match label.split_once('=') {
+            Some((key, value)) if !key.is_empty() && !value.is_empty() => {
+                Some((key.to_owned(), value.to_owned()))
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    "to: `all` or KEY=VALUE (a host label)",
+                ))
+            }
+        },
+    };
+    let ask = crate::broadcast::BroadcastAsk {
+        to,
+        start: request.start,
+        fanout: request.fanout.unwrap_or(1),
+    };
+    let b = crate::blocking(|| cloud.broadcast(&record, &ask))?;
+    Ok((StatusCode::ACCEPTED, Json(BroadcastView::of(&b))))
+}
+
+/// The VM's broadcasts, newest first (at most the last 20), each with every host's
+/// progress.
+#[utoipa::path(get, path = "/v1/vms/{id}/broadcasts", params(("id" = String, Path, description = "VM id")),
+    responses((status = 200, body = BroadcastList), (status = 404, body = ErrorBody)))]
+pub(super) async fn vm_broadcasts(
+    user: User,
+    State(cloud): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<BroadcastList>, ApiError> {
+    let record = vm_for(&cloud, &user, &id, Perm::Read)?;
+    let items = crate::blocking(|| cloud.broadcasts_of(record.id))?;
+    Ok(Json(BroadcastList {
+        items: items.iter().map(BroadcastView::of).collect(),
     }))
 }
 

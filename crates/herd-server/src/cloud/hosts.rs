@@ -29,6 +29,11 @@ impl Cloud {
         Ok(self.status_of(host, &self.live.lock(), &self.placement.lock()))
     }
 
+    /// Whether `host` is down (or unknown) as the liveness check sees it now.
+    pub(crate) fn host_down_now(&self, host: HostId) -> bool {
+        self.live.lock().get(&host).is_none_or(|live| live.down)
+    }
+
     /// The live resource map as `scope` may see it.
     pub fn resource_map(&self, scope: &MapScope) -> Result<ResourceMap, CloudError> {
         let hosts = self.hosts()?;

@@ -220,6 +220,8 @@ pub struct Cloud {
     pub bursts: crate::bursts::book::Bursts,
     /// Hosts' status messages, relayed to the others (the `status` module).
     pub statuses: crate::status::book::Statuses,
+    /// Broadcasts in progress (the coordinator is the `broadcast` module).
+    pub broadcasts: crate::broadcast::book::Broadcasts,
     /// Where agents are reached and how close they are (the `topology` module).
     pub topology: crate::topology::book::Topology,
 }
@@ -256,9 +258,11 @@ impl Cloud {
             bursts: Default::default(),
             statuses: Default::default(),
             topology: Default::default(),
+            broadcasts: Default::default(),
         };
         cloud.rebuild()?;
         cloud.restore_migrations()?;
+        cloud.restore_broadcasts()?;
         cloud.restore_resizes()?;
         Ok(cloud)
     }
@@ -277,6 +281,7 @@ impl Cloud {
         tokio::spawn(self.clone().drive_resizes());
         tokio::spawn(self.clone().relay_statuses());
         tokio::spawn(self.clone().tell_neighbours());
+        tokio::spawn(self.clone().drive_broadcasts());
         let cloud = self.clone();
         tokio::spawn(async move {
             loop {
@@ -366,5 +371,6 @@ pub fn shape_of(vm: &VmRecord) -> VmSpec {
         keep_running: vm.keep_running,
         disk_mib: vm.disk_mib,
         burst: herd_proto::burst::BurstLimits::default(),
+        seed: vm.seed,
     }
 }

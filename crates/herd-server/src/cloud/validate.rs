@@ -109,6 +109,7 @@ impl Cloud {
                 keep_running: spec.keep_running,
                 disk_mib,
                 burst: Default::default(),
+                seed: None,
             },
         ))
     }

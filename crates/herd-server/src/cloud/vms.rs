@@ -94,6 +94,7 @@ impl Cloud {
                 policy: spec.policy,
                 keep_running: spec.keep_running,
                 disk_mib: spec.disk_mib,
+                seed: None,
                 host,
                 desired: VmState::Running,
                 generation: 1,
@@ -124,6 +125,81 @@ impl Cloud {
         drop(placement);
         self.reconcile_now.notify_one();
         Ok(rows.into_iter().map(|(record, _)| record).collect())
+    }
+
+    /// A broadcast's copy of `source` on `host`, made from the snapshot held there:
+    /// counted against the project's quota and the host's room like any launch, under
+    /// the same lock, and named `name`.
+    pub(crate) fn launch_copy(
+        &self,
+        source: &VmRecord,
+        host: herd_proto::wire::HostId,
+        name: String,
+        seed: uuid::Uuid,
+    ) -> Result<VmRecord, CloudError> {
+        if !valid_name(&name) {
+            return Err(invalid("name", format!("{name:?} is not a valid VM name")));
+        }
+        let mut placement = self.placement.lock();
+        self.check_quota(&source.project, 1, source.vcpus, source.memory_mib)?;
+        let spec = super::shape_of(source);
+        let demand = herd_sched::Demand {
+            hypervisor: spec.hypervisor.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+        };
+        let fits = match placement.sched.host(host).cloned() {
+            Some(slot) => herd_sched::place(&[slot], &demand, placement.sched.policy())
+                .map(|_| ())
+                .map_err(|why| why.to_string()),
+            None => Err("the host is unknown to placement".into()),
+        };
+        if let Err(why) = fits {
+            return Err(CloudError::Conflict {
+                code: "no_capacity",
+                message: format!(
+                    "no room for a copy of {} on host {host}: {why}",
+                    source.name
+                ),
+            });
+        }
+        let now = now_ms();
+        let id = Uuid::now_v7();
+        placement.add(id, host, source.vcpus, source.memory_mib);
+        let record = VmRecord {
+            id,
+            name,
+            host: Some(host),
+            seed: Some(seed),
+            desired: VmState::Running,
+            generation: 1,
+            issued_generation: 0,
+            observed: VmState::Scheduled,
+            observed_at_ms: now,
+            last_error: None,
+            deleting: false,
+            created_at_ms: now,
+            updated_at_ms: now,
+            ..source.clone()
+        };
+        let event = NewEvent {
+            vm: Some(id),
+            host: Some(host),
+            kind: "vm.launched",
+            from: None,
+            to: Some(VmState::Scheduled),
+            message: format!(
+                "launched as a copy of {} from broadcast {seed}",
+                source.name
+            ),
+        };
+        if let Err(e) = self.store.insert_vms(&[(record.clone(), event)]) {
+            placement.release(id);
+            return Err(e.into());
+        }
+        drop(placement);
+        self.reconcile_now.notify_one();
+        Ok(record)
     }
 
     pub fn vm(&self, id: &str) -> Result<VmRecord, CloudError> {

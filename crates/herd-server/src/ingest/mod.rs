@@ -546,6 +546,11 @@ async fn on_frame(
             }
             Ok(())
         }
+        AgentMsg::Broadcast { broadcast, update } => {
+            cloud.host_heard(host, session);
+            crate::blocking(|| cloud.broadcast_update(host, broadcast, update));
+            Ok(())
+        }
         AgentMsg::RoundTrips(trips) => {
             if trips.len() > herd_proto::proximity::MAX_NEIGHBOURS {
                 return Err(format!(

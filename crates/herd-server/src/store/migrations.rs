@@ -125,17 +125,7 @@ impl Store {
         sql: &str,
         args: impl rusqlite::Params,
     ) -> Result<Vec<Migration>, StoreError> {
-        let db = self.reader();
-        let mut stmt = db.prepare_cached(sql)?;
-        let rows = stmt.query_map(args, |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, body) = row?;
-            out.push(migration_of(&id, &body)?);
-        }
-        Ok(out)
+        self.query_records(sql, args, "migration")
     }
 
     /// One migration by id.

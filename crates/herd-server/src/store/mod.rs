@@ -6,6 +6,7 @@
 //! columns, as Kubernetes separates spec and status; the reconciler drives one toward
 //! the other. Only this module writes SQL.
 
+mod broadcasts;
 mod bursts;
 mod events;
 mod hosts;
@@ -73,6 +74,8 @@ pub struct VmRecord {
     pub keep_running: bool,
     /// The data disk's size in MiB; 0 for none.
     pub disk_mib: u64,
+    /// A broadcast's copy: made from that broadcast's snapshot on its host.
+    pub seed: Option<uuid::Uuid>,
     pub host: Option<HostId>,
     pub desired: VmState,
     pub generation: u64,
@@ -179,6 +182,7 @@ impl Store {
         db.execute_batch(migrations::SCHEMA)?;
         db.execute_batch(resizes::SCHEMA)?;
         db.execute_batch(bursts::SCHEMA)?;
+        db.execute_batch(broadcasts::SCHEMA)?;
         tenancy::bootstrap(&db)?;
         let index = Mutex::new(load_index(&db)?);
         let readers = (0..READERS)
@@ -246,6 +250,7 @@ mod tests {
             policy: PolicySpec::default(),
             keep_running: false,
             disk_mib: 0,
+            seed: None,
             host: None,
             desired: VmState::Running,
             generation: 1,

@@ -20,7 +20,7 @@ pub(super) fn in_list(args: &mut Vec<rusqlite::types::Value>, values: &[String])
 pub(super) const VM_COLUMNS: &str =
     "id, name, project, hypervisor, vcpus, memory_mib, image, command, host, \
      desired_state, generation, issued_generation, observed_state, observed_at, last_error, \
-     deleting, created_at, updated_at, policy, keep_running, disk_mib";
+     deleting, created_at, updated_at, policy, keep_running, disk_mib, seed";
 
 pub(super) fn parse_uuid(text: &str) -> Result<uuid::Uuid, StoreError> {
     text.parse()
@@ -56,6 +56,7 @@ pub(super) fn vm_from_row(row: &Row<'_>) -> Result<Result<VmRecord, StoreError>,
     let policy: String = row.get(18)?;
     let keep_running: i64 = row.get(19)?;
     let disk_mib: i64 = row.get(20)?;
+    let seed: Option<String> = row.get(21)?;
     Ok((|| {
         let (
             name,
@@ -86,6 +87,7 @@ pub(super) fn vm_from_row(row: &Row<'_>) -> Result<Result<VmRecord, StoreError>,
                 .map_err(|e| StoreError::Corrupt(format!("policy of VM {id}: {e}")))?,
             keep_running: keep_running != 0,
             disk_mib: disk_mib.max(0) as u64,
+            seed: seed.as_deref().map(parse_uuid).transpose()?,
             host: host.as_deref().map(parse_uuid).transpose()?,
             desired: parse_state(&desired)?,
             generation: generation as u64,
@@ -140,4 +142,30 @@ pub(super) fn host_from_row(
                 .map_err(|e| StoreError::Corrupt(format!("labels of host {id}: {e}")))?,
         })
     })())
+}
+
+impl super::Store {
+    /// Rows of (id, body) whose body is a whole record as JSON (migrations,
+    /// broadcasts), decoded; `what` names the kind in a corruption's message.
+    pub(super) fn query_records<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        args: impl rusqlite::Params,
+        what: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        let db = self.reader();
+        let mut stmt = db.prepare_cached(sql)?;
+        let rows = stmt.query_map(args, |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, body) = row?;
+            out.push(
+                serde_json::from_str(&body)
+                    .map_err(|e| StoreError::Corrupt(format!("{what} {id}: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
 }

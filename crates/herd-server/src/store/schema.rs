@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS vms (
     updated_at INTEGER NOT NULL,
     policy TEXT NOT NULL DEFAULT '{}',
     keep_running INTEGER NOT NULL DEFAULT 0,
-    disk_mib INTEGER NOT NULL DEFAULT 0
+    disk_mib INTEGER NOT NULL DEFAULT 0,
+    seed TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS vms_by_name ON vms (project, name);
 CREATE INDEX IF NOT EXISTS vms_by_host ON vms (host);
@@ -107,6 +108,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("vms", "disk_mib", "INTEGER NOT NULL DEFAULT 0"),
     ("projects", "burst", "TEXT"),
     ("hosts", "labels", "TEXT NOT NULL DEFAULT '{}'"),
+    ("vms", "seed", "TEXT"),
 ];
 
 /// Brings a database made by an older herd up to this schema.

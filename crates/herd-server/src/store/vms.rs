@@ -19,7 +19,7 @@ impl Store {
             let result = tx
                 .prepare_cached(&format!(
                     "INSERT INTO vms ({VM_COLUMNS}) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
                 ))?
                 .execute(params![
                     vm.id.to_string(),
@@ -43,6 +43,7 @@ impl Store {
                     serde_json::to_string(&vm.policy).unwrap_or_else(|_| "{}".into()),
                     vm.keep_running as i64,
                     vm.disk_mib as i64,
+                    vm.seed.map(|s| s.to_string()),
                 ]);
             match result {
                 Err(rusqlite::Error::SqliteFailure(err, _))

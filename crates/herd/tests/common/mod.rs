@@ -30,6 +30,51 @@ pub fn herd_cli(config: &Path, env: &[(&str, &str)], args: &[&str]) -> std::proc
     command.output().expect("run herd")
 }
 
+/// Logs the CLI with config dir `config` in to `server` as its admin.
+pub fn login_admin(config: &Path, server: &Server) {
+    ok(herd_cli(
+        config,
+        &[],
+        &[
+            "login",
+            "--url",
+            &server.url,
+            "--token",
+            &server.token,
+            "--ca-fingerprint",
+            &server.ca_fingerprint(),
+        ],
+    ));
+}
+
+/// Removes every container the agents with these data dirs made when the test ends,
+/// passed or failed: containers outlive their agent, and busy ones left behind would
+/// skew the next run.
+pub struct Containers(pub Vec<PathBuf>);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let root = dir.join("oci").join(".runc");
+            let Ok(listed) = Command::new("runc")
+                .arg("--root")
+                .arg(&root)
+                .args(["list", "-q"])
+                .output()
+            else {
+                continue;
+            };
+            for name in String::from_utf8_lossy(&listed.stdout).lines() {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(&root)
+                    .args(["delete", "-f", name])
+                    .output();
+            }
+        }
+    }
+}
+
 /// What a CLI run that must succeed printed.
 pub fn ok(out: std::process::Output) -> String {
     assert!(

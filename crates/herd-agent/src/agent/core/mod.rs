@@ -91,6 +91,8 @@ pub(crate) enum Action {
     Migration(Box<herd_proto::migration::MigrationOrder>),
     /// Take other hosts' statuses into the peer table.
     Peers(Vec<herd_proto::status::PeerUpdate>),
+    /// Carry out (or answer again) an order about a broadcast.
+    Broadcast(Box<herd_proto::broadcast::BroadcastOrder>),
     /// Measure round trips to these hosts from now on.
     Neighbours(Vec<herd_proto::proximity::Neighbour>),
     /// Say what this host knows of the others, as `request`'s answer.
@@ -243,6 +245,7 @@ impl Core {
             ServerMsg::Peers(updates) => out.push(Action::Peers(updates)),
             ServerMsg::PeersRequest { request } => out.push(Action::PeersRequest { request }),
             ServerMsg::Neighbours(list) => out.push(Action::Neighbours(list)),
+            ServerMsg::Broadcast(order) => out.push(Action::Broadcast(order)),
             ServerMsg::Burst { request, vm, ask } => out.push(Action::Burst { request, vm, ask }),
             ServerMsg::ConsoleRequest {
                 request,

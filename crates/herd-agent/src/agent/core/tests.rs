@@ -31,6 +31,7 @@ fn command(vm_n: u8, generation: u64, target: VmState, hypervisor: &str) -> Serv
             keep_running: false,
             disk_mib: 0,
             burst: Default::default(),
+            seed: None,
         },
         target,
     }))

@@ -45,7 +45,7 @@ fn bytes_under(dir: &Path) -> u64 {
 
 /// `tar` over a container's layer, keeping owners by number and extended attributes
 /// (overlayfs records deletions as whiteouts, which tar carries as device files).
-fn tar(args: &[&str], dir: &Path) -> tokio::process::Command {
+pub(super) fn tar(args: &[&str], dir: &Path) -> tokio::process::Command {
     let mut command = tokio::process::Command::new("tar");
     command
         .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-C"])

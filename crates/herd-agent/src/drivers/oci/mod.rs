@@ -22,9 +22,10 @@ mod container;
 mod migrate;
 mod ops;
 mod runc;
+mod snapshot;
 
 use crate::driver::{
-    same_shape, Capabilities, Driver, DriverError, ObservedVm, ProgressSink, Sent,
+    same_shape, Capabilities, Driver, DriverError, ObservedVm, ProgressSink, Sent, Snapshot,
 };
 use crate::drivers::channel::Guests;
 use crate::drivers::{console, images};
@@ -440,10 +441,31 @@ impl Driver for OciDriver {
     async fn create(&self, id: VmId, spec: &VmSpec) -> Result<(), DriverError> {
         let spec = spec.clone();
         self.inner
-            .run_op(
-                id,
-                move |inner| async move { inner.do_create(id, spec).await },
-            )
+            .run_op(id, move |inner| async move {
+                inner.do_create(id, spec, None).await
+            })
+            .await
+    }
+
+    async fn snapshot(&self, id: VmId, dir: &std::path::Path) -> Result<Snapshot, DriverError> {
+        let dir = dir.to_owned();
+        self.inner
+            .run_op(id, move |inner| inner.do_snapshot(id, dir))
+            .await
+    }
+
+    async fn create_from(
+        &self,
+        id: VmId,
+        spec: &VmSpec,
+        dir: &std::path::Path,
+        _handoff: &[u8],
+    ) -> Result<(), DriverError> {
+        let (spec, dir) = (spec.clone(), dir.to_owned());
+        self.inner
+            .run_op(id, move |inner| async move {
+                inner.do_create(id, spec, Some(dir)).await
+            })
             .await
     }
 

@@ -24,10 +24,13 @@ impl Inner {
         move |reason| DriverError::Hypervisor { vm: id, reason }
     }
 
+    /// Makes and launches the container; with `seed`, its writable layer starts as the
+    /// snapshot in that directory (a broadcast's copy).
     pub(super) async fn do_create(
         self: Arc<Self>,
         id: VmId,
         spec: VmSpec,
+        seed: Option<std::path::PathBuf>,
     ) -> Result<(), DriverError> {
         if self.containers.lock().contains_key(&id) {
             return Ok(());
@@ -37,6 +40,12 @@ impl Inner {
         let paths = Paths::new(&self.state_dir, id);
         std::fs::create_dir_all(&paths.dir)
             .map_err(DriverError::io("creating the container dir"))?;
+        if let Some(seed) = seed {
+            if let Err(e) = super::snapshot::unpack(&paths, &seed).await {
+                let _ = std::fs::remove_dir_all(&paths.dir);
+                return Err(e);
+            }
+        }
         crate::drivers::save_spec(&paths.spec(), &spec)?;
         let c = Container::fresh(
             id,

@@ -226,6 +226,7 @@ impl Inner {
             keep_running: false,
             disk_mib: 0,
             burst: Default::default(),
+            seed: None,
         };
         let launch = LaunchSpec {
             id: VmId::nil(),

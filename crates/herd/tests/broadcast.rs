@@ -1,0 +1,209 @@
+//! Broadcasts through the whole product, on real containers: four hosts in two racks,
+//! a container that wrote a file, its snapshot spread down the chain from its host
+//! with `herd vm broadcast --start --watch`; every host sends its first chunk with a
+//! flipped byte once (`HERD_FAULT_FLIP_CHUNK`), and every child finds it out and gets
+//! it again; every host holds a byte-identical snapshot, every copy starts with the
+//! file the original wrote, and bad asks are refused with the reason, the original left
+//! running.
+
+mod common;
+
+use common::{err, guest_binary, herd_cli, login_admin, runc_usable, Containers, Server};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+async fn wait_until(what: &str, timeout: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn console(agent_dir: &Path, vm: &str) -> String {
+    std::fs::read_to_string(agent_dir.join("oci").join(vm).join("console.log")).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_container_goes_to_every_host_and_each_copy_starts_with_its_files() {
+    if !runc_usable() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(root.path(), &[]).await;
+    let api = server.client();
+    let images = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-e2e-images");
+    let images = images.display().to_string();
+    let mut agents = Vec::new();
+    for (name, rack) in [("h1", "r1"), ("h2", "r1"), ("h3", "r2"), ("h4", "r2")] {
+        let rack = format!("rack={rack}");
+        let args = [
+            "--drivers",
+            "oci",
+            "--cpus",
+            "2",
+            "--memory-mib",
+            "2048",
+            "--image-dir",
+            &images,
+            "--label",
+            &rack,
+        ];
+        let agent = server
+            .start_agent_env(
+                root.path(),
+                name,
+                &args,
+                &[
+                    ("HERD_GUEST_BINARY", &guest_binary()),
+                    ("HERD_FAULT_FLIP_CHUNK", Path::new("0")),
+                ],
+            )
+            .await;
+        agents.push(agent);
+    }
+    let _containers = Containers(agents.iter().map(|a| a.data_dir.clone()).collect());
+    wait_until("four hosts up", Duration::from_secs(300), async || {
+        let hosts = api.get("/v1/hosts").await;
+        hosts
+            .as_array()
+            .is_some_and(|h| h.iter().filter(|h| h["state"] == "up").count() == 4)
+    })
+    .await;
+
+    // The original writes a mark into its writable layer once; a copy finds it.
+    let workload = "if [ -f /mark ]; then echo \"found $(cat /mark)\"; \
+                    else cat /proc/sys/kernel/random/uuid > /mark; echo wrote; fi; \
+                    while :; do sleep 1; done";
+    let vm = api
+        .post(
+            "/v1/vms",
+            json!({"name": "c1", "hypervisor": "oci", "vcpus": 1, "memory_mib": 64,
+                   "command": ["sh", "-c", workload]}),
+        )
+        .await
+        .expect("launch");
+    let id = vm["id"].as_str().expect("id").to_owned();
+    wait_until("c1 running", Duration::from_secs(180), async || {
+        api.get(&format!("/v1/vms/{id}")).await["state"] == "running"
+    })
+    .await;
+    let record = api.get(&format!("/v1/vms/{id}")).await;
+    let source_host = record["host"].as_str().expect("host").to_owned();
+    let hosts = api.get("/v1/hosts").await;
+    let hostname_of = |host: &str| -> String {
+        hosts
+            .as_array()
+            .and_then(|hs| hs.iter().find(|h| h["id"] == host))
+            .and_then(|h| h["hostname"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let source = agents
+        .iter()
+        .find(|a| a.data_dir.ends_with(hostname_of(&source_host)))
+        .expect("the source's agent");
+    wait_until("c1 wrote its mark", Duration::from_secs(60), async || {
+        console(&source.data_dir, &id).contains("wrote")
+    })
+    .await;
+    let mark = std::fs::read_to_string(source.data_dir.join("oci").join(&id).join("upper/mark"))
+        .expect("the mark in c1's layer");
+
+    // Bad asks first: refused with the reason, nothing started, c1 still running.
+    let cfg = root.path().join("cli");
+    login_admin(&cfg, &server);
+    let refused = err(herd_cli(
+        &cfg,
+        &[],
+        &["vm", "broadcast", "c1", "--to", "rack=nowhere"],
+    ));
+    assert!(refused.contains("rack=nowhere"), "{refused}");
+    let refused = err(herd_cli(
+        &cfg,
+        &[],
+        &["vm", "broadcast", "c1", "--fanout", "0"],
+    ));
+    assert!(refused.contains("fanout"), "{refused}");
+    let refused = err(herd_cli(&cfg, &[], &["vm", "broadcast", "nosuchvm"]));
+    assert!(refused.contains("nosuchvm"), "{refused}");
+    assert_eq!(api.get(&format!("/v1/vms/{id}")).await["state"], "running");
+
+    // The broadcast, followed to its end.
+    let started = Instant::now();
+    let out = herd_cli(&cfg, &[], &["vm", "broadcast", "c1", "--start", "--watch"]);
+    let watched = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{watched}");
+    eprintln!(
+        "{watched}broadcast to 3 hosts in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(watched.contains("ended"), "{watched}");
+    let list = api.get(&format!("/v1/vms/{id}/broadcasts")).await;
+    let b = &list["items"][0];
+    assert_eq!(b["phase"], "ended", "{b}");
+    let parts = b["hosts"].as_array().expect("hosts");
+    assert_eq!(parts.len(), 3);
+    assert!(parts.iter().all(|p| p["phase"] == "done"), "{b}");
+    // Each host got its first chunk corrupted once by its parent, and fetched it again.
+    assert!(parts.iter().all(|p| p["refetched"] == 1), "{b}");
+    assert!(b["paused_ms"].as_u64().is_some());
+    // A chain from the source, its own rack first.
+    let parents: Vec<&Value> = parts.iter().map(|p| &p["parent"]).collect();
+    assert_eq!(parents[0], &json!(source_host));
+    for w in parts.windows(2) {
+        assert_eq!(w[1]["parent"], w[0]["host"], "a chain: {b}");
+    }
+
+    // Every host holds the same bytes as the source.
+    let bid = b["id"].as_str().expect("id").replace('-', "");
+    let held = |dir: &Path| std::fs::read(dir.join("broadcasts").join(&bid).join("layer.tar"));
+    let original = held(&source.data_dir).expect("the source's snapshot");
+    for agent in &agents {
+        assert_eq!(held(&agent.data_dir).expect("a held snapshot"), original);
+    }
+
+    // Every copy runs and starts with the original's mark.
+    let copies: Vec<String> = parts
+        .iter()
+        .map(|p| p["copy"].as_str().expect("a copy").to_owned())
+        .collect();
+    for copy in &copies {
+        wait_until("a copy running", Duration::from_secs(180), async || {
+            api.get(&format!("/v1/vms/{copy}")).await["state"] == "running"
+        })
+        .await;
+        let vm = api.get(&format!("/v1/vms/{copy}")).await;
+        assert!(
+            vm["name"].as_str().is_some_and(|n| n.starts_with("c1-h")),
+            "{vm}"
+        );
+        let host = vm["host"].as_str().expect("host");
+        let agent = agents
+            .iter()
+            .find(|a| a.data_dir.ends_with(hostname_of(host)))
+            .expect("its agent");
+        wait_until("the copy's workload", Duration::from_secs(60), async || {
+            console(&agent.data_dir, copy).contains("found")
+        })
+        .await;
+        assert!(
+            console(&agent.data_dir, copy).contains(&format!("found {}", mark.trim())),
+            "{}",
+            console(&agent.data_dir, copy)
+        );
+    }
+    assert_eq!(api.get(&format!("/v1/vms/{id}")).await["state"], "running");
+    // Once one has ended, the VM can be broadcast again.
+    let again = api
+        .post(&format!("/v1/vms/{id}/broadcast"), json!({"fanout": 3}))
+        .await
+        .expect("a second broadcast");
+    assert_eq!(again["hosts"].as_array().map(Vec::len), Some(3));
+    for copy in copies.iter().chain([&id]) {
+        let _ = api
+            .request(reqwest::Method::DELETE, &format!("/v1/vms/{copy}"), None)
+            .await;
+    }
+}
