@@ -207,3 +207,85 @@ async fn a_container_goes_to_every_host_and_each_copy_starts_with_its_files() {
             .await;
     }
 }
+
+/// A qemu VM with a disk, on the netns testbed: its snapshot (memory and disk in one
+/// stream) reaches both other hosts byte for byte, the original is paused only while
+/// the stream's last pass goes, and each copy goes on counting from where the
+/// original was, not from one.
+#[test]
+fn a_qemu_vm_with_a_disk_is_copied_to_every_host_and_each_copy_goes_on_counting() {
+    use common::cluster::{counts, launch_counter, start_with, vm, wait_vm};
+    if !common::qemu_present() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let cluster = start_with(root.path(), "qemu", &[]);
+    launch_counter(&cluster);
+    let console = |name: &str| cluster.cli(&["vm", "console", name]).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while counts(&console("m1")).last().copied().unwrap_or(0) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "m1 never counted: {}",
+            console("m1")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = counts(&console("m1")).last().copied().unwrap_or(0);
+
+    let started = Instant::now();
+    cluster
+        .cli(&["vm", "broadcast", "m1", "--start", "--watch"])
+        .expect("the broadcast");
+    eprintln!(
+        "broadcast of m1 to 2 hosts in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let list = cluster
+        .cli_json(&["vm", "broadcasts", "m1"])
+        .expect("broadcasts");
+    let b = &list["items"][0];
+    assert_eq!(b["phase"], "ended", "{b}");
+    let parts = b["hosts"].as_array().expect("hosts");
+    assert_eq!(parts.len(), 2);
+    assert!(parts.iter().all(|p| p["phase"] == "done"), "{b}");
+    eprintln!(
+        "snapshot {} bytes, m1 paused {} ms",
+        b["size_bytes"], b["paused_ms"]
+    );
+    assert_eq!(vm(&cluster, "m1")["state"], "running");
+
+    // The same bytes on all three hosts.
+    let bid = b["id"].as_str().expect("id").replace('-', "");
+    let held: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            let path = root.path().join(format!("host{i}/broadcasts/{bid}/state"));
+            std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .collect();
+    assert!(held[0].len() as u64 == b["size_bytes"].as_u64().unwrap_or(0));
+    assert!(held.iter().all(|h| *h == held[0]), "the snapshots differ");
+
+    // Each copy runs on its host and counts on from the snapshot's instant.
+    for part in parts {
+        let copy = part["copy"].as_str().expect("a copy");
+        let view = wait_vm(&cluster, copy, "running", |v| v["state"] == "running");
+        assert_eq!(view["host"], part["host"], "{view}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let first = loop {
+            if let Some(first) = counts(&console(copy)).first().copied() {
+                break first;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the copy never counted: {}",
+                console(copy)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(
+            first > before,
+            "the copy started at {first}, not after the {before} m1 had shown: it rebooted"
+        );
+    }
+}

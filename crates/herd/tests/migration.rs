@@ -8,37 +8,14 @@
 
 mod common;
 
-use common::{guest_binary, qemu_present};
-use herd_testbed::{Cluster, ClusterConfig, Shape, Testbed};
+use common::cluster::{counts, launch_counter, start_with, vm, wait_vm};
+use common::qemu_present;
+use herd_testbed::{Cluster, Shape};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// The counts a workload printed (`count=N` lines).
-fn counts(console: &str) -> Vec<u64> {
-    console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("count=")?.trim().parse().ok())
-        .collect()
-}
-
-fn vm(cluster: &Cluster, name: &str) -> Value {
-    cluster.cli_json(&["vm", "show", name]).expect("vm show")
-}
-
-fn wait_vm(cluster: &Cluster, name: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let view = vm(cluster, name);
-        if done(&view) {
-            return view;
-        }
-        assert!(Instant::now() < deadline, "{name}: not {what}: {view:#}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// Waits until m1's latest migration has ended `done` (the source's copy removed and
 /// acknowledged: until then the VM counts as migrating) and returns its line.
@@ -233,64 +210,6 @@ fn start(root: &Path) -> Cluster {
 /// Three qemu hosts on the testbed, up, host `i` with `host_args[i]` besides.
 fn start_sized(root: &Path, host_args: &[&[&str]]) -> Cluster {
     start_with(root, "qemu", host_args)
-}
-
-/// Three hosts with these drivers on the testbed, up.
-fn start_with(root: &Path, drivers: &str, host_args: &[&[&str]]) -> Cluster {
-    let bed = Testbed::create(3).expect("testbed (needs root)");
-    let image_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-e2e-images");
-    if drivers.contains("qemu") {
-        // Built here, outside the namespaces: they cannot reach the kernel's download.
-        let built = std::process::Command::new(env!("CARGO_BIN_EXE_herd"))
-            .args(["image", "build", "--data-dir"])
-            .arg(&image_dir)
-            .env("HERD_GUEST_BINARY", guest_binary())
-            .status()
-            .expect("herd image build");
-        assert!(built.success(), "herd image build: {built}");
-    }
-    let mut config = ClusterConfig::new(Path::new(env!("CARGO_BIN_EXE_herd")), root, drivers);
-    config.server_args = ["--default-hypervisor", "qemu", "--host-grace-s", "5"]
-        .map(str::to_owned)
-        .to_vec();
-    config.agent_args = vec![
-        "--accel".into(),
-        "tcg".into(),
-        "--image-dir".into(),
-        image_dir.display().to_string(),
-        "--util-interval-ms".into(),
-        "0".into(),
-    ];
-    config.env = vec![("HERD_GUEST_BINARY".into(), guest_binary())];
-    config.host_args = host_args
-        .iter()
-        .map(|args| args.iter().map(|a| a.to_string()).collect())
-        .collect();
-    let cluster = Cluster::start(bed, config).expect("cluster");
-    cluster
-        .wait_hosts(Duration::from_secs(300), |hosts| {
-            hosts.len() == 3 && hosts.iter().all(|h| h["state"] == "up")
-        })
-        .expect("three hosts up");
-    cluster
-}
-
-/// A guest with a disk that counts every 100 ms, appending each count to /data/count
-/// and printing it on its console, running; its view. At boot it says what the disk
-/// holds (`disk-last=N`, `disk-gaps=G`: counts not one more than the one before) and
-/// goes on from there.
-fn launch_counter(cluster: &Cluster) -> Value {
-    let counter = "if [ -s /data/count ]; then \
-         awk 'NR > 1 && $1 != p + 1 { g++ } { p = $1 } \
-              END { print \"disk-last=\" p + 0; print \"disk-gaps=\" g + 0 }' /data/count; \
-         i=$(tail -n 1 /data/count); else i=0; fi; \
-         while true; do i=$((i+1)); echo $i >> /data/count; echo count=$i; sleep 0.1; done";
-    cluster
-        .cli(&[
-            "vm", "launch", "m1", "--memory", "128", "--disk", "64M", "--", "sh", "-c", counter,
-        ])
-        .expect("launch");
-    wait_vm(cluster, "m1", "running", |v| v["state"] == "running")
 }
 
 /// Starts moving m1 to the host the scheduler picks, without waiting; its target.

@@ -25,9 +25,10 @@ use std::time::Duration;
 use tracing::warn;
 use uuid::Uuid;
 
-/// The types whose VMs can be broadcast: a container's snapshot is its writable
-/// layer. A qemu VM's (memory and disk) is not built yet.
-pub const BROADCASTABLE: &[&str] = &["oci"];
+/// The types whose VMs can be broadcast: a qemu VM's snapshot is its memory and disk
+/// (copies continue from that instant), a container's its writable layer (copies start
+/// afresh with its files).
+pub const BROADCASTABLE: &[&str] = &["qemu", "oci"];
 /// How often active broadcasts are looked at.
 const DRIVE_EVERY: Duration = Duration::from_millis(500);
 /// The widest fan-out a broadcast takes.

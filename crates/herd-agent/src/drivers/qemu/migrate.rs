@@ -17,7 +17,7 @@ use herd_proto::wire::{VmId, VmSpec};
 use herd_proto::VmState;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -93,7 +93,11 @@ impl Inner {
                 state,
             }),
         })?;
-        let result = self.send_state(id, &to, max_downtime_ms, &progress).await;
+        let uri = format!("unix:{}", to.display());
+        let poll = Duration::from_millis(50);
+        let result = self
+            .send_state(id, &uri, max_downtime_ms, &progress, poll)
+            .await;
         self.with_vm(id, |vm| {
             vm.busy = None;
             if result.is_ok() {
@@ -106,12 +110,15 @@ impl Inner {
         result
     }
 
-    async fn send_state(
+    /// Sends the VM's stream to `uri` (QEMU's: `unix:` a socket, `exec:` a command),
+    /// reading its progress every `poll` until it is complete.
+    pub(super) async fn send_state(
         &self,
         id: VmId,
-        to: &Path,
+        uri: &str,
         max_downtime_ms: u64,
         progress: &ProgressSink,
+        poll: Duration,
     ) -> Result<Sent, DriverError> {
         let has_disk = self.with_vm(id, |vm| Ok(vm.spec.disk_mib > 0))?;
         let mut qmp = self.qmp(id).await?;
@@ -144,7 +151,6 @@ impl Inner {
         )
         .await
         .map_err(fail("setting migration parameters"))?;
-        let uri = format!("unix:{}", to.display());
         qmp.execute("migrate", Some(json!({ "uri": uri })))
             .await
             .map_err(fail("starting the migration"))?;
@@ -191,7 +197,7 @@ impl Inner {
                     after: STALL,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(poll).await;
         }
     }
 
@@ -298,6 +304,11 @@ impl Inner {
                     return Ok(());
                 }
                 Some("inmigrate") | None => {}
+                // Loaded from a stream taken while the guest was paused (a broadcast
+                // of a paused VM): it runs as the copy it is asked to be.
+                Some("paused") => {
+                    self.qmp_run(id, "cont", None).await?;
+                }
                 Some(other) => warn!(%id, "received VM is {other}; waiting"),
             }
             if started.elapsed() > ARRIVAL {

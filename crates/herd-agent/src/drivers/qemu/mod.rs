@@ -21,13 +21,14 @@ mod accel;
 pub mod launch;
 mod migrate;
 mod ops;
+mod snapshot;
 /// Kept at its old path: the process checks are shared with the oci driver now.
 pub use crate::drivers::procfs;
 pub mod qmp;
 mod vm;
 
 use crate::driver::{
-    same_shape, Capabilities, Driver, DriverError, ObservedVm, ProgressSink, Sent,
+    same_shape, Capabilities, Driver, DriverError, ObservedVm, ProgressSink, Sent, Snapshot,
 };
 use crate::drivers::channel::Guests;
 use crate::drivers::{console, guest_config, images};
@@ -648,6 +649,28 @@ impl Driver for QemuDriver {
         self.inner
             .run_op(id, move |inner| inner.do_migrate_in(id, spec, handoff))
             .await
+    }
+
+    async fn snapshot(&self, id: VmId, dir: &std::path::Path) -> Result<Snapshot, DriverError> {
+        let dir = dir.to_owned();
+        self.inner
+            .run_op(id, move |inner| inner.do_snapshot(id, dir))
+            .await
+    }
+
+    async fn create_from(
+        &self,
+        id: VmId,
+        spec: &VmSpec,
+        dir: &std::path::Path,
+        handoff: &[u8],
+    ) -> Result<(), DriverError> {
+        let socket = self.migrate_in(id, spec, handoff).await?;
+        if let Err(e) = self.inner.feed_copy(id, &socket, dir).await {
+            let _ = self.terminate(id).await;
+            return Err(e);
+        }
+        self.migrate_in_finish(id).await
     }
 
     async fn migrate_in_finish(&self, id: VmId) -> Result<(), DriverError> {
