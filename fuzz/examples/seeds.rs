@@ -243,6 +243,7 @@ fn agent_msgs_seeds() -> Seeds {
             kind: "sim".into(),
             detail: "simulated".into(),
         }],
+        transfer_port: Some(7071),
     });
     let others = [
         AgentMsg::Usage {
@@ -406,6 +407,10 @@ fn full_policy() -> PolicySpec {
         errors: Some(OnErrors {
             max_restarts: 3,
             enforce: enforce(PolicyAction::Stop, Some(1)),
+        }),
+        deadline: Some(Deadline {
+            seconds: 600,
+            copies: 3,
         }),
     }
 }

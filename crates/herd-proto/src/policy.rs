@@ -180,6 +180,18 @@ pub struct OnErrors {
     pub enforce: Enforcement,
 }
 
+/// A job's deadline: if its workload has not finished this many seconds after launch,
+/// it is copied from a snapshot onto other hosts of its type, and the first copy (the
+/// original included) whose workload finishes is the job's result; the others end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Deadline {
+    pub seconds: u64,
+    /// How many copies; 0 is one on every other host of its type with room.
+    pub copies: u32,
+}
+
 /// Every policy a VM may carry; all optional.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -193,6 +205,8 @@ pub struct PolicySpec {
     pub budget: Option<Budget>,
     pub cost_cap: Option<CostCap>,
     pub errors: Option<OnErrors>,
+    #[serde(default)]
+    pub deadline: Option<Deadline>,
 }
 
 impl PolicySpec {

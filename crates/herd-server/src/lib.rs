@@ -13,6 +13,7 @@ pub mod bursts;
 pub mod cloud;
 pub mod group_commit;
 pub mod ingest;
+pub mod jobs;
 pub mod map;
 pub mod migration;
 pub mod resize;

@@ -115,15 +115,13 @@ impl Client {
         let list: VmList = self
             .get(&format!("/v1/vms?name={}&limit=2", urlencode(id_or_name)))
             .await?;
-        match list.items.len() {
-            0 => bail!("no VM named {id_or_name:?}"),
-            1 => Ok(list
-                .items
-                .into_iter()
-                .next()
-                .ok_or_else(|| anyhow!("no VM"))?),
+        let id = match list.items.as_slice() {
+            [] => bail!("no VM named {id_or_name:?}"),
+            [one] => one.id,
             _ => bail!("more than one VM is named {id_or_name:?}: use its id"),
-        }
+        };
+        // A single VM's read says more than a list's item (its burst, its job).
+        self.get(&format!("/v1/vms/{id}")).await
     }
 }
 

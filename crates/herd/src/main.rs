@@ -440,6 +440,15 @@ pub struct LaunchArgs {
 /// RFC 3339; actions: notify, suspend, stop, terminate.
 #[derive(Args, Default)]
 pub struct PolicyArgs {
+    /// A job's deadline: if its workload has not finished this long after launch,
+    /// --on-deadline acts.
+    #[arg(long, help_heading = "Policies")]
+    pub deadline: Option<String>,
+    /// `duplicate` (a copy on every other host of its type with room) or
+    /// `duplicate=N`: copies from a snapshot continue the job; the first to finish is
+    /// its result and the others end.
+    #[arg(long, default_value = "duplicate", help_heading = "Policies")]
+    pub on_deadline: String,
     /// End the VM this long after it first booted.
     #[arg(long, help_heading = "Policies")]
     pub lifespan: Option<String>,

@@ -3,8 +3,8 @@
 use crate::PolicyArgs;
 use anyhow::{anyhow, bail, Result};
 use herd_proto::policy::{
-    Activation, Budget, CostCap, Enforcement, Idle, Lifespan, OnErrors, Overuse, PolicyAction,
-    PolicySpec, RateCard, TaskBasis,
+    Activation, Budget, CostCap, Deadline, Enforcement, Idle, Lifespan, OnErrors, Overuse,
+    PolicyAction, PolicySpec, RateCard, TaskBasis,
 };
 use std::time::UNIX_EPOCH;
 
@@ -150,6 +150,22 @@ pub fn spec(args: &PolicyArgs) -> Result<PolicySpec> {
             },
         });
     }
+    if let Some(deadline) = &args.deadline {
+        let copies = match args.on_deadline.as_str() {
+            "duplicate" | "duplicate=all" => 0,
+            other => other
+                .strip_prefix("duplicate=")
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or_else(|| {
+                    anyhow!("--on-deadline: {other:?} is not duplicate, duplicate=all or duplicate=N (1 to 1000)")
+                })?,
+        };
+        spec.deadline = Some(Deadline {
+            seconds: seconds("deadline", deadline)?,
+            copies,
+        });
+    }
     if args.start_at.is_some() || args.after.is_some() {
         spec.activation = Some(Activation {
             start_at: args
@@ -209,5 +225,31 @@ mod tests {
         assert_eq!(cap.max_micros, 5_000_000);
         assert_eq!(cap.enforce.action, PolicyAction::Terminate);
         assert_eq!(cap.enforce.warn, Some(800));
+    }
+
+    #[test]
+    fn a_deadline_duplicates_onto_all_or_n_hosts() {
+        let with = |on: &str| {
+            spec(&PolicyArgs {
+                deadline: Some("20s".into()),
+                on_deadline: on.into(),
+                ..PolicyArgs::default()
+            })
+        };
+        let copies = |on: &str| with(on).ok().and_then(|s| s.deadline).map(|d| d.copies);
+        assert_eq!(copies("duplicate"), Some(0));
+        assert_eq!(copies("duplicate=all"), Some(0));
+        assert_eq!(copies("duplicate=3"), Some(3));
+        for bad in ["duplicate=0", "duplicate=x", "terminate", "duplicate=1001"] {
+            let e = with(bad).expect_err(bad).to_string();
+            assert!(e.contains("--on-deadline"), "{e}");
+        }
+        assert_eq!(
+            with("duplicate")
+                .ok()
+                .and_then(|s| s.deadline)
+                .map(|d| d.seconds),
+            Some(20)
+        );
     }
 }

@@ -291,6 +291,29 @@ async fn list(client: &Client, args: ListArgs) -> Result<()> {
     }
 }
 
+/// A job past its deadline as one line: how it was duplicated, and its result.
+fn job_line(job: &herd_server::api::JobView) -> String {
+    let copies = match (job.broadcast, &job.reason) {
+        (Some(b), _) => format!("duplicated at {} (broadcast {b})", job.duplicated_at),
+        (None, reason) => format!(
+            "deadline missed at {}, not duplicated: {}",
+            job.duplicated_at,
+            reason.as_deref().unwrap_or("-")
+        ),
+    };
+    match (job.winner, job.exit_code) {
+        (Some(winner), Some(code)) => format!(
+            "{copies}; result: exit code {code} from {winner}{}",
+            if job.settled {
+                ""
+            } else {
+                " (ending the others)"
+            }
+        ),
+        _ => format!("{copies}; running"),
+    }
+}
+
 /// A burst as one line: what it adds, and until when.
 fn burst_line(burst: &herd_server::api::BurstView) -> String {
     let mut adds = Vec::new();
@@ -343,6 +366,12 @@ fn describe(vm: &VmView) -> String {
     }
     if vm.deleting {
         field("deleting", "yes".into());
+    }
+    if let Some(b) = vm.copy_of_broadcast {
+        field("copy of", format!("broadcast {b}"));
+    }
+    if let Some(job) = &vm.job {
+        field("job", job_line(job));
     }
     let rules = describe_policy(&vm.policy);
     for (idx, rule) in rules.iter().enumerate() {
@@ -636,6 +665,16 @@ fn describe_policy(policy: &PolicySpec) -> Vec<String> {
             ));
         }
         lines.push(format!("{} {}", what.join(", "), enforce(&l.enforce, true)));
+    }
+    if let Some(d) = &policy.deadline {
+        let copies = match d.copies {
+            0 => "onto every other host".to_owned(),
+            n => format!("onto {n} hosts"),
+        };
+        lines.push(format!(
+            "deadline {}, then duplicated {copies} (the first to finish wins)",
+            secs(d.seconds)
+        ));
     }
     if let Some(a) = &policy.activation {
         let mut what = Vec::new();

@@ -289,3 +289,115 @@ fn a_qemu_vm_with_a_disk_is_copied_to_every_host_and_each_copy_goes_on_counting(
         );
     }
 }
+
+/// A job with a deadline on the netns testbed, its workload longer than the deadline:
+/// at the deadline it is copied to three hosts, each copy going on from the snapshot's
+/// instant; the first runner to finish is the job's result and every other one is
+/// terminated.
+#[test]
+fn a_job_past_its_deadline_is_copied_to_three_hosts_and_one_result_is_kept() {
+    use common::cluster::{start_hosts, vm, wait_vm};
+    if !common::qemu_present() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let cluster = start_hosts(root.path(), "qemu", 4, &[]);
+    let workload = "i=0; while [ $i -lt 45 ]; do i=$((i+1)); echo tick=$i; sleep 1; done; \
+                    echo finished";
+    cluster
+        .cli(&[
+            "vm",
+            "launch",
+            "job",
+            "--memory",
+            "128",
+            "--deadline",
+            "20s",
+            "--on-deadline",
+            "duplicate=3",
+            "--",
+            "sh",
+            "-c",
+            workload,
+        ])
+        .expect("launch");
+    let view = wait_vm(&cluster, "job", "duplicated", |v| {
+        v["job"]["broadcast"].is_string()
+    });
+    let at = |key: &str| {
+        let text = view
+            .pointer(key)
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("{key}: {text:?}: {e}"))
+    };
+    let waited = at("/job/duplicated_at")
+        .duration_since(at("/created_at"))
+        .unwrap_or_default();
+    assert!(
+        waited >= Duration::from_secs(20),
+        "duplicated {waited:?} after launch"
+    );
+    let id = view["id"].as_str().expect("id").to_owned();
+
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let b = loop {
+        let list = cluster
+            .cli_json(&["vm", "broadcasts", "job"])
+            .expect("broadcasts");
+        let b = list["items"][0].clone();
+        if b["phase"] == "ended"
+            && b["hosts"]
+                .as_array()
+                .is_some_and(|h| h.iter().all(|p| p["copy"].is_string()))
+        {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broadcast did not end: {b:#}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let copies: Vec<String> = b["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|p| p["copy"].as_str().expect("copy").to_owned())
+        .collect();
+    assert_eq!(copies.len(), 3, "{b:#}");
+    for copy in &copies {
+        let view = vm(&cluster, copy);
+        assert_eq!(view["copy_of_broadcast"], b["id"], "{view:#}");
+        assert!(
+            view["policy"]["deadline"].is_null(),
+            "a copy is not duplicated again: {view:#}"
+        );
+    }
+
+    let view = wait_vm(&cluster, "job", "decided", |v| v["job"]["settled"] == true);
+    let winner = view["job"]["winner"].as_str().expect("a winner").to_owned();
+    assert_eq!(view["job"]["exit_code"], 0, "{view:#}");
+    let runners: Vec<&String> = copies.iter().chain([&id]).collect();
+    assert!(
+        runners.contains(&&winner),
+        "the winner {winner} is not a runner"
+    );
+    for runner in runners.iter().filter(|r| ***r != winner) {
+        wait_vm(&cluster, runner, "terminated", |v| {
+            v["state"] == "terminated"
+        });
+    }
+    let console = cluster.cli(&["vm", "console", &winner]).unwrap_or_default();
+    assert!(console.contains("finished"), "{console}");
+    if winner != id {
+        // A copy went on from the snapshot: it never printed the first ticks itself.
+        assert!(
+            !console.lines().any(|l| l.trim() == "tick=1"),
+            "the copy started over: {console}"
+        );
+    }
+    let shown = cluster.cli(&["vm", "show", "job"]).expect("vm show");
+    assert!(shown.contains("result: exit code 0"), "{shown}");
+    assert_ne!(vm(&cluster, &winner)["state"], "terminated");
+}

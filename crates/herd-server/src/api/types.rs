@@ -108,6 +108,46 @@ pub struct VmView {
     /// The burst in force, as its host last said (shown on a single VM's read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<BurstView>,
+    /// The job it became when it missed its deadline (shown on a single VM's read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobView>,
+    /// The broadcast it was copied from, if it is a copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_of_broadcast: Option<Uuid>,
+}
+
+/// A job that missed its deadline: duplicated, then decided by the first runner (the
+/// original or a copy) whose workload finished.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    /// The broadcast its copies came from; absent if it could not be duplicated.
+    pub broadcast: Option<Uuid>,
+    /// Why it was not duplicated.
+    pub reason: Option<String>,
+    /// Copies asked; 0 is one on every other host.
+    pub copies_asked: u32,
+    pub duplicated_at: String,
+    /// The runner that finished first: its result is the job's.
+    pub winner: Option<Uuid>,
+    pub exit_code: Option<i32>,
+    pub decided_at: Option<String>,
+    /// Every other runner has been told to end.
+    pub settled: bool,
+}
+
+impl JobView {
+    pub fn of(job: &crate::jobs::plan::Job) -> JobView {
+        JobView {
+            broadcast: job.broadcast,
+            reason: job.reason.clone(),
+            copies_asked: job.copies_asked,
+            duplicated_at: rfc3339(job.duplicated_at_ms),
+            winner: job.result.map(|r| r.vm),
+            exit_code: job.result.map(|r| r.exit_code),
+            decided_at: job.result.map(|r| rfc3339(r.at_ms)),
+            settled: job.settled,
+        }
+    }
 }
 
 /// A burst granted by a VM's host: this much above the VM's shape until it expires.
@@ -236,6 +276,8 @@ impl VmView {
             }),
             guest: guest.map(|g| GuestView::of(&g, vm.observed)),
             burst: None,
+            job: None,
+            copy_of_broadcast: vm.seed,
         }
     }
 }

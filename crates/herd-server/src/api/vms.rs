@@ -4,8 +4,9 @@
 use super::{
     page_size, ApiError, ApiJson, ApiPath, ApiQuery, AppState, BatchLaunchRequest, BatchLaunched,
     BroadcastList, BroadcastRequest, BroadcastView, BurstRequest, BurstView, ConsoleQuery,
-    ErrorBody, EventList, EventQuery, EventView, LaunchRequest, MigrateRequest, MigrationList,
-    MigrationView, ResizeList, ResizeRequest, ResizeView, User, VmList, VmQuery, VmView,
+    ErrorBody, EventList, EventQuery, EventView, JobView, LaunchRequest, MigrateRequest,
+    MigrationList, MigrationView, ResizeList, ResizeRequest, ResizeView, User, VmList, VmQuery,
+    VmView,
 };
 use crate::access::Perm;
 use crate::cloud::{Cloud, LaunchSpec};
@@ -162,6 +163,7 @@ pub(super) async fn get_vm(
     let record = vm_for(&cloud, &user, &id, Perm::Read)?;
     let usage = cloud.vm_usage(record.id);
     let mut view = VmView::of(&record, usage, cloud.guest(record.id));
+    view.job = cloud.job_of(record.id).as_ref().map(JobView::of);
     let now = herd_proto::clock::unix_ms();
     view.burst = cloud
         .bursts
@@ -327,6 +329,7 @@ pub(super) async fn broadcast_vm(
         to,
         start: request.start,
         fanout: request.fanout.unwrap_or(1),
+        limit: None,
     };
     let b = crate::blocking(|| cloud.broadcast(&record, &ask))?;
     Ok((StatusCode::ACCEPTED, Json(BroadcastView::of(&b))))

@@ -42,6 +42,8 @@ pub struct BroadcastAsk {
     pub to: Option<(String, String)>,
     pub start: bool,
     pub fanout: usize,
+    /// At most this many hosts, the nearest with room for a copy (a job's duplicates).
+    pub limit: Option<usize>,
 }
 
 impl Cloud {
@@ -115,7 +117,7 @@ impl Cloud {
             )
         })?;
         let mut same_type = 0;
-        let targets: Vec<_> = hosts
+        let mut targets: Vec<_> = hosts
             .iter()
             .filter(|h| h.id != source && h.up)
             .filter(|h| h.hypervisors.iter().any(|t| t.kind == vm.hypervisor))
@@ -137,9 +139,6 @@ impl Cloud {
             };
             return Err(conflict("no_hosts", why));
         }
-        if ask.start {
-            self.check_quota(&vm.project, targets.len() as u64, vm.vcpus, vm.memory_mib)?;
-        }
         let mut members = vec![Member {
             id: source,
             place: Place::of(&source_record.labels),
@@ -148,7 +147,29 @@ impl Cloud {
             id: h.id,
             place: Place::of(&h.labels),
         }));
-        let tree = herd_topology::build(&members, &self.topology.rtts(), source, ask.fanout)
+        let rtts = self.topology.rtts();
+        if let Some(limit) = ask.limit {
+            // The nearest hosts with room: the first of a chain from the source.
+            members.retain(|m| m.id == source || self.copy_fits(m.id, vm).is_ok());
+            if members.len() == 1 {
+                return Err(CloudError::Conflict {
+                    code: "no_capacity",
+                    message: format!(
+                        "no other host that runs {} VMs has room for a copy of {}",
+                        vm.hypervisor, vm.name
+                    ),
+                });
+            }
+            let chain = herd_topology::build(&members, &rtts, source, 1)
+                .map_err(|e| invalid("fanout", e.to_string()))?;
+            let nearest: Vec<HostId> = chain.order.into_iter().take(limit + 1).collect();
+            members.retain(|m| nearest.contains(&m.id));
+            targets.retain(|(h, _)| nearest.contains(&h.id));
+        }
+        if ask.start {
+            self.check_quota(&vm.project, targets.len() as u64, vm.vcpus, vm.memory_mib)?;
+        }
+        let tree = herd_topology::build(&members, &rtts, source, ask.fanout)
             .map_err(|e| invalid("fanout", e.to_string()))?;
         let addr_of: HashMap<HostId, String> = targets
             .iter()
@@ -216,6 +237,14 @@ impl Cloud {
             }
         }
         Ok(out)
+    }
+
+    /// One broadcast as it stands: the live record while it is active.
+    pub(crate) fn broadcast_by_id(&self, id: BroadcastId) -> Result<Option<Broadcast>, CloudError> {
+        if let Some(live) = self.broadcasts.active.lock().get(&id) {
+            return Ok(Some(live.clone()));
+        }
+        Ok(self.store.broadcast_record(id)?)
     }
 
     /// A host's answer about a broadcast; only hosts in its tree are heard.

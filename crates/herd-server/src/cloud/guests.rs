@@ -103,8 +103,12 @@ impl Cloud {
                 ..NewEvent::default()
             })?;
         }
-        if let GuestReport::PolicyAction { rule, action, .. } = report {
-            self.policy_desired(vm, *action, &format!("policy {rule} (guest)"))?;
+        match report {
+            GuestReport::PolicyAction { rule, action, .. } => {
+                self.policy_desired(vm, *action, &format!("policy {rule} (guest)"))?;
+            }
+            GuestReport::WorkloadExit { code } => self.job_workload_exited(vm, *code)?,
+            _ => {}
         }
         Ok(true)
     }
@@ -144,7 +148,7 @@ impl Cloud {
 
     /// Makes a policy action the VM's desired state, so the reconciler carries it out
     /// and a later restart does not undo it.
-    pub(super) fn policy_desired(
+    pub(crate) fn policy_desired(
         &self,
         vm: VmId,
         action: PolicyAction,

@@ -224,6 +224,8 @@ pub struct Cloud {
     pub broadcasts: crate::broadcast::book::Broadcasts,
     /// Where agents are reached and how close they are (the `topology` module).
     pub topology: crate::topology::book::Topology,
+    /// Jobs past their deadline (the coordinator is the `jobs` module).
+    pub jobs: crate::jobs::book::Jobs,
 }
 
 impl Cloud {
@@ -259,10 +261,12 @@ impl Cloud {
             statuses: Default::default(),
             topology: Default::default(),
             broadcasts: Default::default(),
+            jobs: Default::default(),
         };
         cloud.rebuild()?;
         cloud.restore_migrations()?;
         cloud.restore_broadcasts()?;
+        cloud.restore_jobs()?;
         cloud.restore_resizes()?;
         Ok(cloud)
     }
@@ -282,6 +286,7 @@ impl Cloud {
         tokio::spawn(self.clone().relay_statuses());
         tokio::spawn(self.clone().tell_neighbours());
         tokio::spawn(self.clone().drive_broadcasts());
+        tokio::spawn(self.clone().drive_jobs());
         let cloud = self.clone();
         tokio::spawn(async move {
             loop {

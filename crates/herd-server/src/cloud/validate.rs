@@ -172,6 +172,17 @@ impl Cloud {
             }
             warn_ok(lifespan.enforce.warn, "policy.lifespan.enforce.warn")?;
         }
+        if let Some(deadline) = &policy.deadline {
+            if deadline.seconds == 0 || deadline.seconds > YEAR_S {
+                return Err(invalid("policy.deadline.seconds", "must be 1 s to a year"));
+            }
+            if deadline.copies > 1000 {
+                return Err(invalid(
+                    "policy.deadline.copies",
+                    "at most 1000 (0 is one on every other host)",
+                ));
+            }
+        }
         if let Some(idle) = &policy.idle {
             if idle.for_seconds == 0 || idle.for_seconds > YEAR_S {
                 return Err(invalid("policy.idle.for_seconds", "must be 1 s to a year"));

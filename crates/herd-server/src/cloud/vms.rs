@@ -1,12 +1,13 @@
 //! The user's side of a VM: launch, read, list, act on and delete, each changing
 //! only desired state; the reconciler carries it to the host.
 
+use super::placement::Placement;
 use super::{invalid, reported_by_host, valid_name, Cloud, CloudError, LaunchSpec};
 use crate::store::{
     now_ms, EventRecord, EventScope, NewEvent, Observation, VmBrief, VmFilter, VmRecord,
 };
 use herd_proto::lifecycle::Action;
-use herd_proto::wire::VmId;
+use herd_proto::wire::{HostId, VmId};
 use herd_proto::VmState;
 use uuid::Uuid;
 
@@ -130,10 +131,29 @@ impl Cloud {
     /// A broadcast's copy of `source` on `host`, made from the snapshot held there:
     /// counted against the project's quota and the host's room like any launch, under
     /// the same lock, and named `name`.
+    /// Whether `host` has room for a copy of `source`, or why not.
+    pub(crate) fn copy_fits(&self, host: HostId, source: &VmRecord) -> Result<(), String> {
+        Self::fits_in(&self.placement.lock(), host, source)
+    }
+
+    fn fits_in(placement: &Placement, host: HostId, source: &VmRecord) -> Result<(), String> {
+        let demand = herd_sched::Demand {
+            hypervisor: source.hypervisor.clone(),
+            vcpus: source.vcpus,
+            memory_mib: source.memory_mib,
+        };
+        match placement.sched.host(host).cloned() {
+            Some(slot) => herd_sched::place(&[slot], &demand, placement.sched.policy())
+                .map(|_| ())
+                .map_err(|why| why.to_string()),
+            None => Err("the host is unknown to placement".into()),
+        }
+    }
+
     pub(crate) fn launch_copy(
         &self,
         source: &VmRecord,
-        host: herd_proto::wire::HostId,
+        host: HostId,
         name: String,
         seed: uuid::Uuid,
     ) -> Result<VmRecord, CloudError> {
@@ -142,19 +162,7 @@ impl Cloud {
         }
         let mut placement = self.placement.lock();
         self.check_quota(&source.project, 1, source.vcpus, source.memory_mib)?;
-        let spec = super::shape_of(source);
-        let demand = herd_sched::Demand {
-            hypervisor: spec.hypervisor.clone(),
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-        };
-        let fits = match placement.sched.host(host).cloned() {
-            Some(slot) => herd_sched::place(&[slot], &demand, placement.sched.policy())
-                .map(|_| ())
-                .map_err(|why| why.to_string()),
-            None => Err("the host is unknown to placement".into()),
-        };
-        if let Err(why) = fits {
+        if let Err(why) = Self::fits_in(&placement, host, source) {
             return Err(CloudError::Conflict {
                 code: "no_capacity",
                 message: format!(
@@ -171,6 +179,11 @@ impl Cloud {
             name,
             host: Some(host),
             seed: Some(seed),
+            // A copy is a duplicate already: it is not duplicated again.
+            policy: herd_proto::policy::PolicySpec {
+                deadline: None,
+                ..source.policy
+            },
             desired: VmState::Running,
             generation: 1,
             issued_generation: 0,

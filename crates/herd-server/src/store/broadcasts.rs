@@ -4,6 +4,7 @@
 
 use super::{Store, StoreError};
 use crate::broadcast::plan::Broadcast;
+use herd_proto::broadcast::BroadcastId;
 use herd_proto::wire::VmId;
 use rusqlite::params;
 
@@ -43,6 +44,15 @@ impl Store {
     /// Every broadcast with something left to do, for a restarted server.
     pub fn active_broadcasts(&self) -> Result<Vec<Broadcast>, StoreError> {
         self.query_broadcasts("SELECT id, body FROM broadcasts WHERE active = 1", [])
+    }
+
+    pub fn broadcast_record(&self, id: BroadcastId) -> Result<Option<Broadcast>, StoreError> {
+        Ok(self
+            .query_broadcasts(
+                "SELECT id, body FROM broadcasts WHERE id = ?1",
+                params![id.to_string()],
+            )?
+            .pop())
     }
 
     /// A VM's newest broadcasts, newest first.

@@ -10,6 +10,7 @@ mod broadcasts;
 mod bursts;
 mod events;
 mod hosts;
+mod jobs;
 mod metering;
 mod migrations;
 mod resizes;
@@ -183,6 +184,7 @@ impl Store {
         db.execute_batch(resizes::SCHEMA)?;
         db.execute_batch(bursts::SCHEMA)?;
         db.execute_batch(broadcasts::SCHEMA)?;
+        db.execute_batch(jobs::SCHEMA)?;
         tenancy::bootstrap(&db)?;
         let index = Mutex::new(load_index(&db)?);
         let readers = (0..READERS)

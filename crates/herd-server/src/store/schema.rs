@@ -47,6 +47,8 @@ CREATE INDEX IF NOT EXISTS vms_needing_work ON vms (id) WHERE
     OR (host IS NULL AND observed_state = 'pending');
 CREATE INDEX IF NOT EXISTS vms_with_lifespan ON vms (id) WHERE
     json_extract(policy, '$.lifespan') IS NOT NULL;
+CREATE INDEX IF NOT EXISTS vms_with_deadline ON vms (id) WHERE
+    json_extract(policy, '$.deadline') IS NOT NULL;
 CREATE TABLE IF NOT EXISTS hosts (
     id TEXT PRIMARY KEY,
     hostname TEXT NOT NULL,

@@ -185,6 +185,18 @@ impl Store {
         collect_vms(rows)
     }
 
+    /// Running jobs with a deadline (the duplicate-on-deadline policy).
+    pub fn vms_with_deadline(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let db = self.reader();
+        let mut stmt = db.prepare_cached(&format!(
+            "SELECT {VM_COLUMNS} FROM vms INDEXED BY vms_with_deadline \
+             WHERE json_extract(policy, '$.deadline') IS NOT NULL \
+             AND desired_state = 'running'"
+        ))?;
+        let rows = stmt.query_map([], vm_from_row)?;
+        collect_vms(rows)
+    }
+
     /// VMs the reconciler has work for: a desired generation not yet sent to the host,
     /// or no host yet. At most `limit`, in id order after `after`: a pass over a
     /// million new VMs goes in slices.

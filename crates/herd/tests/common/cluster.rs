@@ -33,7 +33,12 @@ pub fn wait_vm(cluster: &Cluster, name: &str, what: &str, done: impl Fn(&Value) 
 
 /// Three hosts with these drivers on the testbed, up.
 pub fn start_with(root: &Path, drivers: &str, host_args: &[&[&str]]) -> Cluster {
-    let bed = Testbed::create(3).expect("testbed (needs root)");
+    start_hosts(root, drivers, 3, host_args)
+}
+
+/// `n` hosts with these drivers on the testbed, up.
+pub fn start_hosts(root: &Path, drivers: &str, n: usize, host_args: &[&[&str]]) -> Cluster {
+    let bed = Testbed::create(n).expect("testbed (needs root)");
     let image_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-e2e-images");
     if drivers.contains("qemu") {
         // Built here, outside the namespaces: they cannot reach the kernel's download.
@@ -65,9 +70,9 @@ pub fn start_with(root: &Path, drivers: &str, host_args: &[&[&str]]) -> Cluster 
     let cluster = Cluster::start(bed, config).expect("cluster");
     cluster
         .wait_hosts(Duration::from_secs(300), |hosts| {
-            hosts.len() == 3 && hosts.iter().all(|h| h["state"] == "up")
+            hosts.len() == n && hosts.iter().all(|h| h["state"] == "up")
         })
-        .expect("three hosts up");
+        .expect("the hosts up");
     cluster
 }
 
