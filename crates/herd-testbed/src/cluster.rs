@@ -342,5 +342,8 @@ impl Drop for Cluster {
             end(&mut agent.child);
         }
         end(&mut self.server);
+        for i in 0..self.agents.len() {
+            crate::guests::end_containers(&self.config.root.join(format!("host{i}/oci")));
+        }
     }
 }

@@ -7,10 +7,12 @@
 //! removes them, even after a test that was killed; [`cluster`] runs herd on them.
 
 pub mod cluster;
+pub mod guests;
 pub mod net;
 pub mod plan;
 
 pub use cluster::{Cluster, ClusterConfig};
+pub use guests::end_containers;
 pub use net::Testbed;
 pub use plan::Shape;
 

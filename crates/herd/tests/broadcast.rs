@@ -301,7 +301,7 @@ fn a_job_past_its_deadline_is_copied_to_three_hosts_and_one_result_is_kept() {
         return;
     }
     let root = tempfile::tempdir().expect("tempdir");
-    let cluster = start_hosts(root.path(), "qemu", 4, &[]);
+    let cluster = start_hosts(root.path(), "qemu", 4, &[], &[]);
     let workload = "i=0; while [ $i -lt 45 ]; do i=$((i+1)); echo tick=$i; sleep 1; done; \
                     echo finished";
     cluster
@@ -400,4 +400,156 @@ fn a_job_past_its_deadline_is_copied_to_three_hosts_and_one_result_is_kept() {
     let shown = cluster.cli(&["vm", "show", "job"]).expect("vm show");
     assert!(shown.contains("result: exit code 0"), "{shown}");
     assert_ne!(vm(&cluster, &winner)["state"], "terminated");
+}
+
+/// Four hosts of the testbed in a chain, each link at 100 Mbit/s, and a container
+/// whose 48 MiB layer goes down it; every sender corrupts its first chunk once. The
+/// first host of the chain dies while it forwards: the source gives up on it and feeds
+/// the next host itself, which resumes from the chunks it held. Every host that is left
+/// holds the source's bytes, each having fetched the bad chunk again.
+#[test]
+fn when_an_interior_host_dies_its_children_are_fed_and_nothing_corrupt_is_kept() {
+    use common::cluster::{start_hosts, wait_vm};
+    if !runc_usable() || !common::qemu_present() {
+        eprintln!("SKIPPED: needs runc (and the guest image)");
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = start_hosts(
+        root.path(),
+        "oci",
+        4,
+        &[],
+        &[("HERD_FAULT_FLIP_CHUNK", "0")],
+    );
+    let _containers = Containers(
+        (0..4)
+            .map(|i| root.path().join(format!("host{i}")))
+            .collect(),
+    );
+    let fill = "head -c 50331648 /dev/urandom > /big && echo ready; while :; do sleep 1; done";
+    cluster
+        .cli(&[
+            "vm",
+            "launch",
+            "big",
+            "--hypervisor",
+            "oci",
+            "--memory",
+            "128",
+            "--",
+            "sh",
+            "-c",
+            fill,
+        ])
+        .expect("launch");
+    let view = wait_vm(&cluster, "big", "running", |v| v["state"] == "running");
+    let id = view["id"].as_str().expect("id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !cluster
+        .cli(&["vm", "console", "big"])
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the container never wrote its file"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let hosts = cluster.cli_json(&["host", "ls"]).expect("host ls");
+    let index_of = |host: &str| -> usize {
+        hosts
+            .as_array()
+            .and_then(|hs| hs.iter().find(|h| h["id"] == host))
+            .and_then(|h| h["hostname"].as_str())
+            .and_then(|n| n.strip_prefix("host"))
+            .and_then(|n| n.parse().ok())
+            .expect("a testbed host")
+    };
+    let link = herd_testbed::Shape {
+        rate_kbit: 100_000,
+        ..herd_testbed::Shape::default()
+    };
+    for i in 0..4 {
+        cluster.bed.shape(i, link).expect("shape");
+    }
+
+    let b = cluster
+        .cli_json(&["vm", "broadcast", "big"])
+        .expect("broadcast");
+    let bid = b["id"].as_str().expect("id").to_owned();
+    let first = b["hosts"][0]["host"]
+        .as_str()
+        .expect("the first host")
+        .to_owned();
+    assert_eq!(b["hosts"][1]["parent"], first.as_str(), "a chain: {b:#}");
+    // The first host dies once it holds a few chunks, while it forwards them.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let list = cluster
+            .cli_json(&["vm", "broadcasts", "big"])
+            .expect("broadcasts");
+        let part = &list["items"][0]["hosts"][0];
+        if part["chunks"].as_u64().unwrap_or(0) >= 4 {
+            assert_ne!(
+                part["phase"], "done",
+                "the broadcast was too quick to cut: {list:#}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first host got no chunks: {list:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dead = index_of(&first);
+    cluster
+        .kill_agent(dead)
+        .expect("kill the first host's agent");
+
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let b = loop {
+        let list = cluster
+            .cli_json(&["vm", "broadcasts", "big"])
+            .expect("broadcasts");
+        let b = list["items"][0].clone();
+        if b["phase"] == "ended" || b["phase"] == "failed" {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broadcast did not end: {b:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(b["phase"], "ended", "{b:#}");
+    let parts = b["hosts"].as_array().expect("hosts");
+    assert_eq!(parts[0]["host"], first.as_str());
+    assert_eq!(
+        parts[0]["phase"], "failed",
+        "the dead host was given up on: {b:#}"
+    );
+    let source = index_of(b["source"].as_str().expect("source"));
+    let dir = |i: usize| {
+        root.path()
+            .join(format!("host{i}/broadcasts/{}", bid.replace('-', "")))
+    };
+    let original = std::fs::read(dir(source).join("layer.tar")).expect("the source's snapshot");
+    for part in &parts[1..] {
+        assert_eq!(part["phase"], "done", "{b:#}");
+        assert!(
+            part["refetched"].as_u64() >= Some(1),
+            "the bad chunk was not caught: {b:#}"
+        );
+        let held =
+            std::fs::read(dir(index_of(part["host"].as_str().expect("host"))).join("layer.tar"))
+                .expect("a held snapshot");
+        assert!(
+            held == original,
+            "a host holds bytes that differ from the source's"
+        );
+    }
+    let _ = cluster.cli(&["vm", "rm", &id]);
 }

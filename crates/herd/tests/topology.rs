@@ -1,7 +1,9 @@
 //! The proximity tree through the whole product: four agents, two labelled at join and
 //! two by `herd host label`, measure their round trips to the neighbours the server
 //! names; `herd topology` groups them by rack and zone, with a round trip to each
-//! parent, and bad labels, hosts and fan-outs are refused with the reason.
+//! parent, and bad labels, hosts and fan-outs are refused with the reason. Then eight
+//! hosts of the netns testbed in two zones of two racks, labelled at join: the tree
+//! enters every rack and every zone by one edge.
 
 mod common;
 
@@ -124,4 +126,115 @@ async fn hosts_group_by_rack_and_zone_with_measured_round_trips() {
         serde_json::json!({"rack": "r2", "zone": "z1"})
     );
     drop(agents);
+}
+
+#[test]
+fn eight_testbed_hosts_form_one_subtree_per_rack_and_per_zone() {
+    use std::collections::HashMap;
+    let root = tempfile::tempdir().expect("tempdir");
+    let place = |i: usize| (format!("z{}", i / 4 + 1), format!("r{}", i / 2 + 1));
+    let labels: Vec<Vec<String>> = (0..8)
+        .map(|i| {
+            let (zone, rack) = place(i);
+            [
+                "--label".into(),
+                format!("zone={zone}"),
+                "--label".into(),
+                format!("rack={rack}"),
+            ]
+            .to_vec()
+        })
+        .collect();
+    let label_refs: Vec<Vec<&str>> = labels
+        .iter()
+        .map(|l| l.iter().map(String::as_str).collect())
+        .collect();
+    let host_args: Vec<&[&str]> = label_refs.iter().map(Vec::as_slice).collect();
+    let cluster = common::cluster::start_hosts(root.path(), "sim", 8, &host_args, &[]);
+    // The second zone is 2 ms further away, where the kernel can delay packets.
+    if cluster.bed.netem().is_ok() {
+        for i in 4..8 {
+            let far = herd_testbed::Shape {
+                delay_ms: 2,
+                ..herd_testbed::Shape::default()
+            };
+            cluster.bed.shape(i, far).expect("shape");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let tree = loop {
+        let tree = cluster
+            .cli_json(&["topology", "--root", "host0", "--fanout", "2"])
+            .expect("topology");
+        let hosts = tree["hosts"].as_array().cloned().unwrap_or_default();
+        let measured = hosts
+            .iter()
+            .filter(|h| h["parent"].is_string())
+            .all(|h| h["rtt_to_parent_us"].as_u64().is_some_and(|us| us > 0));
+        if hosts.len() == 8 && measured {
+            break tree;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "round trips never measured: {tree:#}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let hosts = tree["hosts"].as_array().expect("hosts");
+    let index: HashMap<&str, usize> = hosts
+        .iter()
+        .map(|h| {
+            let name = h["hostname"].as_str().unwrap_or_default();
+            let i = name.strip_prefix("host").and_then(|n| n.parse().ok());
+            (
+                h["id"].as_str().unwrap_or_default(),
+                i.expect("a testbed host"),
+            )
+        })
+        .collect();
+    // Zone z1 comes before z2, and each rack is one run of the order.
+    let order: Vec<usize> = hosts
+        .iter()
+        .map(|h| index[h["id"].as_str().unwrap_or_default()])
+        .collect();
+    assert_eq!(order[0], 0, "the root first: {order:?}");
+    assert!(order[..4].iter().all(|i| place(*i).0 == "z1"), "{order:?}");
+    for w in order.windows(3) {
+        assert!(
+            !(place(w[0]).1 == place(w[2]).1 && place(w[0]).1 != place(w[1]).1),
+            "a rack split in the order: {order:?}"
+        );
+    }
+    // Every rack and every zone but the root's is entered by exactly one edge.
+    let mut entries: HashMap<String, usize> = HashMap::new();
+    for h in hosts {
+        let Some(parent) = h["parent"].as_str() else {
+            continue;
+        };
+        let (child, parent) = (
+            place(index[h["id"].as_str().unwrap_or_default()]),
+            place(index[parent]),
+        );
+        if child.1 != parent.1 {
+            *entries.entry(child.1.clone()).or_default() += 1;
+        }
+        if child.0 != parent.0 {
+            *entries.entry(child.0.clone()).or_default() += 1;
+        }
+        let degree = hosts.iter().filter(|c| c["parent"] == h["parent"]).count();
+        assert!(degree <= 2, "fan-out above 2: {tree:#}");
+    }
+    let entered: std::collections::BTreeMap<String, usize> = entries.into_iter().collect();
+    let expected: std::collections::BTreeMap<String, usize> = ["r2", "r3", "r4", "z2"]
+        .iter()
+        .map(|k| (k.to_string(), 1))
+        .collect();
+    assert_eq!(entered, expected, "{tree:#}");
+    let text = cluster
+        .cli(&["topology", "--root", "host0"])
+        .expect("topology");
+    assert!(
+        text.starts_with("host0 (-/z1/r1)\n  host1 (-/z1/r1)"),
+        "{text}"
+    );
 }

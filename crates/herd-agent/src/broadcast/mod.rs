@@ -311,8 +311,10 @@ impl Broadcasts {
             if now == total {
                 return;
             }
-            tokio::time::sleep(PROGRESS_EVERY).await;
-            if rx.changed().await.is_err() {
+            // Progress at most every PROGRESS_EVERY, the end at once.
+            if let Ok(Err(_)) =
+                tokio::time::timeout(PROGRESS_EVERY, rx.wait_for(|c| *c == total)).await
+            {
                 return;
             }
         }

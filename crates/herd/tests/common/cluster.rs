@@ -33,11 +33,17 @@ pub fn wait_vm(cluster: &Cluster, name: &str, what: &str, done: impl Fn(&Value) 
 
 /// Three hosts with these drivers on the testbed, up.
 pub fn start_with(root: &Path, drivers: &str, host_args: &[&[&str]]) -> Cluster {
-    start_hosts(root, drivers, 3, host_args)
+    start_hosts(root, drivers, 3, host_args, &[])
 }
 
-/// `n` hosts with these drivers on the testbed, up.
-pub fn start_hosts(root: &Path, drivers: &str, n: usize, host_args: &[&[&str]]) -> Cluster {
+/// `n` hosts with these drivers on the testbed, up, every herd process with `env`.
+pub fn start_hosts(
+    root: &Path,
+    drivers: &str,
+    n: usize,
+    host_args: &[&[&str]],
+    env: &[(&str, &str)],
+) -> Cluster {
     let bed = Testbed::create(n).expect("testbed (needs root)");
     let image_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("herd-e2e-images");
     if drivers.contains("qemu") {
@@ -63,6 +69,9 @@ pub fn start_hosts(root: &Path, drivers: &str, n: usize, host_args: &[&[&str]]) 
         "0".into(),
     ];
     config.env = vec![("HERD_GUEST_BINARY".into(), guest_binary())];
+    config
+        .env
+        .extend(env.iter().map(|(k, v)| ((*k).to_owned(), v.into())));
     config.host_args = host_args
         .iter()
         .map(|args| args.iter().map(|a| a.to_string()).collect())

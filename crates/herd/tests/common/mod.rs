@@ -57,22 +57,7 @@ pub struct Containers(pub Vec<PathBuf>);
 impl Drop for Containers {
     fn drop(&mut self) {
         for dir in &self.0 {
-            let root = dir.join("oci").join(".runc");
-            let Ok(listed) = Command::new("runc")
-                .arg("--root")
-                .arg(&root)
-                .args(["list", "-q"])
-                .output()
-            else {
-                continue;
-            };
-            for name in String::from_utf8_lossy(&listed.stdout).lines() {
-                let _ = Command::new("runc")
-                    .arg("--root")
-                    .arg(&root)
-                    .args(["delete", "-f", name])
-                    .output();
-            }
+            herd_testbed::end_containers(&dir.join("oci"));
         }
     }
 }
@@ -603,6 +588,31 @@ impl Up {
     /// Live processes of `program` whose command line names this test's data dir.
     pub fn processes(&self, program: &str) -> Vec<i32> {
         processes(program, &self.data_dir.display().to_string())
+    }
+}
+
+/// Ends herd, then the QEMU guests and containers under its data dir. Both outlive
+/// herd (a restarted agent adopts its guests), so a test that ends, or fails, with a
+/// VM running would leave its guest running on the machine.
+fn end_with_guests(proc: &mut Proc, data_dir: &Path, oci_dir: &Path) {
+    proc.kill9();
+    for pid in processes("qemu-system", &data_dir.display().to_string()) {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    herd_testbed::end_containers(oci_dir);
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let oci = self.data_dir.join("agent/oci");
+        end_with_guests(&mut self.proc, &self.data_dir, &oci);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let oci = self.data_dir.join("oci");
+        end_with_guests(&mut self.proc, &self.data_dir, &oci);
     }
 }
 
