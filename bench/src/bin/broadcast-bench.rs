@@ -35,6 +35,9 @@ struct Args {
     herd: PathBuf,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// One row per run and shape, for the report's plot.
+    #[arg(long)]
+    csv: Option<PathBuf>,
 }
 
 /// The baseline's two ends, run inside the testbed's namespaces.
@@ -365,6 +368,23 @@ fn main() -> Result<()> {
          bytes a host sent on its link, in copies of S; cpu: how busy the machine's cores \
          were meanwhile (every host shares them)"
     );
+    if let Some(path) = &args.csv {
+        let mut csv = String::from("receivers,mib,shape,last_s,x_stream,x_nominal\n");
+        for run in &results {
+            for row in run["rows"].as_array().into_iter().flatten() {
+                csv.push_str(&format!(
+                    "{},{},{},{:.3},{:.3},{:.3}\n",
+                    run["receivers"],
+                    run["mib"],
+                    row["shape"].as_str().unwrap_or_default(),
+                    row["last_s"].as_f64().unwrap_or(0.0),
+                    row["x_stream"].as_f64().unwrap_or(0.0),
+                    row["x_nominal"].as_f64().unwrap_or(0.0),
+                ));
+            }
+        }
+        std::fs::write(path, csv)?;
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&json!({"runs": results}))?)?;
     }

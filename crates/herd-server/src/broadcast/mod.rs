@@ -11,6 +11,7 @@
 
 pub mod book;
 pub mod plan;
+pub mod targets;
 
 use crate::cloud::{invalid, Cloud, CloudError};
 use crate::store::{NewEvent, VmRecord};
@@ -116,29 +117,11 @@ impl Cloud {
                 format!("host {} takes no transfers", source_record.hostname),
             )
         })?;
-        let mut same_type = 0;
-        let mut targets: Vec<_> = hosts
-            .iter()
-            .filter(|h| h.id != source && h.up)
-            .filter(|h| h.hypervisors.iter().any(|t| t.kind == vm.hypervisor))
-            .inspect(|_| same_type += 1)
-            .filter(|h| match &ask.to {
-                None => true,
-                Some((key, value)) => h.labels.get(key) == Some(value),
+        let mut targets =
+            targets::receivers(&hosts, source, &vm.hypervisor, ask.to.as_ref(), |h| {
+                self.topology.transfer_addr(h)
             })
-            .filter_map(|h| Some((h, self.topology.transfer_addr(h.id)?)))
-            .collect();
-        if targets.is_empty() {
-            let why = match (&ask.to, same_type) {
-                (_, 0) => format!("no other host that is up runs {} VMs", vm.hypervisor),
-                (Some((k, v)), _) => format!(
-                    "no other host that is up and runs {} VMs has the label {k}={v}",
-                    vm.hypervisor
-                ),
-                (None, _) => "no other host takes transfers".into(),
-            };
-            return Err(conflict("no_hosts", why));
-        }
+            .map_err(|why| conflict("no_hosts", why))?;
         let mut members = vec![Member {
             id: source,
             place: Place::of(&source_record.labels),
