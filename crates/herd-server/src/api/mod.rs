@@ -11,6 +11,7 @@
 mod agents;
 pub mod audit;
 mod billing;
+mod broadcast_types;
 mod error;
 mod extract;
 mod hosts;
@@ -21,6 +22,7 @@ mod types;
 mod vms;
 
 pub use audit::AuditNote;
+pub use broadcast_types::*;
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use extract::{AgentHost, ApiJson, ApiPath, ApiQuery, CloudAdmin, User};
 pub use openapi::ApiDoc;
