@@ -174,7 +174,7 @@ pub async fn list(
             .into_iter()
             .map(|row| AuditEntry {
                 id: row.id,
-                time: super::types::rfc3339(row.time_ms),
+                time: super::rfc3339(row.time_ms),
                 actor: row.actor,
                 action: row.action,
                 object: row.object,

@@ -1,7 +1,7 @@
 //! Request and response bodies of broadcasts and of the jobs they duplicate, apart
 //! from the rest of the API's bodies (`types`) to keep each file to one subject.
 
-use super::types::rfc3339;
+use super::rfc3339;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;

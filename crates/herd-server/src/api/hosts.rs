@@ -2,7 +2,7 @@
 //! add to it.
 
 use super::{
-    types, ApiError, ApiJson, ApiPath, ApiQuery, AppState, CloudAdmin, ErrorBody, HostInfo,
+    ApiError, ApiJson, ApiPath, ApiQuery, AppState, CloudAdmin, ErrorBody, HostInfo,
     JoinTokenRequest, JoinTokenView, User,
 };
 use crate::access::Perm;
@@ -127,7 +127,7 @@ pub(super) async fn create_join_token(
         StatusCode::CREATED,
         Json(JoinTokenView {
             token,
-            expires_at: types::rfc3339(expires_ms),
+            expires_at: super::rfc3339(expires_ms),
             command,
         }),
     ))

@@ -37,6 +37,12 @@ use std::sync::Arc;
 
 type AppState = Arc<Cloud>;
 
+/// A time the store keeps as milliseconds since the epoch, as the API shows it.
+pub fn rfc3339(ms: i64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
 /// Largest request body the API accepts.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 const MAX_PAGE: usize = 1000;

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use utoipa::ToSchema;
 
-use super::types::rfc3339;
+use super::rfc3339;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WhoAmI {

@@ -1,19 +1,14 @@
 //! Request and response bodies of the REST API; `/openapi.json` is derived from these.
 
+use super::rfc3339;
 use crate::cloud::{GuestInfo, HostStatus};
 use crate::store::{EventRecord, VmRecord};
 use herd_proto::policy::PolicySpec;
 use herd_proto::wire::VmUsage;
 use herd_proto::VmState;
 use serde::{Deserialize, Serialize};
-use std::time::{Duration, UNIX_EPOCH};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
-
-pub fn rfc3339(ms: i64) -> String {
-    let time = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(time).to_string()
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Health {
