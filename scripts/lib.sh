@@ -13,15 +13,19 @@ need_packages() {
     fi
     echo "installing ${missing[*]}" >&2
     apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
-    # apt may resolve a conflict by removing a package it was asked for (an older
-    # qemu-utils from backports against qemu-system-x86): ask again for what is gone.
-    local still=()
-    for pkg in "${missing[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || still+=("$pkg")
+    # Every package asked for goes to apt, not only the missing ones: apt then has to
+    # keep the installed ones too. Given only the missing ones it may remove one that is
+    # installed (qemu-system-x86 from bookworm removed qemu-utils from backports, and CI
+    # then failed every test with a disk).
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+    local gone=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || gone+=("$pkg")
     done
-    [ ${#still[@]} -eq 0 ] && return 0
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${still[@]}" >&2
+    if [ ${#gone[@]} -ne 0 ]; then
+        echo "apt-get left these packages uninstalled: ${gone[*]}" >&2
+        return 1
+    fi
 }
 
 need_rust() {
