@@ -59,6 +59,18 @@ impl Client {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<(StatusCode, Vec<u8>)> {
+        self.exchange(method, path, body, false).await
+    }
+
+    /// Sends a request; fails on an error status, except a 404 when `missing_is_none`
+    /// (answered as a 404 with no body).
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+        missing_is_none: bool,
+    ) -> Result<(StatusCode, Vec<u8>)> {
         let mut request = self
             .http
             .request(method, format!("{}{path}", self.url))
@@ -78,6 +90,9 @@ impl Client {
             .bytes()
             .await
             .map_err(|e| anyhow!("reading the server's answer: {e}"))?;
+        if status == StatusCode::NOT_FOUND && missing_is_none {
+            return Ok((status, Vec::new()));
+        }
         if !status.is_success() {
             if let Ok(envelope) = serde_json::from_slice::<ErrorEnvelope>(&bytes) {
                 bail!("{} ({})", envelope.error.message, envelope.error.code);
@@ -100,6 +115,17 @@ impl Client {
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.call(Method::GET, path, None::<&()>).await
+    }
+
+    /// Reads an object that may be gone: `None` on a 404.
+    pub async fn get_if_exists<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>> {
+        let (status, bytes) = self.exchange(Method::GET, path, None::<&()>, true).await?;
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| anyhow!("unexpected answer from the server: {e}"))
     }
 
     /// Sends and returns the status; for routes that may answer without a body.

@@ -26,8 +26,25 @@ use std::path::PathBuf;
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
+
+/// What `herd` alone prints: the few commands a new user needs first.
+const GETTING_STARTED: &str = "\
+herd: a self-hosted cloud for virtual machines and system containers
+
+Getting started on this machine:
+  herd up                          start a whole cloud here (server + agent)
+  herd vm launch web               launch a VM and wait until it runs
+  herd vm ls                       list VMs
+  herd vm pause web && herd vm resume web
+  herd vm console web              the end of its serial console
+  herd bill                        what your projects cost this month
+  open https://127.0.0.1:7070/     the web interface (log in with your token)
+
+Every command: herd --help; one command: herd vm launch --help.
+Shell completions: herd completions bash > /etc/bash_completion.d/herd
+";
 
 #[derive(Subcommand)]
 enum Command {
@@ -37,6 +54,11 @@ enum Command {
     Server(ServerArgs),
     /// Run the agent of this host.
     Agent(AgentArgs),
+    /// Print a completion script for a shell (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Manage VMs.
     #[command(subcommand)]
     Vm(VmCommand),
@@ -295,20 +317,20 @@ pub enum VmCommand {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Start a stopped VM.
-    Start { vm: String },
-    /// Stop a VM (graceful, then forced).
-    Stop { vm: String },
-    /// Pause a running VM in memory.
-    Pause { vm: String },
-    /// Resume a paused or suspended VM.
-    Resume { vm: String },
-    /// Save a VM to disk and end its process.
-    Suspend { vm: String },
-    /// End a VM and free its resources; its record stays.
-    Terminate { vm: String },
-    /// Terminate a VM and delete its record.
-    Rm { vm: String },
+    /// Start a stopped VM; waits until it runs.
+    Start(ActArgs),
+    /// Stop a VM (graceful, then forced); waits until it is stopped.
+    Stop(ActArgs),
+    /// Pause a running VM in memory; waits until it is paused.
+    Pause(ActArgs),
+    /// Resume a paused or suspended VM; waits until it runs.
+    Resume(ActArgs),
+    /// Save a VM to disk and end its process; waits until it is suspended.
+    Suspend(ActArgs),
+    /// End a VM and free its resources; its record stays. Waits until it is terminated.
+    Terminate(ActArgs),
+    /// Terminate a VM and delete its record; waits until the record is gone.
+    Rm(ActArgs),
     /// Print the end of a VM's serial console.
     Console {
         vm: String,
@@ -400,6 +422,19 @@ pub enum VmCommand {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+}
+
+/// An action on one VM, and how long to wait for it to be done.
+#[derive(Args)]
+pub struct ActArgs {
+    /// The VM, by id or name.
+    pub vm: String,
+    /// Return once the request is taken instead of waiting until it is done.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait before leaving the action to finish in the background.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -568,6 +603,24 @@ pub enum HostCommand {
 
 fn main() {
     let cli = Cli::parse();
+    let Some(command) = cli.command else {
+        print!("{GETTING_STARTED}");
+        return;
+    };
+    if let Command::Completions { shell } = command {
+        use clap::CommandFactory;
+        use std::io::Write;
+        // Into a buffer first: clap_complete panics on a write error (a closed pipe).
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "herd", &mut script);
+        if let Err(e) = std::io::stdout().write_all(&script) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("herd: writing the completion script: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -579,7 +632,8 @@ fn main() {
         }
     };
     let result = runtime.block_on(async move {
-        match cli.command {
+        match command {
+            Command::Completions { .. } => Ok(()),
             Command::Up(args) => run::up(args).await,
             Command::Server(args) => run::server(args).await,
             Command::Agent(args) => run::agent(args).await,

@@ -3,11 +3,15 @@
 mod broadcast;
 mod migrate;
 mod resize;
+mod wait;
 
 use crate::client::{urlencode, Client};
 use crate::table::Table;
-use crate::{BillArgs, BillOutput, LaunchArgs, ListArgs, Output, RateCardCommand, VmCommand};
-use anyhow::{bail, Result};
+use crate::{
+    ActArgs, BillArgs, BillOutput, LaunchArgs, ListArgs, Output, RateCardCommand, VmCommand,
+};
+use anyhow::Result;
+use herd_proto::lifecycle::Action;
 use herd_proto::policy::{Enforcement, PolicySpec};
 use herd_proto::VmState;
 use herd_server::api::{BillView, EventList, LaunchRequest, VmList, VmView};
@@ -54,27 +58,13 @@ pub async fn vm(command: VmCommand) -> Result<()> {
                 }
             }
         }
-        VmCommand::Start { vm } => action(&client, &vm, "start").await,
-        VmCommand::Stop { vm } => action(&client, &vm, "stop").await,
-        VmCommand::Pause { vm } => action(&client, &vm, "pause").await,
-        VmCommand::Resume { vm } => action(&client, &vm, "resume").await,
-        VmCommand::Suspend { vm } => action(&client, &vm, "suspend").await,
-        VmCommand::Terminate { vm } => action(&client, &vm, "terminate").await,
-        VmCommand::Rm { vm } => {
-            let view = client.resolve_vm(&vm).await?;
-            let (status, _) = client
-                .call_status(Method::DELETE, &format!("/v1/vms/{}", view.id))
-                .await?;
-            if status == StatusCode::NO_CONTENT {
-                println!("{}: deleted", view.name);
-            } else {
-                println!(
-                    "{}: terminating; its record goes once its host confirms",
-                    view.name
-                );
-            }
-            Ok(())
-        }
+        VmCommand::Start(args) => action(&client, args, Action::Start).await,
+        VmCommand::Stop(args) => action(&client, args, Action::Stop).await,
+        VmCommand::Pause(args) => action(&client, args, Action::Pause).await,
+        VmCommand::Resume(args) => action(&client, args, Action::Resume).await,
+        VmCommand::Suspend(args) => action(&client, args, Action::Suspend).await,
+        VmCommand::Terminate(args) => action(&client, args, Action::Terminate).await,
+        VmCommand::Rm(args) => remove(&client, args).await,
         VmCommand::Events { vm, output } => events(&client, &vm, output).await,
         VmCommand::Migrate {
             vm,
@@ -191,37 +181,16 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
     let started = Instant::now();
     let mut view: VmView = client.call(Method::POST, "/v1/vms", Some(&request)).await?;
     if !args.no_wait {
-        let mut last = view.state;
-        eprint!("{}: {}", view.name, last);
-        let deadline = started + Duration::from_secs(300);
-        while view.state != VmState::Running {
-            if Instant::now() > deadline {
-                eprintln!();
-                bail!(
-                    "{} did not reach running in 300 s; see `herd vm events {}`",
-                    view.name,
-                    view.name
-                );
-            }
-            if view.state == VmState::Error || view.last_error.is_some() {
-                eprintln!();
-                bail!(
-                    "{} failed: {}; see `herd vm events {}`",
-                    view.name,
-                    view.last_error
-                        .clone()
-                        .unwrap_or_else(|| "error state".into()),
-                    view.name
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            view = client.get(&format!("/v1/vms/{}", view.id)).await?;
-            if view.state != last {
-                last = view.state;
-                eprint!(" -> {last}");
-            }
-        }
-        eprintln!(" ({:.1} s)", started.elapsed().as_secs_f64());
+        let wait = wait::Wait {
+            enabled: true,
+            timeout: Duration::from_secs(300),
+        };
+        view = wait::until(client, &view, wait::Goal::State(VmState::Running), wait).await?;
+        eprintln!(
+            "{}: running ({:.1} s)",
+            view.name,
+            started.elapsed().as_secs_f64()
+        );
     }
     match args.output {
         Output::Json => print_json(&view),
@@ -454,19 +423,67 @@ fn describe(vm: &VmView) -> String {
     out
 }
 
-async fn action(client: &Client, vm: &str, action: &str) -> Result<()> {
-    let view = client.resolve_vm(vm).await?;
+fn wait_of(args: &ActArgs) -> wait::Wait {
+    wait::Wait {
+        enabled: !args.no_wait,
+        timeout: args.timeout,
+    }
+}
+
+/// Asks for an action and, unless `--no-wait`, waits until the host reports its target.
+async fn action(client: &Client, args: ActArgs, action: Action) -> Result<()> {
+    let view = client.resolve_vm(&args.vm).await?;
+    let started = Instant::now();
     let after: VmView = client
         .call(
             Method::POST,
-            &format!("/v1/vms/{}/actions/{action}", view.id),
+            &format!("/v1/vms/{}/actions/{}", view.id, action.as_str()),
             None::<&()>,
         )
         .await?;
+    let wait = wait_of(&args);
+    if !wait.enabled {
+        println!(
+            "{}: {} requested (desired {}, now {})",
+            after.name,
+            action.as_str(),
+            after.desired_state,
+            after.state
+        );
+        return Ok(());
+    }
+    let done = wait::until(client, &after, wait::Goal::State(action.target()), wait).await?;
     println!(
-        "{}: {action} requested (desired {}, now {})",
-        after.name, after.desired_state, after.state
+        "{}: {} ({:.1} s)",
+        done.name,
+        done.state,
+        started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Deletes a VM: at once if it has nothing running, else once its host confirms the
+/// termination, which this waits for unless `--no-wait`.
+async fn remove(client: &Client, args: ActArgs) -> Result<()> {
+    let view = client.resolve_vm(&args.vm).await?;
+    let (status, body) = client
+        .call_status(Method::DELETE, &format!("/v1/vms/{}", view.id))
+        .await?;
+    if status == StatusCode::NO_CONTENT {
+        println!("{}: deleted", view.name);
+        return Ok(());
+    }
+    let wait = wait_of(&args);
+    if !wait.enabled {
+        println!(
+            "{}: terminating; its record goes once its host confirms",
+            view.name
+        );
+        return Ok(());
+    }
+    let after: VmView = serde_json::from_slice(&body)?;
+    wait::until(client, &after, wait::Goal::Gone, wait).await?;
+    println!("{}: deleted", view.name);
     Ok(())
 }
 

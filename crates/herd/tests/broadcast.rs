@@ -551,5 +551,5 @@ fn when_an_interior_host_dies_its_children_are_fed_and_nothing_corrupt_is_kept()
             "a host holds bytes that differ from the source's"
         );
     }
-    let _ = cluster.cli(&["vm", "rm", &id]);
+    let _ = cluster.cli(&["vm", "rm", &id, "--no-wait"]);
 }

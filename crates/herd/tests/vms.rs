@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{qemu_present, Api, Up};
+use common::{err, herd_cli, ok, qemu_present, Api, Up};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -113,6 +113,31 @@ async fn real_vms_through_herd_up() {
         vm["state"] == "running"
     })
     .await;
+
+    // The README's own example through the CLI: each action waits until it is done,
+    // so the resume finds the VM paused and both succeed.
+    let ca = up.data_dir.join("server").join("ca.pem");
+    let env = [
+        ("HERD_URL", api.url.as_str()),
+        ("HERD_TOKEN", api.token.as_str()),
+        ("HERD_CA", ca.to_str().expect("utf-8 path")),
+    ];
+    let cli_config = root.path().join("cli");
+    let paused = ok(herd_cli(&cli_config, &env, &["vm", "pause", "counter"]));
+    assert!(paused.contains("counter: paused"), "{paused}");
+    let vm = api.get(&format!("/v1/vms/{a}")).await;
+    assert_eq!(
+        vm["state"], "paused",
+        "the CLI returned before the VM was paused"
+    );
+    let resumed = ok(herd_cli(&cli_config, &env, &["vm", "resume", "counter"]));
+    assert!(resumed.contains("counter: running"), "{resumed}");
+    // Asking again for what already holds is done at once.
+    let again = ok(herd_cli(&cli_config, &env, &["vm", "resume", "counter"]));
+    assert!(again.contains("counter: running"), "{again}");
+    // A VM that is not there is a clear error, not a wait.
+    let missing = err(herd_cli(&cli_config, &env, &["vm", "pause", "nosuchvm"]));
+    assert!(missing.contains("no VM named"), "{missing}");
 
     // Suspend to disk and resume: the workload continues where it was.
     wait_vm(&api, a, "some counting", Duration::from_secs(30), |_| true).await;
