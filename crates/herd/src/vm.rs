@@ -1,5 +1,6 @@
 //! Client subcommands: `herd vm ...` and `herd host ...`.
 
+mod act;
 mod broadcast;
 mod migrate;
 mod resize;
@@ -7,15 +8,13 @@ mod wait;
 
 use crate::client::{urlencode, Client};
 use crate::table::Table;
-use crate::{
-    ActArgs, BillArgs, BillOutput, LaunchArgs, ListArgs, Output, RateCardCommand, VmCommand,
-};
+use crate::{BillArgs, BillOutput, LaunchArgs, ListArgs, Output, RateCardCommand, VmCommand};
 use anyhow::Result;
 use herd_proto::lifecycle::Action;
 use herd_proto::policy::{Enforcement, PolicySpec};
 use herd_proto::VmState;
-use herd_server::api::{BillView, EventList, LaunchRequest, VmList, VmView};
-use reqwest::{Method, StatusCode};
+use herd_server::api::{BillView, EventList, EventView, LaunchRequest, VmList, VmView};
+use reqwest::Method;
 use std::time::{Duration, Instant};
 
 pub(crate) fn short(id: &uuid::Uuid) -> String {
@@ -58,13 +57,13 @@ pub async fn vm(command: VmCommand) -> Result<()> {
                 }
             }
         }
-        VmCommand::Start(args) => action(&client, args, Action::Start).await,
-        VmCommand::Stop(args) => action(&client, args, Action::Stop).await,
-        VmCommand::Pause(args) => action(&client, args, Action::Pause).await,
-        VmCommand::Resume(args) => action(&client, args, Action::Resume).await,
-        VmCommand::Suspend(args) => action(&client, args, Action::Suspend).await,
-        VmCommand::Terminate(args) => action(&client, args, Action::Terminate).await,
-        VmCommand::Rm(args) => remove(&client, args).await,
+        VmCommand::Start(args) => act::action(&client, args, Action::Start).await,
+        VmCommand::Stop(args) => act::action(&client, args, Action::Stop).await,
+        VmCommand::Pause(args) => act::action(&client, args, Action::Pause).await,
+        VmCommand::Resume(args) => act::action(&client, args, Action::Resume).await,
+        VmCommand::Suspend(args) => act::action(&client, args, Action::Suspend).await,
+        VmCommand::Terminate(args) => act::action(&client, args, Action::Terminate).await,
+        VmCommand::Rm(args) => act::remove(&client, args).await,
         VmCommand::Events { vm, output } => events(&client, &vm, output).await,
         VmCommand::Migrate {
             vm,
@@ -181,11 +180,8 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
     let started = Instant::now();
     let mut view: VmView = client.call(Method::POST, "/v1/vms", Some(&request)).await?;
     if !args.no_wait {
-        let wait = wait::Wait {
-            enabled: true,
-            timeout: Duration::from_secs(300),
-        };
-        view = wait::until(client, &view, wait::Goal::State(VmState::Running), wait).await?;
+        let goal = wait::Goal::State(VmState::Running);
+        view = wait::until(client, &view, goal, Duration::from_secs(300)).await?;
         eprintln!(
             "{}: running ({:.1} s)",
             view.name,
@@ -423,88 +419,26 @@ fn describe(vm: &VmView) -> String {
     out
 }
 
-fn wait_of(args: &ActArgs) -> wait::Wait {
-    wait::Wait {
-        enabled: !args.no_wait,
-        timeout: args.timeout,
-    }
-}
-
-/// Asks for an action and, unless `--no-wait`, waits until the host reports its target.
-async fn action(client: &Client, args: ActArgs, action: Action) -> Result<()> {
-    let view = client.resolve_vm(&args.vm).await?;
-    let started = Instant::now();
-    let after: VmView = client
-        .call(
-            Method::POST,
-            &format!("/v1/vms/{}/actions/{}", view.id, action.as_str()),
-            None::<&()>,
-        )
-        .await?;
-    let wait = wait_of(&args);
-    if !wait.enabled {
-        println!(
-            "{}: {} requested (desired {}, now {})",
-            after.name,
-            action.as_str(),
-            after.desired_state,
-            after.state
-        );
-        return Ok(());
-    }
-    let done = wait::until(client, &after, wait::Goal::State(action.target()), wait).await?;
-    println!(
-        "{}: {} ({:.1} s)",
-        done.name,
-        done.state,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
-/// Deletes a VM: at once if it has nothing running, else once its host confirms the
-/// termination, which this waits for unless `--no-wait`.
-async fn remove(client: &Client, args: ActArgs) -> Result<()> {
-    let view = client.resolve_vm(&args.vm).await?;
-    let (status, body) = client
-        .call_status(Method::DELETE, &format!("/v1/vms/{}", view.id))
-        .await?;
-    if status == StatusCode::NO_CONTENT {
-        println!("{}: deleted", view.name);
-        return Ok(());
-    }
-    let wait = wait_of(&args);
-    if !wait.enabled {
-        println!(
-            "{}: terminating; its record goes once its host confirms",
-            view.name
-        );
-        return Ok(());
-    }
-    let after: VmView = serde_json::from_slice(&body)?;
-    wait::until(client, &after, wait::Goal::Gone, wait).await?;
-    println!("{}: deleted", view.name);
-    Ok(())
-}
-
-async fn events(client: &Client, vm: &str, output: Output) -> Result<()> {
-    let view = client.resolve_vm(vm).await?;
+/// Every event of a VM, oldest first, read page by page.
+async fn all_events(client: &Client, id: uuid::Uuid) -> Result<Vec<EventView>> {
     let mut all = Vec::new();
     let mut after = 0;
     loop {
         let page: EventList = client
-            .get(&format!(
-                "/v1/vms/{}/events?after={after}&limit=1000",
-                view.id
-            ))
+            .get(&format!("/v1/vms/{id}/events?after={after}&limit=1000"))
             .await?;
         let done = page.items.len() < 1000;
         all.extend(page.items);
         match page.next_after {
             Some(next) if !done => after = next,
-            _ => break,
+            _ => return Ok(all),
         }
     }
+}
+
+async fn events(client: &Client, vm: &str, output: Output) -> Result<()> {
+    let view = client.resolve_vm(vm).await?;
+    let all = all_events(client, view.id).await?;
     match output {
         Output::Json => print_json(&all),
         Output::Table => {

@@ -6,7 +6,7 @@
 use crate::client::Client;
 use anyhow::{bail, Result};
 use herd_proto::VmState;
-use herd_server::api::{EventList, VmView};
+use herd_server::api::VmView;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::{Duration, Instant};
 
@@ -61,16 +61,14 @@ pub fn judge(goal: Goal, generation: u64, view: Option<&VmView>) -> Verdict {
     Verdict::Waiting
 }
 
-/// How long to wait, and whether to.
-#[derive(Debug, Clone, Copy)]
-pub struct Wait {
-    pub enabled: bool,
-    pub timeout: Duration,
-}
-
 /// Polls the VM until the goal holds, showing the states it passes on a spinner when
 /// stderr is a terminal. Fails with the reason the VM's events or error give.
-pub async fn until(client: &Client, view: &VmView, goal: Goal, wait: Wait) -> Result<VmView> {
+pub async fn until(
+    client: &Client,
+    view: &VmView,
+    goal: Goal,
+    timeout: Duration,
+) -> Result<VmView> {
     let started = Instant::now();
     let spinner = spinner(&view.name, goal);
     let mut last = view.clone();
@@ -100,14 +98,14 @@ pub async fn until(client: &Client, view: &VmView, goal: Goal, wait: Wait) -> Re
             }
             Verdict::Waiting => {}
         }
-        if started.elapsed() > wait.timeout {
+        if started.elapsed() > timeout {
             spinner.finish_and_clear();
             bail!(
                 "{}: still {} after {} s (waiting for {}); it goes on in the background, \
                  see `herd vm events {}`",
                 view.name,
                 last.state,
-                wait.timeout.as_secs(),
+                timeout.as_secs(),
                 goal_text(goal),
                 view.name
             );
@@ -137,26 +135,9 @@ fn spinner(name: &str, goal: Goal) -> ProgressBar {
 
 /// The newest event with a message, as `" (last event: ...)"`; empty if none is found.
 async fn last_event(client: &Client, view: &VmView) -> Option<String> {
-    let mut after = 0;
-    let mut newest = None;
-    // Bounded: a VM with more events than this still fails with its own reason.
-    for _ in 0..20 {
-        let page: EventList = client
-            .get(&format!(
-                "/v1/vms/{}/events?after={after}&limit=1000",
-                view.id
-            ))
-            .await
-            .ok()?;
-        if let Some(event) = page.items.iter().rev().find(|e| !e.message.is_empty()) {
-            newest = Some(event.message.clone());
-        }
-        match page.next_after {
-            Some(next) if page.items.len() == 1000 => after = next,
-            _ => break,
-        }
-    }
-    newest.map(|message| format!(" (last event: {message})"))
+    let events = super::all_events(client, view.id).await.ok()?;
+    let event = events.iter().rev().find(|e| !e.message.is_empty())?;
+    Some(format!(" (last event: {})", event.message))
 }
 
 #[cfg(test)]
