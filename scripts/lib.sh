@@ -1,11 +1,16 @@
 # Shared helpers for scripts/up and scripts/test. Sourced, not run.
 
+# The packages named that are not installed, one per line.
+not_installed() {
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || echo "$pkg"
+    done
+}
+
 # Installs Debian packages that are missing; runs apt-get update at most once.
 need_packages() {
-    local missing=()
-    for pkg in "$@"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-    done
+    local missing
+    mapfile -t missing < <(not_installed "$@")
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -ne 0 ]; then
         echo "herd needs these Debian packages: ${missing[*]} (run as root, or install them)" >&2
@@ -13,15 +18,19 @@ need_packages() {
     fi
     echo "installing ${missing[*]}" >&2
     apt-get update -qq >&2
-    # Every package asked for goes to apt, not only the missing ones: apt then has to
-    # keep the installed ones too. Given only the missing ones it may remove one that is
-    # installed (qemu-system-x86 from bookworm removed qemu-utils from backports, and CI
-    # then failed every test with a disk).
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
-    local gone=()
-    for pkg in "$@"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || gone+=("$pkg")
-    done
+    # Installing the missing packages may remove one that was installed (qemu-system-x86
+    # from bookworm removes a qemu-utils from backports), and asking for both at once
+    # fails outright, as their versions conflict. So install the missing ones, then
+    # whatever that removed, which apt now takes from the same release.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+    local removed
+    mapfile -t removed < <(not_installed "$@")
+    if [ ${#removed[@]} -ne 0 ]; then
+        echo "installing ${removed[*]} again" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${removed[@]}" >&2
+    fi
+    local gone
+    mapfile -t gone < <(not_installed "$@")
     if [ ${#gone[@]} -ne 0 ]; then
         echo "apt-get left these packages uninstalled: ${gone[*]}" >&2
         return 1
