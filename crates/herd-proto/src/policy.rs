@@ -151,6 +151,62 @@ pub struct RateCard {
     pub burst_per_vcpu_hour: Rate,
 }
 
+impl RateCard {
+    /// The prices of a project that has no card of its own, so that a fresh install
+    /// prices cost caps and bills at once (the README lists them). Per VM-hour 0.010
+    /// peak and 0.006 off-peak, per CPU-second 0.000010 and 0.000006, per GiB-hour of
+    /// memory 0.004 and 0.0025, per GiB transferred 0.010; peak is 08:00 to 20:00 UTC.
+    /// A burst costs only what it uses.
+    pub const STANDARD: RateCard = RateCard {
+        per_hour: Rate {
+            peak: 10_000,
+            off_peak: 6_000,
+        },
+        per_cpu_second: Rate {
+            peak: 10,
+            off_peak: 6,
+        },
+        per_gib_hour_memory: Rate {
+            peak: 4_000,
+            off_peak: 2_500,
+        },
+        per_gib_transferred: Rate {
+            peak: 10_000,
+            off_peak: 10_000,
+        },
+        peak_start_hour: 8,
+        peak_end_hour: 20,
+        burst_per_vcpu_hour: Rate {
+            peak: 0,
+            off_peak: 0,
+        },
+    };
+}
+
+/// Money written like `5.00` (up to six decimals), in micro-units; `None` if it is not
+/// an amount or does not fit.
+pub fn parse_money(text: &str) -> Option<u64> {
+    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
+    if frac.len() > 6 || whole.is_empty() && frac.is_empty() {
+        return None;
+    }
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || !digits(frac) {
+        return None;
+    }
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
+    let frac: u64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<6}").parse().ok()?
+    };
+    whole.checked_mul(1_000_000)?.checked_add(frac)
+}
+
 /// One price with its peak and off-peak values, in micro-units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -229,5 +285,29 @@ impl PolicySpec {
         .into_iter()
         .flatten()
         .any(|enforce| enforce.action == action)
+    }
+}
+
+#[cfg(test)]
+mod money_tests {
+    use super::parse_money;
+
+    #[test]
+    fn money_parses_exactly_or_not_at_all() {
+        assert_eq!(parse_money("5.00"), Some(5_000_000));
+        assert_eq!(parse_money(".5"), Some(500_000));
+        assert_eq!(parse_money("0.000001"), Some(1));
+        for bad in [
+            "",
+            ".",
+            "1.0000001",
+            "-1",
+            "+1",
+            "1e3",
+            "5,00",
+            "18446744073710",
+        ] {
+            assert_eq!(parse_money(bad), None, "{bad}");
+        }
     }
 }

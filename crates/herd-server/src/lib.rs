@@ -21,6 +21,7 @@ pub mod status;
 pub mod store;
 pub mod topology;
 pub mod waiters;
+pub mod web;
 
 pub use cloud::{Cloud, CloudError, ServerConfig};
 
@@ -90,6 +91,11 @@ fn url_host(url: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
+/// Everything the server answers over HTTP: the REST API and the web UI.
+pub fn app(cloud: Arc<Cloud>) -> axum::Router {
+    api::router(cloud.clone()).merge(web::router(cloud))
+}
+
 /// A bound, not yet serving, server.
 pub struct Bound {
     pub cloud: Arc<Cloud>,
@@ -153,8 +159,7 @@ impl Bound {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let background = tokio::spawn(self.cloud.clone().run_background());
-        let app =
-            api::router(self.cloud.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
+        let app = app(self.cloud.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
         let result = match self.tls {
             Some(tls) => {
                 info!(addr = %self.addr, "serving HTTPS");

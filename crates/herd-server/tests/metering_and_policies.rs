@@ -264,3 +264,52 @@ async fn activation_holds_a_vm_until_its_time_and_its_predecessor() {
         "placed once its predecessor completed"
     );
 }
+
+/// A fresh install prices a cost cap with the standard card, so `--budget` works at
+/// once; a card the admin sets replaces it for the VMs launched after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cost_cap_is_priced_by_the_standard_card_until_the_project_has_its_own() {
+    use herd_proto::policy::{CostCap, Enforcement, PolicyAction, PolicySpec};
+    let (_dir, cloud, _host) = cloud_with_one_sim_host();
+    let launch = |name: &str| {
+        cloud
+            .launch(LaunchSpec {
+                name: name.into(),
+                project: None,
+                hypervisor: Some("sim".into()),
+                vcpus: Some(1),
+                memory_mib: Some(64),
+                image: None,
+                command: vec![],
+                policy: PolicySpec {
+                    cost_cap: Some(CostCap {
+                        max_micros: 5_000_000,
+                        rates: RateCard::default(),
+                        enforce: Enforcement {
+                            action: PolicyAction::Terminate,
+                            warn: None,
+                        },
+                    }),
+                    ..PolicySpec::default()
+                },
+                keep_running: false,
+                disk_mib: None,
+            })
+            .expect("a cost cap is accepted with no rate card set")
+    };
+    let priced = |vm: &herd_server::store::VmRecord| vm.policy.cost_cap.map(|cap| cap.rates);
+    assert_eq!(
+        cloud.rate_card("default").expect("card"),
+        RateCard::STANDARD
+    );
+    assert_eq!(priced(&launch("first")), Some(RateCard::STANDARD));
+    let own = RateCard {
+        per_hour: Rate {
+            peak: 1,
+            off_peak: 1,
+        },
+        ..RateCard::default()
+    };
+    cloud.set_rate_card("default", &own).expect("rate card");
+    assert_eq!(priced(&launch("second")), Some(own));
+}

@@ -37,25 +37,8 @@ fn permille(flag: &str, percent: f64) -> Result<u32> {
 
 /// Money like `5.00` in micro-units.
 pub fn money_micros(flag: &str, text: &str) -> Result<u64> {
-    let bad = || anyhow!("--{flag}: {text:?} is not an amount like 5.00");
-    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
-    if frac.len() > 6 || whole.is_empty() && frac.is_empty() {
-        return Err(bad());
-    }
-    let whole: u64 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().map_err(|_| bad())?
-    };
-    let frac: u64 = if frac.is_empty() {
-        0
-    } else {
-        format!("{frac:0<6}").parse().map_err(|_| bad())?
-    };
-    whole
-        .checked_mul(1_000_000)
-        .and_then(|w| w.checked_add(frac))
-        .ok_or_else(bad)
+    herd_proto::policy::parse_money(text)
+        .ok_or_else(|| anyhow!("--{flag}: {text:?} is not an amount like 5.00"))
 }
 
 pub fn spec(args: &PolicyArgs) -> Result<PolicySpec> {

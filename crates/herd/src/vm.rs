@@ -480,27 +480,7 @@ pub async fn bill(args: BillArgs) -> Result<()> {
     match args.output {
         BillOutput::Json => print_json(&bill),
         BillOutput::Csv => {
-            println!(
-                "vm,name,project,hours,cpu_seconds,memory_gib_hours,net_gib,cost_micros,cost,\
-                 burst_hours,burst_cost_micros"
-            );
-            for l in &bill.lines {
-                println!(
-                    "{},{},{},{:.6},{:.3},{:.6},{:.6},{},{},{:.6},{}",
-                    l.vm,
-                    l.name,
-                    l.project,
-                    l.hours,
-                    l.cpu_seconds,
-                    l.memory_gib_hours,
-                    l.net_gib,
-                    l.cost_micros,
-                    l.cost,
-                    l.bursts.iter().map(|b| b.hours).sum::<f64>(),
-                    l.bursts.iter().map(|b| b.cost_micros).sum::<u64>()
-                );
-            }
-            println!(",total,,,,,,{},{},,", bill.total_micros, bill.total);
+            print!("{}", bill.csv());
             Ok(())
         }
         BillOutput::Table => {

@@ -70,7 +70,8 @@ pub async fn record(State(cloud): State<AppState>, mut request: Request, next: N
     let action = format!("{} {route}", request.method());
     let response = next.run(request).await;
     let status = response.status();
-    let result = if status.is_success() {
+    // A form of the web UI answers a success with a redirect to the page it changed.
+    let result = if status.is_success() || status.is_redirection() {
         "ok".to_owned()
     } else {
         response
@@ -100,7 +101,7 @@ pub async fn record(State(cloud): State<AppState>, mut request: Request, next: N
     response
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct AuditQuery {

@@ -10,25 +10,24 @@ use axum::extract::State;
 use axum::Json;
 use herd_proto::policy::RateCard;
 
-/// A project's rate card.
+/// The prices a project's VMs pay: its own rate card, or the standard one until a cloud
+/// admin sets one.
 #[utoipa::path(get, path = "/v1/rate-cards/{project}", params(("project" = String, Path, description = "project")),
     responses((status = 200, body = RateCard), (status = 404, body = ErrorBody)))]
-pub(super) async fn get_rate_card(
+pub(crate) async fn get_rate_card(
     user: User,
     State(cloud): State<AppState>,
     ApiPath(project): ApiPath<String>,
 ) -> Result<Json<RateCard>, ApiError> {
     user.check(&project, Perm::Read, "project", &project)?;
-    cloud
-        .rate_card(&project)?
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("project {project:?} has no rate card")))
+    cloud.project(&project)?;
+    Ok(Json(cloud.rate_card(&project)?))
 }
 
 /// Set a project's rate card (prices in millionths of the currency unit).
 #[utoipa::path(put, path = "/v1/rate-cards/{project}", params(("project" = String, Path, description = "project")),
     request_body = RateCard, responses((status = 200, body = RateCard), (status = 400, body = ErrorBody)))]
-pub(super) async fn put_rate_card(
+pub(crate) async fn put_rate_card(
     _: CloudAdmin,
     State(cloud): State<AppState>,
     ApiPath(project): ApiPath<String>,
@@ -57,7 +56,7 @@ fn parse_time(field: &'static str, text: &str) -> Result<i64, ApiError> {
 /// Per-VM charges and the total over a period.
 #[utoipa::path(get, path = "/v1/billing", params(BillQuery),
     responses((status = 200, body = BillView), (status = 400, body = ErrorBody)))]
-pub(super) async fn get_bill(
+pub(crate) async fn get_bill(
     user: User,
     State(cloud): State<AppState>,
     ApiQuery(query): ApiQuery<BillQuery>,

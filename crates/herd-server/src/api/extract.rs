@@ -54,12 +54,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 }
 
 fn identity(parts: &Parts, cloud: &Cloud) -> Result<Identity, ApiError> {
-    Metrics::inc(&cloud.metrics.api_requests);
     let header = parts
         .headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok());
-    let identity = cloud.authenticate(auth::bearer(header));
+    identify(parts, cloud, auth::bearer(header))
+}
+
+fn identify(parts: &Parts, cloud: &Cloud, token: Option<&str>) -> Result<Identity, ApiError> {
+    Metrics::inc(&cloud.metrics.api_requests);
+    let identity = cloud.authenticate(token);
     if let Some(note) = parts.extensions.get::<AuditNote>() {
         match &identity {
             Ok(Identity::User(principal)) => note.actor(&principal.user),
@@ -71,6 +75,7 @@ fn identity(parts: &Parts, cloud: &Cloud) -> Result<Identity, ApiError> {
 }
 
 /// A caller with a user's API token, and the roles they hold.
+#[derive(Clone)]
 pub struct User {
     pub principal: Principal,
     /// Where the handler adds what the audit row should say (mutating requests only).
@@ -100,10 +105,9 @@ impl User {
     }
 }
 
-impl FromRequestParts<AppState> for User {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, cloud: &AppState) -> Result<Self, ApiError> {
-        match identity(parts, cloud)? {
+impl User {
+    fn of(parts: &Parts, identity: Identity) -> Result<User, ApiError> {
+        match identity {
             Identity::User(principal) => Ok(User {
                 principal,
                 note: parts
@@ -117,17 +121,36 @@ impl FromRequestParts<AppState> for User {
             )),
         }
     }
+
+    /// The user behind a token that came some other way than the `Authorization`
+    /// header (the web UI keeps it behind a session cookie), checked the same way.
+    pub(crate) fn with_token(parts: &Parts, cloud: &Cloud, token: &str) -> Result<User, ApiError> {
+        User::of(parts, identify(parts, cloud, Some(token))?)
+    }
 }
 
-/// A cloud-wide admin.
-pub struct CloudAdmin(pub User);
+impl FromRequestParts<AppState> for User {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, cloud: &AppState) -> Result<Self, ApiError> {
+        User::of(parts, identity(parts, cloud)?)
+    }
+}
+
+/// A cloud-wide admin. Only made by checking ([`CloudAdmin::of`] or the extractor), so
+/// holding one proves the check was done.
+pub struct CloudAdmin(pub(super) User);
+
+impl CloudAdmin {
+    pub fn of(user: User) -> Result<CloudAdmin, ApiError> {
+        user.check_cloud_admin()?;
+        Ok(CloudAdmin(user))
+    }
+}
 
 impl FromRequestParts<AppState> for CloudAdmin {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, cloud: &AppState) -> Result<Self, ApiError> {
-        let user = User::from_request_parts(parts, cloud).await?;
-        user.check_cloud_admin()?;
-        Ok(CloudAdmin(user))
+        CloudAdmin::of(User::from_request_parts(parts, cloud).await?)
     }
 }
 

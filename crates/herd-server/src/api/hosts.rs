@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// Every host, with capacity, allocation and live utilization.
 #[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = Vec<HostInfo>)))]
-pub(super) async fn list_hosts(
+pub(crate) async fn list_hosts(
     _: CloudAdmin,
     State(cloud): State<AppState>,
 ) -> Result<Json<Vec<HostInfo>>, ApiError> {
@@ -27,7 +27,7 @@ pub(super) async fn list_hosts(
 #[utoipa::path(get, path = "/v1/hosts/{id}/status", params(("id" = String, Path, description = "host id")),
     responses((status = 200, body = Vec<herd_proto::status::PeerView>), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody)))]
-pub(super) async fn host_status(
+pub(crate) async fn host_status(
     _: CloudAdmin,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -41,7 +41,7 @@ pub(super) async fn host_status(
     request_body = LabelChange,
     responses((status = 200, body = std::collections::BTreeMap<String, String>), (status = 400, body = ErrorBody),
               (status = 404, body = ErrorBody)))]
-pub(super) async fn label_host(
+pub(crate) async fn label_host(
     _: CloudAdmin,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -50,9 +50,9 @@ pub(super) async fn label_host(
     Ok(Json(crate::blocking(|| cloud.label_host(&id, &change))?))
 }
 
-#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-pub(super) struct TopologyQuery {
+pub(crate) struct TopologyQuery {
     /// The host the tree grows from (default: the first up host by name).
     root: Option<String>,
     /// At most this many children per host (1 to 64; 1 is a chain).
@@ -64,7 +64,7 @@ pub(super) struct TopologyQuery {
 #[utoipa::path(get, path = "/v1/topology", params(TopologyQuery),
     responses((status = 200, body = TopologyView), (status = 400, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub(super) async fn get_topology(
+pub(crate) async fn get_topology(
     _: CloudAdmin,
     State(cloud): State<AppState>,
     ApiQuery(query): ApiQuery<TopologyQuery>,
@@ -76,7 +76,7 @@ pub(super) async fn get_topology(
 /// One host.
 #[utoipa::path(get, path = "/v1/hosts/{id}", params(("id" = String, Path, description = "host id")),
     responses((status = 200, body = HostInfo), (status = 404, body = ErrorBody)))]
-pub(super) async fn get_host(
+pub(crate) async fn get_host(
     _: CloudAdmin,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -88,7 +88,7 @@ pub(super) async fn get_host(
 /// and per host. A cloud admin sees every host; anyone else sees the aggregates of the
 /// projects they can read, without hosts or free figures.
 #[utoipa::path(get, path = "/v1/map", responses((status = 200, body = ResourceMap)))]
-pub(super) async fn get_map(
+pub(crate) async fn get_map(
     user: User,
     State(cloud): State<AppState>,
 ) -> Result<Json<ResourceMap>, ApiError> {
@@ -102,7 +102,7 @@ pub(super) async fn get_map(
 /// Create a one-time join token for a new host.
 #[utoipa::path(post, path = "/v1/join-tokens", request_body = JoinTokenRequest,
     responses((status = 201, body = JoinTokenView), (status = 400, body = ErrorBody)))]
-pub(super) async fn create_join_token(
+pub(crate) async fn create_join_token(
     _: CloudAdmin,
     State(cloud): State<AppState>,
     ApiJson(request): ApiJson<JoinTokenRequest>,

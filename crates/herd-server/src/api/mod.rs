@@ -10,16 +10,16 @@
 
 mod agents;
 pub mod audit;
-mod billing;
+pub(crate) mod billing;
 mod broadcast_types;
 mod error;
 mod extract;
-mod hosts;
+pub(crate) mod hosts;
 mod meta;
 mod openapi;
 pub mod tenants;
 mod types;
-mod vms;
+pub(crate) mod vms;
 
 pub use audit::AuditNote;
 pub use broadcast_types::*;

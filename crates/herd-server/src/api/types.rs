@@ -511,6 +511,37 @@ pub struct BillView {
 }
 
 impl BillView {
+    /// The bill as CSV: a header, a line per VM and the total (what `herd bill -o csv`
+    /// prints and the web UI downloads).
+    pub fn csv(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::from(
+            "vm,name,project,hours,cpu_seconds,memory_gib_hours,net_gib,cost_micros,cost,\
+             burst_hours,burst_cost_micros\n",
+        );
+        for l in &self.lines {
+            // Names and projects are lowercase letters, digits and `-`: no field
+            // needs quoting.
+            let _ = writeln!(
+                out,
+                "{},{},{},{:.6},{:.3},{:.6},{:.6},{},{},{:.6},{}",
+                l.vm,
+                l.name,
+                l.project,
+                l.hours,
+                l.cpu_seconds,
+                l.memory_gib_hours,
+                l.net_gib,
+                l.cost_micros,
+                l.cost,
+                l.bursts.iter().map(|b| b.hours).sum::<f64>(),
+                l.bursts.iter().map(|b| b.cost_micros).sum::<u64>()
+            );
+        }
+        let _ = writeln!(out, ",total,,,,,,{},{},,", self.total_micros, self.total);
+        out
+    }
+
     pub fn of(lines: &[crate::billing::BillLine], from_ms: i64, to_ms: i64) -> BillView {
         let total_micros = lines.iter().map(|l| l.cost_micros).sum();
         BillView {

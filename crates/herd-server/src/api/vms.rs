@@ -47,7 +47,7 @@ fn launch_spec(user: &User, request: LaunchRequest) -> Result<LaunchSpec, ApiErr
 /// Launch a VM. It is placed at once if a host fits, else it waits as `pending`.
 #[utoipa::path(post, path = "/v1/vms", request_body = LaunchRequest,
     responses((status = 201, body = VmView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub(super) async fn launch_vm(
+pub(crate) async fn launch_vm(
     user: User,
     State(cloud): State<AppState>,
     ApiJson(request): ApiJson<LaunchRequest>,
@@ -62,7 +62,7 @@ pub(super) async fn launch_vm(
 /// placed like a single launch, all stored in one transaction (all or none).
 #[utoipa::path(post, path = "/v1/vms/batch", request_body = BatchLaunchRequest,
     responses((status = 201, body = BatchLaunched), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub(super) async fn launch_batch(
+pub(crate) async fn launch_batch(
     user: User,
     State(cloud): State<AppState>,
     ApiJson(request): ApiJson<BatchLaunchRequest>,
@@ -88,7 +88,7 @@ pub(super) async fn launch_batch(
 /// List VMs, filtered, in pages ordered by id.
 #[utoipa::path(get, path = "/v1/vms", params(VmQuery),
     responses((status = 200, body = VmList), (status = 400, body = ErrorBody)))]
-pub(super) async fn list_vms(
+pub(crate) async fn list_vms(
     user: User,
     State(cloud): State<AppState>,
     ApiQuery(query): ApiQuery<VmQuery>,
@@ -155,7 +155,7 @@ fn vm_for(cloud: &Cloud, user: &User, id: &str, perm: Perm) -> Result<VmRecord, 
 /// One VM, with its latest usage counters.
 #[utoipa::path(get, path = "/v1/vms/{id}", params(("id" = String, Path, description = "VM id")),
     responses((status = 200, body = VmView), (status = 404, body = ErrorBody)))]
-pub(super) async fn get_vm(
+pub(crate) async fn get_vm(
     user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -179,7 +179,7 @@ pub(super) async fn get_vm(
     params(("id" = String, Path, description = "VM id")),
     responses((status = 201, body = BurstView), (status = 400, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub(super) async fn burst_vm(
+pub(crate) async fn burst_vm(
     user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -200,7 +200,7 @@ pub(super) async fn burst_vm(
 #[utoipa::path(delete, path = "/v1/vms/{id}", params(("id" = String, Path, description = "VM id")),
     responses((status = 202, body = VmView, description = "terminating; the record goes when the host confirms"),
               (status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
-pub(super) async fn delete_vm(
+pub(crate) async fn delete_vm(
     user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -219,7 +219,7 @@ pub(super) async fn delete_vm(
     params(("id" = String, Path, description = "VM id"),
            ("action" = String, Path, description = "start, stop, pause, resume, suspend or terminate")),
     responses((status = 202, body = VmView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub(super) async fn vm_action(
+pub(crate) async fn vm_action(
     user: User,
     State(cloud): State<AppState>,
     ApiPath((id, action)): ApiPath<(String, String)>,
@@ -242,7 +242,7 @@ pub(super) async fn vm_action(
     responses((status = 202, body = MigrationView), (status = 400, body = ErrorBody),
               (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody)))]
-pub(super) async fn migrate_vm(
+pub(crate) async fn migrate_vm(
     user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -263,7 +263,7 @@ pub(super) async fn migrate_vm(
     responses((status = 202, body = ResizeView), (status = 400, body = ErrorBody),
               (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody)))]
-pub(super) async fn resize_vm(
+pub(crate) async fn resize_vm(
     user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -284,7 +284,7 @@ pub(super) async fn resize_vm(
 /// events).
 #[utoipa::path(get, path = "/v1/vms/{id}/resizes", params(("id" = String, Path, description = "VM id")),
     responses((status = 200, body = ResizeList), (status = 404, body = ErrorBody)))]
-pub(super) async fn vm_resizes(
+pub(crate) async fn vm_resizes(
     user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -304,7 +304,7 @@ pub(super) async fn vm_resizes(
     responses((status = 202, body = BroadcastView), (status = 400, body = ErrorBody),
               (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody)))]
-pub(super) async fn broadcast_vm(
+pub(crate) async fn broadcast_vm(
     user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -339,7 +339,7 @@ pub(super) async fn broadcast_vm(
 /// progress.
 #[utoipa::path(get, path = "/v1/vms/{id}/broadcasts", params(("id" = String, Path, description = "VM id")),
     responses((status = 200, body = BroadcastList), (status = 404, body = ErrorBody)))]
-pub(super) async fn vm_broadcasts(
+pub(crate) async fn vm_broadcasts(
     user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -355,7 +355,7 @@ pub(super) async fn vm_broadcasts(
 /// progress, if any.
 #[utoipa::path(get, path = "/v1/vms/{id}/migrations", params(("id" = String, Path, description = "VM id")),
     responses((status = 200, body = MigrationList), (status = 404, body = ErrorBody)))]
-pub(super) async fn vm_migrations(
+pub(crate) async fn vm_migrations(
     user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -370,7 +370,7 @@ pub(super) async fn vm_migrations(
 /// A VM's events, oldest first.
 #[utoipa::path(get, path = "/v1/vms/{id}/events", params(("id" = String, Path, description = "VM id"), EventQuery),
     responses((status = 200, body = EventList), (status = 404, body = ErrorBody)))]
-pub(super) async fn vm_events(
+pub(crate) async fn vm_events(
     user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -384,7 +384,7 @@ pub(super) async fn vm_events(
 #[utoipa::path(get, path = "/v1/vms/{id}/console", params(("id" = String, Path, description = "VM id"), ConsoleQuery),
     responses((status = 200, description = "console text", content_type = "text/plain"),
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub(super) async fn vm_console(
+pub(crate) async fn vm_console(
     user: User,
     State(cloud): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -410,7 +410,7 @@ pub(super) async fn vm_console(
 /// events of their projects' VMs for everyone else.
 #[utoipa::path(get, path = "/v1/events", params(EventQuery),
     responses((status = 200, body = EventList)))]
-pub(super) async fn list_events(
+pub(crate) async fn list_events(
     user: User,
     State(cloud): State<AppState>,
     ApiQuery(query): ApiQuery<EventQuery>,

@@ -43,7 +43,7 @@ impl Cloud {
             return Ok(());
         };
         let budget = budget.max(0) as u64;
-        let rates = self.rate_card(project)?.unwrap_or_default();
+        let rates = self.rate_card(project)?;
         let now = crate::store::now_ms();
         let burst = BurstRow {
             cpus: ask.cpus,

@@ -84,7 +84,14 @@ impl Cloud {
         Ok(())
     }
 
-    pub fn rate_card(&self, project: &str) -> Result<Option<RateCard>, CloudError> {
+    /// The prices a project's VMs pay: its own card, or [`RateCard::STANDARD`] until a
+    /// cloud admin sets one.
+    pub fn rate_card(&self, project: &str) -> Result<RateCard, CloudError> {
+        Ok(self.own_rate_card(project)?.unwrap_or(RateCard::STANDARD))
+    }
+
+    /// The card set for a project, if one is.
+    pub fn own_rate_card(&self, project: &str) -> Result<Option<RateCard>, CloudError> {
         self.store
             .rate_card(project)?
             .map(|json| {
@@ -95,7 +102,6 @@ impl Cloud {
     }
 
     /// Every VM's charges over `[from_ms, to_ms)`, priced by its project's rate card.
-    /// VMs of projects without a rate card cost nothing (their usage still shows).
     pub fn bill(
         &self,
         project: Option<&str>,
@@ -114,7 +120,7 @@ impl Cloud {
                 .collect();
             vm.bursts = self.store.bursts_of(vm.vm)?;
             if !cards.contains_key(&vm.project) {
-                let card = self.rate_card(&vm.project)?.unwrap_or_default();
+                let card = self.rate_card(&vm.project)?;
                 cards.insert(vm.project.clone(), card);
             }
             let rates = cards.get(&vm.project).copied().unwrap_or_default();

@@ -233,12 +233,7 @@ impl Cloud {
                 ));
             }
             if cap.rates == RateCard::default() {
-                cap.rates = self.rate_card(project)?.ok_or_else(|| {
-                    invalid(
-                        "policy.cost_cap",
-                        format!("project {project:?} has no rate card to price a cost cap; an admin sets one with `herd rate-card set`"),
-                    )
-                })?;
+                cap.rates = self.rate_card(project)?;
             }
         }
         if let Some(errors) = &policy.errors {

@@ -389,4 +389,17 @@ impl Cloud {
     pub fn vm_state_counts(&self) -> Vec<(VmState, u64)> {
         self.store.vm_state_counts()
     }
+
+    /// How many VMs of these projects are in each state.
+    pub fn vm_state_counts_in(
+        &self,
+        projects: &[String],
+    ) -> Result<Vec<(VmState, u64)>, CloudError> {
+        Ok(self.store.vm_state_counts_in(projects)?)
+    }
+
+    /// A VM's newest `limit` events, oldest first.
+    pub fn latest_events(&self, vm: VmId, limit: usize) -> Result<Vec<EventRecord>, CloudError> {
+        Ok(self.store.latest_events(vm, limit)?)
+    }
 }

@@ -96,6 +96,46 @@ impl Store {
         }
         Ok(out)
     }
+
+    /// A VM's newest `limit` events, oldest first.
+    pub fn latest_events(&self, vm: VmId, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        let db = self.reader();
+        let mut stmt = db.prepare_cached(
+            "SELECT id, time, vm, host, kind, from_state, to_state, message FROM events \
+             WHERE vm = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let mut out = Vec::new();
+        for row in stmt.query_map(
+            rusqlite::params![vm.to_string(), limit as i64],
+            event_from_row,
+        )? {
+            out.push(row??);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// How many VMs of these projects are in each state; states with none are left out.
+    pub fn vm_state_counts_in(
+        &self,
+        projects: &[String],
+    ) -> Result<Vec<(VmState, u64)>, StoreError> {
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let marks = in_list(&mut args, projects);
+        let db = self.reader();
+        let mut stmt = db.prepare(&format!(
+            "SELECT observed_state, COUNT(*) FROM vms WHERE project IN ({marks}) GROUP BY observed_state"
+        ))?;
+        let mut out = Vec::new();
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+        })?;
+        for row in rows {
+            let (state, n) = row?;
+            out.push((parse_state(&state)?, n.max(0) as u64));
+        }
+        Ok(out)
+    }
 }
 
 fn event_from_row(

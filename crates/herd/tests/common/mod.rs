@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod cluster;
 
 use serde_json::{json, Value};
