@@ -1,4 +1,5 @@
-//! Target `api_http`: the real REST router and store, driven by arbitrary requests.
+//! Target `api_http`: the real REST router and web UI, and the store, driven by
+//! arbitrary requests.
 //!
 //! Like cloud-hypervisor's `fuzz/fuzz_targets/http_api.rs`, requests go straight to the
 //! router (`tower::ServiceExt::oneshot`), no socket. Unlike it, the handler behind the
@@ -16,6 +17,9 @@
 //! - a request without a valid credential gets a 2xx only on a public route, and an
 //!   agent's credential gets a 2xx only on the agent's routes (see [`may_succeed`]).
 //!
+//! The web UI's routes are in too: requests may carry the admin's session cookie, and
+//! forms (with or without the session's CSRF token) of the UI's field names.
+//!
 //! The store keeps what successful requests create, so later inputs see it. That makes
 //! a crash depend a little on history; to keep it bounded (and reproducible from a fresh
 //! state in most cases), the whole fixture is rebuilt every [`RESET_EVERY`] requests.
@@ -26,7 +30,7 @@ use axum::body::Body as AxumBody;
 use axum::http::{HeaderName, HeaderValue, Method as HttpMethod, Request, StatusCode, Uri};
 use axum::Router;
 use herd_proto::wire::HypervisorInfo;
-use herd_server::{api, ServerConfig};
+use herd_server::ServerConfig;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::sync::{Mutex, OnceLock};
@@ -67,6 +71,25 @@ pub const ROUTES: &[&str] = &[
     "/v1/agent/join",
     "/v1/agent/discovery",
     "/v1/agent/bus",
+    "/",
+    "/ui",
+    "/ui/login",
+    "/ui/logout",
+    "/ui/vms",
+    "/ui/vms/new",
+    "/ui/vms/{}",
+    "/ui/vms/{}/actions/{}",
+    "/ui/vms/{}/console",
+    "/ui/vms/{}/resize",
+    "/ui/vms/{}/burst",
+    "/ui/vms/{}/broadcast",
+    "/ui/vms/{}/migrate",
+    "/ui/projects",
+    "/ui/hosts",
+    "/ui/billing",
+    "/ui/billing.csv",
+    "/ui/audit",
+    "/ui/assets/{}",
 ];
 
 /// Path segments, besides [`WORDS`].
@@ -94,13 +117,52 @@ pub const PATH_WORDS: &[&str] = &[
     "healthz",
     "metrics",
     "openapi.json",
+    "ui",
+    "new",
+    "resize",
+    "burst",
+    "broadcast",
+    "migrate",
+    "login",
+    "logout",
+    "assets",
+    "herd.css",
+    "herd.js",
+    "billing.csv",
     "..",
     ".",
 ];
 
 pub const QUERY_KEYS: &[&str] = &[
     "project", "state", "host", "name", "limit", "cursor", "after", "bytes", "from", "to", "actor",
-    "before",
+    "before", "next",
+];
+
+/// Fields of the web UI's forms.
+pub const FORM_KEYS: &[&str] = &[
+    "csrf",
+    "token",
+    "next",
+    "name",
+    "project",
+    "hypervisor",
+    "image",
+    "vcpus",
+    "memory_mib",
+    "disk_mib",
+    "command",
+    "lifespan",
+    "on_lifespan",
+    "idle",
+    "on_idle",
+    "budget",
+    "on_budget",
+    "cpus",
+    "seconds",
+    "to",
+    "start",
+    "restart",
+    "wait_for_room",
 ];
 
 pub const HEADERS: &[&str] = &[
@@ -115,6 +177,8 @@ pub const HEADERS: &[&str] = &[
     "content-encoding",
     "authorization",
     "expect",
+    "cookie",
+    "origin",
 ];
 
 #[derive(Arbitrary, Debug)]
@@ -183,6 +247,8 @@ pub enum QueryKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthKind {
     Admin,
+    /// The admin's web UI session cookie.
+    Session,
     Agent,
     None,
     Other,
@@ -191,6 +257,7 @@ pub enum AuthKind {
 #[derive(Arbitrary, Debug)]
 pub enum Auth {
     Admin,
+    Session,
     Agent,
     None,
     /// `Bearer <text>`.
@@ -203,6 +270,7 @@ impl Auth {
     fn kind(&self) -> AuthKind {
         match self {
             Auth::Admin => AuthKind::Admin,
+            Auth::Session => AuthKind::Session,
             Auth::Agent => AuthKind::Agent,
             Auth::None => AuthKind::None,
             Auth::Bearer(_) | Auth::Raw(_) => AuthKind::Other,
@@ -213,6 +281,7 @@ impl Auth {
 #[derive(Arbitrary, Debug)]
 pub enum ContentType {
     Json,
+    Form,
     None,
     JsonUtf8,
     Text,
@@ -228,8 +297,17 @@ pub enum Header {
 #[derive(Arbitrary, Debug)]
 pub enum Body {
     Json(Json),
+    /// A web form: fields of [`FORM_KEYS`] (index mod its length).
+    Form(Vec<(u8, FormValue)>),
     Empty,
     Raw(Vec<u8>),
+}
+
+#[derive(Arbitrary, Debug)]
+pub enum FormValue {
+    /// The session's CSRF token.
+    Csrf,
+    Value(Segment),
 }
 
 // ---- the fixture: everything this target needs from herd-server's auth API --------
@@ -246,6 +324,9 @@ pub struct Fixture {
     pub csr_pem: String,
     pub host: Uuid,
     pub vm: Uuid,
+    /// The admin's web session: its `Cookie` header and its CSRF token.
+    pub session_cookie: String,
+    pub csrf: String,
 }
 
 /// Where the fixture's store lives: `HERD_FUZZ_SCRATCH` (set by `scripts/fuzz`, which
@@ -279,7 +360,7 @@ pub async fn setup() -> Fixture {
         .ensure_admin_token()
         .expect("admin token")
         .expect("a fresh store has no admin token");
-    let router = api::router(cloud.clone());
+    let router = herd_server::app(cloud.clone());
     let admin = |method: &str, uri: &str, body: Value| {
         let request = Request::builder()
             .method(method)
@@ -332,6 +413,7 @@ pub async fn setup() -> Fixture {
         .and_then(|id| id.parse().ok())
         .expect("vm id");
     let second = join_token(admin("POST", "/v1/join-tokens", json!({})).await);
+    let (session_cookie, csrf) = web_session(&router, &admin_token).await;
     Fixture {
         _dir: dir,
         router,
@@ -341,17 +423,58 @@ pub async fn setup() -> Fixture {
         csr_pem,
         host,
         vm,
+        session_cookie,
+        csrf,
     }
+}
+
+/// Logs in to the web UI as the admin: the session cookie, and the CSRF token its pages
+/// carry.
+async fn web_session(router: &Router, admin_token: &str) -> (String, String) {
+    let login = Request::builder()
+        .method("POST")
+        .uri("/ui/login")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(AxumBody::from(format!("token={admin_token}")))
+        .expect("login request");
+    let response = router
+        .clone()
+        .oneshot(login)
+        .await
+        .unwrap_or_else(|never| match never {});
+    let cookie = response
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    let page = Request::builder()
+        .uri("/ui")
+        .header("cookie", &cookie)
+        .body(AxumBody::empty())
+        .expect("page request");
+    let (status, body) = call_raw(router, page).await;
+    assert_eq!(status, StatusCode::OK, "overview");
+    let body = String::from_utf8_lossy(&body);
+    let csrf = body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a csrf field")
+        .to_owned();
+    (cookie, csrf)
 }
 
 /// Whether a 2xx answer is allowed for this caller on this path: anyone may use the
 /// public routes, an agent only its own, an admin anything.
 pub fn may_succeed(auth: AuthKind, path: &str) -> bool {
-    const PUBLIC: &[&str] = &["/healthz", "/v1/agent/join"];
+    const PUBLIC: &[&str] = &["/healthz", "/v1/agent/join", "/ui/login"];
+    let public = PUBLIC.contains(&path) || path.starts_with("/ui/assets/");
     match auth {
-        AuthKind::Admin => true,
-        AuthKind::Agent => PUBLIC.contains(&path) || path.starts_with("/v1/agent/"),
-        AuthKind::None | AuthKind::Other => PUBLIC.contains(&path),
+        AuthKind::Admin | AuthKind::Session => true,
+        AuthKind::Agent => public || path.starts_with("/v1/agent/"),
+        AuthKind::None | AuthKind::Other => public,
     }
 }
 
@@ -512,19 +635,27 @@ pub fn render(request: &FuzzRequest, fx: &Fixture) -> Option<(Request<AxumBody>,
     }
     let uri: Uri = uri.parse().ok()?;
     let path = uri.path().to_owned();
+    // A live region's stream never ends, so its body cannot be read to the end here.
+    if path.starts_with("/ui/live") {
+        return None;
+    }
     let mut builder = Request::builder().method(method).uri(uri);
     let auth: Option<Vec<u8>> = match &request.auth {
         Auth::Admin => Some(format!("Bearer {}", fx.admin_token).into_bytes()),
         Auth::Agent => Some(format!("Bearer {}", fx.agent_token).into_bytes()),
-        Auth::None => None,
+        Auth::None | Auth::Session => None,
         Auth::Bearer(text) => Some(format!("Bearer {text}").into_bytes()),
         Auth::Raw(bytes) => Some(bytes.clone()),
     };
     if let Some(value) = auth.and_then(|v| HeaderValue::from_bytes(&v).ok()) {
         builder = builder.header("authorization", value);
     }
+    if matches!(request.auth, Auth::Session) {
+        builder = builder.header("cookie", &fx.session_cookie);
+    }
     let content_type: Option<&[u8]> = match &request.content_type {
         ContentType::Json => Some(b"application/json"),
+        ContentType::Form => Some(b"application/x-www-form-urlencoded"),
         ContentType::None => None,
         ContentType::JsonUtf8 => Some(b"application/json; charset=utf-8"),
         ContentType::Text => Some(b"text/plain"),
@@ -552,6 +683,21 @@ pub fn render(request: &FuzzRequest, fx: &Fixture) -> Option<(Request<AxumBody>,
             let mut value = value.clone();
             resolve(&mut value, fx);
             AxumBody::from(value.to_string())
+        }
+        Body::Form(fields) => {
+            let mut out = String::new();
+            for (n, (key, value)) in fields.iter().take(12).enumerate() {
+                if n > 0 {
+                    out.push('&');
+                }
+                out.push_str(FORM_KEYS[usize::from(*key) % FORM_KEYS.len()]);
+                out.push('=');
+                match value {
+                    FormValue::Csrf => out.push_str(&fx.csrf),
+                    FormValue::Value(segment) => out.push_str(&segment_text(segment, fx)),
+                }
+            }
+            AxumBody::from(out)
         }
         Body::Empty => AxumBody::empty(),
         Body::Raw(bytes) => AxumBody::from(bytes.clone()),

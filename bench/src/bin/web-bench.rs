@@ -160,6 +160,7 @@ async fn main() -> Result<()> {
         "/ui/vms?name=vm-3-7".to_owned(),
         format!("/ui/vms/{vm}"),
         "/ui/vms/new".to_owned(),
+        "/ui/projects".to_owned(),
         "/ui/hosts".to_owned(),
         "/ui/billing".to_owned(),
         "/ui/audit".to_owned(),

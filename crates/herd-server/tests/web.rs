@@ -286,6 +286,7 @@ async fn no_page_shows_another_projects_objects() {
         format!("/ui/vms/{}", w.vm_p),
         format!("/ui/vms/{}/console", w.vm_p),
         "/ui/vms/new".to_owned(),
+        "/ui/projects".to_owned(),
         "/ui/billing".to_owned(),
         "/ui/billing?project=p".to_owned(),
         "/ui/billing.csv".to_owned(),

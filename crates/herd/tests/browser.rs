@@ -82,7 +82,6 @@ async fn the_web_ui_runs_a_vm_in_a_real_browser() {
     browser
         .wait_text("#main", "herd-guest", Duration::from_secs(60))
         .await;
-    browser.screenshot(&shots.join("vm.png")).await;
 
     // Pause, then resume: the page follows each.
     browser
@@ -115,6 +114,12 @@ async fn the_web_ui_runs_a_vm_in_a_real_browser() {
         ),
         ("/ui/vms".to_owned(), "table.vms", "web", "vms"),
         ("/ui".to_owned(), "ul.heatmap", "qemu", "overview"),
+        (
+            "/ui/projects".to_owned(),
+            "section.project",
+            "default",
+            "projects",
+        ),
         ("/ui/hosts".to_owned(), "table.hosts", "qemu", "hosts"),
         (
             "/ui/audit".to_owned(),
@@ -130,6 +135,16 @@ async fn the_web_ui_runs_a_vm_in_a_real_browser() {
             .await;
         browser.screenshot(&shots.join(format!("{shot}.png"))).await;
     }
+
+    // The VM's page again, now that it has usage samples for its charts.
+    browser.open(&format!("/ui/vms/{vm_id}")).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while browser.find_all("svg.spark polyline").await.len() < 2
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    browser.screenshot(&shots.join("vm.png")).await;
 
     // A bill with the VM on it, priced by the default rate card.
     browser.open("/ui/billing").await;

@@ -61,6 +61,16 @@ pub(crate) async fn get_bill(
     State(cloud): State<AppState>,
     ApiQuery(query): ApiQuery<BillQuery>,
 ) -> Result<Json<BillView>, ApiError> {
+    let (from, to) = period(&query)?;
+    let lines = bills(&user, &cloud, query.project.as_deref(), &[(from, to)])?
+        .pop()
+        .unwrap_or_default();
+    Ok(Json(BillView::of(&lines, from, to)))
+}
+
+/// The period a bill query asks for: `from` defaults to 30 days ago, `to` to now (and
+/// is never later).
+pub(crate) fn period(query: &BillQuery) -> Result<(i64, i64), ApiError> {
     let now = crate::store::now_ms();
     let from = query
         .from
@@ -81,19 +91,32 @@ pub(crate) async fn get_bill(
             "from must be before to",
         ));
     }
-    let lines = match (&query.project, user.principal.scope(Perm::ReadBill)) {
+    Ok((from, to))
+}
+
+/// The bills of these periods that the caller may read: of the project named (if they
+/// may read its bill), else of every project whose bill they may read.
+pub(crate) fn bills(
+    user: &User,
+    cloud: &crate::cloud::Cloud,
+    project: Option<&str>,
+    periods: &[(i64, i64)],
+) -> Result<Vec<Vec<crate::billing::BillLine>>, ApiError> {
+    Ok(match (project, user.principal.scope(Perm::ReadBill)) {
         (Some(project), _) => {
             user.check(project, Perm::ReadBill, "project", project)?;
-            crate::blocking(|| cloud.bill(Some(project), from, to))?
+            crate::blocking(|| cloud.bills(Some(project), periods))?
         }
-        (None, None) => crate::blocking(|| cloud.bill(None, from, to))?,
+        (None, None) => crate::blocking(|| cloud.bills(None, periods))?,
         (None, Some(projects)) => {
-            let mut lines = Vec::new();
+            let mut all: Vec<Vec<_>> = periods.iter().map(|_| Vec::new()).collect();
             for project in projects {
-                lines.extend(crate::blocking(|| cloud.bill(Some(&project), from, to))?);
+                let bills = crate::blocking(|| cloud.bills(Some(&project), periods))?;
+                for (lines, more) in all.iter_mut().zip(bills) {
+                    lines.extend(more);
+                }
             }
-            lines
+            all
         }
-    };
-    Ok(Json(BillView::of(&lines, from, to)))
+    })
 }

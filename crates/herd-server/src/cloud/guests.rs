@@ -13,6 +13,28 @@ impl Cloud {
         self.guests.lock().get(&id).cloned()
     }
 
+    /// The policy rules that guests say will act within `seconds`, soonest first:
+    /// (VM, rule, its text, seconds left).
+    pub fn policies_acting_within(&self, seconds: u64) -> Vec<(VmId, String, String, u64)> {
+        let mut soon: Vec<(VmId, String, String, u64)> = self
+            .guests
+            .lock()
+            .iter()
+            .flat_map(|(vm, info)| {
+                info.policy_progress
+                    .iter()
+                    .filter_map(move |(rule, text, _, left)| match left {
+                        Some(left) if *left <= seconds => {
+                            Some((*vm, rule.clone(), text.clone(), *left))
+                        }
+                        _ => None,
+                    })
+            })
+            .collect();
+        soon.sort_by_key(|s| s.3);
+        soon
+    }
+
     /// Records a guest report relayed by the VM's host. Returns false if the VM is not
     /// placed on that host (the report is dropped).
     pub fn record_guest(

@@ -6,6 +6,7 @@ use crate::group_commit::Pending;
 use crate::store::{now_ms, StoreError, UsageRow};
 use herd_proto::policy::RateCard;
 use herd_proto::wire::{HostId, VmId, VmUsage};
+use herd_proto::VmState;
 use std::collections::HashMap;
 
 impl Cloud {
@@ -74,6 +75,16 @@ impl Cloud {
         (n_rejected, self.commits.hand_over(None, Vec::new(), rows))
     }
 
+    /// A VM's latest `limit` usage samples, oldest first (for its charts).
+    pub fn recent_usage(&self, id: VmId, limit: usize) -> Result<Vec<UsageRow>, CloudError> {
+        Ok(self.store.recent_usage(id, limit)?)
+    }
+
+    /// Every state a VM was reported in, with when, oldest first.
+    pub fn state_history(&self, id: VmId) -> Result<Vec<(i64, VmState)>, CloudError> {
+        Ok(self.store.state_history(id)?)
+    }
+
     pub fn set_rate_card(&self, project: &str, card: &RateCard) -> Result<(), CloudError> {
         self.project(project)?;
         if card.peak_start_hour > 24 || card.peak_end_hour > 24 {
@@ -108,33 +119,50 @@ impl Cloud {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<BillLine>, CloudError> {
-        let to_ms = to_ms.min(now_ms());
+        Ok(self
+            .bills(project, &[(from_ms, to_ms)])?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    /// The bills of several periods at once (a chart by month): each VM's history is
+    /// read once for all of them. One list of lines per period, in the order given.
+    pub fn bills(
+        &self,
+        project: Option<&str>,
+        periods: &[(i64, i64)],
+    ) -> Result<Vec<Vec<BillLine>>, CloudError> {
+        let now = now_ms();
+        let periods: Vec<(i64, i64)> = periods.iter().map(|&(f, t)| (f, t.min(now))).collect();
+        let last = periods.iter().map(|&(_, t)| t).max().unwrap_or(now);
         let mut cards: HashMap<String, RateCard> = HashMap::new();
-        let mut lines = Vec::new();
+        let mut bills: Vec<Vec<BillLine>> = periods.iter().map(|_| Vec::new()).collect();
+        let mut all = self.store.ledger_history(project)?;
         for mut vm in self.store.ledger(project)? {
-            vm.resized = self
-                .store
-                .vm_sizes(vm.vm)?
-                .into_iter()
-                .map(|(at, size)| (at, size.memory_mib))
-                .collect();
-            vm.bursts = self.store.bursts_of(vm.vm)?;
+            vm.resized = all.sizes.remove(&vm.vm).unwrap_or_default();
+            vm.bursts = all.bursts.remove(&vm.vm).unwrap_or_default();
             if !cards.contains_key(&vm.project) {
                 let card = self.rate_card(&vm.project)?;
                 cards.insert(vm.project.clone(), card);
             }
             let rates = cards.get(&vm.project).copied().unwrap_or_default();
-            let history = self.store.state_history(vm.vm)?;
-            let samples = self.store.usage_samples(vm.vm, to_ms)?;
-            let line = billing::bill_vm(&rates, &vm, &history, &samples, from_ms, to_ms);
-            if line.billed_ms > 0
-                || line.cpu_ms > 0
-                || line.net_bytes > 0
-                || !line.bursts.is_empty()
-            {
-                lines.push(line);
+            let history = all.states.remove(&vm.vm).unwrap_or_default();
+            let samples = if all.sampled.contains(&vm.vm) {
+                self.store.usage_samples(vm.vm, last)?
+            } else {
+                Vec::new()
+            };
+            for (&(from_ms, to_ms), lines) in periods.iter().zip(bills.iter_mut()) {
+                let line = billing::bill_vm(&rates, &vm, &history, &samples, from_ms, to_ms);
+                if line.billed_ms > 0
+                    || line.cpu_ms > 0
+                    || line.net_bytes > 0
+                    || !line.bursts.is_empty()
+                {
+                    lines.push(line);
+                }
             }
         }
-        Ok(lines)
+        Ok(bills)
     }
 }

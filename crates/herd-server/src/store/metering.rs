@@ -1,10 +1,12 @@
 //! Usage samples, the ledger bills are made from, state history and rate cards.
 
+use super::bursts::BurstRow;
 use super::rows::{parse_state, parse_uuid};
 use super::{now_ms, Store, StoreError};
 use herd_proto::wire::VmId;
 use herd_proto::VmState;
 use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::{HashMap, HashSet};
 
 /// Stores usage samples inside a transaction; see [`Store::insert_usage`].
 pub(super) fn insert_usage_rows(
@@ -37,6 +39,18 @@ pub struct UsageRow {
     pub mem_kib: u64,
     pub net_bytes: u64,
     pub disk_bytes: u64,
+}
+
+/// Per VM, what a bill needs besides its usage samples (see [`Store::ledger_history`]).
+#[derive(Debug, Default)]
+pub struct LedgerHistory {
+    /// Every memory size it had, with since when.
+    pub sizes: HashMap<VmId, Vec<(i64, u64)>>,
+    pub bursts: HashMap<VmId, Vec<BurstRow>>,
+    /// Its observed states over time, oldest first.
+    pub states: HashMap<VmId, Vec<(i64, VmState)>>,
+    /// The VMs that have usage samples at all.
+    pub sampled: HashSet<VmId>,
 }
 
 /// A VM as billing remembers it, after its record is gone too.
@@ -111,19 +125,99 @@ impl Store {
             "SELECT sampled_at, cpu_ms, mem_kib, net_bytes, disk_bytes FROM usage_samples \
              WHERE vm = ?1 AND sampled_at <= ?2 ORDER BY sampled_at",
         )?;
-        let rows = stmt.query_map(params![vm.to_string(), to_ms], |row| {
-            Ok(UsageRow {
-                sampled_at_ms: row.get(0)?,
-                cpu_ms: row.get::<_, i64>(1)? as u64,
-                mem_kib: row.get::<_, i64>(2)? as u64,
-                net_bytes: row.get::<_, i64>(3)? as u64,
-                disk_bytes: row.get::<_, i64>(4)? as u64,
-            })
-        })?;
+        let rows = stmt.query_map(params![vm.to_string(), to_ms], usage_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// A VM's observed states over time, from its lifecycle events, oldest first.
+    /// What billing reads of every VM in the ledger (of one project, or all): one query
+    /// per table, where a query per VM made a bill of 10,000 VMs take 100 ms a pass.
+    pub fn ledger_history(&self, project: Option<&str>) -> Result<LedgerHistory, StoreError> {
+        const OF: &str = "(?1 IS NULL OR vm IN (SELECT vm FROM vm_ledger WHERE project = ?1))";
+        let db = self.reader();
+        let mut history = LedgerHistory::default();
+        let mut stmt = db.prepare_cached(&format!(
+            "SELECT vm, at, memory_mib FROM vm_sizes WHERE {OF} ORDER BY vm, at, rowid"
+        ))?;
+        let rows = stmt.query_map(params![project], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (vm, at, memory_mib) = row?;
+            history
+                .sizes
+                .entry(parse_uuid(&vm)?)
+                .or_default()
+                .push((at, memory_mib.max(0) as u64));
+        }
+        let mut stmt = db.prepare_cached(&format!(
+            "SELECT vm, cpus, memory_mib, granted_at, COALESCE(ended_at, expires_at) FROM bursts \
+             WHERE {OF} ORDER BY vm, granted_at"
+        ))?;
+        let rows = stmt.query_map(params![project], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                BurstRow {
+                    cpus: row.get(1)?,
+                    memory_mib: row.get::<_, i64>(2)?.max(0) as u64,
+                    from_ms: row.get(3)?,
+                    to_ms: row.get(4)?,
+                },
+            ))
+        })?;
+        for row in rows {
+            let (vm, burst) = row?;
+            history
+                .bursts
+                .entry(parse_uuid(&vm)?)
+                .or_default()
+                .push(burst);
+        }
+        let mut stmt = db.prepare_cached(&format!(
+            "SELECT vm, time, to_state FROM events \
+             WHERE to_state IS NOT NULL AND vm IS NOT NULL AND {OF} ORDER BY id"
+        ))?;
+        let rows = stmt.query_map(params![project], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, String>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (vm, time, state) = row?;
+            history
+                .states
+                .entry(parse_uuid(&vm)?)
+                .or_default()
+                .push((time, parse_state(&state)?));
+        }
+        let mut stmt =
+            db.prepare_cached(&format!("SELECT DISTINCT vm FROM usage_samples WHERE {OF}"))?;
+        let rows = stmt.query_map(params![project], |row| row.get::<_, String>(0))?;
+        for vm in rows {
+            history.sampled.insert(parse_uuid(&vm?)?);
+        }
+        Ok(history)
+    }
+
+    /// A VM's latest `limit` usage samples, oldest first.
+    pub fn recent_usage(&self, vm: VmId, limit: usize) -> Result<Vec<UsageRow>, StoreError> {
+        let db = self.reader();
+        let mut stmt = db.prepare_cached(
+            "SELECT sampled_at, cpu_ms, mem_kib, net_bytes, disk_bytes FROM usage_samples \
+             WHERE vm = ?1 ORDER BY sampled_at DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![vm.to_string(), limit as i64], usage_from_row)?;
+        let mut out = rows.collect::<Result<Vec<_>, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
     pub fn state_history(&self, vm: VmId) -> Result<Vec<(i64, VmState)>, StoreError> {
         let db = self.reader();
         let mut stmt = db.prepare_cached(
@@ -156,4 +250,14 @@ impl Store {
             .query_row(params![project], |row| row.get(0))
             .optional()?)
     }
+}
+
+fn usage_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
+    Ok(UsageRow {
+        sampled_at_ms: row.get(0)?,
+        cpu_ms: row.get::<_, i64>(1)? as u64,
+        mem_kib: row.get::<_, i64>(2)? as u64,
+        net_bytes: row.get::<_, i64>(3)? as u64,
+        disk_bytes: row.get::<_, i64>(4)? as u64,
+    })
 }

@@ -11,15 +11,17 @@ use maud::{html, Markup, DOCTYPE};
 pub enum Section {
     Overview,
     Vms,
+    Projects,
     Hosts,
     Billing,
     Audit,
 }
 
 impl Section {
-    const ALL: [Section; 5] = [
+    const ALL: [Section; 6] = [
         Section::Overview,
         Section::Vms,
+        Section::Projects,
         Section::Hosts,
         Section::Billing,
         Section::Audit,
@@ -29,6 +31,7 @@ impl Section {
         match self {
             Section::Overview => "Overview",
             Section::Vms => "VMs",
+            Section::Projects => "Projects",
             Section::Hosts => "Hosts",
             Section::Billing => "Billing",
             Section::Audit => "Audit log",
@@ -39,6 +42,7 @@ impl Section {
         match self {
             Section::Overview => "/ui",
             Section::Vms => "/ui/vms",
+            Section::Projects => "/ui/projects",
             Section::Hosts => "/ui/hosts",
             Section::Billing => "/ui/billing",
             Section::Audit => "/ui/audit",
@@ -182,6 +186,11 @@ pub fn money(micros: u64) -> String {
     }
 }
 
+/// A price in micro-units, to the micro-unit (prices per CPU-second are tiny).
+pub fn price(micros: u64) -> String {
+    format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
+}
+
 pub fn mib(mib: u64) -> String {
     if mib >= 10 * 1024 {
         format!("{:.0} GiB", mib as f64 / 1024.0)
@@ -253,6 +262,7 @@ mod tests {
         assert_eq!(money(1_239_999), "1.23");
         assert_eq!(money(1_230), "0.0012");
         assert_eq!(money(0), "0.0000");
+        assert_eq!(price(10), "0.000010");
     }
 
     #[test]

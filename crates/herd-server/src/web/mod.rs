@@ -17,11 +17,15 @@ mod assets;
 mod audit;
 mod billing;
 mod caller;
+mod chart;
 mod hosts;
+mod launch;
 mod layout;
 mod live;
 mod login;
+mod operate;
 mod overview;
+mod projects;
 pub mod session;
 mod vms;
 
@@ -67,10 +71,15 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/ui/login", get(login::form).post(login::submit))
         .route("/ui/logout", post(login::logout))
         .route("/ui/vms", get(vms::list))
-        .route("/ui/vms/new", get(vms::launch_form).post(vms::launch))
+        .route("/ui/vms/new", get(launch::launch_form).post(launch::launch))
         .route("/ui/vms/{id}", get(vms::detail))
         .route("/ui/vms/{id}/actions/{action}", post(vms::act))
         .route("/ui/vms/{id}/console", get(vms::console))
+        .route("/ui/vms/{id}/resize", post(operate::resize))
+        .route("/ui/vms/{id}/burst", post(operate::burst))
+        .route("/ui/vms/{id}/broadcast", post(operate::broadcast))
+        .route("/ui/vms/{id}/migrate", post(operate::migrate))
+        .route("/ui/projects", get(projects::page))
         .route("/ui/hosts", get(hosts::page))
         .route("/ui/billing", get(billing::page))
         .route("/ui/billing.csv", get(billing::csv))

@@ -10,6 +10,9 @@ use axum::extract::State;
 use herd_proto::VmState;
 use maud::{html, Markup};
 
+/// Policies that act this soon are shown as alerts.
+const ACTING_SOON_SECONDS: u64 = 600;
+
 /// The states shown even when no VM is in them.
 const ALWAYS_SHOWN: [VmState; 5] = [
     VmState::Pending,
@@ -55,6 +58,21 @@ pub async fn live(caller: &Caller, web: &WebState) -> Result<Markup, WebError> {
     )
     .await?;
     let lost: Vec<&HostMap> = map.hosts.iter().filter(|h| h.state == "down").collect();
+    // Policies about to act, on the VMs the caller may read.
+    let acting: Vec<(String, String, String, u64)> = cloud
+        .policies_acting_within(ACTING_SOON_SECONDS)
+        .into_iter()
+        .filter_map(|(vm, rule, text, left)| {
+            let record = cloud.vm(&vm.to_string()).ok()?;
+            caller
+                .user
+                .principal
+                .check(&record.project, Perm::Read)
+                .ok()?;
+            Some((vm.to_string(), record.name, format!("{rule}: {text}"), left))
+        })
+        .take(10)
+        .collect();
     Ok(html! {
         section aria-labelledby="counts" {
             h2 #counts { "VMs by state " span.muted { "(" (total) " in all)" } }
@@ -71,12 +89,17 @@ pub async fn live(caller: &Caller, web: &WebState) -> Result<Markup, WebError> {
         }
         section aria-labelledby="alerts" {
             h2 #alerts { "Needs attention" }
-            @if lost.is_empty() && errors.items.is_empty() {
-                p.muted { "Nothing: every host is up and no VM is in error." }
+            @if lost.is_empty() && errors.items.is_empty() && acting.is_empty() {
+                p.muted { "Nothing: every host is up, no VM is in error and no policy acts within 10 minutes." }
             } @else {
                 ul.alerts {
                     @for host in &lost {
                         li.alert { "Host " strong { (host.hostname) } " is down" }
+                    }
+                    @for (id, name, what, left) in &acting {
+                        li.alert.soon {
+                            "VM " a href={ "/ui/vms/" (id) } { (name) } " acts in " (layout::duration(*left)) " (" (what) ")"
+                        }
                     }
                     @for vm in &errors.items {
                         li.alert {
