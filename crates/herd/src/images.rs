@@ -60,8 +60,18 @@ pub fn ensure_image(data_dir: &Path, name: &str) -> Result<()> {
 fn build(data_dir: &Path, name: &str) -> Result<()> {
     let guest = guest_binary()?;
     let started = std::time::Instant::now();
-    let info = herd_image::build_image(data_dir, name, &guest, |step| eprintln!("  image: {step}"))
-        .with_context(|| format!("building image {name:?}"))?;
+    // On a terminal the steps turn a spinner; piped, each is a line of the log.
+    let on_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = crate::progress::spinner(&format!("image {name}"), "checking".into());
+    let built = herd_image::build_image(data_dir, name, &guest, |step| {
+        if on_terminal {
+            bar.set_message(step.to_owned());
+        } else {
+            eprintln!("  image: {step}");
+        }
+    });
+    bar.finish_and_clear();
+    let info = built.with_context(|| format!("building image {name:?}"))?;
     eprintln!(
         "image {name:?} ready in {:.1} s: kernel {}, initrd {} KiB",
         started.elapsed().as_secs_f64(),

@@ -7,6 +7,7 @@ mod config;
 mod hosts;
 mod images;
 mod policy;
+mod progress;
 mod run;
 mod sim;
 mod size;
@@ -458,6 +459,10 @@ pub struct LaunchArgs {
     /// Return at once instead of waiting for the VM to run.
     #[arg(long)]
     pub no_wait: bool,
+    /// Wait while no host has room for the VM, instead of failing after 10 s with the
+    /// scheduler's reason (the VM stays pending either way).
+    #[arg(long)]
+    pub wait_for_room: bool,
     /// Keep the VM up after its workload ends (by default it powers off).
     #[arg(long)]
     pub keep_running: bool,

@@ -164,6 +164,9 @@ pub async fn vm(command: VmCommand) -> Result<()> {
     }
 }
 
+/// How long `herd vm launch` waits on a VM that no host can take before it says so.
+const PENDING_PATIENCE: Duration = Duration::from_secs(10);
+
 async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
     let request = LaunchRequest {
         name: args.name,
@@ -181,7 +184,10 @@ async fn launch(client: &Client, args: LaunchArgs) -> Result<()> {
     let mut view: VmView = client.call(Method::POST, "/v1/vms", Some(&request)).await?;
     if !args.no_wait {
         let goal = wait::Goal::State(VmState::Running);
-        view = wait::until(client, &view, goal, Duration::from_secs(300)).await?;
+        // A VM no host can take fails the launch after a short wait, with the
+        // scheduler's reason, unless asked to wait for room.
+        let patience = (!args.wait_for_room).then_some(PENDING_PATIENCE);
+        view = wait::until(client, &view, goal, Duration::from_secs(300), patience).await?;
         eprintln!(
             "{}: running ({:.1} s)",
             view.name,
@@ -328,6 +334,9 @@ fn describe(vm: &VmView) -> String {
     field("created", vm.created_at.clone());
     if let Some(error) = &vm.last_error {
         field("last error", error.clone());
+    }
+    if let Some(reason) = &vm.pending_reason {
+        field("pending", reason.clone());
     }
     if vm.deleting {
         field("deleting", "yes".into());

@@ -138,8 +138,8 @@ async fn the_web_ui_runs_a_vm_in_a_real_browser() {
 
     // The VM's page again, now that it has usage samples for its charts.
     browser.open(&format!("/ui/vms/{vm_id}")).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while browser.find_all("svg.spark polyline").await.len() < 2
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while browser.find_all("svg.spark polyline").await.len() < 3
         && std::time::Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(500)).await;

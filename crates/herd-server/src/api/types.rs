@@ -109,6 +109,10 @@ pub struct VmView {
     /// The broadcast it was copied from, if it is a copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy_of_broadcast: Option<Uuid>,
+    /// Why a pending VM is not placed yet, as the scheduler said on its last pass
+    /// (e.g. `waiting for capacity: none of 3 hosts fits: 2 short of memory`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_reason: Option<String>,
 }
 
 /// A burst granted by a VM's host: this much above the VM's shape until it expires.
@@ -239,6 +243,7 @@ impl VmView {
             burst: None,
             job: None,
             copy_of_broadcast: vm.seed,
+            pending_reason: None,
         }
     }
 }

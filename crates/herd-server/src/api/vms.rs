@@ -135,7 +135,13 @@ pub(crate) async fn list_vms(
     let items: Vec<VmView> = records
         .iter()
         .take(limit)
-        .map(|r| VmView::of(r, None, cloud.guest(r.id)))
+        .map(|r| {
+            let mut view = VmView::of(r, None, cloud.guest(r.id));
+            if r.host.is_none() {
+                view.pending_reason = cloud.pending_reason(r.id);
+            }
+            view
+        })
         .collect();
     let next_cursor = if has_more {
         items.last().map(|v| v.id.to_string())
@@ -164,6 +170,9 @@ pub(crate) async fn get_vm(
     let usage = cloud.vm_usage(record.id);
     let mut view = VmView::of(&record, usage, cloud.guest(record.id));
     view.job = cloud.job_of(record.id).as_ref().map(JobView::of);
+    if record.host.is_none() {
+        view.pending_reason = cloud.pending_reason(record.id);
+    }
     let now = herd_proto::clock::unix_ms();
     view.burst = cloud
         .bursts

@@ -125,6 +125,43 @@ impl Cloud {
             .unwrap_or_default())
     }
 
+    /// One VM's cost over each period (its cost chart), priced like its bill; `None`
+    /// if the ledger does not know it.
+    pub fn vm_costs(
+        &self,
+        vm: VmId,
+        periods: &[(i64, i64)],
+    ) -> Result<Option<Vec<u64>>, CloudError> {
+        let now = now_ms();
+        let Some(mut ledger) = self.store.ledger_vm(vm)? else {
+            return Ok(None);
+        };
+        ledger.resized = self
+            .store
+            .vm_sizes(vm)?
+            .into_iter()
+            .map(|(at, size)| (at, size.memory_mib))
+            .collect();
+        ledger.bursts = self.store.bursts_of(vm)?;
+        let rates = self.rate_card(&ledger.project)?;
+        let history = self.store.state_history(vm)?;
+        let last = periods
+            .iter()
+            .map(|&(_, t)| t.min(now))
+            .max()
+            .unwrap_or(now);
+        let samples = self.store.usage_samples(vm, last)?;
+        Ok(Some(
+            periods
+                .iter()
+                .map(|&(from, to)| {
+                    billing::bill_vm(&rates, &ledger, &history, &samples, from, to.min(now))
+                        .cost_micros
+                })
+                .collect(),
+        ))
+    }
+
     /// The bills of several periods at once (a chart by month): each VM's history is
     /// read once for all of them. One list of lines per period, in the order given.
     pub fn bills(

@@ -78,6 +78,11 @@ impl Cloud {
         }
     }
 
+    /// Why a pending VM is not placed yet, as the last scheduling pass found.
+    pub fn pending_reason(&self, vm: VmId) -> Option<String> {
+        self.pending_reasons.lock().get(&vm).cloned()
+    }
+
     /// Places a VM that has no host yet, if it may and can be; or ends it, if it was
     /// terminated first. Returns its new host.
     fn place_pending(&self, vm: &VmRecord, now_ms: i64) -> Result<Option<HostId>, CloudError> {

@@ -93,27 +93,10 @@ impl Store {
             "SELECT vm, name, project, vcpus, memory_mib FROM vm_ledger \
              WHERE (?1 IS NULL OR project = ?1) ORDER BY project, name, vm",
         )?;
-        let rows = stmt.query_map(params![project], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, i64>(3)?,
-                row.get::<_, i64>(4)?,
-            ))
-        })?;
+        let rows = stmt.query_map(params![project], ledger_from_row)?;
         let mut out = Vec::new();
         for row in rows {
-            let (vm, name, project, vcpus, memory_mib) = row?;
-            out.push(LedgerVm {
-                vm: parse_uuid(&vm)?,
-                name,
-                project,
-                vcpus: vcpus as u32,
-                memory_mib: memory_mib as u64,
-                resized: Vec::new(),
-                bursts: Vec::new(),
-            });
+            out.push(row??);
         }
         Ok(out)
     }
@@ -129,7 +112,18 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// A VM's observed states over time, from its lifecycle events, oldest first.
+    /// One VM's ledger row, if it has one.
+    pub fn ledger_vm(&self, vm: VmId) -> Result<Option<LedgerVm>, StoreError> {
+        let db = self.reader();
+        let mut stmt = db.prepare_cached(
+            "SELECT vm, name, project, vcpus, memory_mib FROM vm_ledger WHERE vm = ?1",
+        )?;
+        let row = stmt
+            .query_row(params![vm.to_string()], ledger_from_row)
+            .optional()?;
+        row.transpose()
+    }
+
     /// What billing reads of every VM in the ledger (of one project, or all): one query
     /// per table, where a query per VM made a bill of 10,000 VMs take 100 ms a pass.
     pub fn ledger_history(&self, project: Option<&str>) -> Result<LedgerHistory, StoreError> {
@@ -218,6 +212,7 @@ impl Store {
         Ok(out)
     }
 
+    /// A VM's observed states over time, from its lifecycle events, oldest first.
     pub fn state_history(&self, vm: VmId) -> Result<Vec<(i64, VmState)>, StoreError> {
         let db = self.reader();
         let mut stmt = db.prepare_cached(
@@ -260,4 +255,21 @@ fn usage_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
         net_bytes: row.get::<_, i64>(3)? as u64,
         disk_bytes: row.get::<_, i64>(4)? as u64,
     })
+}
+
+fn ledger_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<LedgerVm, StoreError>> {
+    let vm: String = row.get(0)?;
+    let name: String = row.get(1)?;
+    let project: String = row.get(2)?;
+    let vcpus: i64 = row.get(3)?;
+    let memory_mib: i64 = row.get(4)?;
+    Ok(parse_uuid(&vm).map(|vm| LedgerVm {
+        vm,
+        name,
+        project,
+        vcpus: vcpus as u32,
+        memory_mib: memory_mib as u64,
+        resized: Vec::new(),
+        bursts: Vec::new(),
+    }))
 }

@@ -89,6 +89,9 @@ pub fn sparkline(points: &[(i64, f64)], max: f64, label: &str) -> Markup {
     let (Some(first), Some(last)) = (points.first(), points.last()) else {
         return html! { p.muted { "No samples yet." } };
     };
+    if points.len() < 2 {
+        return html! { p.muted { "One sample so far." } };
+    }
     let top = points
         .iter()
         .map(|p| p.1)

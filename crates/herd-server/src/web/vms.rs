@@ -117,7 +117,7 @@ pub async fn list_live(
                         tr {
                             td { a href={ "/ui/vms/" (vm.id) } { (vm.name) } }
                             td { (vm.project) }
-                            td { (layout::state(vm.state))
+                            td title=[vm.pending_reason.as_deref()] { (layout::state(vm.state))
                                 @if vm.desired_state != vm.state && !matches!(vm.desired_state, VmState::Running) || vm.deleting {
                                     " → " (vm.desired_state.as_str())
                                 }
@@ -150,6 +150,16 @@ pub async fn detail(
         .principal
         .check(&vm.project, Perm::OperateVms)
         .is_ok();
+    let cost = if caller
+        .user
+        .principal
+        .check(&vm.project, Perm::ReadBill)
+        .is_ok()
+    {
+        cost_chart(&web, &vm)?
+    } else {
+        None
+    };
     Ok(layout::page(
         &caller,
         Section::Vms,
@@ -157,10 +167,40 @@ pub async fn detail(
         html! {
             p.crumbs { a href="/ui/vms" { "VMs" } " / " (vm.name) " · " code { (vm.id) } }
             div data-live={ "/ui/live/vms/" (vm.id) } { (live) }
+            @if let Some(cost) = cost { (cost) }
             // Outside the live region: what is typed here is not redrawn away.
             @if operate && !vm.deleting { (operate::forms(&caller, &vm)) }
         },
     ))
+}
+
+/// What the VM has cost since it was made, as a curve over its life (drawn when the
+/// page loads: pricing its whole history every tick would be wasted work).
+fn cost_chart(web: &WebState, vm: &VmView) -> Result<Option<Markup>, WebError> {
+    const POINTS: i64 = 24;
+    let now = crate::store::now_ms();
+    let created = humantime::parse_rfc3339_weak(&vm.created_at)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(now, |d| d.as_millis() as i64);
+    let span = (now - created).max(1);
+    let ends: Vec<i64> = (1..=POINTS).map(|i| created + span * i / POINTS).collect();
+    let periods: Vec<(i64, i64)> = ends.iter().map(|&end| (created, end)).collect();
+    let Some(costs) = web.cloud.vm_costs(vm.id, &periods)? else {
+        return Ok(None);
+    };
+    let total = costs.last().copied().unwrap_or(0);
+    let points: Vec<(i64, f64)> = ends
+        .iter()
+        .zip(&costs)
+        .map(|(&t, &c)| (t, c as f64))
+        .collect();
+    Ok(Some(html! {
+        section aria-labelledby="cost" {
+            h2 #cost { "Cost so far: " (layout::money(total)) }
+            (chart::sparkline(&points, 0.0, "Cost since it was made"))
+        }
+    }))
 }
 
 /// The VM as the API shows it, and the live part of its page.
@@ -203,6 +243,7 @@ pub async fn detail_live(
                     " " span.muted { "since " (layout::time(&vm.state_since)) }
                 }
                 @if let Some(error) = &vm.last_error { p.error role="alert" { (error) } }
+                @if let Some(reason) = &vm.pending_reason { p.warn role="status" { "Not placed: " (reason) } }
                 @if operate && !vm.deleting {
                     div.actions {
                         @for action in Action::ALL.into_iter().filter(|a| a.allowed_in(vm.state)) {
@@ -236,7 +277,7 @@ pub async fn detail_live(
                     Some(guest) => {
                         p { @if guest.connected { "Connected" } @else { "Not connected" }
                             @if let Some(v) = &guest.version { ", herd-guest " (v) }
-                            @if let Some(up) = guest.uptime_ms { ", up " (layout::duration(up / 1000)) }
+                            @if let Some(hello) = &guest.hello_at { ", said hello " (layout::time(hello)) }
                             @match guest.workload_running { Some(true) => ", workload running", Some(false) => ", workload not running", None => "" }
                         }
                         ul.policies {

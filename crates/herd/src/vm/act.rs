@@ -36,6 +36,7 @@ pub async fn action(client: &Client, args: ActArgs, action: Action) -> Result<()
         &after,
         wait::Goal::State(action.target()),
         args.timeout,
+        None,
     )
     .await?;
     println!(
@@ -66,7 +67,7 @@ pub async fn remove(client: &Client, args: ActArgs) -> Result<()> {
         return Ok(());
     }
     let after: VmView = serde_json::from_slice(&body)?;
-    wait::until(client, &after, wait::Goal::Gone, args.timeout).await?;
+    wait::until(client, &after, wait::Goal::Gone, args.timeout, None).await?;
     println!("{}: deleted", view.name);
     Ok(())
 }

@@ -7,7 +7,7 @@ use crate::client::Client;
 use anyhow::{bail, Result};
 use herd_proto::VmState;
 use herd_server::api::VmView;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use std::time::{Duration, Instant};
 
 /// How often the CLI reads the VM while it waits. The agent reports a command's result
@@ -61,6 +61,20 @@ pub fn judge(goal: Goal, generation: u64, view: Option<&VmView>) -> Verdict {
     Verdict::Waiting
 }
 
+/// Why a launch should stop waiting: the VM has been pending with a reason from the
+/// scheduler for `patience` (it stays pending, and is placed once a host has room).
+pub fn stuck_pending(
+    view: &VmView,
+    waited: Duration,
+    patience: Option<Duration>,
+) -> Option<String> {
+    let patience = patience?;
+    if view.state != VmState::Pending || waited < patience {
+        return None;
+    }
+    view.pending_reason.clone()
+}
+
 /// Polls the VM until the goal holds, showing the states it passes on a spinner when
 /// stderr is a terminal. Fails with the reason the VM's events or error give.
 pub async fn until(
@@ -68,6 +82,7 @@ pub async fn until(
     view: &VmView,
     goal: Goal,
     timeout: Duration,
+    patience: Option<Duration>,
 ) -> Result<VmView> {
     let started = Instant::now();
     let spinner = spinner(&view.name, goal);
@@ -98,6 +113,14 @@ pub async fn until(
             }
             Verdict::Waiting => {}
         }
+        if let Some(why) = stuck_pending(&last, started.elapsed(), patience) {
+            spinner.finish_and_clear();
+            bail!(
+                "{name}: cannot be placed: {why}; it stays pending and starts when a host has \
+                 room (`herd vm rm {name}` gives up; `--wait-for-room` waits)",
+                name = view.name
+            );
+        }
         if started.elapsed() > timeout {
             spinner.finish_and_clear();
             bail!(
@@ -121,16 +144,8 @@ fn goal_text(goal: Goal) -> String {
     }
 }
 
-/// A spinner on stderr; indicatif draws nothing when stderr is not a terminal.
 fn spinner(name: &str, goal: Goal) -> ProgressBar {
-    let bar = ProgressBar::new_spinner();
-    if let Ok(style) = ProgressStyle::with_template("{spinner} {prefix}: {msg} {elapsed}") {
-        bar.set_style(style);
-    }
-    bar.set_prefix(name.to_owned());
-    bar.set_message(format!("waiting for {}", goal_text(goal)));
-    bar.enable_steady_tick(Duration::from_millis(120));
-    bar
+    crate::progress::spinner(name, format!("waiting for {}", goal_text(goal)))
 }
 
 /// The newest event with a message, as `" (last event: ...)"`; empty if none is found.
@@ -187,6 +202,34 @@ mod tests {
             Verdict::Failed(why) if why.contains("another request")
         ));
         assert!(matches!(judge(goal, 2, None), Verdict::Failed(_)));
+    }
+
+    #[test]
+    fn a_launch_stops_waiting_on_a_vm_no_host_can_take() {
+        let mut pending = vm(VmState::Pending, 1);
+        let patience = Some(Duration::from_secs(10));
+        // No reason yet, or not long enough: keep waiting.
+        assert_eq!(
+            stuck_pending(&pending, Duration::from_secs(30), patience),
+            None
+        );
+        pending.pending_reason = Some("none of 2 hosts fits: 2 short of memory".into());
+        assert_eq!(
+            stuck_pending(&pending, Duration::from_secs(3), patience),
+            None
+        );
+        assert_eq!(
+            stuck_pending(&pending, Duration::from_secs(10), patience).as_deref(),
+            Some("none of 2 hosts fits: 2 short of memory")
+        );
+        // --wait-for-room, or the VM got a host: no.
+        assert_eq!(stuck_pending(&pending, Duration::from_secs(60), None), None);
+        let mut booting = pending.clone();
+        booting.state = VmState::Booting;
+        assert_eq!(
+            stuck_pending(&booting, Duration::from_secs(60), patience),
+            None
+        );
     }
 
     #[test]

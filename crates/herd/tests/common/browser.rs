@@ -69,7 +69,7 @@ impl Browser {
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--window-size=1280,900",
+                         "--disable-dev-shm-usage", "--window-size=1280,1100",
                          "--no-first-run", "--disable-extensions"],
             },
         }}});
