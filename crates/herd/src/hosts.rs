@@ -16,8 +16,22 @@ use reqwest::Method;
 pub async fn host(command: HostCommand) -> Result<()> {
     let client = Client::from_config()?;
     match command {
-        HostCommand::Ls { output } => {
-            let hosts: Vec<HostInfo> = client.get("/v1/hosts").await?;
+        HostCommand::Ls {
+            state,
+            kind,
+            output,
+        } => {
+            let mut query = Vec::new();
+            for (key, value) in [("state", &state), ("type", &kind)] {
+                if let Some(value) = value {
+                    query.push(format!("{key}={}", crate::client::urlencode(value)));
+                }
+            }
+            let path = match query.is_empty() {
+                true => "/v1/hosts".to_owned(),
+                false => format!("/v1/hosts?{}", query.join("&")),
+            };
+            let hosts: Vec<HostInfo> = client.get(&path).await?;
             match output {
                 Output::Json => print_json(&hosts),
                 Output::Table => {

@@ -577,8 +577,14 @@ pub struct ListArgs {
 
 #[derive(Subcommand)]
 pub enum HostCommand {
-    /// List hosts.
+    /// List hosts: the ones up first, then joining, then down, each by name.
     Ls {
+        /// Only hosts in this state (up, joining, down).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only hosts that offer this hypervisor type.
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: Option<String>,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },

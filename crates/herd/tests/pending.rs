@@ -4,33 +4,42 @@
 
 mod common;
 
-use common::{err, herd_cli, ok, Server};
+use common::{err, herd_cli, ok, Agent, Server};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_launch_no_host_can_take_fails_with_the_schedulers_reason() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(root.path(), &[]).await;
-    let _agent = server
-        .start_agent(
-            root.path(),
-            "host-0",
-            &["--cpus", "4", "--memory-mib", "4096"],
-        )
+/// A server with one sim agent, `host-0` (with these arguments), that is up.
+async fn one_host(root: &Path, agent: &[&str]) -> (Server, Agent) {
+    let server = Server::start(root, &[]).await;
+    let agent = server.start_agent(root, "host-0", agent).await;
+    server
+        .client()
+        .wait_hosts("host up", Duration::from_secs(20), |hosts| {
+            hosts.len() == 1 && hosts[0]["state"] == "up"
+        })
         .await;
-    let api = server.client();
-    api.wait_hosts("host up", Duration::from_secs(20), |hosts| {
-        hosts.len() == 1 && hosts[0]["state"] == "up"
-    })
-    .await;
+    (server, agent)
+}
+
+/// Runs the CLI against `server`, with a config dir of its own under `root`.
+fn cli(server: &Server, root: &Path, args: &[&str]) -> std::process::Output {
     let ca = server.data_dir.join("ca.pem");
     let env = [
         ("HERD_URL", server.url.as_str()),
         ("HERD_TOKEN", server.token.as_str()),
         ("HERD_CA", ca.to_str().expect("utf-8 path")),
     ];
-    let cli = root.path().join("cli");
-    let herd = |args: &[&str]| herd_cli(&cli, &env, args);
+    herd_cli(&root.join("cli"), &env, args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_no_host_can_take_fails_with_the_schedulers_reason() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (server, _agent) = one_host(root.path(), &["--cpus", "4", "--memory-mib", "4096"]).await;
+    let api = server.client();
+    let ca = server.data_dir.join("ca.pem");
+    let config = root.path().join("cli");
+    let herd = |args: &[&str]| cli(&server, root.path(), args);
 
     // More memory than the one host has: the launch fails with the reason.
     let started = Instant::now();
@@ -103,7 +112,7 @@ async fn a_launch_no_host_can_take_fails_with_the_schedulers_reason() {
             "65536",
             "--wait-for-room",
         ])
-        .env("XDG_CONFIG_HOME", &cli)
+        .env("XDG_CONFIG_HOME", &config)
         .env("HERD_URL", &server.url)
         .env("HERD_TOKEN", &server.token)
         .env("HERD_CA", &ca)
@@ -114,5 +123,21 @@ async fn a_launch_no_host_can_take_fails_with_the_schedulers_reason() {
             .await
             .is_err(),
         "--wait-for-room gave up on a VM that is only waiting for room"
+    );
+}
+
+/// `herd host ls` filters by state and type, and refuses a state that is not one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_ls_filters_by_state_and_type() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (server, _agent) = one_host(root.path(), &[]).await;
+    let herd = |args: &[&str]| cli(&server, root.path(), args);
+    assert!(ok(herd(&["host", "ls", "--state", "up", "--type", "sim"])).contains("host-0"));
+    assert!(!ok(herd(&["host", "ls", "--state", "down"])).contains("host-0"));
+    assert!(!ok(herd(&["host", "ls", "--type", "qemu"])).contains("host-0"));
+    let refused = err(herd(&["host", "ls", "--state", "sleepy"]));
+    assert!(
+        refused.contains("not one of up, joining, down"),
+        "{refused}"
     );
 }

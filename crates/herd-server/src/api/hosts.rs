@@ -13,13 +13,60 @@ use axum::http::StatusCode;
 use axum::Json;
 use std::time::Duration;
 
-/// Every host, with capacity, allocation and live utilization.
-#[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = Vec<HostInfo>)))]
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct HostQuery {
+    /// Only hosts in this state: `up`, `joining` or `down`.
+    pub state: Option<String>,
+    /// Only hosts that offer this hypervisor type.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+}
+
+/// Every host, with capacity, allocation and live utilization: the ones up first, then
+/// joining, then down, each by name, so that live hosts are not buried under dead ones.
+#[utoipa::path(get, path = "/v1/hosts", params(HostQuery),
+    responses((status = 200, body = Vec<HostInfo>), (status = 400, body = ErrorBody)))]
 pub(crate) async fn list_hosts(
     _: CloudAdmin,
     State(cloud): State<AppState>,
+    ApiQuery(query): ApiQuery<HostQuery>,
 ) -> Result<Json<Vec<HostInfo>>, ApiError> {
-    Ok(Json(cloud.hosts()?.iter().map(HostInfo::of).collect()))
+    if let Some(state) = &query.state {
+        if !HOST_STATES.contains(&state.as_str()) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("state: {state:?} is not one of up, joining, down"),
+            ));
+        }
+    }
+    let mut hosts: Vec<HostInfo> = cloud
+        .hosts()?
+        .iter()
+        .map(HostInfo::of)
+        .filter(|h| query.state.as_ref().is_none_or(|s| &h.state == s))
+        .filter(|h| {
+            query
+                .kind
+                .as_ref()
+                .is_none_or(|k| h.hypervisors.iter().any(|hv| &hv.kind == k))
+        })
+        .collect();
+    hosts.sort_by(|a, b| {
+        (state_rank(&a.state), &a.hostname).cmp(&(state_rank(&b.state), &b.hostname))
+    });
+    Ok(Json(hosts))
+}
+
+/// A host's states, in the order hosts are listed.
+const HOST_STATES: [&str; 3] = ["up", "joining", "down"];
+
+fn state_rank(state: &str) -> usize {
+    HOST_STATES
+        .iter()
+        .position(|s| *s == state)
+        .unwrap_or(HOST_STATES.len())
 }
 
 /// What a host knows of the others, from their status messages: each one's latest
@@ -131,4 +178,16 @@ pub(crate) async fn create_join_token(
             command,
         }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::state_rank;
+
+    #[test]
+    fn hosts_list_up_then_joining_then_down() {
+        let mut states = vec!["down", "weird", "up", "joining"];
+        states.sort_by_key(|s| state_rank(s));
+        assert_eq!(states, vec!["up", "joining", "down", "weird"]);
+    }
 }

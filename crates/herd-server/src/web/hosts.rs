@@ -3,7 +3,7 @@
 
 use super::layout::{self, Section};
 use super::{Caller, WebError, WebState};
-use crate::api::hosts::TopologyQuery;
+use crate::api::hosts::{HostQuery, TopologyQuery};
 use crate::api::{self, ApiQuery, CloudAdmin};
 use crate::topology::TopologyHost;
 use axum::extract::State;
@@ -12,8 +12,12 @@ use uuid::Uuid;
 
 pub async fn page(caller: Caller, State(web): State<WebState>) -> Result<Markup, WebError> {
     let cloud = State(web.cloud.clone());
-    let axum::Json(hosts) =
-        api::hosts::list_hosts(CloudAdmin::of(caller.user.clone())?, cloud.clone()).await?;
+    let axum::Json(hosts) = api::hosts::list_hosts(
+        CloudAdmin::of(caller.user.clone())?,
+        cloud.clone(),
+        ApiQuery(HostQuery::default()),
+    )
+    .await?;
     let tree = api::hosts::get_topology(
         CloudAdmin::of(caller.user.clone())?,
         cloud,
