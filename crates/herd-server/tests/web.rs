@@ -389,3 +389,81 @@ async fn a_live_region_streams_the_vm_as_it_is_now() {
     assert!(text.starts_with("data:"), "{text}");
     assert!(text.contains("state state-"), "{text}");
 }
+
+#[tokio::test]
+async fn project_admins_manage_members_and_cloud_admins_set_quotas() {
+    let w = world();
+    let fx = &w.fx;
+    w.fx.cloud.create_user("newbie", false).expect("user");
+    let ada = login(fx, &w.token("ada", "p", Role::Admin)).await;
+    let mona = login(fx, &w.token("mona", "p", Role::Member)).await;
+    let admin = login(fx, &fx.token).await;
+    let members = || fx.cloud.tenancy.members("p");
+
+    // A member may not add anyone; the project admin may.
+    let add = [("user", "newbie"), ("role", "viewer")];
+    let reply = post(
+        fx,
+        &mona,
+        "/ui/projects/p/members",
+        &[add[0], add[1], ("csrf", &mona.csrf)],
+    )
+    .await;
+    assert!(reply.status.is_client_error(), "{}", reply.status);
+    assert!(!members().iter().any(|(u, _)| u == "newbie"));
+    let reply = post(
+        fx,
+        &ada,
+        "/ui/projects/p/members",
+        &[add[0], add[1], ("csrf", &ada.csrf)],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{}", reply.body);
+    assert!(members().contains(&("newbie".to_owned(), Role::Viewer)));
+    let page = get(fx, &ada, "/ui/projects").await;
+    assert!(page.body.contains("newbie") && page.body.contains("/members/newbie/remove"));
+    // A bad role is a clear error, and nothing changes.
+    let reply = post(
+        fx,
+        &ada,
+        "/ui/projects/p/members",
+        &[("user", "newbie"), ("role", "boss"), ("csrf", &ada.csrf)],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(
+        reply.body.contains("viewer, member or admin"),
+        "{}",
+        reply.body
+    );
+    let reply = post(
+        fx,
+        &ada,
+        "/ui/projects/p/members/newbie/remove",
+        &[("csrf", &ada.csrf)],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER);
+    assert!(!members().iter().any(|(u, _)| u == "newbie"));
+
+    // Quotas are a cloud admin's: the project admin is refused, the cloud admin is not.
+    let quota = [
+        ("max_vms", "7"),
+        ("max_vcpus", ""),
+        ("max_memory_mib", "4096"),
+        ("budget", "50.00"),
+    ];
+    let mut fields = quota.to_vec();
+    fields.push(("csrf", &ada.csrf));
+    let reply = post(fx, &ada, "/ui/projects/p/quota", &fields).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    let mut fields = quota.to_vec();
+    fields.push(("csrf", &admin.csrf));
+    let reply = post(fx, &admin, "/ui/projects/p/quota", &fields).await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{}", reply.body);
+    let set = fx.cloud.tenancy.project("p").expect("p").quota;
+    assert_eq!(set.max_vms, Some(7));
+    assert_eq!(set.max_vcpus, None);
+    assert_eq!(set.max_memory_mib, Some(4096));
+    assert_eq!(set.budget_micros, Some(50_000_000));
+}

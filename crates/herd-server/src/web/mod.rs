@@ -80,6 +80,12 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/ui/vms/{id}/broadcast", post(operate::broadcast))
         .route("/ui/vms/{id}/migrate", post(operate::migrate))
         .route("/ui/projects", get(projects::page))
+        .route("/ui/projects/{project}/members", post(projects::put_member))
+        .route(
+            "/ui/projects/{project}/members/{user}/remove",
+            post(projects::remove_member),
+        )
+        .route("/ui/projects/{project}/quota", post(projects::put_quota))
         .route("/ui/hosts", get(hosts::page))
         .route("/ui/billing", get(billing::page))
         .route("/ui/billing.csv", get(billing::csv))

@@ -1,12 +1,17 @@
 //! Projects, the sub-clouds: each one's quota against what its VMs hold, its members
 //! and their roles, and the prices its VMs pay.
 
+use super::launch::number;
 use super::layout::{self, Section};
-use super::{Caller, WebError, WebState};
-use crate::api::{self, tenants, ApiPath};
-use axum::extract::State;
+use super::{given, Caller, Posted, WebError, WebState};
+use crate::access::{Perm, Role};
+use crate::api::tenants::{PutMember, QuotaView};
+use crate::api::{self, tenants, ApiJson, ApiPath, CloudAdmin};
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Redirect, Response};
 use herd_proto::policy::Rate;
 use maud::{html, Markup};
+use serde::Deserialize;
 
 fn limit(used: u64, max: Option<u64>, show: impl Fn(u64) -> String) -> Markup {
     match max {
@@ -37,6 +42,11 @@ pub async fn page(caller: Caller, State(web): State<WebState>) -> Result<Markup,
         let usage = detail.usage.as_ref();
         let (vms, vcpus, memory) = usage.map_or((0, 0, 0), |u| (u.vms, u.vcpus, u.memory_mib));
         let quota = &detail.quota;
+        let administer = caller
+            .user
+            .principal
+            .check(&project.name, Perm::Administer)
+            .is_ok();
         sections.push(html! {
             section.project aria-labelledby={ "p-" (project.name) } {
                 h2 id={ "p-" (project.name) } {
@@ -55,9 +65,26 @@ pub async fn page(caller: Caller, State(web): State<WebState>) -> Result<Markup,
                                 None => span.muted { "none" },
                             } }
                         }
+                        @if caller.is_cloud_admin() { (quota_form(&caller, &project.name, quota)) }
                         h3 { "Members" }
                         @if members.is_empty() { p.muted { "None yet." } }
-                        ul.plain { @for m in &members { li { (m.user) " " span.muted { (m.role.as_str()) } } } }
+                        ul.plain { @for m in &members { li {
+                            (m.user) " " span.muted { (m.role.as_str()) } " "
+                            @if administer {
+                                (layout::button(&caller, &format!("/ui/projects/{}/members/{}/remove", project.name, m.user),
+                                    "Remove", Some(&format!("Remove {} from {}?", m.user, project.name))))
+                            }
+                        } } }
+                        @if administer {
+                            form.inline-form method="post" action={ "/ui/projects/" (project.name) "/members" } {
+                                (layout::csrf(&caller))
+                                label { "User " input type="text" name="user" required size="14"; }
+                                label { "Role "
+                                    select name="role" { @for r in ["viewer", "member", "admin"] { option value=(r) { (r) } } }
+                                }
+                                button type="submit" { "Add or change" }
+                            }
+                        }
                     }
                     div {
                         h3 { "Prices " span.muted { (format!("(peak {:02}:00 to {:02}:00 UTC)", card.peak_start_hour, card.peak_end_hour)) } }
@@ -85,4 +112,109 @@ pub async fn page(caller: Caller, State(web): State<WebState>) -> Result<Markup,
             @for section in sections { (section) }
         },
     ))
+}
+
+/// A cloud admin's form for a project's quota; empty fields mean no limit.
+fn quota_form(caller: &Caller, project: &str, quota: &QuotaView) -> Markup {
+    let shown = |n: Option<u64>| n.map(|n| n.to_string()).unwrap_or_default();
+    html! {
+        form.inline-form method="post" action={ "/ui/projects/" (project) "/quota" } {
+            (layout::csrf(caller))
+            label { "VMs " input type="number" name="max_vms" min="0" value=(shown(quota.max_vms)) size="6"; }
+            label { "vCPUs " input type="number" name="max_vcpus" min="0" value=(shown(quota.max_vcpus)) size="6"; }
+            label { "Memory (MiB) " input type="number" name="max_memory_mib" min="0" value=(shown(quota.max_memory_mib)) size="8"; }
+            label { "Budget " input type="text" name="budget" value=(quota.budget_micros.map(layout::money).unwrap_or_default()) size="8" placeholder="none"; }
+            button type="submit" { "Set the quota" }
+        }
+    }
+}
+
+fn back() -> Response {
+    Redirect::to("/ui/projects").into_response()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct MemberForm {
+    user: String,
+    role: String,
+}
+
+pub async fn put_member(
+    State(web): State<WebState>,
+    Path(project): Path<String>,
+    posted: Posted<MemberForm>,
+) -> Result<Response, WebError> {
+    let user = given(&posted.form.user).ok_or_else(|| WebError::bad_form("user: whom to add"))?;
+    let role = Role::parse(&posted.form.role)
+        .ok_or_else(|| WebError::bad_form("role: viewer, member or admin"))?;
+    let axum::Json(_member) = tenants::put_member(
+        posted.caller.user,
+        State(web.cloud.clone()),
+        ApiPath((project, user)),
+        ApiJson(PutMember { role }),
+    )
+    .await?;
+    Ok(back())
+}
+
+pub async fn remove_member(
+    State(web): State<WebState>,
+    Path((project, user)): Path<(String, String)>,
+    posted: Posted<super::login::Nothing>,
+) -> Result<Response, WebError> {
+    tenants::delete_member(
+        posted.caller.user,
+        State(web.cloud.clone()),
+        ApiPath((project, user)),
+    )
+    .await?;
+    Ok(back())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct QuotaForm {
+    max_vms: String,
+    max_vcpus: String,
+    max_memory_mib: String,
+    budget: String,
+}
+
+pub async fn put_quota(
+    State(web): State<WebState>,
+    Path(project): Path<String>,
+    posted: Posted<QuotaForm>,
+) -> Result<Response, WebError> {
+    let admin = CloudAdmin::of(posted.caller.user.clone())?;
+    let f = &posted.form;
+    let budget_micros = given(&f.budget)
+        .map(|b| {
+            herd_proto::policy::parse_money(&b).ok_or_else(|| {
+                WebError::bad_form(format!("budget: {b:?} is not an amount like 50.00"))
+            })
+        })
+        .transpose()?;
+    // The burst limits are not on this form: keep what the project has.
+    let axum::Json(current) = tenants::get_project(
+        posted.caller.user.clone(),
+        State(web.cloud.clone()),
+        ApiPath(project.clone()),
+    )
+    .await?;
+    let quota = QuotaView {
+        max_vms: number("max_vms", &f.max_vms)?,
+        max_vcpus: number("max_vcpus", &f.max_vcpus)?,
+        max_memory_mib: number("max_memory_mib", &f.max_memory_mib)?,
+        budget_micros,
+        burst: current.quota.burst,
+    };
+    let axum::Json(_project) = tenants::put_quota(
+        admin,
+        State(web.cloud.clone()),
+        ApiPath(project),
+        ApiJson(quota),
+    )
+    .await?;
+    Ok(back())
 }
