@@ -114,28 +114,6 @@ impl Store {
         out.reverse();
         Ok(out)
     }
-
-    /// How many VMs of these projects are in each state; states with none are left out.
-    pub fn vm_state_counts_in(
-        &self,
-        projects: &[String],
-    ) -> Result<Vec<(VmState, u64)>, StoreError> {
-        let mut args: Vec<rusqlite::types::Value> = Vec::new();
-        let marks = in_list(&mut args, projects);
-        let db = self.reader();
-        let mut stmt = db.prepare(&format!(
-            "SELECT observed_state, COUNT(*) FROM vms WHERE project IN ({marks}) GROUP BY observed_state"
-        ))?;
-        let mut out = Vec::new();
-        let rows = stmt.query_map(rusqlite::params_from_iter(args), |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
-        })?;
-        for row in rows {
-            let (state, n) = row?;
-            out.push((parse_state(&state)?, n.max(0) as u64));
-        }
-        Ok(out)
-    }
 }
 
 fn event_from_row(

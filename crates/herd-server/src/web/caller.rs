@@ -47,7 +47,8 @@ impl IntoResponse for WebError {
     fn into_response(self) -> Response {
         match self {
             WebError::LoginNeeded { next } => {
-                let target = format!("/ui/login?next={}", form_encode(&next));
+                let query = serde_urlencoded::to_string([("next", &next)]).unwrap_or_default();
+                let target = format!("/ui/login?{query}");
                 Redirect::to(&target).into_response()
             }
             WebError::Api(err) => {
@@ -61,12 +62,6 @@ impl IntoResponse for WebError {
             }
         }
     }
-}
-
-pub fn form_encode(text: &str) -> String {
-    serde_urlencoded::to_string([("", text)])
-        .map(|s| s.trim_start_matches('=').to_owned())
-        .unwrap_or_default()
 }
 
 /// A logged-in user of the UI.
@@ -83,6 +78,12 @@ impl Caller {
 
     pub fn is_cloud_admin(&self) -> bool {
         self.user.principal.cloud_admin
+    }
+
+    /// Whether the caller holds `perm` in `project` (what to show; the API's handlers
+    /// check again when asked to act).
+    pub fn may(&self, project: &str, perm: crate::access::Perm) -> bool {
+        self.user.principal.check(project, perm).is_ok()
     }
 
     pub(super) fn authenticate(parts: &Parts, web: &Web) -> Result<Caller, WebError> {

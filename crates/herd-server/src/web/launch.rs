@@ -130,7 +130,7 @@ pub async fn launch_form(caller: Caller, State(web): State<WebState>) -> Markup 
             .principal
             .roles
             .keys()
-            .filter(|p| caller.user.principal.check(p, Perm::OperateVms).is_ok())
+            .filter(|p| caller.may(p, Perm::OperateVms))
             .cloned()
             .collect()
     };

@@ -147,13 +147,18 @@ pub fn state(state: VmState) -> Markup {
     html! { span class={ "state state-" (state.as_str()) } { (state.as_str()) } }
 }
 
+/// `part` in thousandths of `whole`, at most 1000; 0 of nothing.
+fn permille(part: u64, whole: u64) -> u64 {
+    part.saturating_mul(1000)
+        .checked_div(whole)
+        .unwrap_or(0)
+        .min(1000)
+}
+
 /// A bar for a share of a whole, with its figure as text for screen readers and
 /// without CSS.
 pub fn meter(used: u64, total: u64, text: &str) -> Markup {
-    let permille = (used.saturating_mul(1000))
-        .checked_div(total)
-        .unwrap_or(0)
-        .min(1000);
+    let permille = permille(used, total);
     html! {
         span.meter title=(text) {
             meter min="0" max="1000" low="600" high="850" optimum="0" value=(permille) { (text) }
@@ -164,10 +169,7 @@ pub fn meter(used: u64, total: u64, text: &str) -> Markup {
 
 /// A bar for a figure among others (a chart), in one colour whatever its length.
 pub fn bar(value: u64, max: u64, text: &str) -> Markup {
-    let permille = (value.saturating_mul(1000))
-        .checked_div(max)
-        .unwrap_or(0)
-        .min(1000);
+    let permille = permille(value, max);
     html! {
         span.meter title=(text) {
             meter min="0" max="1000" value=(permille) { (text) }

@@ -64,11 +64,9 @@ pub async fn live(caller: &Caller, web: &WebState) -> Result<Markup, WebError> {
         .into_iter()
         .filter_map(|(vm, rule, text, left)| {
             let record = cloud.vm(&vm.to_string()).ok()?;
-            caller
-                .user
-                .principal
-                .check(&record.project, Perm::Read)
-                .ok()?;
+            if !caller.may(&record.project, Perm::Read) {
+                return None;
+            }
             Some((vm.to_string(), record.name, format!("{rule}: {text}"), left))
         })
         .take(10)

@@ -42,11 +42,7 @@ pub async fn page(caller: Caller, State(web): State<WebState>) -> Result<Markup,
         let usage = detail.usage.as_ref();
         let (vms, vcpus, memory) = usage.map_or((0, 0, 0), |u| (u.vms, u.vcpus, u.memory_mib));
         let quota = &detail.quota;
-        let administer = caller
-            .user
-            .principal
-            .check(&project.name, Perm::Administer)
-            .is_ok();
+        let administer = caller.may(&project.name, Perm::Administer);
         sections.push(html! {
             section.project aria-labelledby={ "p-" (project.name) } {
                 h2 id={ "p-" (project.name) } {

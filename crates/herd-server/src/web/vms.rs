@@ -63,7 +63,7 @@ pub async fn list(
             .principal
             .roles
             .keys()
-            .any(|p| caller.user.principal.check(p, Perm::OperateVms).is_ok());
+            .any(|p| caller.may(p, Perm::OperateVms));
     Ok(layout::page(
         &caller,
         Section::Vms,
@@ -96,15 +96,17 @@ pub async fn list_live(
     web: &WebState,
     query: &ListQuery,
 ) -> Result<Markup, WebError> {
+    let asked = query.api();
+    let filtered = asked.state.is_some() || asked.name.is_some() || asked.project.is_some();
     let axum::Json(page) = api::vms::list_vms(
         caller.user.clone(),
         State(web.cloud.clone()),
-        ApiQuery(query.api()),
+        ApiQuery(asked),
     )
     .await?;
     Ok(html! {
         @if page.items.is_empty() {
-            p.muted { "No VMs" @if query.api().state.is_some() || query.api().name.is_some() || query.api().project.is_some() { " match these filters" } "." }
+            p.muted { "No VMs" @if filtered { " match these filters" } "." }
         } @else {
             table.vms {
                 thead { tr {
@@ -145,17 +147,8 @@ pub async fn detail(
     Path(id): Path<String>,
 ) -> Result<Markup, WebError> {
     let (vm, live) = detail_live(&caller, &web, &id).await?;
-    let operate = caller
-        .user
-        .principal
-        .check(&vm.project, Perm::OperateVms)
-        .is_ok();
-    let cost = if caller
-        .user
-        .principal
-        .check(&vm.project, Perm::ReadBill)
-        .is_ok()
-    {
+    let operate = caller.may(&vm.project, Perm::OperateVms);
+    let cost = if caller.may(&vm.project, Perm::ReadBill) {
         cost_chart(&web, &vm)?
     } else {
         None
@@ -224,16 +217,8 @@ pub async fn detail_live(
         .map(|s| (s.sampled_at_ms, s.mem_kib as f64 / 1024.0))
         .collect();
     let now = crate::store::now_ms();
-    let operate = caller
-        .user
-        .principal
-        .check(&vm.project, Perm::OperateVms)
-        .is_ok();
-    let console = caller
-        .user
-        .principal
-        .check(&vm.project, Perm::ReadConsole)
-        .is_ok();
+    let operate = caller.may(&vm.project, Perm::OperateVms);
+    let console = caller.may(&vm.project, Perm::ReadConsole);
     let markup = html! {
         div.columns {
             section aria-labelledby="about" {
